@@ -1,0 +1,49 @@
+"""The exceptions multitables raises, each refining the builtin a caller would catch."""
+
+from __future__ import annotations
+
+
+class _QueueClosedType:
+    """The sentinel returned by ``queue.get()`` once a stream has ended."""
+
+    _instance: _QueueClosedType | None = None
+
+    def __new__(cls) -> _QueueClosedType:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "QueueClosed"
+
+    def __reduce__(self) -> str:
+        return "QueueClosed"
+
+
+QueueClosed = _QueueClosedType()
+
+
+class QueueClosedException(RuntimeError):
+    """A queue, stream or reader was used after it was closed."""
+
+
+class SubprocessException(RuntimeError):
+    """A worker process failed: it raised, or it died (signal, OOM kill)."""
+
+
+class SharedMemoryError(MemoryError):
+    """Shared memory could not be reserved, or a result does not fit its stage."""
+
+
+def remote_exception(type_: type[BaseException], message: str, where: str, tb_text: str):
+    """Rebuild an exception raised in a worker, keeping its type so ``except IndexError`` works.
+
+    The worker's traceback text and where it failed are appended to the message. Types whose
+    constructor does not take one string (rare) come back as ``SubprocessException``.
+    """
+    text = f"{message}\n\n{where}; the worker's traceback:\n{tb_text}"
+    try:
+        exc = type_(text)
+    except Exception:
+        exc = SubprocessException(f"{type_.__name__}: {text}")
+    return exc

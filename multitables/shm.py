@@ -1,0 +1,90 @@
+"""An anonymous shared-memory mapping that every worker process can map and that cannot leak.
+
+The memory is a ``memfd`` (no name in ``/dev/shm``): the kernel frees it when the last process that
+maps it or holds its descriptor goes away, even if every process is killed with SIGKILL. Its pages
+are reserved when it is created, so a shortage is a ``SharedMemoryError`` naming the size now,
+never a SIGBUS in the middle of a read later.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from multiprocessing import reduction
+
+import numpy as np
+
+from .errors import SharedMemoryError
+
+PAGE = mmap.PAGESIZE
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class SharedArena:
+    """``nbytes`` of zero-filled shared memory, mapped read-write in this process.
+
+    Pickles (during a ``spawn``/``forkserver`` process start) by duplicating its descriptor into
+    the child, which maps the same pages. Forked children inherit the mapping as it is.
+    """
+
+    def __init__(self, nbytes: int, *, name: str = "multitables", _fd: int | None = None):
+        self.nbytes = max(int(nbytes), 1)
+        if _fd is None:
+            fd = _create(name, self.nbytes)
+        else:
+            fd = _fd
+        try:
+            self.buffer = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+
+    def ndarray(self, shape, dtype, offset: int = 0) -> np.ndarray:
+        """A numpy view of the mapping (no copy)."""
+        return np.ndarray(shape, dtype=dtype, buffer=self.buffer, offset=offset)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        """Drop the descriptor and unmap; pages still viewed by numpy arrays live until those go."""
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        try:
+            self.buffer.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping is freed with the last one
+
+    def __reduce__(self):
+        if self._fd is None:
+            raise ValueError("cannot send a closed SharedArena to a worker")
+        return _rebuild, (self.nbytes, reduction.DupFd(self._fd))
+
+
+def _rebuild(nbytes: int, dup) -> SharedArena:
+    return SharedArena(nbytes, _fd=dup.detach())
+
+
+def _create(name: str, nbytes: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        # Reserve every page now: a shortage fails here with ENOSPC/ENOMEM, not as SIGBUS later.
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        os.close(fd)
+        raise SharedMemoryError(
+            f"cannot reserve {nbytes} bytes ({nbytes / 2**20:.1f} MiB) of shared memory: "
+            f"{exc.strerror}; lower read_ahead, block_size or the stage size, or free memory"
+        ) from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

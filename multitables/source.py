@@ -1,0 +1,116 @@
+"""Where a dataset lives and what it holds: validated in the caller, reopened by each worker.
+
+Internal module. The caller opens the file only long enough to check the request and read the
+layout (``DatasetInfo``), then closes it, so no HDF5 file is ever open across a fork.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+# A block is a whole number of chunks totalling at least this much (or this much of rows when the
+# dataset is contiguous): large enough that per-block hand-over costs vanish, small enough for L2/L3.
+TARGET_BLOCK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The plain facts about one dataset that the front doors and workers need."""
+
+    filename: str
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...] | None
+    compression: str | None
+    vlen_base: np.dtype | None  # element dtype of a variable-length dataset, else None
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape[1:])
+
+    def field_dtype(self, field: str | None) -> np.dtype:
+        """The dtype of ``field`` (the whole row when None), raising ValueError for unknown names."""
+        if field is None:
+            return self.dtype
+        names = self.dtype.names
+        if not names or field not in names:
+            raise ValueError(
+                f"no field {field!r} in {self.path} of {self.filename}; "
+                + (f"fields are {list(names)}" if names else f"it holds {self.dtype}, not a table")
+            )
+        return self.dtype.fields[field][0]
+
+
+def open_file(filename: str, file_kwargs: dict[str, Any]) -> h5py.File:
+    """``h5py.File(filename, 'r', **file_kwargs)`` with errors that name the file."""
+    kwargs = dict(file_kwargs)
+    mode = kwargs.pop("mode", "r")
+    if mode != "r":
+        raise ValueError(f"multitables opens files read-only; got mode={mode!r}")
+    try:
+        return h5py.File(filename, "r", **kwargs)
+    except OSError as exc:
+        if str(filename) in str(exc):
+            raise
+        new = type(exc)(f"cannot open {str(filename)!r} as an HDF5 file: {exc}")
+        new.errno = exc.errno
+        raise new from exc
+
+
+def get_dataset(file: h5py.File, path: str) -> h5py.Dataset:
+    try:
+        node = file[path]
+    except KeyError:
+        raise KeyError(f"no dataset {path!r} in {file.filename}") from None
+    if not isinstance(node, h5py.Dataset):
+        raise TypeError(
+            f"{path!r} in {file.filename} is a {type(node).__name__.lower()}, not a dataset"
+        )
+    return node
+
+
+def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetInfo:
+    """Open, check and describe ``path``; raises in the caller for every bad input."""
+    with open_file(filename, file_kwargs) as file:
+        ds = get_dataset(file, path)
+        vlen = h5py.check_vlen_dtype(ds.dtype)
+        return DatasetInfo(
+            filename=str(filename),
+            path=ds.name,
+            shape=tuple(ds.shape),
+            dtype=ds.dtype,
+            chunks=ds.chunks,
+            compression=ds.compression,
+            vlen_base=vlen,
+        )
+
+
+def default_block_size(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...] | None):
+    """Rows per block: a whole number of chunks along axis 0 of at least ``TARGET_BLOCK_BYTES``.
+
+    Contiguous datasets get about ``TARGET_BLOCK_BYTES`` of rows. Never more than the dataset's
+    length, never less than one row.
+    """
+    row_bytes = max(1, np.dtype(dtype).itemsize * math.prod(shape[1:]))
+    if chunks:
+        chunk_rows = chunks[0]
+        n_chunks = max(1, math.ceil(TARGET_BLOCK_BYTES / (chunk_rows * row_bytes)))
+        rows = n_chunks * chunk_rows
+    else:
+        rows = max(1, TARGET_BLOCK_BYTES // row_bytes)
+    return max(1, min(rows, shape[0] if shape else 1))
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, or a TypeError/ValueError that names it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)

@@ -1,0 +1,465 @@
+"""Sequential streaming of a dataset in blocks of rows, read in parallel into a ring of slots."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import math
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import QueueClosed, QueueClosedException
+from .ring import CLOSED, TIMEOUT, Ring, RingLayout
+from .shm import SharedArena
+from .source import (
+    DatasetInfo,
+    check_positive_int,
+    default_block_size,
+    describe,
+    get_dataset,
+    open_file,
+)
+from .workers import WAIT_SLICE, WorkerPool
+
+__all__ = ["Guard", "Queue", "Streamer", "default_block_size"]
+
+# Queues alive in this process, closed at interpreter exit. See NOTE [ Worker shutdown logic ].
+_LIVE_QUEUES: weakref.WeakSet[Queue] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_queues() -> None:
+    for queue in list(_LIVE_QUEUES):
+        queue.close()
+
+
+@dataclass
+class _Plan:
+    """What a stream reads: everything a worker needs, picklable for spawn/forkserver."""
+
+    info: DatasetInfo
+    file_kwargs: dict[str, Any]
+    field: str | None
+    block_size: int
+    n_blocks: int | None  # None: cyclic, endless
+    arena: SharedArena
+    layout: RingLayout
+
+    @property
+    def n_rows(self) -> int:
+        return self.info.shape[0]
+
+    def rows_of(self, ticket: int) -> list[tuple[int, int]]:
+        """The (start, stop) row ranges of block ``ticket``, several when it wraps around."""
+        n, bs = self.n_rows, self.block_size
+        if self.n_blocks is not None:
+            start = ticket * bs
+            return [(start, min(start + bs, n))]
+        start = (ticket * bs) % n
+        ranges = []
+        while bs > 0:
+            stop = min(start + bs, n)
+            ranges.append((start, stop))
+            bs -= stop - start
+            start = 0
+        return ranges
+
+
+class _StreamJob:
+    """The worker side of a stream. See NOTE [ Worker shutdown logic ] in workers.py."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+
+    def fail(self, exc: BaseException, where: str) -> None:
+        ring = Ring(self.plan.arena, self.plan.layout)
+        ring.errors.put(exc, where)
+        ring.stop()
+
+    def serve(self, worker: int, parent_alive) -> None:
+        plan = self.plan
+        ring = Ring(plan.arena, plan.layout)
+        kwargs = _worker_file_kwargs(plan)
+        with open_file(plan.info.filename, kwargs) as file:
+            reader = _BlockReader(get_dataset(file, plan.info.path), plan.field)
+            slots = [reader.slot_array(ring, s, plan.block_size) for s in range(plan.layout.n_slots)]
+            while True:
+                slot = ring.free.pop(WAIT_SLICE)
+                if slot == TIMEOUT:
+                    if ring.stopped or not parent_alive():
+                        return
+                    continue
+                if slot == CLOSED or ring.stopped:
+                    return
+                ticket = ring.tickets.fetch_add(1)
+                if plan.n_blocks is not None and ticket >= plan.n_blocks:
+                    ring.free.push(slot)
+                    return
+                ranges = plan.rows_of(ticket)
+                try:
+                    nrows = reader.read(ranges, slots[slot])
+                except Exception as exc:
+                    rows = ", ".join(f"{a}:{b}" for a, b in ranges)
+                    where = (
+                        f"in Streamer worker {worker} (pid {os.getpid()}), "
+                        f"reading rows {rows} of {plan.info.path} in {plan.info.filename}"
+                    )
+                    ring.errors.put(exc, where)
+                    ring.stop()
+                    return
+                ring.headers[slot] = (ticket, nrows)
+                ring.full.push(slot)
+
+
+def _worker_file_kwargs(plan: _Plan) -> dict[str, Any]:
+    """The user's h5py.File options, with a chunk cache sized for whole-block reads."""
+    kwargs = dict(plan.file_kwargs)
+    if "rdcc_nbytes" not in kwargs:
+        if plan.info.compression is None:
+            # Uncompressed chunks bypass a cache that cannot hold them: one copy, straight to the slot.
+            kwargs["rdcc_nbytes"] = 0
+        else:
+            # Room for the chunks a block spans plus the one a misaligned block shares with the next.
+            block_bytes = plan.block_size * plan.info.row_bytes
+            kwargs["rdcc_nbytes"] = max(1 << 20, 2 * block_bytes + (16 << 20))
+            kwargs.setdefault("rdcc_nslots", 100_003)
+    return kwargs
+
+
+class _BlockReader:
+    """Reads row ranges of one dataset (or one field) straight into a slot, with h5py's low level."""
+
+    def __init__(self, dataset: h5py.Dataset, field: str | None):
+        self.dsid = dataset.id
+        self.fspace = dataset.id.get_space()
+        self.row_shape = tuple(dataset.shape[1:])
+        self.dtype = dataset.dtype
+        self.mtype = None
+        if field is not None:
+            # A compound of one field has the layout of the field itself: read it in place.
+            self.dtype = np.dtype([(field, dataset.dtype.fields[field][0])])
+            self.mtype = h5py.h5t.py_create(self.dtype)
+        self._mspaces: dict[int, Any] = {}
+
+    def slot_array(self, ring: Ring, slot: int, block_size: int) -> np.ndarray:
+        return ring.slot_array(slot, (block_size, *self.row_shape), self.dtype)
+
+    def read(self, ranges: list[tuple[int, int]], dest: np.ndarray) -> int:
+        at = 0
+        for start, stop in ranges:
+            count = stop - start
+            self.fspace.select_hyperslab((start,) + (0,) * len(self.row_shape),
+                                         (count, *self.row_shape))
+            mspace = self._mspaces.get(count)
+            if mspace is None:
+                mspace = self._mspaces[count] = h5py.h5s.create_simple((count, *self.row_shape))
+            self.dsid.read(mspace, self.fspace, dest[at : at + count], self.mtype)
+            at += count
+        return at
+
+
+class Guard:
+    """Reserves one block of a queue; ``with guard as block`` gives a zero-copy view of it.
+
+    The view is valid until the ``with`` block exits, which hands the slot back to the workers
+    (also when the block raises). Copy the data (``block.copy()``) to keep it longer.
+    """
+
+    __slots__ = ("_queue", "_slot", "__weakref__")
+
+    def __init__(self, queue: Queue, slot: int):
+        self._queue = queue
+        self._slot = slot
+
+    def __enter__(self) -> np.ndarray:
+        if self._slot < 0:
+            raise RuntimeError("this guard has already been released")
+        return self._queue._view(self._slot)
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
+        slot, self._slot = self._slot, -1
+        if slot >= 0:
+            self._queue._release(slot)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class Queue:
+    """A stream of blocks of one dataset. Made by ``Streamer.get_queue``; see its docstring."""
+
+    def __init__(
+        self, plan: _Plan, ring: Ring, n_procs: int, ordered: bool, start_method: str | None
+    ):
+        self.block_size = plan.block_size
+        self._plan = plan
+        self._ordered = ordered
+        self._ring = ring
+        self._tickets = itertools.count()  # next() is atomic under the GIL
+        self._lock = threading.Lock()  # ordered mode: one reader of the full queue at a time
+        self._stash: dict[int, int] = {}  # ordered mode: ticket -> slot that came early
+        self._held = 0
+        self._closed = False
+        info = plan.info
+        dtype = info.field_dtype(plan.field)
+        shape = (plan.block_size, *info.shape[1:], *dtype.shape)
+        self._slots = [self._ring.slot_array(s, shape, dtype.base) for s in range(plan.layout.n_slots)]
+        _LIVE_QUEUES.add(self)
+        self._pool = WorkerPool(_StreamJob(plan), n_procs, start_method, "Streamer")
+
+    def get(self):
+        """The next block's ``Guard``, or ``QueueClosed`` once the stream has ended.
+
+        Blocks until a block is ready. Safe to call from several threads: each block goes to
+        exactly one caller. Raises the worker's exception if a read failed, and
+        ``SubprocessException`` if a worker died.
+        """
+        if self._closed:
+            return QueueClosed
+        if self._held >= self._plan.layout.n_slots:
+            raise RuntimeError(
+                f"all {self._plan.layout.n_slots} slots (read_ahead) are held by guards that "
+                "were not released; exit their `with` blocks or raise read_ahead"
+            )
+        if self._ordered:
+            with self._lock:
+                slot = self._next_in_order()
+        else:
+            ticket = next(self._tickets)
+            slot = -1 if self._ended(ticket) else self._pop()
+        if slot < 0:
+            return QueueClosed
+        self._held += 1
+        return Guard(self, slot)
+
+    def iter(self):
+        """Iterate over the guards of the remaining blocks."""
+        while (guard := self.get()) is not QueueClosed:
+            yield guard
+
+    def __iter__(self):
+        return self.iter()
+
+    def _ended(self, ticket: int) -> bool:
+        return self._plan.n_blocks is not None and ticket >= self._plan.n_blocks
+
+    def _next_in_order(self) -> int:
+        ticket = next(self._tickets)
+        if self._ended(ticket):
+            return -1
+        while ticket not in self._stash:
+            slot = self._pop()
+            if slot < 0:
+                return slot
+            self._stash[int(self._ring.headers[slot, 0])] = slot
+        return self._stash.pop(ticket)
+
+    def _pop(self) -> int:
+        # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them.
+        ring = self._ring
+        while True:
+            slot = ring.full.pop(WAIT_SLICE)
+            if slot >= 0:
+                return slot
+            if ring.errors.full():
+                exc = ring.errors.exception()
+                self.close()
+                raise exc
+            if slot == CLOSED or self._closed:
+                return -1
+            self._pool.check()
+
+    def _view(self, slot: int) -> np.ndarray:
+        if self._closed:
+            raise QueueClosedException("the queue was closed; its blocks are gone")
+        return self._slots[slot][: self._ring.headers[slot, 1]]
+
+    def _release(self, slot: int) -> None:
+        self._held -= 1
+        if not self._closed:
+            self._ring.free.push(slot)
+
+    def close(self) -> None:
+        """Stop the workers and free the shared memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ring.stop()
+        self._pool.stop()
+        self._slots = []
+        self._stash.clear()
+        self._ring.release()
+        _LIVE_QUEUES.discard(self)
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and hasattr(self, "_pool"):
+            self.close()
+
+
+class Streamer:
+    """Streams datasets of one HDF5 file in blocks, read in parallel by worker processes.
+
+    Parameters
+    ----------
+    filename : str or path
+        The HDF5 file. It is opened (read-only) when a queue or generator is made, so a missing
+        file raises there, in the caller.
+    start_method : {'fork', 'spawn', 'forkserver'}, optional
+        How workers start; fork on Linux by default.
+    **kw
+        Passed to ``h5py.File`` in every worker (e.g. ``driver``, ``rdcc_nbytes``).
+
+    Examples
+    --------
+    >>> import h5py, numpy as np, tempfile, os, multitables
+    >>> path = os.path.join(tempfile.mkdtemp(), "doc.h5")
+    >>> with h5py.File(path, "w") as f:
+    ...     _ = f.create_dataset("x", data=np.arange(10.0))
+    >>> with multitables.Streamer(path) as stream:
+    ...     with stream.get_queue("x", n_procs=2, block_size=4, ordered=True) as queue:
+    ...         blocks = [guard.__enter__().copy() for guard in queue.iter()]
+    ...     tail = stream.get_remainder("x", queue.block_size)
+    >>> [b.tolist() for b in blocks], tail.tolist()
+    ([[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]], [8.0, 9.0])
+    """
+
+    def __init__(self, filename, *, start_method: str | None = None, **kw):
+        self.filename = os.fspath(filename)
+        self.file_kwargs = kw
+        self.start_method = start_method
+        self._queues: weakref.WeakSet[Queue] = weakref.WeakSet()
+
+    def get_queue(
+        self,
+        path: str,
+        n_procs: int = 4,
+        read_ahead: int | None = None,
+        cyclic: bool = False,
+        block_size: int | None = None,
+        ordered: bool = False,
+        field: str | None = None,
+        remainder: bool = False,
+    ) -> Queue:
+        """Start workers streaming ``path`` and return the queue of its blocks.
+
+        Parameters
+        ----------
+        path : str
+            The dataset inside the file.
+        n_procs : int
+            Worker processes reading in parallel.
+        read_ahead : int, optional
+            Slots in the ring (blocks read ahead of the consumer); ``2 * n_procs + 1`` by default.
+        cyclic : bool
+            Wrap around the end forever; the block that crosses the end joins the last rows and
+            the first ones.
+        block_size : int, optional
+            Rows per block. By default a whole number of chunks of at least 1 MiB (about 1 MiB of
+            rows for contiguous datasets), at most the dataset's length.
+        ordered : bool
+            Deliver blocks in file order (otherwise as they become ready).
+        field : str, optional
+            Stream one field of a compound dataset (a PyTables table column).
+        remainder : bool
+            Also stream the last, shorter block. Without it, ``get_remainder`` returns those rows.
+        """
+        n_procs = check_positive_int("n_procs", n_procs)
+        read_ahead = check_positive_int(
+            "read_ahead", 2 * n_procs + 1 if read_ahead is None else read_ahead
+        )
+        info = describe(self.filename, path, self.file_kwargs)
+        if not info.shape:
+            raise ValueError(f"{info.path} in {info.filename} is a scalar; there are no rows")
+        if info.shape[0] == 0:
+            raise ValueError(f"{info.path} in {info.filename} is empty (shape {info.shape})")
+        if info.vlen_base is not None:
+            raise TypeError(
+                f"{info.path} in {info.filename} holds variable-length rows, which do not fit "
+                "fixed blocks; read it with multitables.Reader"
+            )
+        dtype = info.field_dtype(field)
+        if block_size is None:
+            block_size = default_block_size(info.shape, info.dtype, info.chunks)
+        block_size = check_positive_int("block_size", block_size)
+        n_rows = info.shape[0]
+        if cyclic:
+            n_blocks = None
+        elif remainder:
+            n_blocks = math.ceil(n_rows / block_size)
+        else:
+            n_blocks = n_rows // block_size
+        ring = Ring.create(read_ahead, block_size * math.prod(info.shape[1:]) * dtype.itemsize)
+        plan = _Plan(info, self.file_kwargs, field, block_size, n_blocks, ring.arena, ring.layout)
+        try:
+            queue = Queue(plan, ring, n_procs, ordered, self.start_method)
+        except BaseException:
+            ring.stop()
+            ring.release()
+            raise
+        self._queues.add(queue)
+        return queue
+
+    def get_generator(
+        self,
+        path: str,
+        n_procs: int = 4,
+        read_ahead: int | None = None,
+        cyclic: bool = False,
+        block_size: int | None = None,
+        ordered: bool = False,
+        field: str | None = None,
+        remainder: bool = True,
+    ):
+        """Yield the rows of ``path`` one at a time, as copies that stay valid.
+
+        Same parameters as ``get_queue``; the last, shorter block is included by default. Closing
+        the generator (or breaking out of a loop over it and dropping it) stops its workers.
+        """
+        queue = self.get_queue(path, n_procs, read_ahead, cyclic, block_size, ordered, field,
+                               remainder)
+        return _rows(queue)
+
+    def get_remainder(self, path: str, block_size: int, field: str | None = None) -> np.ndarray:
+        """The rows a non-cyclic stream of ``block_size`` leaves out at the end (a copy)."""
+        block_size = check_positive_int("block_size", block_size)
+        with open_file(self.filename, self.file_kwargs) as file:
+            ds = get_dataset(file, path)
+            if not ds.shape:
+                raise ValueError(f"{ds.name} in {self.filename} is a scalar; there are no rows")
+            n = ds.shape[0]
+            start = n - n % block_size
+            return ds.fields(field)[start:n] if field is not None else ds[start:n]
+
+    def close(self) -> None:
+        """Close every queue and generator made by this streamer. Idempotent."""
+        for queue in list(self._queues):
+            queue.close()
+
+    def __enter__(self) -> Streamer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _rows(queue: Queue):
+    with queue:
+        for guard in queue.iter():
+            with guard as block:
+                rows = block.copy()
+            yield from rows

@@ -1,0 +1,178 @@
+"""The worker processes shared by both front doors: how they start, serve jobs, fail and stop.
+
+Internal module.
+
+NOTE [ Worker shutdown logic ]
+==============================
+::
+
+    consumer process (Streamer / Reader)                worker processes (n_procs)
+    ─────────────────────────────────────               ──────────────────────────
+    creates shared memory (shm.SharedArena)  ──fork──▶  map the same pages, open the HDF5 file
+    waits on a futex word or queue, in slices  ◀─────   publish results with release stores
+      of WAIT_SLICE s; between slices it checks          wait on futex words in slices of WAIT_SLICE s;
+      that every worker is alive (check())               between slices check that the parent lives
+    close(): sets the stop word, closes queues  ─────▶  see stop / closed queue, exit(0)
+      joins for JOIN_TIMEOUT s, then SIGKILL
+
+Guarantees:
+1. No hang if a worker dies: every wait of the consumer is sliced, and ``WorkerPool.check`` raises
+   ``SubprocessException`` naming the worker, its pid and its exit code or signal.
+2. No orphans if the consumer dies: workers notice a changed parent pid within WAIT_SLICE s (or an
+   EOF on their task pipe) and exit; their shared memory is a memfd, freed with the last process.
+3. Errors raised inside a worker are sent back (type, message, traceback text, where) through shared
+   memory (``ErrorBox``) and re-raised in the consumer's thread where it waits.
+4. ``stop()`` is idempotent and safe from ``__del__`` and at interpreter exit; workers ignore SIGINT,
+   so Ctrl-C reaches only the consumer, whose cleanup stops them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import struct
+import sys
+import traceback
+from typing import Any, Protocol
+
+from .errors import SubprocessException, remote_exception
+
+# Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
+WAIT_SLICE = 0.1
+# How long stop() waits for workers to exit on their own before killing them.
+JOIN_TIMEOUT = 2.0
+
+DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+class Job(Protocol):
+    """What a worker runs. It must pickle, for the spawn and forkserver start methods."""
+
+    def serve(self, worker: int, parent_alive) -> None:
+        """Do the work until told to stop or until ``parent_alive()`` is False."""
+
+    def fail(self, exc: BaseException, where: str) -> None:
+        """Report an exception that escaped ``serve``."""
+
+
+def _worker_main(job: Job, worker: int, parent_pid: int) -> None:
+    # See NOTE [ Worker shutdown logic ].
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def parent_alive() -> bool:
+        return os.getppid() == parent_pid
+
+    try:
+        job.serve(worker, parent_alive)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the consumer
+        job.fail(exc, f"in worker {worker} (pid {os.getpid()})")
+
+
+class WorkerPool:
+    """``n_procs`` processes running one job; started at once, checked and stopped by the owner."""
+
+    def __init__(self, job: Job, n_procs: int, start_method: str | None, name: str):
+        ctx = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
+        self.name = name
+        self.procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(job, i, os.getpid()),
+                name=f"{name}-worker-{i}",
+                daemon=True,
+            )
+            for i in range(n_procs)
+        ]
+        try:
+            for proc in self.procs:
+                proc.start()
+        except BaseException:
+            self.stop(join_timeout=0)
+            raise
+
+    def check(self) -> None:
+        """Raise ``SubprocessException`` if a worker died without being asked to."""
+        for i, proc in enumerate(self.procs):
+            code = proc.exitcode
+            if code is not None and code != 0:
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                self.stop(join_timeout=0)
+                raise SubprocessException(
+                    f"{self.name} worker {i} (pid {proc.pid}) exited unexpectedly with {how}"
+                )
+
+    def alive(self) -> int:
+        return sum(proc.is_alive() for proc in self.procs)
+
+    def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
+        """Wait for the workers to exit (the owner has already told them to), then kill the rest."""
+        for proc in self.procs:
+            if proc.pid is not None:
+                proc.join(join_timeout)
+        for proc in self.procs:
+            if proc.pid is not None and proc.exitcode is None:
+                proc.kill()
+                proc.join(JOIN_TIMEOUT)
+        self.procs = []
+
+
+class ErrorBox:
+    """A fixed area of shared memory that carries one exception from a worker to the consumer.
+
+    Layout: uint32 state (0 empty, 1 being written, 2 full), uint32 length, then the pickled
+    (type, message, where, traceback text). The first writer wins; later errors are dropped.
+    """
+
+    HEADER = 8
+
+    def __init__(self, buffer: Any, offset: int, nbytes: int):
+        from ._ringbuf import Word
+
+        self.state = Word(buffer, offset)
+        self.buffer = buffer
+        self.offset = offset
+        self.nbytes = nbytes
+
+    def put(self, exc: BaseException, where: str) -> bool:
+        if not self.state.compare_exchange(0, 1):
+            return False
+        tb = "".join(traceback.format_exception(exc))
+        payload = _pickle_error(exc, where, tb, self.nbytes - self.HEADER)
+        start = self.offset + self.HEADER
+        self.buffer[start : start + len(payload)] = payload
+        struct.pack_into("I", self.buffer, self.offset + 4, len(payload))
+        self.state.store(2)
+        return True
+
+    def full(self) -> bool:
+        return self.state.load() == 2
+
+    def clear(self) -> None:
+        self.state.store(0)
+
+    def exception(self) -> BaseException:
+        """The stored exception, rebuilt with its type (see ``errors.remote_exception``)."""
+        (length,) = struct.unpack_from("I", self.buffer, self.offset + 4)
+        start = self.offset + self.HEADER
+        type_, message, where, tb = pickle.loads(self.buffer[start : start + length])
+        return remote_exception(type_, message, where, tb)
+
+
+def _pickle_error(exc: BaseException, where: str, tb: str, room: int) -> bytes:
+    type_: type[BaseException] = type(exc)
+    try:
+        pickle.loads(pickle.dumps(type_))
+    except Exception:
+        type_ = SubprocessException
+    message = str(exc) if type_ is type(exc) else f"{type(exc).__name__}: {exc}"
+    while True:
+        payload = pickle.dumps((type_, message, where, tb))
+        if len(payload) <= room:
+            return payload
+        if not tb and len(message) <= 64:
+            return pickle.dumps((type_, message, where[:200], ""))
+        # Keep the end of the traceback: it names the line that raised.
+        tb = "...\n" + tb[len(tb) // 2 :] if len(tb) > 64 else ""
+        message = message[: max(64, len(message) // 2)]

@@ -1,0 +1,17 @@
+"""Declares the Cython extensions; all metadata lives in pyproject.toml."""
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension("multitables._ringbuf", ["multitables/_ringbuf.pyx"]),
+    Extension(
+        "multitables._indexing",
+        ["multitables/_indexing.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    ),
+]
+
+setup(ext_modules=cythonize(extensions, language_level=3))
