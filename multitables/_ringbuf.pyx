@@ -226,8 +226,12 @@ cdef char *_address(object buffer, Py_ssize_t offset, Py_ssize_t nbytes) except 
 
 
 def _capacity(n_items):
-    """The power of two a queue needs to hold ``n_items``."""
-    capacity = 1
+    """The power of two a queue needs to hold ``n_items``.
+
+    At least 4: the sequence numbers of a one-cell queue cannot tell full from empty, and four
+    16-byte cells keep the size a multiple of 64.
+    """
+    capacity = 4
     while capacity < n_items:
         capacity *= 2
     return capacity

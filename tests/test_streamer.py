@@ -1,0 +1,277 @@
+"""Streamer against h5py's own reading of the same files: every mode, block size and layout."""
+
+from __future__ import annotations
+
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+import multitables
+from helpers import (
+    N_ROWS,
+    block_counter,
+    cyclic_block,
+    expected_blocks,
+    sample,
+    write_h5py,
+    write_pytables,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+BLOCK_SIZES = [1, 8, 13, N_ROWS + 5]  # one row, a divisor-ish, a non-divisor, more than the data
+
+
+def _hdf5plugin_layouts():
+    try:
+        import hdf5plugin
+    except ImportError:  # an optional extra; the other layouts still run
+        return []
+    return [("blosc_zstd", dict(chunks=(16, 5), **hdf5plugin.Blosc(cname="zstd", clevel=3)))]
+
+
+LAYOUTS = {
+    "contiguous_f4_2d": ((N_ROWS, 5), "<f4", {}),
+    "chunked_gzip_i2_1d": ((N_ROWS,), "<i2", dict(chunks=(10,), compression="gzip")),
+    "shuffle_gzip_u1_3d": (
+        (N_ROWS, 4, 3),
+        "u1",
+        dict(chunks=(7, 4, 3), compression="gzip", shuffle=True),
+    ),
+    "lzf_f8_4d": ((N_ROWS, 2, 3, 2), "<f8", dict(chunks=(5, 2, 3, 2), compression="lzf")),
+    "bigendian_i4": ((N_ROWS, 3), ">i4", dict(chunks=(9, 3))),
+    "partial_chunks_c8": ((N_ROWS, 6), "<c8", dict(chunks=(11, 4))),
+}
+for _name, _kwargs in _hdf5plugin_layouts():
+    LAYOUTS[_name] = ((N_ROWS, 5), "<f4", _kwargs)
+
+
+@pytest.fixture(scope="module")
+def h5file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("streamer") / "data.h5"
+    truth = {}
+    for i, (name, (shape, dtype, kwargs)) in enumerate(LAYOUTS.items()):
+        truth[name] = write_h5py(path, name, sample(shape, dtype, seed=i), **kwargs)
+    return str(path), truth
+
+
+@pytest.fixture(scope="module")
+def tables_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pytables") / "tables.h5"
+    return str(path), write_pytables(path)
+
+
+def drain(queue) -> list[np.ndarray]:
+    blocks = []
+    for guard in queue.iter():
+        with guard as block:
+            blocks.append(block.copy())
+    assert queue.get() is multitables.QueueClosed  # and again on every later call
+    assert queue.get() is multitables.QueueClosed
+    return blocks
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("n_procs", [1, 2, 3])
+def test_queue_delivers_every_full_block_once(h5file, layout, block_size, n_procs):
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        queue = stream.get_queue(layout, n_procs=n_procs, block_size=block_size)
+        assert queue.block_size == block_size
+        blocks = drain(queue)
+        queue.close()
+        tail = stream.get_remainder(layout, block_size)
+    expected = expected_blocks(truth[layout], block_size, remainder=False)
+    assert block_counter(blocks) == block_counter(expected)
+    np.testing.assert_array_equal(tail, truth[layout][len(expected) * block_size :])
+    assert tail.dtype == truth[layout].dtype
+
+
+@pytest.mark.parametrize("layout", ["contiguous_f4_2d", "lzf_f8_4d", "bigendian_i4"])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("n_procs", [1, 3])
+def test_ordered_queue_with_remainder_is_the_dataset(h5file, layout, block_size, n_procs):
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue(
+            layout, n_procs=n_procs, block_size=block_size, ordered=True, remainder=True
+        ) as queue:
+            blocks = drain(queue)
+    assert [len(b) for b in blocks[:-1]] == [block_size] * (len(blocks) - 1)
+    assert {b.dtype for b in blocks} == {truth[layout].dtype}  # byte order as stored, like h5py
+    np.testing.assert_array_equal(np.concatenate(blocks), truth[layout])
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("n_procs", [1, 2, 3])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_generator_yields_every_row(h5file, block_size, n_procs, ordered):
+    path, truth = h5file
+    with h5py.File(path, "r") as f:
+        rows = list(f["partial_chunks_c8"])
+    stream = multitables.Streamer(path)
+    gen = stream.get_generator(
+        "partial_chunks_c8", n_procs=n_procs, block_size=block_size, ordered=ordered
+    )
+    got = list(gen)
+    if ordered:
+        np.testing.assert_array_equal(np.array(got), np.array(rows))
+    else:
+        assert block_counter(got) == block_counter(rows)
+    # Rows are copies: they stay valid after the stream is gone.
+    np.testing.assert_array_equal(got[0] if ordered else sorted(got, key=bytes)[0],
+                                  rows[0] if ordered else sorted(rows, key=bytes)[0])
+
+
+@pytest.mark.parametrize("block_size", [1, 13, 40, 3 * N_ROWS + 2])
+@pytest.mark.parametrize("n_procs", [1, 2, 3])
+def test_cyclic_ordered_wraps_end_into_start(h5file, block_size, n_procs):
+    path, truth = h5file
+    data = truth["shuffle_gzip_u1_3d"]
+    n_blocks = max(3 * N_ROWS // block_size, 4)  # about three laps
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue(
+            "shuffle_gzip_u1_3d", n_procs=n_procs, block_size=block_size, cyclic=True,
+            ordered=True,
+        ) as queue:
+            for ticket in range(n_blocks):
+                with queue.get() as block:
+                    np.testing.assert_array_equal(block, cyclic_block(data, block_size, ticket))
+
+
+@pytest.mark.parametrize("n_procs", [1, 3])
+def test_cyclic_unordered_delivers_distinct_valid_blocks(h5file, n_procs):
+    path, truth = h5file
+    data, block_size, n = truth["contiguous_f4_2d"], 10, 40
+    expected = {cyclic_block(data, block_size, t).tobytes(): t for t in range(n + 32)}
+    seen = []
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue(
+            "contiguous_f4_2d", n_procs=n_procs, block_size=block_size, cyclic=True
+        ) as queue:
+            for _ in range(n):
+                with queue.get() as block:
+                    seen.append(expected[block.tobytes()])
+    assert len(set(seen)) == n
+
+
+def test_generator_stops_its_workers_when_closed(h5file):
+    path, _ = h5file
+    gen = multitables.Streamer(path).get_generator(
+        "contiguous_f4_2d", n_procs=2, block_size=4, cyclic=True
+    )
+    for _ in range(50):
+        next(gen)
+    gen.close()  # the no_leaks fixture checks that the workers are gone
+
+
+def test_abandoned_generator_stops_its_workers(h5file):
+    path, truth = h5file
+    for i, row in enumerate(
+        multitables.Streamer(path).get_generator("contiguous_f4_2d", n_procs=2, block_size=4,
+                                                 ordered=True)
+    ):
+        np.testing.assert_array_equal(row, truth["contiguous_f4_2d"][i])
+        if i == 10:
+            break
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_threads_share_one_queue_each_block_once(h5file, ordered):
+    path, truth = h5file
+    got: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(4)]
+
+    def consume(out):
+        while (guard := queue.get()) is not multitables.QueueClosed:
+            with guard as block:
+                out.append(block.copy())
+
+    with multitables.Streamer(path) as stream:
+        queue = stream.get_queue("contiguous_f4_2d", n_procs=2, block_size=1, ordered=ordered)
+        threads = [threading.Thread(target=consume, args=(g,)) for g in got]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        queue.close()
+    blocks = [b for g in got for b in g]
+    assert block_counter(blocks) == block_counter(
+        expected_blocks(truth["contiguous_f4_2d"], 1, remainder=False)
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype", ["?", "i1", "u2", "<i8", "u8", "<f2", ">f8", "<c16", ">u4"]
+)
+def test_any_numeric_dtype(tmp_path, dtype):
+    path = tmp_path / "dtypes.h5"
+    data = write_h5py(path, "x", sample((N_ROWS, 3), dtype), chunks=(10, 3))
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("x", n_procs=2, block_size=10, ordered=True, remainder=True) as q:
+            blocks = drain(q)
+    assert blocks[0].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(np.concatenate(blocks), data)
+
+
+@pytest.mark.parametrize("name", ["table", "array", "carray", "earray"])
+@pytest.mark.parametrize("block_size", [1, 13, None])
+def test_pytables_nodes(tables_file, name, block_size):
+    path, truth = tables_file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue(
+            f"/{name}", n_procs=2, block_size=block_size, ordered=True, remainder=True
+        ) as queue:
+            got = np.concatenate(drain(queue))
+    assert got.dtype == truth[name].dtype
+    np.testing.assert_array_equal(got, truth[name])
+
+
+@pytest.mark.parametrize("field", ["image", "vec", "score"])
+@pytest.mark.parametrize("n_procs", [1, 2])
+def test_table_field(tables_file, field, n_procs):
+    path, truth = tables_file
+    expected = truth["table"][field]
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue(
+            "/table", n_procs=n_procs, block_size=13, ordered=True, field=field
+        ) as queue:
+            blocks = drain(queue)
+        tail = stream.get_remainder("/table", 13, field=field)
+        rows = list(stream.get_generator("/table", n_procs=n_procs, field=field, ordered=True))
+    got = np.concatenate(blocks + [tail])
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(np.array(rows), expected)
+
+
+def test_default_block_size_is_whole_chunks_of_a_mebibyte(tmp_path):
+    path = tmp_path / "big.h5"
+    write_h5py(path, "c", np.zeros((5000, 256), "f4"), chunks=(100, 256))  # 100 KiB chunks
+    write_h5py(path, "flat", np.zeros((5000, 256), "f4"))
+    write_h5py(path, "short", np.zeros((10, 256), "f4"), chunks=(4, 256))
+    with multitables.Streamer(path) as stream:
+        assert stream.get_queue("c", n_procs=1).block_size == 1100  # 11 chunks >= 1 MiB
+        assert stream.get_queue("flat", n_procs=1).block_size == 1024  # 1 MiB of 1 KiB rows
+        assert stream.get_queue("short", n_procs=1).block_size == 10  # never beyond the data
+
+
+def test_guard_view_is_zero_copy_and_released_on_exception(h5file):
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue(
+            "contiguous_f4_2d", n_procs=1, read_ahead=1, block_size=10, ordered=True
+        ) as queue:
+            for i in range(3):
+                with pytest.raises(ZeroDivisionError):
+                    with queue.get() as block:
+                        assert not block.flags.owndata
+                        np.testing.assert_array_equal(
+                            block, truth["contiguous_f4_2d"][10 * i : 10 * i + 10]
+                        )
+                        1 / 0
+            # With one slot, a fourth block arrives only if the failed ones were released.
+            with queue.get() as block:
+                np.testing.assert_array_equal(block, truth["contiguous_f4_2d"][30:40])
