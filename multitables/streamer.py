@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import itertools
 import math
 import os
 import threading
@@ -39,34 +38,46 @@ def _close_live_queues() -> None:
         queue.close()
 
 
+# Small blocks are read in batches filling a slot of about this size: one HDF5 read and one
+# hand-over between processes per slot, so a block costs only its Python-side delivery.
+SLOT_TARGET_BYTES = 1 << 20
+
+
 @dataclass
 class _Plan:
-    """What a stream reads: everything a worker needs, picklable for spawn/forkserver."""
+    """What a stream reads: everything a worker needs, picklable for spawn/forkserver.
+
+    Blocks are numbered in file order; slot ticket ``t`` holds blocks ``t * blocks_per_slot``
+    onwards (fewer in the last slot of a finite stream).
+    """
 
     info: DatasetInfo
     file_kwargs: dict[str, Any]
     field: str | None
     block_size: int
+    blocks_per_slot: int
     n_blocks: int | None  # None: cyclic, endless
     arena: SharedArena
     layout: RingLayout
 
     @property
-    def n_rows(self) -> int:
-        return self.info.shape[0]
+    def n_slot_tickets(self) -> int | None:
+        if self.n_blocks is None:
+            return None
+        return -(-self.n_blocks // self.blocks_per_slot)
 
     def rows_of(self, ticket: int) -> list[tuple[int, int]]:
-        """The (start, stop) row ranges of block ``ticket``, several when it wraps around."""
-        n, bs = self.n_rows, self.block_size
+        """The (start, stop) row ranges of slot ``ticket``, several when it wraps around."""
+        n, rows = self.info.shape[0], self.block_size * self.blocks_per_slot
         if self.n_blocks is not None:
-            start = ticket * bs
-            return [(start, min(start + bs, n))]
-        start = (ticket * bs) % n
+            start = ticket * rows
+            return [(start, min(start + rows, self.n_blocks * self.block_size, n))]
+        start = (ticket * rows) % n
         ranges = []
-        while bs > 0:
-            stop = min(start + bs, n)
+        while rows > 0:
+            stop = min(start + rows, n)
             ranges.append((start, stop))
-            bs -= stop - start
+            rows -= stop - start
             start = 0
         return ranges
 
@@ -88,7 +99,8 @@ class _StreamJob:
         kwargs = _worker_file_kwargs(plan)
         with open_file(plan.info.filename, kwargs) as file:
             reader = _BlockReader(get_dataset(file, plan.info.path), plan.field)
-            slots = [reader.slot_array(ring, s, plan.block_size) for s in range(plan.layout.n_slots)]
+            rows = plan.block_size * plan.blocks_per_slot
+            slots = [reader.slot_array(ring, s, rows) for s in range(plan.layout.n_slots)]
             while True:
                 slot = ring.free.pop(WAIT_SLICE)
                 if slot == TIMEOUT:
@@ -98,7 +110,7 @@ class _StreamJob:
                 if slot == CLOSED or ring.stopped:
                     return
                 ticket = ring.tickets.fetch_add(1)
-                if plan.n_blocks is not None and ticket >= plan.n_blocks:
+                if plan.n_blocks is not None and ticket >= plan.n_slot_tickets:
                     ring.free.push(slot)
                     return
                 ranges = plan.rows_of(ticket)
@@ -126,8 +138,8 @@ def _worker_file_kwargs(plan: _Plan) -> dict[str, Any]:
             kwargs["rdcc_nbytes"] = 0
         else:
             # Room for the chunks a block spans plus the one a misaligned block shares with the next.
-            block_bytes = plan.block_size * plan.info.row_bytes
-            kwargs["rdcc_nbytes"] = max(1 << 20, 2 * block_bytes + (16 << 20))
+            slot_bytes = plan.block_size * plan.blocks_per_slot * plan.info.row_bytes
+            kwargs["rdcc_nbytes"] = max(1 << 20, 2 * slot_bytes + (16 << 20))
             kwargs.setdefault("rdcc_nslots", 100_003)
     return kwargs
 
@@ -147,8 +159,8 @@ class _BlockReader:
             self.mtype = h5py.h5t.py_create(self.dtype)
         self._mspaces: dict[int, Any] = {}
 
-    def slot_array(self, ring: Ring, slot: int, block_size: int) -> np.ndarray:
-        return ring.slot_array(slot, (block_size, *self.row_shape), self.dtype)
+    def slot_array(self, ring: Ring, slot: int, rows: int) -> np.ndarray:
+        return ring.slot_array(slot, (rows, *self.row_shape), self.dtype)
 
     def read(self, ranges: list[tuple[int, int]], dest: np.ndarray) -> int:
         at = 0
@@ -167,20 +179,21 @@ class _BlockReader:
 class Guard:
     """Reserves one block of a queue; ``with guard as block`` gives a zero-copy view of it.
 
-    The view is valid until the ``with`` block exits, which hands the slot back to the workers
-    (also when the block raises). Copy the data (``block.copy()``) to keep it longer.
+    The view is valid until the ``with`` block exits, which hands the block back (also when the
+    block raises). Copy the data (``block.copy()``) to keep it longer.
     """
 
-    __slots__ = ("_queue", "_slot", "__weakref__")
+    __slots__ = ("_queue", "_slot", "_rows")
 
-    def __init__(self, queue: Queue, slot: int):
+    def __init__(self, queue: Queue, slot: int, rows: slice):
         self._queue = queue
         self._slot = slot
+        self._rows = rows
 
     def __enter__(self) -> np.ndarray:
         if self._slot < 0:
             raise RuntimeError("this guard has already been released")
-        return self._queue._view(self._slot)
+        return self._queue._view(self._slot, self._rows)
 
     def __exit__(self, *exc_info) -> None:
         self.release()
@@ -204,15 +217,20 @@ class Queue:
         self._plan = plan
         self._ordered = ordered
         self._ring = ring
-        self._tickets = itertools.count()  # next() is atomic under the GIL
-        self._lock = threading.Lock()  # ordered mode: one reader of the full queue at a time
+        self._lock = threading.Lock()  # guards the delivery state below
+        self._next_ticket = 0  # slot tickets handed to this process so far
         self._stash: dict[int, int] = {}  # ordered mode: ticket -> slot that came early
-        self._held = 0
+        self._slot = -1  # the slot whose blocks are being handed out
+        self._next_row = 0  # its next block's first row
+        self._slot_rows = 0  # its number of rows
+        # Blocks of each slot not yet released; the slot goes back to the workers at zero.
+        self._refs = [0] * plan.layout.n_slots
+        self._release_lock = threading.Lock()
         self._closed = False
         info = plan.info
         dtype = info.field_dtype(plan.field)
-        shape = (plan.block_size, *info.shape[1:], *dtype.shape)
-        self._slots = [self._ring.slot_array(s, shape, dtype.base) for s in range(plan.layout.n_slots)]
+        shape = (plan.block_size * plan.blocks_per_slot, *info.shape[1:], *dtype.shape)
+        self._slots = [ring.slot_array(s, shape, dtype.base) for s in range(plan.layout.n_slots)]
         _LIVE_QUEUES.add(self)
         self._pool = WorkerPool(_StreamJob(plan), n_procs, start_method, "Streamer")
 
@@ -223,23 +241,15 @@ class Queue:
         exactly one caller. Raises the worker's exception if a read failed, and
         ``SubprocessException`` if a worker died.
         """
-        if self._closed:
-            return QueueClosed
-        if self._held >= self._plan.layout.n_slots:
-            raise RuntimeError(
-                f"all {self._plan.layout.n_slots} slots (read_ahead) are held by guards that "
-                "were not released; exit their `with` blocks or raise read_ahead"
-            )
-        if self._ordered:
-            with self._lock:
-                slot = self._next_in_order()
-        else:
-            ticket = next(self._tickets)
-            slot = -1 if self._ended(ticket) else self._pop()
-        if slot < 0:
-            return QueueClosed
-        self._held += 1
-        return Guard(self, slot)
+        with self._lock:
+            if self._next_row >= self._slot_rows:
+                if not self._next_slot():
+                    return QueueClosed
+            start = self._next_row
+            self._next_row = stop = min(start + self.block_size, self._slot_rows)
+            slot = self._slot
+            self._refs[slot] += 1
+        return Guard(self, slot, slice(start, stop))
 
     def iter(self):
         """Iterate over the guards of the remaining blocks."""
@@ -249,19 +259,39 @@ class Queue:
     def __iter__(self):
         return self.iter()
 
-    def _ended(self, ticket: int) -> bool:
-        return self._plan.n_blocks is not None and ticket >= self._plan.n_blocks
-
-    def _next_in_order(self) -> int:
-        ticket = next(self._tickets)
-        if self._ended(ticket):
-            return -1
-        while ticket not in self._stash:
+    def _next_slot(self) -> bool:
+        """Move on to the next filled slot; False once the stream has ended."""
+        if self._slot >= 0:
+            self._release(self._slot)  # the reference that kept it while handing out blocks
+            self._slot = -1
+        if self._closed:
+            return False
+        ticket = self._next_ticket
+        end = self._plan.n_slot_tickets
+        if end is not None and ticket >= end:
+            return False
+        held = len(self._refs) - self._refs.count(0) + len(self._stash)
+        if held == len(self._refs) and ticket not in self._stash:
+            raise RuntimeError(
+                f"all {len(self._refs)} slots (read_ahead) are held by guards that were not "
+                "released; exit their `with` blocks or raise read_ahead"
+            )
+        self._next_ticket += 1
+        if self._ordered:
+            while ticket not in self._stash:
+                slot = self._pop()
+                if slot < 0:
+                    return False
+                self._stash[int(self._ring.headers[slot, 0])] = slot
+            slot = self._stash.pop(ticket)
+        else:
             slot = self._pop()
             if slot < 0:
-                return slot
-            self._stash[int(self._ring.headers[slot, 0])] = slot
-        return self._stash.pop(ticket)
+                return False
+        self._slot, self._next_row = slot, 0
+        self._slot_rows = int(self._ring.headers[slot, 1])
+        self._refs[slot] += 1
+        return True
 
     def _pop(self) -> int:
         # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them.
@@ -278,14 +308,16 @@ class Queue:
                 return -1
             self._pool.check()
 
-    def _view(self, slot: int) -> np.ndarray:
+    def _view(self, slot: int, rows: slice) -> np.ndarray:
         if self._closed:
             raise QueueClosedException("the queue was closed; its blocks are gone")
-        return self._slots[slot][: self._ring.headers[slot, 1]]
+        return self._slots[slot][rows]
 
     def _release(self, slot: int) -> None:
-        self._held -= 1
-        if not self._closed:
+        with self._release_lock:
+            self._refs[slot] -= 1
+            free = self._refs[slot] == 0
+        if free and not self._closed:
             self._ring.free.push(slot)
 
     def close(self) -> None:
@@ -364,7 +396,9 @@ class Streamer:
         n_procs : int
             Worker processes reading in parallel.
         read_ahead : int, optional
-            Slots in the ring (blocks read ahead of the consumer); ``2 * n_procs + 1`` by default.
+            Slots in the ring, ``2 * n_procs + 1`` by default. A slot holds one block, or several
+            consecutive small blocks read together (about 1 MiB in all), so that tiny blocks cost
+            one HDF5 read and one hand-over per slot rather than per block.
         cyclic : bool
             Wrap around the end forever; the block that crosses the end joins the last rows and
             the first ones.
@@ -403,8 +437,16 @@ class Streamer:
             n_blocks = math.ceil(n_rows / block_size)
         else:
             n_blocks = n_rows // block_size
-        ring = Ring.create(read_ahead, block_size * math.prod(info.shape[1:]) * dtype.itemsize)
-        plan = _Plan(info, self.file_kwargs, field, block_size, n_blocks, ring.arena, ring.layout)
+        block_bytes = block_size * math.prod(info.shape[1:]) * dtype.itemsize
+        per_slot = max(1, SLOT_TARGET_BYTES // max(block_bytes, 1))
+        # Spread a short stream over all slots (so over all workers); a slot never laps the data.
+        if n_blocks is not None:
+            per_slot = min(per_slot, -(-n_blocks // read_ahead))
+        per_slot = max(1, min(per_slot, n_rows // block_size))
+        ring = Ring.create(read_ahead, block_bytes * per_slot)
+        plan = _Plan(
+            info, self.file_kwargs, field, block_size, per_slot, n_blocks, ring.arena, ring.layout
+        )
         try:
             queue = Queue(plan, ring, n_procs, ordered, self.start_method)
         except BaseException:

@@ -63,6 +63,14 @@ def tables_file(tmp_path_factory):
     return str(path), write_pytables(path)
 
 
+@pytest.fixture(params=["batched", "one_block_per_slot"])
+def slot_batching(request, monkeypatch):
+    """Run a test with small blocks batched into slots (the default) and with one per slot."""
+    if request.param == "one_block_per_slot":
+        monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)
+    return request.param
+
+
 def drain(queue) -> list[np.ndarray]:
     blocks = []
     for guard in queue.iter():
@@ -76,7 +84,8 @@ def drain(queue) -> list[np.ndarray]:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("n_procs", [1, 2, 3])
-def test_queue_delivers_every_full_block_once(h5file, layout, block_size, n_procs):
+def test_queue_delivers_every_full_block_once(h5file, layout, block_size, n_procs,
+                                              slot_batching):
     path, truth = h5file
     with multitables.Streamer(path) as stream:
         queue = stream.get_queue(layout, n_procs=n_procs, block_size=block_size)
@@ -108,7 +117,7 @@ def test_ordered_queue_with_remainder_is_the_dataset(h5file, layout, block_size,
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("n_procs", [1, 2, 3])
 @pytest.mark.parametrize("ordered", [True, False])
-def test_generator_yields_every_row(h5file, block_size, n_procs, ordered):
+def test_generator_yields_every_row(h5file, block_size, n_procs, ordered, slot_batching):
     path, truth = h5file
     with h5py.File(path, "r") as f:
         rows = list(f["partial_chunks_c8"])
@@ -128,7 +137,7 @@ def test_generator_yields_every_row(h5file, block_size, n_procs, ordered):
 
 @pytest.mark.parametrize("block_size", [1, 13, 40, 3 * N_ROWS + 2])
 @pytest.mark.parametrize("n_procs", [1, 2, 3])
-def test_cyclic_ordered_wraps_end_into_start(h5file, block_size, n_procs):
+def test_cyclic_ordered_wraps_end_into_start(h5file, block_size, n_procs, slot_batching):
     path, truth = h5file
     data = truth["shuffle_gzip_u1_3d"]
     n_blocks = max(3 * N_ROWS // block_size, 4)  # about three laps
@@ -143,7 +152,7 @@ def test_cyclic_ordered_wraps_end_into_start(h5file, block_size, n_procs):
 
 
 @pytest.mark.parametrize("n_procs", [1, 3])
-def test_cyclic_unordered_delivers_distinct_valid_blocks(h5file, n_procs):
+def test_cyclic_unordered_delivers_distinct_valid_blocks(h5file, n_procs, slot_batching):
     path, truth = h5file
     data, block_size, n = truth["contiguous_f4_2d"], 10, 40
     expected = {cyclic_block(data, block_size, t).tobytes(): t for t in range(n + 32)}
@@ -180,7 +189,7 @@ def test_abandoned_generator_stops_its_workers(h5file):
 
 
 @pytest.mark.parametrize("ordered", [False, True])
-def test_threads_share_one_queue_each_block_once(h5file, ordered):
+def test_threads_share_one_queue_each_block_once(h5file, ordered, slot_batching):
     path, truth = h5file
     got: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(4)]
 
@@ -258,7 +267,8 @@ def test_default_block_size_is_whole_chunks_of_a_mebibyte(tmp_path):
         assert stream.get_queue("short", n_procs=1).block_size == 10  # never beyond the data
 
 
-def test_guard_view_is_zero_copy_and_released_on_exception(h5file):
+def test_guard_view_is_zero_copy_and_released_on_exception(h5file, monkeypatch):
+    monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)
     path, truth = h5file
     with multitables.Streamer(path) as stream:
         with stream.get_queue(
@@ -275,3 +285,30 @@ def test_guard_view_is_zero_copy_and_released_on_exception(h5file):
             # With one slot, a fourth block arrives only if the failed ones were released.
             with queue.get() as block:
                 np.testing.assert_array_equal(block, truth["contiguous_f4_2d"][30:40])
+
+
+def test_holding_every_slot_raises_instead_of_hanging(h5file, monkeypatch):
+    monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("contiguous_f4_2d", n_procs=1, read_ahead=2, block_size=10) as q:
+            held = [q.get(), q.get()]
+            with pytest.raises(RuntimeError, match="all 2 slots"):
+                q.get()
+            held[0].release()
+            with q.get() as block:
+                assert block.shape == (10, 5)
+
+
+def test_small_blocks_are_batched_into_slots(tmp_path):
+    """Blocks of 4 KiB share 1 MiB slots: one read per slot, each block still its own view."""
+    path = tmp_path / "rows.h5"
+    data = write_h5py(path, "x", sample((2048, 1024), "<f4"), chunks=(64, 1024))
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("x", n_procs=2, read_ahead=2, block_size=1, ordered=True) as q:
+            assert q._plan.blocks_per_slot == 256
+            for i, guard in enumerate(q.iter()):
+                with guard as block:
+                    assert block.shape == (1, 1024)
+                    np.testing.assert_array_equal(block, data[i : i + 1])
+    assert i == 2047
