@@ -2,11 +2,11 @@
 
 Internal module. Layout of the arena (every part 64-byte aligned, slots page aligned)::
 
-    stop word | ticket counter | free queue | full queue | slot headers | error box | slot 0 | slot 1 ...
+    stop | tickets | free queue | full queue | slot headers | error box | slot 0 | slot 1 ...
 
-A slot circulates: ``free`` queue → a worker fills it and writes its header (ticket, rows) → ``full``
-queue → the consumer hands out a view → back to ``free``. Workers draw block numbers (tickets)
-from the counter with one atomic add, so no process assigns work to another.
+A slot circulates: ``free`` queue → a worker fills it and writes its header (ticket, rows) →
+``full`` queue → the consumer hands out views → back to ``free``. Workers draw slot tickets from
+the counter with one atomic add, so no process assigns work to another.
 """
 
 from __future__ import annotations

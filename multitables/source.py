@@ -13,8 +13,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-# A block is a whole number of chunks totalling at least this much (or this much of rows when the
-# dataset is contiguous): large enough that per-block hand-over costs vanish, small enough for L2/L3.
+# A default block is a whole number of chunks totalling at least this much (about this much of rows
+# when contiguous): large enough that hand-over costs vanish, small enough to stay in cache.
 TARGET_BLOCK_BYTES = 1 << 20
 
 
@@ -35,7 +35,7 @@ class DatasetInfo:
         return self.dtype.itemsize * math.prod(self.shape[1:])
 
     def field_dtype(self, field: str | None) -> np.dtype:
-        """The dtype of ``field`` (the whole row when None), raising ValueError for unknown names."""
+        """The dtype of ``field`` (the whole row when None); ValueError for unknown names."""
         if field is None:
             return self.dtype
         names = self.dtype.names

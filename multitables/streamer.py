@@ -83,50 +83,65 @@ class _Plan:
 
 
 class _StreamJob:
-    """The worker side of a stream. See NOTE [ Worker shutdown logic ] in workers.py."""
+    """The worker side of a stream: fill free slots with the blocks of the next ticket.
+
+    See NOTE [ Worker shutdown logic ] in workers.py.
+    """
+
+    name = "Streamer"
 
     def __init__(self, plan: _Plan):
         self.plan = plan
+        self.filename = plan.info.filename
+
+    def file_kwargs(self) -> dict[str, Any]:
+        return _worker_file_kwargs(self.plan)
+
+    def attach(self, file: h5py.File) -> None:
+        plan = self.plan
+        self.ring = Ring(plan.arena, plan.layout)
+        self.reader = _BlockReader(get_dataset(file, plan.info.path), plan.field)
+        rows = plan.block_size * plan.blocks_per_slot
+        self.slots = [
+            self.reader.slot_array(self.ring, s, rows) for s in range(plan.layout.n_slots)
+        ]
+
+    def next_task(self, parent_alive) -> tuple[int, int] | None:
+        """A free slot and the ticket of the blocks to read into it; None when done."""
+        ring = self.ring
+        while True:
+            slot = ring.free.pop(WAIT_SLICE)
+            if slot == TIMEOUT:
+                if ring.stopped or not parent_alive():
+                    return None
+                continue
+            if slot == CLOSED or ring.stopped:
+                return None
+            ticket = ring.tickets.fetch_add(1)
+            end = self.plan.n_slot_tickets
+            if end is not None and ticket >= end:
+                ring.free.push(slot)
+                return None
+            return slot, ticket
+
+    def run(self, task: tuple[int, int]) -> None:
+        slot, ticket = task
+        nrows = self.reader.read(self.plan.rows_of(ticket), self.slots[slot])
+        self.ring.headers[slot] = (ticket, nrows)
+        self.ring.full.push(slot)
+
+    def describe(self, task: tuple[int, int]) -> str:
+        rows = ", ".join(f"{a}:{b}" for a, b in self.plan.rows_of(task[1]))
+        return f"reading rows {rows} of {self.plan.info.path} in {self.filename}"
+
+    def task_failed(self, task, exc: BaseException, where: str) -> bool:
+        self.fail(exc, where)
+        return False  # a stream with a hole in it is no stream: stop
 
     def fail(self, exc: BaseException, where: str) -> None:
         ring = Ring(self.plan.arena, self.plan.layout)
         ring.errors.put(exc, where)
         ring.stop()
-
-    def serve(self, worker: int, parent_alive) -> None:
-        plan = self.plan
-        ring = Ring(plan.arena, plan.layout)
-        kwargs = _worker_file_kwargs(plan)
-        with open_file(plan.info.filename, kwargs) as file:
-            reader = _BlockReader(get_dataset(file, plan.info.path), plan.field)
-            rows = plan.block_size * plan.blocks_per_slot
-            slots = [reader.slot_array(ring, s, rows) for s in range(plan.layout.n_slots)]
-            while True:
-                slot = ring.free.pop(WAIT_SLICE)
-                if slot == TIMEOUT:
-                    if ring.stopped or not parent_alive():
-                        return
-                    continue
-                if slot == CLOSED or ring.stopped:
-                    return
-                ticket = ring.tickets.fetch_add(1)
-                if plan.n_blocks is not None and ticket >= plan.n_slot_tickets:
-                    ring.free.push(slot)
-                    return
-                ranges = plan.rows_of(ticket)
-                try:
-                    nrows = reader.read(ranges, slots[slot])
-                except Exception as exc:
-                    rows = ", ".join(f"{a}:{b}" for a, b in ranges)
-                    where = (
-                        f"in Streamer worker {worker} (pid {os.getpid()}), "
-                        f"reading rows {rows} of {plan.info.path} in {plan.info.filename}"
-                    )
-                    ring.errors.put(exc, where)
-                    ring.stop()
-                    return
-                ring.headers[slot] = (ticket, nrows)
-                ring.full.push(slot)
 
 
 def _worker_file_kwargs(plan: _Plan) -> dict[str, Any]:
@@ -134,10 +149,10 @@ def _worker_file_kwargs(plan: _Plan) -> dict[str, Any]:
     kwargs = dict(plan.file_kwargs)
     if "rdcc_nbytes" not in kwargs:
         if plan.info.compression is None:
-            # Uncompressed chunks bypass a cache that cannot hold them: one copy, straight to the slot.
+            # Uncompressed chunks bypass a cache that cannot hold them: one copy, into the slot.
             kwargs["rdcc_nbytes"] = 0
         else:
-            # Room for the chunks a block spans plus the one a misaligned block shares with the next.
+            # Room for the chunks a slot spans plus one that a misaligned slot shares with the next.
             slot_bytes = plan.block_size * plan.blocks_per_slot * plan.info.row_bytes
             kwargs["rdcc_nbytes"] = max(1 << 20, 2 * slot_bytes + (16 << 20))
             kwargs.setdefault("rdcc_nslots", 100_003)
@@ -145,7 +160,7 @@ def _worker_file_kwargs(plan: _Plan) -> dict[str, Any]:
 
 
 class _BlockReader:
-    """Reads row ranges of one dataset (or one field) straight into a slot, with h5py's low level."""
+    """Reads row ranges of a dataset (or one field) straight into a slot, with h5py's low level."""
 
     def __init__(self, dataset: h5py.Dataset, field: str | None):
         self.dsid = dataset.id

@@ -6,14 +6,14 @@ NOTE [ Worker shutdown logic ]
 ==============================
 ::
 
-    consumer process (Streamer / Reader)                worker processes (n_procs)
-    ─────────────────────────────────────               ──────────────────────────
-    creates shared memory (shm.SharedArena)  ──fork──▶  map the same pages, open the HDF5 file
-    waits on a futex word or queue, in slices  ◀─────   publish results with release stores
-      of WAIT_SLICE s; between slices it checks          wait on futex words in slices of WAIT_SLICE s;
-      that every worker is alive (check())               between slices check that the parent lives
-    close(): sets the stop word, closes queues  ─────▶  see stop / closed queue, exit(0)
-      joins for JOIN_TIMEOUT s, then SIGKILL
+    consumer (Streamer / Reader)                 worker processes (n_procs)
+    ────────────────────────────                 ──────────────────────────
+    creates shared memory (shm)     ──fork──▶    map the same pages, open the HDF5 file
+    waits on a futex word or queue  ◀──────      publish results with release stores
+      in slices of WAIT_SLICE s,                 wait for tasks in slices of WAIT_SLICE s,
+      checking the workers between               checking the parent pid between
+    close(): stop word, close queues ──────▶     see stop / a closed queue / EOF, exit(0)
+      join JOIN_TIMEOUT s, then SIGKILL
 
 Guarantees:
 1. No hang if a worker dies: every wait of the consumer is sliced, and ``WorkerPool.check`` raises
@@ -22,8 +22,8 @@ Guarantees:
    EOF on their task pipe) and exit; their shared memory is a memfd, freed with the last process.
 3. Errors raised inside a worker are sent back (type, message, traceback text, where) through shared
    memory (``ErrorBox``) and re-raised in the consumer's thread where it waits.
-4. ``stop()`` is idempotent and safe from ``__del__`` and at interpreter exit; workers ignore SIGINT,
-   so Ctrl-C reaches only the consumer, whose cleanup stops them.
+4. ``stop()`` is idempotent and safe from ``__del__`` and at interpreter exit; workers ignore
+   SIGINT, so Ctrl-C reaches only the consumer, whose cleanup stops them.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ import signal
 import struct
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .errors import SubprocessException, remote_exception
+from .source import open_file
 
 # Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
 WAIT_SLICE = 0.1
@@ -48,26 +50,53 @@ DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 class Job(Protocol):
-    """What a worker runs. It must pickle, for the spawn and forkserver start methods."""
+    """What workers run: a source of tasks, each a read into shared memory.
 
-    def serve(self, worker: int, parent_alive) -> None:
-        """Do the work until told to stop or until ``parent_alive()`` is False."""
+    A job must pickle (for the spawn and forkserver start methods); ``attach`` then maps its
+    shared memory and prepares its datasets in the worker, once.
+    """
+
+    name: str
+    filename: str
+
+    def file_kwargs(self) -> dict[str, Any]: ...
+
+    def attach(self, file) -> None: ...
+
+    def next_task(self, parent_alive: Callable[[], bool]) -> Any | None:
+        """The next task, waiting in slices of WAIT_SLICE; None once the worker should exit."""
+
+    def run(self, task: Any) -> None: ...
+
+    def describe(self, task: Any) -> str:
+        """What the task reads, for error messages."""
+
+    def task_failed(self, task: Any, exc: BaseException, where: str) -> bool:
+        """Report a failed task; True to go on serving."""
 
     def fail(self, exc: BaseException, where: str) -> None:
-        """Report an exception that escaped ``serve``."""
+        """Report a failure of the worker itself (the file would not open, say)."""
 
 
 def _worker_main(job: Job, worker: int, parent_pid: int) -> None:
-    # See NOTE [ Worker shutdown logic ].
+    """The one worker loop, for every front door. See NOTE [ Worker shutdown logic ]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    where = f"in {job.name} worker {worker} (pid {os.getpid()})"
 
     def parent_alive() -> bool:
         return os.getppid() == parent_pid
 
     try:
-        job.serve(worker, parent_alive)
+        with open_file(job.filename, job.file_kwargs()) as file:
+            job.attach(file)
+            while (task := job.next_task(parent_alive)) is not None:
+                try:
+                    job.run(task)
+                except Exception as exc:
+                    if not job.task_failed(task, exc, f"{where}, {job.describe(task)}"):
+                        return
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the consumer
-        job.fail(exc, f"in worker {worker} (pid {os.getpid()})")
+        job.fail(exc, where)
 
 
 class WorkerPool:
