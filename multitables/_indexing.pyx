@@ -1,0 +1,619 @@
+# cython: language_level=3, embedsignature=True
+"""Translation of numpy-style keys into plain, picklable read plans (internal).
+
+``translate(key, shape)`` does everything numpy does with ``arr[key]`` except touch data: it
+checks the key, raising the exception numpy would raise, in numpy's words, and returns a
+:class:`Selection`: a box to read from the file (one regular hyperslab or sorted unique index
+set per dataset dimension, or a list of points) and the numpy key that turns that box into the
+result. This module never imports h5py; ``multitables.hyperslab`` applies the plan in a worker.
+"""
+
+import operator
+
+import numpy as np
+
+cimport cython
+from libc.stdint cimport int64_t
+
+# numpy's own messages (numpy/_core/src/multiarray/mapping.c).
+_INVALID = ("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis (`None`) and "
+            "integer or boolean arrays are valid indices")
+_NOT_INT_ARRAY = "arrays used as indices must be of integer (or boolean) type"
+_MAXDIMS = 64
+_INTP_MIN = -(1 << 63)
+_INTP_MAX = (1 << 63) - 1
+
+# A plan that reads the product of the per-dimension index sets is replaced by a point plan
+# when that product exceeds the result by more than this factor (plus a small allowance).
+_SUPERSET_FACTOR = 4
+_SUPERSET_SLACK = 1024
+
+# Item kinds after parsing a key.
+cdef enum:
+    K_INT, K_SLICE, K_ELLIPSIS, K_NEWAXIS, K_BOOL0, K_ARRAY, K_MASK
+
+
+cdef class Selection:
+    """A read plan for ``dataset[key]``: what to read from the file and how to arrange it.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        The dataset shape the key was translated against.
+    dims : tuple
+        One entry per dataset dimension: ``(start, step, count)`` with ``step >= 1`` (a regular
+        hyperslab) or a 1-D int64 array of sorted, unique, in-range indices.
+    read_shape : tuple of int
+        Shape of the box read from the file. In product mode (``points is None``) it is the
+        per-dimension counts of ``dims``; in point mode see ``point_axis``.
+    result_shape : tuple of int
+        ``numpy_array[key].shape``.
+    local_key : tuple or None
+        numpy key that turns the box into the result; None when the result is the box
+        reshaped to ``result_shape`` (also for empty results, which read nothing).
+    points : ndarray or None
+        Point mode: int64 array (M, len(point_dims)) of unique coordinates over
+        ``point_dims``, sorted in C order. The box then has M along ``point_axis`` and the
+        counts of the other dimensions' hyperslabs, in dataset order, around it.
+    point_dims : tuple of int
+        Dataset dimensions covered by ``points`` (empty in product mode).
+    point_axis : int
+        Axis of the box that enumerates ``points`` (-1 in product mode).
+    """
+
+    cdef readonly tuple shape
+    cdef readonly tuple dims
+    cdef readonly tuple read_shape
+    cdef readonly tuple result_shape
+    cdef readonly object local_key
+    cdef readonly object points
+    cdef readonly tuple point_dims
+    cdef readonly Py_ssize_t point_axis
+
+    def __init__(self, tuple shape, tuple dims, tuple read_shape, tuple result_shape,
+                 local_key, points=None, tuple point_dims=(), Py_ssize_t point_axis=-1):
+        self.shape = shape
+        self.dims = dims
+        self.read_shape = read_shape
+        self.result_shape = result_shape
+        self.local_key = local_key
+        self.points = points
+        self.point_dims = point_dims
+        self.point_axis = point_axis
+
+    def __reduce__(self):
+        return (Selection, (self.shape, self.dims, self.read_shape, self.result_shape,
+                            self.local_key, self.points, self.point_dims, self.point_axis))
+
+    @property
+    def size(self):
+        """Number of elements in the result."""
+        return _prod(self.result_shape)
+
+    @property
+    def read_size(self):
+        """Number of elements read from the file."""
+        return _prod(self.read_shape)
+
+    def nbytes(self, itemsize):
+        """Bytes of the result for elements of ``itemsize`` bytes."""
+        return _prod(self.result_shape) * operator.index(itemsize)
+
+    def __repr__(self):
+        mode = "product" if self.points is None else f"points={len(self.points)}"
+        return (f"Selection(shape={self.shape}, read_shape={self.read_shape}, "
+                f"result_shape={self.result_shape}, {mode}, "
+                f"local_key={'None' if self.local_key is None else '...'})")
+
+
+cdef object _prod(tuple t):
+    cdef object n = 1
+    for x in t:
+        n *= x
+    return n
+
+
+def _shape_str(shape):
+    """A shape as numpy prints it in indexing errors: ``(2,)``, ``(2,3)``."""
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    return "(" + ",".join(str(s) for s in shape) + ")"
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int64_t _progression_step(const int64_t[::1] a) noexcept nogil:
+    """Step of ``a`` if it is strictly increasing with a constant step, else 0 (len >= 2)."""
+    cdef Py_ssize_t i, n = a.shape[0]
+    cdef int64_t step = a[1] - a[0]
+    if step <= 0:
+        return 0
+    for i in range(2, n):
+        if a[i] - a[i - 1] != step:
+            return 0
+    return step
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef bint _strictly_increasing(const int64_t[::1] a) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(1, a.shape[0]):
+        if a[i] <= a[i - 1]:
+            return False
+    return True
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def runs(const int64_t[::1] u):
+    """Runs of consecutive values in sorted unique ``u``: ``(starts, lengths)`` int64 arrays.
+
+    >>> runs(np.array([1, 2, 3, 7, 9, 10]))
+    (array([1, 7, 9]), array([3, 1, 2]))
+    """
+    cdef Py_ssize_t n = u.shape[0], i, k = 0
+    starts = np.empty(n, np.int64)
+    lengths = np.empty(n, np.int64)
+    cdef int64_t[::1] s = starts
+    cdef int64_t[::1] ln = lengths
+    if n == 0:
+        return starts, lengths
+    with nogil:
+        s[0] = u[0]
+        ln[0] = 1
+        for i in range(1, n):
+            if u[i] == u[i - 1] + 1:
+                ln[k] += 1
+            else:
+                k += 1
+                s[k] = u[i]
+                ln[k] = 1
+    return starts[:k + 1], lengths[:k + 1]
+
+
+cdef tuple _dim_plan(object a, Py_ssize_t n):
+    """Plan one dimension indexed by in-range int64 array ``a``: (dims entry, local positions).
+
+    The entry is a ``(start, step, count)`` tuple when the unique values form a progression,
+    else the sorted unique array; positions index the entry's values and have ``a``'s shape.
+    """
+    cdef int64_t step
+    flat = np.ascontiguousarray(a.reshape(-1))
+    if flat.shape[0] == 0:
+        return (0, 1, 0), a
+    if flat.shape[0] == 1 or _strictly_increasing(flat):
+        u = flat
+        pos = None
+    else:
+        u, pos = np.unique(flat, return_inverse=True)
+        pos = pos.reshape(a.shape)
+    if u.shape[0] == 1:
+        return (int(u[0]), 1, 1), np.zeros(a.shape, np.intp)
+    step = _progression_step(u)
+    if step:
+        start = int(u[0])
+        if pos is None:
+            pos = (a - start) // step if step > 1 or start else a
+        return (start, int(step), u.shape[0]), pos
+    if pos is None:
+        pos = np.arange(u.shape[0]).reshape(a.shape)
+    return u, pos
+
+
+cdef list _parse(object key, Py_ssize_t ndim):
+    """Classify each item of ``key`` as numpy's prepare_index does; returns [kind, value]."""
+    cdef list items = []
+    cdef Py_ssize_t used = 0, k
+    cdef bint seen_ellipsis = False
+    seq = key if isinstance(key, tuple) else (key,)
+    for obj in seq:
+        if type(obj) is int:
+            if not _INTP_MIN <= obj <= _INTP_MAX:
+                raise IndexError(_INVALID)
+            items.append([K_INT, obj])
+            used += 1
+            continue
+        if isinstance(obj, slice):
+            items.append([K_SLICE, obj])
+            used += 1
+            continue
+        if obj is Ellipsis:
+            if seen_ellipsis:
+                raise IndexError("an index can only have a single ellipsis ('...')")
+            seen_ellipsis = True
+            items.append([K_ELLIPSIS, 0])
+            continue
+        if obj is None:
+            items.append([K_NEWAXIS, None])
+            continue
+        is_array = isinstance(obj, np.ndarray)
+        if not is_array and not isinstance(obj, (bool, np.bool_)):
+            try:
+                v = operator.index(obj)
+            except TypeError:
+                pass
+            else:
+                if not _INTP_MIN <= v <= _INTP_MAX:
+                    raise IndexError(_INVALID)
+                items.append([K_INT, v])
+                used += 1
+                continue
+        arr = obj if is_array else np.asarray(obj)
+        if not is_array and arr.size == 0:
+            arr = arr.astype(np.intp)
+        kind = arr.dtype.kind
+        if kind == "b":
+            if arr.ndim == 0:
+                items.append([K_BOOL0, bool(arr)])
+            else:
+                items.append([K_MASK, arr])
+                used += arr.ndim
+        elif kind == "i" or kind == "u":
+            if arr.ndim == 0:
+                v = int(arr)
+                if not _INTP_MIN <= v <= _INTP_MAX:
+                    raise IndexError(_INVALID)
+                items.append([K_INT, v])
+            else:
+                items.append([K_ARRAY, arr])
+            used += 1
+        else:
+            raise IndexError(_NOT_INT_ARRAY if is_array else _INVALID)
+    if used > ndim:
+        raise IndexError(f"too many indices for array: array is {ndim}-dimensional, "
+                         f"but {used} were indexed")
+    for k in range(len(items)):
+        if items[k][0] == K_ELLIPSIS:
+            items[k][1] = ndim - used
+            break
+    else:
+        if used < ndim:
+            items.append([K_ELLIPSIS, ndim - used, "implicit"])
+    return items
+
+
+def translate(key, shape):
+    """Translate numpy key ``key`` for an array of ``shape`` into a :class:`Selection`.
+
+    Raises what ``numpy.empty(shape)[key]`` raises, with numpy's message.
+
+    >>> sel = translate((slice(None, None, -2), [3, 1, 3]), (10, 5))
+    >>> sel.dims, sel.result_shape
+    (((1, 2, 5), (1, 2, 2)), (5, 3))
+    >>> sel.local_key
+    (slice(None, None, -1), array([1, 0, 1]))
+    """
+    cdef tuple shp = tuple([operator.index(s) for s in shape])
+    cdef Py_ssize_t ndim = len(shp), d, i, j, n
+    cdef list items = _parse(key, ndim)
+    cdef list dims = [None] * ndim
+    cdef list local = []          # local item per key item (None for implicit ellipsis)
+    cdef list fancy = []          # (key item index, dataset dim or -1, int array) per index array
+    cdef list item_dim = []       # first dataset dim of each item
+    cdef bint has_fancy = False
+
+    # Result rank bound and boolean shape check, as prepare_index does them.
+    d = 0
+    nres = 0
+    fancy_nd = 0
+    for it in items:
+        kind = it[0]
+        if kind == K_MASK:
+            for j in range(it[1].ndim):
+                m = it[1].shape[j]
+                if m > 0 and m != shp[d + j]:
+                    raise IndexError(
+                        f"boolean index did not match indexed array along axis {d + j}; "
+                        f"size of axis is {shp[d + j]} but size of corresponding boolean "
+                        f"axis is {m}")
+            d += it[1].ndim
+            fancy_nd = max(fancy_nd, 1)
+        elif kind == K_ARRAY:
+            d += 1
+            fancy_nd = max(fancy_nd, it[1].ndim)
+        elif kind == K_BOOL0:
+            fancy_nd = max(fancy_nd, 1)
+        elif kind == K_ELLIPSIS:
+            d += it[1]
+            nres += it[1]
+        elif kind == K_NEWAXIS:
+            nres += 1
+        else:
+            if kind == K_SLICE:
+                nres += 1
+            d += 1
+    if nres + fancy_nd > _MAXDIMS:
+        raise IndexError(f"number of dimensions must be within [0, {_MAXDIMS}], "
+                         f"indexing result would have {nres + fancy_nd}")
+
+    # Basic items in key order (ints bounds-checked, slices resolved), arrays collected.
+    d = 0
+    for i, it in enumerate(items):
+        kind = it[0]
+        item_dim.append(d)
+        if kind == K_INT:
+            n = shp[d]
+            v = it[1]
+            if not -n <= v < n:
+                raise IndexError(f"index {v} is out of bounds for axis {d} with size {n}")
+            if v < 0:
+                v += n
+            dims[d] = (v, 1, 1)
+            local.append(0)
+            d += 1
+        elif kind == K_SLICE:
+            start, stop, step = it[1].indices(shp[d])
+            count = len(range(start, stop, step))
+            if count == 0:
+                dims[d] = (0, 1, 0)
+                local.append(slice(None))
+            elif count == 1:
+                dims[d] = (start, 1, 1)
+                local.append(slice(None))
+            elif step > 0:
+                dims[d] = (start, step, count)
+                local.append(slice(None))
+            else:
+                dims[d] = (start + (count - 1) * step, -step, count)
+                local.append(slice(None, None, -1))
+            d += 1
+        elif kind == K_ELLIPSIS:
+            for j in range(it[1]):
+                dims[d + j] = (0, 1, shp[d + j])
+            local.append(None if len(it) > 2 else Ellipsis)
+            d += it[1]
+        elif kind == K_NEWAXIS:
+            local.append(None)
+        elif kind == K_BOOL0:
+            has_fancy = True
+            local.append(it[1])
+            fancy.append((i, -1, np.zeros(1 if it[1] else 0, np.int64)))
+        elif kind == K_ARRAY:
+            has_fancy = True
+            local.append(None)
+            fancy.append((i, d, it[1]))
+            d += 1
+        else:  # K_MASK
+            has_fancy = True
+            local.append(None)
+            for j, comp in enumerate(np.nonzero(it[1])):
+                fancy.append((i, d + j, comp))
+            d += it[1].ndim
+
+    if not has_fancy:
+        return _basic_selection(shp, dims, items, local)
+
+    # Broadcast the index arrays, then check their bounds (numpy skips that when empty).
+    shapes = [f[2].shape for f in fancy]
+    try:
+        bshape = tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise IndexError("shape mismatch: indexing arrays could not be broadcast together "
+                         "with shapes " + "".join(_shape_str(s) + " " for s in shapes)) from None
+    bsize = _prod(bshape)
+    arrays = {}                   # dataset dim -> int64 array, in range, non-negative
+    for f in fancy:
+        d = f[1]
+        if d < 0:
+            continue
+        a = f[2]
+        if a.dtype != np.int64:
+            a = a.astype(np.int64, casting="unsafe")
+        if bsize and a.size:
+            n = shp[d]
+            lo = a.min()
+            hi = a.max()
+            if lo < -n or hi >= n:
+                bad = a.reshape(-1)[np.flatnonzero((a < -n) | (a >= n))[0]]
+                raise IndexError(f"index {bad} is out of bounds for axis {d} with size {n}")
+            if lo < 0:
+                a = np.where(a < 0, a + n, a)
+        arrays[d] = a
+
+    # numpy places the fancy block where the first advanced (or integer) item is when all
+    # of them are adjacent in the key, else in front (mapping.c, mapiter_fill_info).
+    consec = 0
+    status = -1
+    nres = 0
+    for it in items:
+        kind = it[0]
+        if kind == K_INT or kind == K_ARRAY or kind == K_MASK or kind == K_BOOL0:
+            if status == -1:
+                consec = nres
+                status = 0
+            elif status == 1:
+                status = 2
+                consec = 0
+        elif status == 0:
+            status = 1
+        if kind == K_SLICE or kind == K_NEWAXIS:
+            nres += 1
+        elif kind == K_ELLIPSIS:
+            nres += it[1]
+    pre = []
+    post = []
+    for i, it in enumerate(items):
+        kind = it[0]
+        if kind == K_SLICE:
+            c = dims[item_dim[i]][2]
+            (pre if len(pre) < consec else post).append(c)
+        elif kind == K_NEWAXIS:
+            (pre if len(pre) < consec else post).append(1)
+        elif kind == K_ELLIPSIS:
+            for j in range(it[1]):
+                (pre if len(pre) < consec else post).append(shp[item_dim[i] + j])
+    result_shape = tuple(pre) + bshape + tuple(post)
+    rsize = _prod(result_shape)
+    if rsize == 0:
+        for d in range(ndim):
+            if dims[d] is None:
+                dims[d] = (0, 1, 0)
+        return Selection(shp, tuple(dims), tuple([_count(e) for e in dims]), result_shape, None)
+
+    # Product plan: per-dimension unique sets, positions within them.
+    local_arrays = {}
+    for d, a in arrays.items():
+        dims[d], local_arrays[d] = _dim_plan(a, shp[d])
+    read_shape = tuple([_count(e) for e in dims])
+    nontrivial = [d for d in arrays if _count(dims[d]) > 1]
+    if len(nontrivial) > 1 and _prod(read_shape) > _SUPERSET_FACTOR * rsize + _SUPERSET_SLACK:
+        return _point_selection(shp, dims, items, item_dim, local, arrays, bshape,
+                                consec, status == 2, result_shape)
+    lkey = []
+    for i, it in enumerate(items):
+        kind = it[0]
+        if kind == K_ARRAY:
+            lkey.append(local_arrays[item_dim[i]])
+        elif kind == K_MASK:
+            lkey.append(_submask(it[1], dims, item_dim[i]))
+        elif not (kind == K_ELLIPSIS and len(it) > 2):
+            lkey.append(local[i])
+    if _is_identity(items, item_dim, dims, local, local_arrays, nontrivial, bshape, consec,
+                    status == 2):
+        lkey = None
+    else:
+        lkey = tuple(lkey)
+    return Selection(shp, tuple(dims), read_shape, result_shape, lkey)
+
+
+cdef object _submask(object mask, list dims, Py_ssize_t d0):
+    """The part of boolean ``mask`` (on dims ``d0``...) that lies in the box.
+
+    Every True element is in the box, and restricting to sorted index sets keeps their C
+    order, so the box indexed by this mask gives what the array indexed by ``mask`` gives,
+    for a byte per box element instead of eight per True element and dimension.
+    """
+    sub = mask
+    for j in range(mask.ndim):
+        e = dims[d0 + j]
+        if isinstance(e, tuple):
+            sub = sub[(slice(None),) * j + (slice(e[0], e[0] + e[1] * e[2], e[1]),)]
+        else:
+            sub = np.take(sub, e, axis=j)
+    return sub
+
+
+cdef object _count(object entry):
+    return entry[2] if isinstance(entry, tuple) else entry.shape[0]
+
+
+cdef Selection _basic_selection(tuple shp, list dims, list items, list local):
+    """Plan for keys without arrays: a single regular hyperslab per dimension."""
+    result = []
+    lkey = []
+    reverse = False
+    d = 0
+    for i, it in enumerate(items):
+        kind = it[0]
+        if kind == K_SLICE:
+            result.append(dims[d][2])
+            reverse = reverse or local[i].step is not None
+            d += 1
+        elif kind == K_INT:
+            d += 1
+        elif kind == K_NEWAXIS:
+            result.append(1)
+        elif kind == K_ELLIPSIS:
+            for j in range(it[1]):
+                result.append(shp[d + j])
+            d += it[1]
+        if not (kind == K_ELLIPSIS and len(it) > 2):
+            lkey.append(local[i])
+    read_shape = tuple([e[2] for e in dims])
+    result_shape = tuple(result)
+    if not reverse or 0 in read_shape:
+        return Selection(shp, tuple(dims), read_shape, result_shape, None)
+    return Selection(shp, tuple(dims), read_shape, result_shape, tuple(lkey))
+
+
+cdef bint _is_identity(list items, list item_dim, list dims, list local, dict local_arrays,
+                       list nontrivial, tuple bshape, Py_ssize_t consec, bint moved) except -1:
+    """Whether the product plan's result is its box in the same order (so no gather)."""
+    if len(nontrivial) > 1:
+        return False
+    for i, it in enumerate(items):
+        if it[0] == K_SLICE and local[i].step is not None:
+            return False
+    if nontrivial:
+        d = nontrivial[0]
+        pos = local_arrays[d]
+        n = _count(dims[d])
+        if _prod(bshape) != n or pos.size != n:
+            return False
+        if not np.array_equal(pos.reshape(-1), np.arange(n)):
+            return False
+    elif _prod(bshape) != 1:
+        return False
+    # Dimensions of size > 1 must keep their order: the fancy block sits at the first
+    # advanced item's dimension, or in front when the advanced items are not adjacent.
+    order = []
+    fancy_at = None
+    if nontrivial:
+        fancy_at = nontrivial[0]
+        if moved:
+            order.append(fancy_at)
+    for i, it in enumerate(items):
+        kind = it[0]
+        d = item_dim[i]
+        if kind == K_SLICE and dims[d][2] > 1:
+            order.append(d)
+        elif kind == K_ELLIPSIS:
+            for j in range(it[1]):
+                if dims[d + j][2] > 1:
+                    order.append(d + j)
+        elif fancy_at is not None and not moved and kind in (K_ARRAY, K_MASK) and (
+                d <= fancy_at < d + (it[1].ndim if kind == K_MASK else 1)):
+            order.append(fancy_at)
+    return order == sorted(order)
+
+
+cdef Selection _point_selection(tuple shp, list dims, list items, list item_dim, list local,
+                                dict arrays, tuple bshape, Py_ssize_t consec, bint moved,
+                                tuple result_shape):
+    """Plan reading the unique points of the advanced dims times the other dims' hyperslabs.
+
+    Integer items join the points (numpy treats them as advanced here, too). The box holds
+    the points on one axis, placed where numpy puts the broadcast block, so the local key
+    needs a single index array.
+    """
+    pdims = sorted(list(arrays) + [item_dim[i] for i, it in enumerate(items) if it[0] == K_INT])
+    pshape = [shp[d] for d in pdims]
+    coords = []
+    for d in pdims:
+        if d in arrays:
+            coords.append(np.broadcast_to(arrays[d], bshape).reshape(-1))
+        else:
+            coords.append(np.full(_prod(bshape), dims[d][0], np.int64))
+    try:
+        codes = np.ravel_multi_index(coords, pshape)
+    except ValueError:  # more cells than an int64 can number
+        pts, inv = np.unique(np.stack(coords, axis=1), axis=0, return_inverse=True)
+    else:
+        ucodes, inv = np.unique(codes, return_inverse=True)
+        pts = np.stack(np.unravel_index(ucodes, pshape), axis=1).astype(np.int64)
+    inv = inv.reshape(bshape)
+    for j, d in enumerate(pdims):
+        dims[d] = np.unique(pts[:, j])
+    other = [d for d in range(len(shp)) if d not in pdims]
+    if moved:
+        axis = 0
+    else:
+        axis = sum(1 for d in other if d < pdims[0])
+    read_shape = [dims[d][2] for d in other]
+    read_shape.insert(axis, pts.shape[0])
+    lkey = []
+    for i, it in enumerate(items):
+        kind = it[0]
+        d = item_dim[i]
+        if kind == K_SLICE or kind == K_NEWAXIS:
+            lkey.append(local[i])
+        elif kind == K_ELLIPSIS:
+            lkey.extend([slice(None)] * it[1])
+        elif len(lkey) == (0 if moved else consec) and inv is not None:
+            lkey.append(inv)
+            inv = None
+    if inv is not None:
+        lkey.insert(0 if moved else len(lkey), inv)
+    return Selection(shp, tuple(dims), tuple(read_shape), result_shape, tuple(lkey),
+                     pts, tuple(pdims), axis)
