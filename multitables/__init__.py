@@ -11,6 +11,8 @@ from .errors import (
     SharedMemoryError,
     SubprocessException,
 )
+from .reader import Reader, Request, RequestPool
+from .stages import Stage, StagePool
 from .streamer import Guard, Queue, Streamer
 
 __version__ = "3.0.0.dev0"
@@ -20,7 +22,12 @@ __all__ = [
     "Queue",
     "QueueClosed",
     "QueueClosedException",
+    "Reader",
+    "Request",
+    "RequestPool",
     "SharedMemoryError",
+    "Stage",
+    "StagePool",
     "Streamer",
     "SubprocessException",
     "__version__",

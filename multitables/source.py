@@ -29,6 +29,7 @@ class DatasetInfo:
     chunks: tuple[int, ...] | None
     compression: str | None
     vlen_base: np.dtype | None  # element dtype of a variable-length dataset, else None
+    pseudo_atom: str | None = None  # PyTables' encoding of VLArray rows: vlstring, object...
 
     @property
     def row_bytes(self) -> int:
@@ -80,6 +81,9 @@ def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetIn
     with open_file(filename, file_kwargs) as file:
         ds = get_dataset(file, path)
         vlen = h5py.check_vlen_dtype(ds.dtype)
+        pseudo_atom = ds.attrs.get("PSEUDOATOM") if vlen is not None else None
+        if isinstance(pseudo_atom, bytes):
+            pseudo_atom = pseudo_atom.decode()
         return DatasetInfo(
             filename=str(filename),
             path=ds.name,
@@ -88,6 +92,7 @@ def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetIn
             chunks=ds.chunks,
             compression=ds.compression,
             vlen_base=vlen,
+            pseudo_atom=pseudo_atom,
         )
 
 

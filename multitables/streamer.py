@@ -6,6 +6,7 @@ import atexit
 import math
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import QueueClosed, QueueClosedException
+from .errors import QueueClosed, QueueClosedException, SubprocessException
 from .ring import CLOSED, TIMEOUT, Ring, RingLayout
 from .shm import SharedArena
 from .source import (
@@ -24,7 +25,7 @@ from .source import (
     get_dataset,
     open_file,
 )
-from .workers import WAIT_SLICE, WorkerPool
+from .workers import CHECK_INTERVAL, WAIT_SLICE, WorkerPool
 
 __all__ = ["Guard", "Queue", "Streamer", "default_block_size"]
 
@@ -97,7 +98,7 @@ class _StreamJob:
     def file_kwargs(self) -> dict[str, Any]:
         return _worker_file_kwargs(self.plan)
 
-    def attach(self, file: h5py.File) -> None:
+    def attach(self, file: h5py.File, worker: int) -> None:
         plan = self.plan
         self.ring = Ring(plan.arena, plan.layout)
         self.reader = _BlockReader(get_dataset(file, plan.info.path), plan.field)
@@ -242,6 +243,7 @@ class Queue:
         self._refs = [0] * plan.layout.n_slots
         self._release_lock = threading.Lock()
         self._closed = False
+        self._next_check = time.monotonic() + CHECK_INTERVAL
         info = plan.info
         dtype = info.field_dtype(plan.field)
         shape = (plan.block_size * plan.blocks_per_slot, *info.shape[1:], *dtype.shape)
@@ -309,11 +311,12 @@ class Queue:
         return True
 
     def _pop(self) -> int:
-        # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them.
+        # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
+        # and now and then even while blocks keep coming (one dead worker among live ones).
         ring = self._ring
         while True:
             slot = ring.full.pop(WAIT_SLICE)
-            if slot >= 0:
+            if slot >= 0 and time.monotonic() < self._next_check:
                 return slot
             if ring.errors.full():
                 exc = ring.errors.exception()
@@ -321,7 +324,17 @@ class Queue:
                 raise exc
             if slot == CLOSED or self._closed:
                 return -1
+            self._check_workers()
+            if slot >= 0:
+                return slot
+
+    def _check_workers(self) -> None:
+        self._next_check = time.monotonic() + CHECK_INTERVAL
+        try:
             self._pool.check()
+        except SubprocessException:
+            self.close()
+            raise
 
     def _view(self, slot: int, rows: slice) -> np.ndarray:
         if self._closed:

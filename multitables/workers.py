@@ -43,6 +43,8 @@ from .source import open_file
 
 # Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
 WAIT_SLICE = 0.1
+# Longest a consumer goes without checking its workers, even while results keep coming.
+CHECK_INTERVAL = 0.5
 # How long stop() waits for workers to exit on their own before killing them.
 JOIN_TIMEOUT = 2.0
 
@@ -61,7 +63,7 @@ class Job(Protocol):
 
     def file_kwargs(self) -> dict[str, Any]: ...
 
-    def attach(self, file) -> None: ...
+    def attach(self, file, worker: int) -> None: ...
 
     def next_task(self, parent_alive: Callable[[], bool]) -> Any | None:
         """The next task, waiting in slices of WAIT_SLICE; None once the worker should exit."""
@@ -88,7 +90,7 @@ def _worker_main(job: Job, worker: int, parent_pid: int) -> None:
 
     try:
         with open_file(job.filename, job.file_kwargs()) as file:
-            job.attach(file)
+            job.attach(file, worker)
             while (task := job.next_task(parent_alive)) is not None:
                 try:
                     job.run(task)

@@ -7,8 +7,6 @@ import threading
 import h5py
 import numpy as np
 import pytest
-
-import multitables
 from helpers import (
     N_ROWS,
     block_counter,
@@ -18,6 +16,8 @@ from helpers import (
     write_h5py,
     write_pytables,
 )
+
+import multitables
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -281,7 +281,7 @@ def test_guard_view_is_zero_copy_and_released_on_exception(h5file, monkeypatch):
                         np.testing.assert_array_equal(
                             block, truth["contiguous_f4_2d"][10 * i : 10 * i + 10]
                         )
-                        1 / 0
+                        1 / 0  # noqa: B018
             # With one slot, a fourth block arrives only if the failed ones were released.
             with queue.get() as block:
                 np.testing.assert_array_equal(block, truth["contiguous_f4_2d"][30:40])

@@ -1,0 +1,215 @@
+"""Dataset proxies: indexing them records a request (``ReadSpec``) instead of reading.
+
+``reader.get_dataset(path)`` returns an ``ArrayProxy`` for plain datasets, a ``TableProxy`` for 1-D
+compound datasets (PyTables tables) and a ``VLArrayProxy`` for variable-length ones. Keys follow
+numpy exactly; they are translated (and checked: a bad key raises here, as numpy would) when the
+proxy is indexed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._indexing import translate
+from .readspec import ARRAY, SORTED, VLEN, WHERE, ReadSpec
+from .source import DatasetInfo
+from .stages import Stage, StagePool
+
+if TYPE_CHECKING:
+    from .reader import Reader
+
+
+class DatasetProxy:
+    """A dataset of a ``Reader``'s file, or a selection of it (``proxy[key]``, ``proxy[field]``).
+
+    Attributes
+    ----------
+    shape, dtype : of what indexing this proxy addresses: the dataset, or one field of it (a
+        subarray field adds its dimensions), or the result of the recorded key.
+    """
+
+    def __init__(self, reader: Reader, info: DatasetInfo, field: str | None = None,
+                 key: Any = None):
+        self._reader = reader
+        self.info = info
+        self.field = field
+        self.key = key
+        dtype = info.field_dtype(field)
+        self._base_shape = info.shape + dtype.shape
+        self._base_dtype = dtype.base if field is not None else dtype
+        self._selection = None if key is None else translate(_as_tuple(key), self._base_shape)
+
+    @property
+    def path(self) -> str:
+        return self.info.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._selection is None:
+            return self._base_shape
+        return tuple(self._selection.result_shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._base_dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item) -> DatasetProxy:
+        if isinstance(item, str):
+            if self.field is not None:
+                raise KeyError(f"{self.path} already selects field {self.field!r}")
+            return type(self)(self._reader, self.info, item, self.key)
+        if self.key is not None:
+            raise TypeError(
+                f"{self!r} already holds the key {self.key!r}; a request takes one key "
+                "(index the result of get() for more)"
+            )
+        return type(self)(self._reader, self.info, self.field, item)
+
+    def _spec(self) -> ReadSpec:
+        """The request this proxy describes: its whole data when no key was given."""
+        selection = self._selection
+        if selection is None:
+            selection = translate((Ellipsis,), self._base_shape)
+        return ReadSpec(ARRAY, self.path, self.field, selection, self.shape, self.dtype)
+
+    # ---- stages ----
+
+    def create_stage(self, shape) -> Stage:
+        """Shared memory for results up to ``shape`` (an int or a partial tuple of the dataset's
+        shape, completed from it) of this dataset's dtype.
+        """
+        full = _complete_shape(shape, self.info.shape, self.path)
+        dtype = self.info.dtype if self.info.vlen_base is None else self.info.vlen_base
+        return self._reader._register(Stage(full, dtype, f"stage of {self.path}"))
+
+    def create_stage_pool(self, shape, n: int) -> StagePool:
+        """``n`` stages of ``shape``, used in turn by ``reader.request``."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"a stage pool needs n >= 1 stages, got {n!r}")
+        return StagePool([self.create_stage(shape) for _ in range(int(n))])
+
+    def __repr__(self) -> str:
+        parts = [self.path]
+        if self.field is not None:
+            parts.append(f"[{self.field!r}]")
+        if self.key is not None:
+            parts.append(f"[{self.key!r}]")
+        return f"<{type(self).__name__} {''.join(parts)} {self.shape} {self.dtype}>"
+
+
+class ArrayProxy(DatasetProxy):
+    """A plain (numeric) dataset."""
+
+
+class TableProxy(DatasetProxy):
+    """A 1-D compound dataset, as PyTables writes tables; fields are its columns."""
+
+    def col(self, name: str) -> DatasetProxy:
+        """The column ``name``; index it like an array of shape ``(nrows, *column shape)``."""
+        return self[name]
+
+    def read(self, start=None, stop=None, step=None, field: str | None = None) -> DatasetProxy:
+        """Rows ``start:stop:step`` (of one field when given), as PyTables' ``Table.read``."""
+        proxy = self[field] if field is not None else self
+        return proxy[slice(start, stop, step)]
+
+    def read_coordinates(self, coords, field: str | None = None) -> DatasetProxy:
+        """The rows at ``coords``, in that order (of one field when given)."""
+        proxy = self[field] if field is not None else self
+        return proxy[np.asarray(coords)]
+
+    def where(self, condition: str, condvars: dict | None = None, start=None, stop=None,
+              step=None) -> ReadSpec:
+        """Rows for which the numexpr ``condition`` holds, evaluated by a worker.
+
+        Column names are variables of the condition; ``condvars`` adds others. The stage must
+        hold every matching row, else ``get`` raises ``SharedMemoryError``.
+        """
+        if not isinstance(condition, str):
+            raise TypeError(f"condition must be a string, got {condition!r}")
+        if step is not None and step < 1:
+            raise ValueError(f"where() needs step >= 1, got {step}")
+        dtype = self.info.field_dtype(self.field)
+        n = len(range(self.info.shape[0])[slice(start, stop, step)])
+        shape = (n, *dtype.shape) if self.field is not None else (n,)
+        dtype = dtype.base if self.field is not None else dtype
+        return ReadSpec(WHERE, self.path, self.field, None, shape, dtype,
+                        (condition, dict(condvars or {}), start, stop, step))
+
+    def read_sorted(self, sortby: str, checkCSI: bool = False, field: str | None = None,  # noqa: N803
+                    start=None, stop=None, step=None) -> ReadSpec:
+        """Rows in the order of column ``sortby`` (stable), then sliced ``start:stop:step``.
+
+        With ``checkCSI=True``, as in PyTables, the column must carry a completely sorted
+        index (PyTables' ``create_csindex``); otherwise ``ValueError``.
+        """
+        self.info.field_dtype(sortby)
+        if checkCSI:
+            self._reader._check_csi(self.path, sortby)
+        field = field if field is not None else self.field
+        dtype = self.info.field_dtype(field)
+        n = len(range(self.info.shape[0])[slice(start, stop, step)])
+        shape = (n, *dtype.shape) if field is not None else (n,)
+        dtype = dtype.base if field is not None else dtype
+        return ReadSpec(SORTED, self.path, field, None, shape, dtype, (sortby, start, stop, step))
+
+
+class VLArrayProxy(DatasetProxy):
+    """A variable-length dataset (PyTables ``VLArray``); results are object arrays of rows.
+
+    A stage of ``create_stage(n)`` holds ``n`` elements of the rows' dtype in all, plus room for
+    the row offsets.
+    """
+
+    def _spec(self) -> ReadSpec:
+        selection = self._selection
+        if selection is None:
+            selection = translate((Ellipsis,), self.info.shape)
+        return ReadSpec(VLEN, self.path, None, selection, tuple(selection.result_shape),
+                        self.info.vlen_base, pseudo_atom=self.info.pseudo_atom)
+
+    def create_stage(self, shape) -> Stage:
+        n = math.prod(_complete_shape(shape, self.info.shape, self.path))
+        itemsize = self.info.vlen_base.itemsize
+        # Room for n elements and the offsets of up to n rows, counted in elements.
+        return self._reader._register(
+            Stage((n + -(-8 * (n + 1) // itemsize),), self.info.vlen_base,
+                  f"stage of {self.path}")
+        )
+
+    def __getitem__(self, item) -> DatasetProxy:
+        if isinstance(item, str):
+            raise KeyError(f"{self.path} holds variable-length rows; it has no field {item!r}")
+        return super().__getitem__(item)
+
+
+def make_proxy(reader: Reader, info: DatasetInfo) -> DatasetProxy:
+    if info.vlen_base is not None:
+        return VLArrayProxy(reader, info)
+    if info.dtype.names and len(info.shape) == 1:
+        return TableProxy(reader, info)
+    return ArrayProxy(reader, info)
+
+
+def _as_tuple(key) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _complete_shape(shape, data_shape: tuple[int, ...], path: str) -> tuple[int, ...]:
+    """``shape`` as a tuple, its missing trailing dimensions taken from ``data_shape``."""
+    head = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if len(head) > len(data_shape) and data_shape:
+        raise ValueError(f"stage shape {head} has more dimensions than {path} {data_shape}")
+    for n in head:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"stage shape must hold non-negative ints, got {shape!r}")
+    full = tuple(int(n) for n in head) + tuple(data_shape[len(head):])
+    if math.prod(full) == 0:
+        raise ValueError(f"stage shape {full} holds nothing")
+    return full

@@ -1,0 +1,524 @@
+"""Random access with numpy-style keys: requests served by workers into shared-memory stages."""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import os
+import pickle
+import threading
+import weakref
+from multiprocessing import Pipe, reduction
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._ringbuf import Counter
+from .errors import QueueClosedException, SubprocessException
+from .proxies import DatasetProxy, make_proxy
+from .readspec import ReadSpec, copy_result, execute, result_view
+from .shm import SharedArena
+from .source import check_positive_int, describe, get_dataset, open_file
+from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
+from .workers import WAIT_SLICE, ErrorBox, WorkerPool
+
+__all__ = ["Reader", "Request", "RequestPool"]
+
+_LIVE_READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_readers() -> None:
+    for reader in list(_LIVE_READERS):
+        reader.close(wait=False)
+
+
+_ERROR_BYTES = 1 << 16
+
+
+class _RequestJob:
+    """The worker side of a Reader: serve the requests sent down this worker's connection.
+
+    Control memory: one completed-task counter per worker (the caller sends new work to the least
+    busy worker), then an ``ErrorBox`` for failures of a worker itself. See NOTE [ Worker shutdown
+    logic ] in workers.py.
+    """
+
+    name = "Reader"
+
+    def __init__(self, filename: str, file_kwargs: dict[str, Any], conns: list, control):
+        self.filename = filename
+        self.kwargs = file_kwargs
+        self.conns = conns
+        self.control = control
+
+    def file_kwargs(self) -> dict[str, Any]:
+        return self.kwargs
+
+    def attach(self, file: h5py.File, worker: int) -> None:
+        self.file = file
+        self.conn = self.conns[worker]
+        self.done = Counter(self.control.buffer, 64 * worker)
+        self.stages: dict[int, StageMemory] = {}
+        self.datasets: dict[str, h5py.Dataset] = {}
+
+    def next_task(self, parent_alive) -> tuple[int, ReadSpec] | None:
+        while True:
+            if not self.conn.poll(WAIT_SLICE):
+                if not parent_alive():
+                    return None
+                continue
+            try:
+                op, *args = pickle.loads(self.conn.recv_bytes())
+            except EOFError:
+                return None
+            if op == "read":
+                return args[0], args[1]
+            if op == "stage":
+                fd = reduction.recv_handle(self.conn)
+                self.stages[args[0]] = StageMemory(SharedArena(args[1], _fd=fd))
+            elif op == "drop":
+                memory = self.stages.pop(args[0], None)
+                if memory is not None:
+                    memory.release()
+            elif op == "stop":
+                return None
+
+    def dataset(self, path: str) -> h5py.Dataset:
+        ds = self.datasets.get(path)
+        if ds is None:
+            ds = get_dataset(self.file, path)
+            if "rdcc_nbytes" not in self.kwargs and ds.chunks and ds.compression is None:
+                # Random rows of uncompressed chunks: read just them, not whole chunks into a
+                # cache that scattered rows would thrash.
+                dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+                dapl.set_chunk_cache(0, 0, 1.0)
+                ds = h5py.Dataset(h5py.h5d.open(self.file.id, ds.name.encode(), dapl))
+            self.datasets[path] = ds
+        return ds
+
+    def run(self, task: tuple[int, ReadSpec]) -> None:
+        stage_id, spec = task
+        memory = self.stages[stage_id]
+        execute(spec, self.dataset(spec.path), memory)
+        memory.state.store(DONE)
+        self.done.fetch_add(1)
+
+    def describe(self, task: tuple[int, ReadSpec]) -> str:
+        spec = task[1]
+        field = f" field {spec.field!r}" if spec.field else ""
+        return f"reading {spec.path}{field} ({spec.kind}, result {spec.shape}) in {self.filename}"
+
+    def task_failed(self, task, exc: BaseException, where: str) -> bool:
+        memory = self.stages.get(task[0])
+        if memory is None:
+            self.fail(exc, where)
+            return False
+        memory.errors.put(exc, where)
+        memory.state.store(FAILED)
+        self.done.fetch_add(1)
+        return True
+
+    def fail(self, exc: BaseException, where: str) -> None:
+        ErrorBox(self.control.buffer, 64 * len(self.conns), _ERROR_BYTES).put(exc, where)
+
+
+class Request:
+    """A future: the result of one request, being read into its stage by a worker.
+
+    Get the result once, with one of ``get`` (a copy), ``get_direct(fn)``, ``get_unsafe()`` or
+    ``get_proxy()``; then the stage is free for the next request. A worker's exception (say an
+    ``IndexError``) is raised again by these calls, with the worker's traceback in its message.
+    """
+
+    def __init__(self, reader: Reader, spec: ReadSpec, stage: Stage | None,
+                 error: BaseException | None = None):
+        self._reader = reader
+        self.spec = spec
+        self._stage = stage
+        self._error = error
+        self._result: Any = None
+        self._taken = False
+
+    def done(self) -> bool:
+        """True once the worker has finished (or the request failed)."""
+        return self._stage is None or self._stage.memory.state.load() != PENDING
+
+    def _wait(self) -> Any:
+        """The result as it lies in the stage (the stage stays claimed)."""
+        if self._taken:
+            raise RuntimeError("this request's result was already taken; requests give it once")
+        if self._error is not None:
+            self._taken = True
+            raise self._error
+        memory = self._stage.memory
+        while not memory.state.wait_while(PENDING, WAIT_SLICE):
+            self._reader._check()
+        if memory.state.load() == FAILED:
+            exc = memory.errors.exception()
+            memory.errors.clear()
+            self._release()
+            raise exc
+        return result_view(self.spec, memory)
+
+    def _release(self) -> None:
+        self._taken = True
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            stage.free()
+            self._reader._stage_freed(stage)
+
+    def get(self) -> Any:
+        """Wait, then return a copy of the result."""
+        try:
+            return copy_result(self._wait())
+        finally:
+            self._release()
+
+    def get_direct(self, fn):
+        """Wait, call ``fn(result)`` on the data in shared memory (no copy), return its value."""
+        try:
+            return fn(self._wait())
+        finally:
+            self._release()
+
+    @contextlib.contextmanager
+    def get_unsafe(self):
+        """A context manager giving the result in shared memory. Drop every reference to it
+        before the block ends: the stage is reused afterwards."""
+        try:
+            yield self._wait()
+        finally:
+            self._release()
+
+    @contextlib.contextmanager
+    def get_proxy(self):
+        """Like ``get_unsafe`` but yields a proxy of the result that raises ``ReferenceError`` on
+        any use once the block is left."""
+        proxy = None
+        try:
+            proxy = ResultProxy(self._wait())
+            yield proxy
+        finally:
+            if proxy is not None:
+                proxy._invalidate()
+            self._release()
+
+
+class ResultProxy:
+    """Forwards everything to a result in shared memory until invalidated."""
+
+    __slots__ = ("_target",)
+
+    def __init__(self, target):
+        object.__setattr__(self, "_target", target)
+
+    def _invalidate(self) -> None:
+        object.__setattr__(self, "_target", None)
+
+    def _get(self):
+        target = object.__getattribute__(self, "_target")
+        if target is None:
+            raise ReferenceError(
+                "this result lived in a stage that was released when its get_proxy() block "
+                "ended; copy what you need inside the block"
+            )
+        return target
+
+    def __getattr__(self, name):
+        return getattr(self._get(), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._get(), name, value)
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __setitem__(self, key, value):
+        self._get()[key] = value
+
+    def __len__(self):
+        return len(self._get())
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __array__(self, dtype=None, copy=None):
+        target = self._get()
+        return np.asarray(target, dtype=dtype) if copy is not True else np.array(target, dtype)
+
+    def __repr__(self):
+        target = object.__getattribute__(self, "_target")
+        return "<released result>" if target is None else f"ResultProxy({target!r})"
+
+    def __eq__(self, other):
+        return self._get() == other
+
+    def __ne__(self, other):
+        return self._get() != other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _forward(name):
+    def method(self, *args):
+        return getattr(self._get(), name)(*args)
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+              "xor", "lt", "le", "gt", "ge", "neg", "pos", "abs", "invert", "float", "int",
+              "bool", "index", "contains"):
+    for _dunder in (f"__{_name}__", f"__r{_name}__"):
+        if hasattr(np.ndarray, _dunder) and _dunder not in ResultProxy.__dict__:
+            setattr(ResultProxy, _dunder, _forward(_dunder))
+
+
+class RequestPool:
+    """A FIFO of pending requests: ``add`` them as they are made, ``next`` returns the oldest,
+    waiting until one is there. Thread-safe."""
+
+    def __init__(self):
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+
+    def add(self, request: Request) -> None:
+        with self._cond:
+            self._queue.append(request)
+            self._cond.notify()
+
+    def next(self, timeout: float | None = None) -> Request:
+        """The oldest request added; waits for one (``TimeoutError`` after ``timeout`` s)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._queue, timeout):
+                raise TimeoutError(f"no request was added within {timeout} s")
+            return self._queue.popleft()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+class Reader:
+    """Random access to the datasets of one HDF5 file, read by worker processes.
+
+    Parameters
+    ----------
+    filename : str or path
+        The HDF5 file; opened (read-only) by ``get_dataset``, so a missing file raises there.
+    n_procs : int
+        Worker processes serving requests.
+    start_method : {'fork', 'spawn', 'forkserver'}, optional
+        How workers start; fork on Linux by default.
+    **kw
+        Passed to ``h5py.File`` in the caller and in every worker.
+
+    Examples
+    --------
+    >>> import h5py, numpy as np, tempfile, os, multitables
+    >>> path = os.path.join(tempfile.mkdtemp(), "doc.h5")
+    >>> with h5py.File(path, "w") as f:
+    ...     _ = f.create_dataset("x", data=np.arange(20).reshape(10, 2))
+    >>> with multitables.Reader(path, n_procs=2) as reader:
+    ...     ds = reader.get_dataset("x")
+    ...     stage = ds.create_stage(4)
+    ...     reader.request(ds[[7, 1, 7]], stage).get().tolist()
+    [[14, 15], [2, 3], [14, 15]]
+    """
+
+    def __init__(self, filename, n_procs: int = 4, *, start_method: str | None = None, **kw):
+        self.filename = os.fspath(filename)
+        self.n_procs = check_positive_int("n_procs", n_procs)
+        self.file_kwargs = kw
+        self.start_method = start_method
+        self._pool: WorkerPool | None = None
+        self._lock = threading.Lock()
+        self._stages: dict[int, Stage] = {}
+        self._stage_ids = iter(range(1 << 62))
+        self._pools: weakref.WeakSet[StagePool] = weakref.WeakSet()
+        self._closed = False
+        _LIVE_READERS.add(self)
+
+    # ---- datasets and stages ----
+
+    def get_dataset(self, path: str) -> DatasetProxy:
+        """A proxy of the dataset at ``path``: index it to describe requests."""
+        self._check_open()
+        return make_proxy(self, describe(self.filename, path, self.file_kwargs))
+
+    def _register(self, stage: Stage) -> Stage:
+        self._check_open()
+        stage.id = next(self._stage_ids)
+        self._stages[stage.id] = stage
+        return stage
+
+    def _stage_freed(self, stage: Stage) -> None:
+        for pool in list(self._pools):
+            if stage in pool.stages:
+                pool.notify()
+
+    def _check_csi(self, path: str, column: str) -> None:
+        with open_file(self.filename, self.file_kwargs) as file:
+            table = get_dataset(file, path)
+            parent, _, name = table.name.rpartition("/")
+            index = file.get(f"{parent}/_i_{name}/{column}")
+            ok = (
+                isinstance(index, h5py.Group)
+                and "indices" in index
+                and index["indices"].dtype.itemsize == 8
+                and int(index.attrs.get("optlevel", 0)) == 9
+                and not int(index.attrs.get("DIRTY", 0))
+            )
+        if not ok:
+            raise ValueError(
+                f"Field `{column}` must have associated a 'full' index in table `{path}`"
+                " (PyTables' create_csindex); pass checkCSI=False to sort without one"
+            )
+
+    # ---- requests ----
+
+    def request(self, key, stage: Stage | StagePool) -> Request:
+        """Schedule the read that ``key`` describes into ``stage`` (or a free stage of a pool).
+
+        ``key`` is a proxy indexed with the wanted selection (``ds[30:35]``, ``ds['col'][[1, 2]]``,
+        a whole proxy for all of it), or what ``where``/``read_sorted`` return.
+        """
+        self._check_open()
+        if isinstance(key, DatasetProxy):
+            if key._reader is not self:
+                raise ValueError(f"{key!r} belongs to another Reader")
+            spec = key._spec()
+        elif isinstance(key, ReadSpec):
+            spec = key
+        else:
+            raise TypeError(
+                f"request() takes a dataset proxy indexed with a key (reader.get_dataset(path)"
+                f"[key]), got {type(key).__name__}"
+            )
+        if isinstance(stage, StagePool):
+            self._pools.add(stage)
+            request = Request(self, spec, None)
+            request._stage = stage.take(request)
+        elif isinstance(stage, Stage):
+            request = Request(self, spec, None)
+            stage.claim(request)
+            request._stage = stage
+        else:
+            raise TypeError(f"request() needs a stage or a stage pool, got {type(stage).__name__}")
+        try:
+            request._stage.check_fits(spec.nbytes, spec.shape, spec.dtype)
+        except Exception as exc:
+            # Raised by get(), as for errors found by workers; the stage is free again.
+            request._error = exc
+            request._stage.free()
+            request._stage = None
+            return request
+        self._dispatch(request._stage, spec)
+        return request
+
+    def _dispatch(self, stage: Stage, spec: ReadSpec) -> None:
+        message = pickle.dumps(("read", stage.id, spec), protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self._check_open()
+            if self._pool is None:
+                self._start()
+            busy = [sent - done.load() for sent, done in zip(self._sent, self._done, strict=True)]
+            worker = busy.index(min(busy))
+            conn = self._conns[worker]
+            if worker not in stage.sent_to:
+                try:
+                    conn.send_bytes(pickle.dumps(("stage", stage.id, stage.memory.arena.nbytes)))
+                    reduction.send_handle(conn, stage.memory.arena._fd,
+                                          self._pool.procs[worker].pid)
+                except OSError:
+                    self._check()
+                    raise
+                stage.sent_to.add(worker)
+            stage.memory.state.store(PENDING)
+            self._sent[worker] += 1
+            try:
+                conn.send_bytes(message)
+            except OSError:
+                stage.memory.state.store(IDLE)
+                self._check()  # a dead worker closed its end: say which one
+                raise
+
+    def _start(self) -> None:
+        n = self.n_procs
+        self._control = SharedArena(64 * n + _ERROR_BYTES, name="multitables-reader")
+        self._done = [Counter(self._control.buffer, 64 * i) for i in range(n)]
+        self._errors = ErrorBox(self._control.buffer, 64 * n, _ERROR_BYTES)
+        self._sent = [0] * n
+        pairs = [Pipe(duplex=True) for _ in range(n)]
+        self._conns = [mine for mine, _ in pairs]
+        theirs = [other for _, other in pairs]
+        job = _RequestJob(self.filename, self.file_kwargs, theirs, self._control)
+        try:
+            self._pool = WorkerPool(job, n, self.start_method, "Reader")
+        finally:
+            for conn in theirs:
+                conn.close()
+
+    def _check(self) -> None:
+        """Raise if the workers failed; called between the slices of every wait."""
+        if self._closed:
+            raise QueueClosedException("the reader was closed while a request was pending")
+        if self._errors.full():
+            exc = self._errors.exception()
+            self.close(wait=False)
+            raise exc
+        try:
+            self._pool.check()
+        except SubprocessException:
+            self.close(wait=False)
+            raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueClosedException(f"this Reader of {self.filename} is closed")
+
+    # ---- shutdown ----
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers and free every stage. Idempotent.
+
+        With ``wait`` the call returns once the workers have exited; without it, they are told
+        to stop and reaped in the background of this call's end (they exit within a second).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE_READERS.discard(self)
+        if self._pool is not None:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.send_bytes(pickle.dumps(("stop",)))
+                conn.close()
+            self._pool.stop(join_timeout=2.0 if wait else 0.2)
+            for counter in self._done:
+                counter.release()
+            self._errors.state.release()
+            self._control.close()
+        for stage in self._stages.values():
+            stage.close()
+        for pool in list(self._pools):
+            pool.notify()
+        self._stages.clear()
+
+    def stop(self) -> None:
+        """Close without waiting for the workers to finish their current reads."""
+        self.close(wait=False)
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close(wait=False)
+

@@ -1,0 +1,206 @@
+"""What one Reader request reads, how a worker performs it, and how its result lies in a stage.
+
+Internal module. A ``ReadSpec`` is plain data made in the caller (the key already translated by
+the Cython core); ``execute`` runs in a worker and writes the result into the stage's data area;
+``result_view`` rebuilds the result in the caller from the stage, without copying when it can.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._indexing import Selection, translate
+from .errors import SharedMemoryError
+from .hyperslab import read_selection
+from .stages import StageMemory
+
+# Kinds of request.
+ARRAY = "array"  # dataset[key] or a field of a table: shape known up front
+VLEN = "vlen"  # rows of a variable-length dataset: offsets then the concatenated rows
+WHERE = "where"  # table rows matching a numexpr condition: row count known after the read
+SORTED = "sorted"  # table rows in the order of one column
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    kind: str
+    path: str
+    field: str | None
+    selection: Selection | None
+    shape: tuple[int, ...]  # of the result (for WHERE: the most rows it can have)
+    dtype: np.dtype  # of the result's elements (VLEN: of the rows' elements)
+    params: tuple = ()
+    pseudo_atom: str | None = None  # VLEN: how PyTables encoded the rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the result needs (WHERE: at most; VLEN: unknown until read, so 0)."""
+        return 0 if self.kind == VLEN else math.prod(self.shape) * self.dtype.itemsize
+
+
+# ---- worker side --------------------------------------------------------------------------
+
+
+def execute(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
+    """Read ``spec`` from ``dataset`` into the stage; metadata goes to ``memory.meta``."""
+    if spec.kind == ARRAY:
+        _read_array(spec, dataset, memory)
+    elif spec.kind == VLEN:
+        _read_vlen(spec, dataset, memory)
+    elif spec.kind == WHERE:
+        _read_where(spec, dataset, memory)
+    elif spec.kind == SORTED:
+        _read_sorted(spec, dataset, memory)
+    else:
+        raise ValueError(f"unknown request kind {spec.kind!r}")
+
+
+def _fit(memory: StageMemory, nbytes: int, shape, dtype) -> None:
+    if nbytes > memory.capacity:
+        raise SharedMemoryError(
+            f"stage holds {memory.capacity} bytes but the result needs {nbytes} "
+            f"(shape {tuple(shape)}, {np.dtype(dtype)}); make a larger stage"
+        )
+
+
+def _read_array(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
+    out = memory.data(spec.shape, spec.dtype)
+    sel = spec.selection
+    field_shape = dataset.dtype.fields[spec.field][0].shape if spec.field else ()
+    if not field_shape:
+        read_selection(dataset, sel, out, spec.field)
+        return
+    # The key also indexes the field's own dimensions, which HDF5 cannot select: read the rows
+    # of the box whole, cut the box out of them, then arrange it as numpy would.
+    rows_key = _key_of(sel.dims[0])
+    rows_sel = translate((rows_key,), sel.shape[:1])
+    rows = np.empty((*rows_sel.result_shape, *field_shape), spec.dtype)
+    read_selection(dataset, rows_sel, rows, spec.field)
+    box = rows
+    for axis, entry in enumerate(sel.dims[1:], start=1):
+        box = box[(slice(None),) * axis + (_key_of(entry),)]
+    out[...] = box[sel.local_key] if sel.local_key is not None else box.reshape(spec.shape)
+
+
+def _key_of(entry) -> Any:
+    """A per-dimension entry of ``Selection.dims`` as a numpy index (slice or index array)."""
+    if isinstance(entry, np.ndarray):
+        return entry
+    start, step, count = entry
+    return slice(start, start + step * count, step) if count else slice(0, 0)
+
+
+def _read_vlen(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
+    """Lay the rows out as int64 offsets (n + 1) then the concatenated elements."""
+    rows = np.empty(spec.shape, object)
+    sel = spec.selection
+    # h5py returns an object array of rows; its shape is the read box's.
+    box = dataset[_key_of(sel.dims[0])].reshape(sel.read_shape)
+    rows[...] = box[sel.local_key] if sel.local_key is not None else box.reshape(spec.shape)
+    flat = [np.asarray(r, dtype=spec.dtype).reshape(-1) for r in rows.reshape(-1)]
+    offsets = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum([len(r) for r in flat], out=offsets[1:])
+    head = 8 * len(offsets)
+    nbytes = head + int(offsets[-1]) * spec.dtype.itemsize
+    _fit(memory, nbytes, (int(offsets[-1]),), spec.dtype)
+    area = memory.bytes(nbytes)
+    area[:head] = offsets.view(np.uint8)
+    data = area[head:].view(spec.dtype)
+    for r, a, b in zip(flat, offsets[:-1], offsets[1:], strict=True):
+        data[a:b] = r
+    memory.meta[0] = len(flat)
+
+
+def _rows_range(spec: ReadSpec, n: int) -> range:
+    start, stop, step = spec.params[-3:]
+    return range(n)[slice(start, stop, step)]
+
+
+# WHERE evaluates its condition on blocks of rows of about this size, as PyTables does, so the
+# whole table never has to sit in a worker's memory.
+_WHERE_BLOCK_BYTES = 8 << 20
+
+
+def _read_where(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
+    import numexpr
+
+    condition, condvars = spec.params[0], dict(spec.params[1] or {})
+    rows = _rows_range(spec, dataset.shape[0])  # step >= 1, checked by the caller
+    block_rows = max(1, _WHERE_BLOCK_BYTES // dataset.dtype.itemsize)
+    row_shape, found = spec.shape[1:], 0
+    for lo in range(0, len(rows), block_rows):
+        part = rows[lo : lo + block_rows]
+        sel = translate((slice(part.start, part.stop, part.step),), dataset.shape)
+        block = np.empty(sel.result_shape, dataset.dtype)
+        read_selection(dataset, sel, block)
+        env = {name: block[name] for name in dataset.dtype.names}
+        env.update(condvars)
+        hits = block[numexpr.evaluate(condition, local_dict=env)]
+        if spec.field is not None:
+            hits = hits[spec.field]
+        total = found + len(hits)
+        _fit(memory, total * math.prod(row_shape) * spec.dtype.itemsize, (total, *row_shape),
+             spec.dtype)
+        memory.data((total, *row_shape), spec.dtype)[found:] = hits
+        found = total
+    memory.meta[0] = found
+
+
+def _read_sorted(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
+    sortby = spec.params[0]
+    column = dataset.fields(sortby)[()]
+    order = np.argsort(column, kind="stable")
+    positions = order[slice(*spec.params[-3:])]
+    sel = translate((positions,), dataset.shape)
+    read_selection(dataset, sel, memory.data(spec.shape, spec.dtype), spec.field)
+
+
+# ---- caller side --------------------------------------------------------------------------
+
+
+def result_view(spec: ReadSpec, memory: StageMemory) -> Any:
+    """The result as it lies in the stage: a view for arrays, an object array for VLEN."""
+    if spec.kind == WHERE:
+        return memory.data((int(memory.meta[0]), *spec.shape[1:]), spec.dtype)
+    if spec.kind != VLEN:
+        return memory.data(spec.shape, spec.dtype)
+    n = int(memory.meta[0])
+    offsets = memory.data((n + 1,), np.int64)
+    data = memory.bytes(8 * (n + 1) + int(offsets[-1]) * spec.dtype.itemsize)[8 * (n + 1) :]
+    data = data.view(spec.dtype)
+    rows = np.empty(n, object)
+    for i in range(n):
+        rows[i] = _decode(data[offsets[i] : offsets[i + 1]], spec.pseudo_atom)
+    rows = rows.reshape(spec.shape)
+    return rows[()] if rows.ndim == 0 else rows
+
+
+def _decode(row: np.ndarray, pseudo_atom: str | None) -> Any:
+    """A row as PyTables returns it: arrays, or bytes/str/objects for its pseudo-atoms."""
+    if pseudo_atom == "vlstring":
+        return row.tobytes()
+    if pseudo_atom == "vlunicode":
+        return row.astype("<u4").tobytes().decode("utf-32-le")
+    if pseudo_atom == "object":
+        return pickle.loads(row.tobytes())
+    return row
+
+
+def copy_result(value: Any) -> Any:
+    """A copy of a result that owns its memory (rows of object arrays copied too)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            return value[()]  # numpy gives scalars for keys that pick one element
+        if value.dtype == object:
+            out = np.empty(value.shape, object)
+            for i, row in np.ndenumerate(value):
+                out[i] = row.copy() if isinstance(row, np.ndarray) else row
+            return out
+        return value.copy()
+    return value

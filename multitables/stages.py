@@ -1,0 +1,148 @@
+"""Stages: areas of shared memory that hold the result of one Reader request at a time.
+
+A stage is one ``SharedArena``: a header page (a state word that workers publish to, a few int64
+of result metadata, an ``ErrorBox``) and then the data. Workers receive the stage's descriptor the
+first time they serve a request on it, so stages can be made at any time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from ._ringbuf import Word
+from .errors import QueueClosedException, SharedMemoryError
+from .shm import PAGE, SharedArena, round_up
+from .workers import ErrorBox
+
+# Stage states: a worker moves PENDING to DONE or FAILED; the consumer moves them back to IDLE.
+IDLE, PENDING, DONE, FAILED = 0, 1, 2, 3
+
+_META = 64  # int64 result metadata (row counts of variable-size results) at this offset
+_N_META = 8
+_ERRORS = 128
+_ERROR_BYTES = 16 << 10
+_DATA = round_up(_ERRORS + _ERROR_BYTES, PAGE)
+
+
+class StageMemory:
+    """The mapped parts of a stage, in the consumer or in a worker."""
+
+    def __init__(self, arena: SharedArena):
+        self.arena = arena
+        self.capacity = arena.nbytes - _DATA
+        self.state = Word(arena.buffer, 0)
+        self.meta = arena.ndarray((_N_META,), np.int64, _META)
+        self.errors = ErrorBox(arena.buffer, _ERRORS, _ERROR_BYTES)
+
+    @classmethod
+    def create(cls, capacity: int) -> StageMemory:
+        return cls(SharedArena(_DATA + capacity, name="multitables-stage"))
+
+    def data(self, shape, dtype) -> np.ndarray:
+        """A view of the data area as ``shape`` and ``dtype``; the caller checked that it fits."""
+        return self.arena.ndarray(shape, dtype, _DATA)
+
+    def bytes(self, nbytes: int) -> np.ndarray:
+        return self.arena.ndarray((nbytes,), np.uint8, _DATA)
+
+    def release(self) -> None:
+        self.state.release()
+        self.errors.state.release()
+        self.meta = None
+        self.arena.close()
+
+
+class Stage:
+    """Shared memory for the result of one request at a time; made by ``create_stage``.
+
+    Attributes
+    ----------
+    shape, dtype : the layout it was made for; ``nbytes`` is what any result must fit in.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, label: str):
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self.nbytes = math.prod(shape) * self.dtype.itemsize
+        self.label = label
+        self.memory = StageMemory.create(self.nbytes)
+        self.owner: object | None = None  # the request it serves, while it serves one
+        self.closed = False
+        self.id = -1  # the Reader's number for it
+        self.sent_to: set[int] = set()  # workers that have mapped it
+
+    def check_fits(self, nbytes: int, shape, dtype) -> None:
+        if nbytes > self.nbytes:
+            raise SharedMemoryError(
+                f"stage holds {self.nbytes} bytes but the result needs {nbytes} "
+                f"(shape {tuple(shape)}, {np.dtype(dtype)}); make a larger stage"
+            )
+
+    def claim(self, request: object) -> None:
+        if self.closed:
+            raise QueueClosedException(f"{self.label} is closed")
+        if self.owner is not None:
+            raise RuntimeError(
+                f"{self.label} is still serving an earlier request; call get() (or one of the "
+                "get_* methods) on that request first, or use a stage pool"
+            )
+        self.owner = request
+
+    def free(self) -> None:
+        self.owner = None
+        if not self.closed:
+            self.memory.state.store(IDLE)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.memory.release()
+
+    def __repr__(self) -> str:
+        return f"<Stage {self.shape} {self.dtype}, {self.nbytes} bytes>"
+
+
+class StagePool:
+    """``n`` stages used in turn: a request takes the next free one, waiting if all are busy."""
+
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+        self._turn = 0
+        self._cond = threading.Condition()
+
+    def take(self, request: object) -> Stage:
+        """Claim a free stage for ``request``, waiting until another thread frees one."""
+        with self._cond:
+            while True:
+                for i in range(len(self.stages)):
+                    stage = self.stages[(self._turn + i) % len(self.stages)]
+                    if stage.owner is None and not stage.closed:
+                        self._turn = (self._turn + i + 1) % len(self.stages)
+                        stage.claim(request)
+                        return stage
+                if all(stage.closed for stage in self.stages):
+                    raise QueueClosedException("the stage pool is closed")
+                if threading.active_count() == 1:
+                    # Nobody else can free a stage: waiting would hang forever.
+                    raise RuntimeError(
+                        f"all {len(self.stages)} stages of the pool hold results that were not "
+                        "collected; call get() on a pending request first, or make a larger pool"
+                    )
+                self._cond.wait(0.1)
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+        self.notify()
+
+    @property
+    def nbytes(self) -> int:
+        return self.stages[0].nbytes
+

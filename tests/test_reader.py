@@ -1,0 +1,341 @@
+"""Reader against numpy/h5py reading the same files: keys, proxies, stages, futures, pools."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+from helpers import N_ROWS, sample, write_h5py, write_pytables
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import multitables
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reader")
+    arrays = d / "arrays.h5"
+    truth = {
+        "f4": write_h5py(arrays, "f4", sample((N_ROWS, 6, 5), "<f4"), chunks=(8, 6, 5)),
+        "gzip": write_h5py(arrays, "gzip", sample((N_ROWS, 4), "<i8", 1), chunks=(10, 4),
+                           compression="gzip"),
+        "be": write_h5py(arrays, "be", sample((N_ROWS,), ">f8", 2)),
+        "img": write_h5py(arrays, "img", sample((N_ROWS, 3, 4, 2), "u1", 3), chunks=(5, 3, 4, 2)),
+    }
+    tables_path = d / "tables.h5"
+    truth.update(write_pytables(tables_path))
+    import tables
+
+    with tables.open_file(str(tables_path), "a") as f:
+        v = f.create_vlarray("/", "vl", tables.Int32Atom())
+        rows = [np.arange(i % 5, dtype="i4") * i for i in range(N_ROWS)]
+        for row in rows:
+            v.append(row)
+        s = f.create_vlarray("/", "strings", tables.VLStringAtom())
+        for w in [b"alpha", b"", b"gamma"]:
+            s.append(w)
+        o = f.create_vlarray("/", "objects", tables.ObjectAtom())
+        for obj in [{"a": 1}, [1, 2], "three"]:
+            o.append(obj)
+        u = f.create_vlarray("/", "unicode", tables.VLUnicodeAtom())
+        for w in ["héllo", "wörld"]:
+            u.append(w)
+        sorted_table = f.create_table("/", "indexed", truth["table"].dtype)
+        sorted_table.append(truth["table"])
+        sorted_table.cols.score.create_csindex()
+    truth["vl"] = rows
+    return str(arrays), str(tables_path), truth
+
+
+@pytest.fixture
+def reader(files):
+    with multitables.Reader(files[0], n_procs=2) as r:
+        yield r
+
+
+@pytest.fixture
+def treader(files):
+    with multitables.Reader(files[1], n_procs=2) as r:
+        yield r
+
+
+def fetch(reader, proxy, stage=None):
+    stage = stage or proxy.create_stage(max(1, proxy.shape[0] if proxy.shape else 1))
+    return reader.request(proxy, stage).get()
+
+
+KEYS = [
+    np.s_[5],
+    np.s_[-1],
+    np.s_[10:20],
+    np.s_[::-3],
+    np.s_[90:2:-7, 1],
+    np.s_[[5, 1, 5, 96]],
+    np.s_[[3, 2], :, [4, 0]],
+    np.s_[..., 2],
+    np.s_[None, 3:6, np.newaxis],
+    np.s_[np.arange(N_ROWS) % 3 == 0],
+    np.s_[[[1, 2], [3, 4]], 1:3],
+    np.s_[2, 3, 4],
+    np.s_[:, [True, False, True, False, True, False]],
+    np.s_[[]],
+    np.s_[()],
+]
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[repr(k) for k in KEYS])
+def test_array_keys_match_numpy(reader, files, key):
+    truth = files[2]["f4"]
+    ds = reader.get_dataset("/f4")
+    stage = ds.create_stage(N_ROWS * 4)
+    got = reader.request(ds[key], stage).get()
+    expected = truth[key]
+    assert type(got) is type(expected)
+    assert got.dtype == expected.dtype and np.shape(got) == np.shape(expected)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["gzip", "be", "img"])
+def test_layouts_and_dtypes(reader, files, name):
+    truth = files[2][name]
+    ds = reader.get_dataset(name)
+    assert ds.shape == truth.shape and ds.dtype == truth.dtype
+    key = np.s_[[40, 3, 3, -1]]
+    got = fetch(reader, ds[key])
+    assert got.dtype == truth.dtype  # byte order as stored
+    np.testing.assert_array_equal(got, truth[key])
+    np.testing.assert_array_equal(fetch(reader, ds), truth)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_random_keys_through_workers(files, data):
+    truth = files[2]["img"]
+    key = data.draw(
+        st.one_of(
+            hnp.basic_indices(truth.shape, allow_newaxis=True, allow_ellipsis=True),
+            hnp.integer_array_indices(truth.shape[:1], result_shape=hnp.array_shapes(max_dims=2)),
+        )
+    )
+    with multitables.Reader(files[0], n_procs=1) as reader:
+        ds = reader.get_dataset("img")
+        got = reader.request(ds[key], ds.create_stage(N_ROWS * 4)).get()
+    np.testing.assert_array_equal(got, truth[key])
+    assert np.shape(got) == truth[key].shape
+
+
+def test_out_of_range_and_malformed_keys_raise_like_numpy(reader):
+    ds = reader.get_dataset("f4")
+    with pytest.raises(IndexError, match="index 97 is out of bounds for axis 0 with size 97"):
+        ds[97]
+    with pytest.raises(IndexError, match="too many indices"):
+        ds[1, 2, 3, 4]
+    with pytest.raises(IndexError):
+        ds[1.5]
+    with pytest.raises(IndexError):
+        ds[[0, 1], [0, 1, 2]]
+
+
+def test_proxy_kinds_shapes_and_dtypes(treader, files):
+    truth = files[2]
+    table = treader.get_dataset("/table")
+    assert isinstance(table, multitables.proxies.TableProxy)
+    assert table.shape == (N_ROWS,) and table.dtype == truth["table"].dtype
+    assert isinstance(treader.get_dataset("/carray"), multitables.proxies.ArrayProxy)
+    vl = treader.get_dataset("/vl")
+    assert isinstance(vl, multitables.proxies.VLArrayProxy) and vl.shape == (N_ROWS,)
+    col = table.col("image")
+    assert col.shape == (N_ROWS, 4, 4) and col.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda t: t[30:35], lambda r: r[30:35]),
+        (lambda t: t["score"][30:35], lambda r: r["score"][30:35]),
+        (lambda t: t[30:35]["vec"], lambda r: r[30:35]["vec"]),
+        (lambda t: t.col("image")[30:35, ..., :2], lambda r: r["image"][30:35, ..., :2]),
+        (lambda t: t["image"][[1, 2, 3]], lambda r: r["image"][[1, 2, 3]]),
+        (lambda t: t["image"][[9, 2, 9], 1, ::-1], lambda r: r["image"][[9, 2, 9], 1, ::-1]),
+        (lambda t: t["vec"][5], lambda r: r["vec"][5]),
+        (lambda t: t[7], lambda r: r[7]),
+        (lambda t: t.read(10, 50, 3), lambda r: r[10:50:3]),
+        (lambda t: t.read(field="score"), lambda r: r["score"]),
+        (lambda t: t.read_coordinates([4, 0, 4], "vec"), lambda r: r["vec"][[4, 0, 4]]),
+        (lambda t: t.read_coordinates(np.array([90, 1])), lambda r: r[[90, 1]]),
+    ],
+)
+def test_table_requests(treader, files, make, expected):
+    rows = files[2]["table"]
+    table = treader.get_dataset("/table")
+    got = treader.request(make(table), table.create_stage(N_ROWS)).get()
+    want = expected(rows)
+    assert np.shape(got) == np.shape(want)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_table_where_runs_numexpr_in_the_worker(treader, files):
+    rows = files[2]["table"]
+    table = treader.get_dataset("/table")
+    stage = table.create_stage(N_ROWS)
+    got = treader.request(table.where("(score > 0) & (score < lim)", {"lim": 1.0}), stage).get()
+    np.testing.assert_array_equal(got, rows[(rows["score"] > 0) & (rows["score"] < 1.0)])
+    got = treader.request(table["vec"].where("score > 0", start=10, stop=80, step=2), stage).get()
+    part = rows[10:80:2]
+    np.testing.assert_array_equal(got, part["vec"][part["score"] > 0])
+    with pytest.raises(multitables.SharedMemoryError, match="stage holds"):
+        treader.request(table.where("score > -100"), table.create_stage(3)).get()
+    # A bad condition fails in the worker and comes back with its type and traceback.
+    with pytest.raises(Exception, match="worker") as info:
+        treader.request(table.where("no_such_column > 1"), stage).get()
+    assert isinstance(info.value, (KeyError, NameError, ValueError))
+    # The stage is still usable.
+    assert len(treader.request(table.where("score > 0"), stage).get()) == (rows["score"] > 0).sum()
+
+
+def test_table_read_sorted(treader, files):
+    rows = files[2]["table"]
+    table = treader.get_dataset("/indexed")
+    stage = table.create_stage(N_ROWS)
+    order = np.argsort(rows["score"], kind="stable")
+    got = treader.request(table.read_sorted("score", checkCSI=True), stage).get()
+    np.testing.assert_array_equal(got, rows[order])
+    got = treader.request(table.read_sorted("score", field="vec", start=5, stop=50, step=4),
+                          stage).get()
+    np.testing.assert_array_equal(got, rows["vec"][order[5:50:4]])
+    plain = treader.get_dataset("/table")
+    with pytest.raises(ValueError, match="must have associated a 'full' index"):
+        plain.read_sorted("score", checkCSI=True)
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        plain.read_sorted("nope")
+
+
+def test_vlarrays(treader, files):
+    rows = files[2]["vl"]
+    vl = treader.get_dataset("/vl")
+    stage = vl.create_stage(1000)
+    got = treader.request(vl[[5, 1, 5]], stage).get()
+    assert got.dtype == object and got.shape == (3,)
+    for g, i in zip(got, [5, 1, 5], strict=True):
+        np.testing.assert_array_equal(g, rows[i])
+    one = treader.request(vl[7], stage).get()
+    np.testing.assert_array_equal(one, rows[7])
+    every = treader.request(vl, stage).get()
+    assert [r.tolist() for r in every] == [r.tolist() for r in rows]
+    strings = treader.get_dataset("/strings")
+    assert list(treader.request(strings, strings.create_stage(100)).get()) == [
+        b"alpha", b"", b"gamma"]
+    objects = treader.get_dataset("/objects")
+    assert list(treader.request(objects[::-1], objects.create_stage(500)).get()) == [
+        "three", [1, 2], {"a": 1}]
+    uni = treader.get_dataset("/unicode")
+    assert list(treader.request(uni, uni.create_stage(100)).get()) == ["héllo", "wörld"]
+    with pytest.raises(multitables.SharedMemoryError, match="stage holds"):
+        treader.request(vl, vl.create_stage(10)).get()
+
+
+def test_get_variants(reader, files):
+    truth = files[2]["f4"]
+    ds = reader.get_dataset("f4")
+    stage = ds.create_stage(10)
+    assert reader.request(ds[3:6], stage).get_direct(lambda a: float(a.sum())) == pytest.approx(
+        float(truth[3:6].sum()), rel=1e-5)
+    with reader.request(ds[3:6], stage).get_unsafe() as data:
+        assert not data.flags.owndata
+        np.testing.assert_array_equal(data, truth[3:6])
+    with reader.request(ds[[8, 2]], stage).get_proxy() as data:
+        np.testing.assert_array_equal(np.asarray(data), truth[[8, 2]])
+        assert data.shape == (2, 6, 5)
+        assert float((data + 1).sum()) == pytest.approx(float((truth[[8, 2]] + 1).sum()), 1e-5)
+        kept = data
+    with pytest.raises(ReferenceError, match="released"):
+        kept.shape  # noqa: B018 - the access itself must raise
+    with pytest.raises(ReferenceError):
+        kept[0]
+    with pytest.raises(ReferenceError):
+        np.asarray(kept)
+
+
+def test_exceptions_inside_get_blocks_free_the_stage(reader, files):
+    ds = reader.get_dataset("f4")
+    stage = ds.create_stage(5)
+    for method in ("get_unsafe", "get_proxy"):
+        with pytest.raises(ZeroDivisionError):
+            with getattr(reader.request(ds[0:5], stage), method)():
+                1 / 0  # noqa: B018
+    np.testing.assert_array_equal(reader.request(ds[1], stage).get(), files[2]["f4"][1])
+
+
+def test_stage_rules(reader, files):
+    ds = reader.get_dataset("f4")
+    stage = ds.create_stage(4)
+    assert stage.shape == (4, 6, 5) and stage.nbytes == 4 * 6 * 5 * 4
+    assert ds.create_stage((4, 6)).shape == (4, 6, 5)
+    with pytest.raises(multitables.SharedMemoryError,
+                       match=r"stage holds 480 bytes but the result needs 600 \(shape \(5, 6, 5\)"):
+        reader.request(ds[0:5], stage).get()
+    pending = reader.request(ds[0:4], stage)
+    with pytest.raises(RuntimeError, match="still serving an earlier request"):
+        reader.request(ds[0:4], stage)
+    np.testing.assert_array_equal(pending.get(), files[2]["f4"][0:4])
+    with pytest.raises(RuntimeError, match="already taken"):
+        pending.get()
+    with pytest.raises(ValueError, match="more dimensions"):
+        ds.create_stage((1, 2, 3, 4))
+    with pytest.raises(ValueError, match="holds nothing"):
+        ds.create_stage(0)
+
+
+def test_request_pool_with_a_loader_thread(reader, files):
+    """The how-to's concurrent pattern: a thread makes requests, the caller collects them."""
+    truth = files[2]["f4"]
+    ds = reader.get_dataset("f4")
+    pool = ds.create_stage_pool(1, 4)
+    reqs = multitables.RequestPool()
+
+    def loader():
+        for i in range(N_ROWS):
+            reqs.add(reader.request(ds[i : i + 1], pool))
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    for i in range(N_ROWS):
+        np.testing.assert_array_equal(reqs.next(timeout=10).get(), truth[i : i + 1])
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_pool_exhausted_by_a_single_thread_raises(reader):
+    ds = reader.get_dataset("f4")
+    pool = ds.create_stage_pool(1, 2)
+    held = [reader.request(ds[i], pool) for i in range(2)]
+    with pytest.raises(RuntimeError, match="all 2 stages of the pool"):
+        reader.request(ds[3], pool)
+    held[0].get()
+    reader.request(ds[3], pool).get()
+
+
+def test_close_and_use_after_close(files):
+    reader = multitables.Reader(files[0], n_procs=2)
+    ds = reader.get_dataset("f4")
+    stage = ds.create_stage(2)
+    reader.request(ds[0], stage).get()
+    reader.close(wait=True)
+    reader.close()
+    with pytest.raises(multitables.QueueClosedException, match="closed"):
+        reader.request(ds[0], stage)
+    with pytest.raises(multitables.QueueClosedException, match="closed"):
+        reader.get_dataset("f4")
+
+
+def test_selection_and_specs_pickle(reader):
+    spec = reader.get_dataset("f4")[[3, 1], 2]._spec()
+    again = pickle.loads(pickle.dumps(spec))
+    assert again.shape == spec.shape == (2, 5)
+    assert repr(again.selection) == repr(spec.selection)
