@@ -1,0 +1,8 @@
+"""Run the multitables command line: ``python -m multitables {info,bench,tune}``."""
+
+from multitables.cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

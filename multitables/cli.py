@@ -1,0 +1,371 @@
+"""The ``python -m multitables`` command line: ``info``, ``bench`` and ``tune`` on a user's files.
+
+Needs only numpy and h5py (and multitables itself for ``bench`` and ``tune``); matplotlib is used
+for ``tune --plot`` when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import numpy as np
+
+from multitables import _measure as m
+
+# -------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A one-line text progress bar on stderr, redrawn in place at most every ``interval`` s."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 24, interval: float = 0.1):
+        self.stream = stream if stream is not None else sys.stderr
+        self.width, self.interval = width, interval
+        self.label, self.total, self.done, self.t0, self.last = "", 1, 0, 0.0, 0.0
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.total, self.done = label, max(1, total), 0
+        self.t0 = self.last = time.perf_counter()
+        self._draw(self.t0)
+
+    def tick(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        # Checking the clock is cheap; writing to a terminal per block is not.
+        if now - self.last >= self.interval:
+            self.last = now
+            self._draw(now)
+
+    def clear(self) -> None:
+        self.stream.write("\r" + " " * (self.width + len(self.label) + 32) + "\r")
+        self.stream.flush()
+
+    def _draw(self, now: float) -> None:
+        frac = min(1.0, self.done / self.total)
+        full = int(frac * self.width)
+        rate = self.done / max(now - self.t0, 1e-9) / 1e6
+        bar = "#" * full + "." * (self.width - full)
+        self.stream.write(f"\r{self.label} [{bar}] {frac:4.0%} {rate:8,.0f} MB/s ")
+        self.stream.flush()
+
+
+# -------------------------------------------------------------------------------- info
+
+
+def _filters(ds: Any) -> str:
+    """The filter pipeline by name, read from the creation property list so plugins show too."""
+    plist = ds.id.get_create_plist()
+    names = []
+    for i in range(plist.get_nfilters()):
+        code, _flags, values, name = plist.get_filter(i)
+        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        name = name.split()[0] if name else f"filter{code}"
+        if code == 1:  # deflate: its one value is the level
+            name = f"gzip({values[0]})" if values else "gzip"
+        elif code == 32001 and len(values) >= 7:  # Blosc: values 4..6 are level, shuffle, codec
+            codecs = ["blosclz", "lz4", "lz4hc", "snappy", "zlib", "zstd"]
+            codec = codecs[values[6]] if values[6] < len(codecs) else str(values[6])
+            shuffle = {1: ",shuffle", 2: ",bitshuffle"}.get(values[5], "")
+            name = f"blosc({codec},{values[4]}{shuffle})"
+        names.append(name)
+    return "+".join(names) or "none"
+
+
+def _dtype(dt: np.dtype) -> str:
+    if dt.names:
+        parts = []
+        for name in dt.names:
+            sub = dt[name]
+            base = sub.base.str.lstrip("<>|=")
+            parts.append(f"{name}:{base}{list(sub.shape) if sub.shape else ''}")
+        return "{" + ", ".join(parts) + "}"
+    return str(dt)
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"
+
+
+def describe(filename: str) -> list[dict[str, Any]]:
+    """One dict per dataset in the file: the facts ``info`` prints."""
+    import h5py
+
+    found: list[dict[str, Any]] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        shape = tuple(obj.shape) if obj.shape is not None else ()
+        entry = {
+            "path": "/" + name, "shape": shape, "dtype": obj.dtype, "chunks": obj.chunks,
+            "filters": _filters(obj), "nbytes": int(np.prod(shape, dtype=np.int64)) *
+            obj.dtype.itemsize, "stored": obj.id.get_storage_size(), "block_size": None,
+        }
+        if len(shape) >= 1 and shape[0] > 0:
+            entry["block_size"] = m.default_block_size(shape, obj.dtype, obj.chunks)
+        found.append(entry)
+
+    with h5py.File(filename, "r") as f:
+        f.visititems(visit)
+    return found
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rows = [["path", "shape", "dtype", "chunks", "filters", "size", "stored", "block_size"]]
+    for d in describe(args.file):
+        row_bytes = d["nbytes"] // d["shape"][0] if d["shape"] and d["shape"][0] else 0
+        block = "-" if d["block_size"] is None else (
+            f"{d['block_size']} ({d['block_size'] * row_bytes / m.MiB:.2f} MiB)")
+        ratio = f" (x{d['nbytes'] / d['stored']:.1f})" if d["stored"] else ""
+        rows.append([d["path"], str(d["shape"]), _dtype(d["dtype"]), str(d["chunks"]),
+                     d["filters"], _mb(d["nbytes"]), _mb(d["stored"]) + ratio, block])
+    if len(rows) == 1:
+        print(f"{args.file}: no datasets")
+        return 0
+    print(m.format_table(rows))
+    return 0
+
+
+# -------------------------------------------------------------------------------- bench
+
+
+def _dataset_facts(filename: str, path: str) -> tuple[tuple[int, ...], np.dtype, Any, int]:
+    import h5py
+
+    with h5py.File(filename, "r") as f:
+        ds = f[path]
+        if not isinstance(ds, h5py.Dataset):
+            raise SystemExit(f"error: {path!r} in {filename} is a group, not a dataset")
+        if not ds.shape or ds.shape[0] == 0:
+            raise SystemExit(f"error: {path!r} in {filename} is empty or scalar")
+        return tuple(ds.shape), ds.dtype, ds.chunks, ds.shape[0] * ds.dtype.itemsize * int(
+            np.prod(ds.shape[1:], dtype=np.int64))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run(readers: dict[str, Any], totals: dict[str, int], rounds: int, baseline: str,
+         progress: Progress) -> m.Report:
+    """:func:`m.run_rounds` with a progress bar: each reader gets ``tick`` as its one argument."""
+    label = [""]
+
+    def on_start(name: str, r: int) -> None:
+        label[0] = f"{name}, round {r + 1}/{rounds}"
+
+    def wrap(fn: Any, total: int) -> Any:
+        def run() -> Any:
+            progress.start(label[0], total)
+            try:
+                return fn(progress.tick)
+            finally:
+                progress.clear()
+        return run
+
+    wrapped = {name: wrap(fn, totals[name]) for name, fn in readers.items()}
+    return m.run_rounds(wrapped, rounds, baseline=baseline, on_start=on_start)
+
+
+def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds: int,
+          progress: Progress) -> tuple[m.Report, dict[str, Any]]:
+    """Stream one dataset with plain h5py, the Streamer's queue and its generator, round-robin."""
+    shape, dtype, chunks, nbytes = _dataset_facts(filename, path)
+    block = block_size or m.default_block_size(shape, dtype, chunks)
+    progress.start("warming page cache", os.path.getsize(filename))
+    m.warm_page_cache(filename, progress.tick)
+    progress.clear()
+    readers = {
+        "h5py read_direct": lambda tick: m.h5py_read_direct(filename, path, block, tick),
+        f"Streamer queue (n_procs={n_procs})":
+            lambda tick: m.mt_queue(filename, path, n_procs, block, tick),
+        f"Streamer generator (n_procs={n_procs})":
+            lambda tick: m.mt_generator(filename, path, n_procs, block, tick),
+    }
+    report = _run(readers, dict.fromkeys(readers, nbytes), rounds, "h5py read_direct", progress)
+    facts = {"file": filename, "path": path, "shape": shape, "dtype": str(dtype),
+             "chunks": chunks, "nbytes": nbytes, "block_size": block, "n_procs": n_procs,
+             "rounds": rounds}
+    return report, facts
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    progress = Progress()
+    tmpdir = None
+    if (args.file is None) != (args.path is None):
+        raise SystemExit("error: give both FILE and PATH, or neither (to bench a sample file)")
+    try:
+        if args.file is None:
+            tmpdir = tempfile.mkdtemp(prefix="multitables-bench-")
+            filename, path = os.path.join(tmpdir, "sample.h5"), "/data"
+            progress.start(f"writing {args.size_mb:g} MB sample file", int(args.size_mb * 1e6))
+            m.write_sample(filename, args.size_mb, progress.tick)
+            progress.clear()
+        else:
+            filename, path = args.file, args.path
+        n_procs = args.n_procs or min(4, _cores())
+        report, facts = bench(filename, path, n_procs, args.block_size, args.rounds, progress)
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    row_bytes = facts["nbytes"] // facts["shape"][0]
+    print(f"{facts['file']} {facts['path']}: {facts['dtype']} {facts['shape']}, chunks "
+          f"{facts['chunks']}, {_mb(facts['nbytes'])}" + (" (sample, removed)" if tmpdir else ""))
+    print(f"block_size {facts['block_size']} rows ({facts['block_size'] * row_bytes / m.MiB:.2f} "
+          f"MiB), n_procs {facts['n_procs']}, {args.rounds} round(s), page cache warm, "
+          f"{_cores()} core(s)\n")
+    print(report.table())
+    if args.json:
+        m.dump_json(args.json, {"command": "bench", **facts, "report": report.to_dict()})
+    return 0
+
+
+# -------------------------------------------------------------------------------- tune
+
+
+def _grid(shape: tuple[int, ...], dtype: np.dtype, chunks: Any, count: int = 6) -> list[int]:
+    """Block sizes to try: whole chunks (or rows, if contiguous) doubling from about 128 KiB."""
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
+    unit = chunks[0] if chunks else 1
+    k = 1
+    while k * unit * row_bytes < 128 * 1024 and k * unit < shape[0]:
+        k *= 2
+    sizes: list[int] = []
+    while len(sizes) < count and k * unit <= shape[0]:
+        sizes.append(k * unit)
+        k *= 2
+    return sizes or [min(unit, shape[0])]
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    shape, dtype, chunks, nbytes = _dataset_facts(args.file, args.path)
+    row_bytes = nbytes // shape[0]
+    blocks = args.block_sizes or _grid(shape, dtype, chunks)
+    procs = list(range(1, (args.max_procs or _cores()) + 1))
+    limit = int(args.max_mb * 1e6) if args.max_mb else nbytes
+    progress = Progress()
+    progress.start("warming page cache", os.path.getsize(args.file))
+    m.warm_page_cache(args.file, progress.tick)
+    progress.clear()
+
+    def cell(b: int, p: int | None) -> tuple[Any, int]:
+        max_blocks = max(1, limit // (b * row_bytes))
+        total = min(nbytes, max_blocks * b * row_bytes)
+        if p is None:
+            return (lambda tick: m.h5py_read_direct(args.file, args.path, b, tick, max_blocks),
+                    total)
+        return (lambda tick: m.mt_queue(args.file, args.path, p, b, tick, max_blocks=max_blocks),
+                total)
+
+    default = m.default_block_size(shape, dtype, chunks)
+    cells = {"h5py": cell(default, None)}
+    cells.update({f"{b}x{p}": cell(b, p) for b in blocks for p in procs})
+    report = _run({k: v[0] for k, v in cells.items()}, {k: v[1] for k, v in cells.items()},
+                  args.rounds, "h5py", progress)
+    best = max((k for k in cells if k != "h5py"), key=report.median)
+    rows = [["block_size", "MiB"] + [f"n_procs={p}" for p in procs]]
+    for b in blocks:
+        row = [str(b), f"{b * row_bytes / m.MiB:.2f}"]
+        for p in procs:
+            key = f"{b}x{p}"
+            row.append(f"{report.median(key):,.0f}" + ("*" if key == best else " "))
+        rows.append(row)
+    print(f"{args.file} {args.path}: {dtype} {shape}, chunks {chunks}; MB/s of the direct queue, "
+          f"median of {args.rounds} round(s), up to {_mb(limit)} per run\n")
+    print(m.format_table(rows))
+    best_b, best_p = (int(v) for v in best.split("x"))
+    print(f"\nh5py read_direct (block_size={default}): {report.median('h5py'):,.0f} MB/s")
+    print(f"best: block_size={best_b} n_procs={best_p}: {report.median(best):,.0f} MB/s, "
+          f"{report.median_ratio(best):.2f}x h5py")
+    if args.json:
+        m.dump_json(args.json, {"command": "tune", "file": args.file, "path": args.path,
+                                "best": {"block_size": best_b, "n_procs": best_p},
+                                "report": report.to_dict()})
+    if args.plot:
+        _plot(args.plot, report, blocks, procs, row_bytes)
+    return 0
+
+
+def _plot(out: str, report: m.Report, blocks: list[int], procs: list[int], row_bytes: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib, which is not installed; table only", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mib = [b * row_bytes / m.MiB for b in blocks]
+    for p in procs:
+        ax.plot(mib, [report.median(f"{b}x{p}") for b in blocks], "o-", label=f"n_procs={p}")
+    ax.axhline(report.median("h5py"), color="gray", ls="--", label="h5py read_direct")
+    ax.set(xscale="log", xlabel="block size (MiB)", ylabel="MB/s", title="multitables tune")
+    ax.legend()
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    print(f"plot written to {out}")
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="multitables", description="Inspect, benchmark and tune multitables on HDF5 files.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="list datasets with chunking, filters and block size")
+    info.add_argument("file")
+    info.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="MB/s of h5py vs Streamer queue vs generator",
+                       description="Stream a dataset with plain h5py and with multitables. With "
+                       "no FILE PATH, a sample float32 (N, 1024) file in 1 MiB chunks is written "
+                       "to a temporary directory and removed afterwards.")
+    b.add_argument("file", nargs="?")
+    b.add_argument("path", nargs="?")
+    b.add_argument("--n-procs", type=int, default=None, help="workers (default: min(4, cores))")
+    b.add_argument("--block-size", type=int, default=None, help="rows per block (default: "
+                   "whole chunks of about 1 MiB, as `info` suggests)")
+    b.add_argument("--size-mb", type=float, default=256, help="sample file size (default 256)")
+    b.add_argument("--rounds", type=int, default=3, help="rounds, readers interleaved (default 3)")
+    b.add_argument("--json", metavar="OUT", help="also write the results as JSON ('-': stdout)")
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("tune", help="grid of block_size x n_procs; prints the best choice")
+    t.add_argument("file")
+    t.add_argument("path")
+    t.add_argument("--block-sizes", type=int, nargs="+", help="rows (default: whole chunks "
+                   "doubling from about 128 KiB, 6 sizes)")
+    t.add_argument("--max-procs", type=int, default=None, help="n_procs 1..this (default: cores)")
+    t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--max-mb", type=float, default=512, help="stop each run after this many MB "
+                   "(default 512; 0: whole dataset)")
+    t.add_argument("--plot", metavar="PNG", help="write a plot (needs matplotlib)")
+    t.add_argument("--json", metavar="OUT", help="also write the results as JSON ('-': stdout)")
+    t.set_defaults(func=cmd_tune)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    m.load_filter_plugins()
+    for name in ("n_procs", "block_size", "rounds", "max_procs"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, KeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

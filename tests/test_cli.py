@@ -1,0 +1,103 @@
+"""Quick tests of ``python -m multitables`` (info, bench, tune) on tiny files, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import multitables
+
+# The child imports multitables from where this process did (an in-place or editable build).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(multitables.__file__)))
+MBS = re.compile(r"\d[\d,]*\s+\d+\.\d\d")  # "1,234  1.00": MB/s then a ratio
+
+
+def run_cli(*args: str, cwd: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, "-m", "multitables", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def sample(tmp_path):
+    filename = str(tmp_path / "sample.h5")
+    with h5py.File(filename, "w") as f:
+        f.create_dataset("data", data=np.arange(2048 * 256, dtype=np.float32).reshape(2048, 256),
+                         chunks=(128, 256))
+        grp = f.create_group("grp")
+        grp.create_dataset("packed", data=np.zeros((1000, 8, 8), np.uint8), chunks=(100, 8, 8),
+                           compression="gzip", compression_opts=4, shuffle=True)
+        grp.create_dataset("flat", data=np.ones(5000, np.int64))
+        rec = np.zeros(300, [("a", "f4"), ("img", "u1", (4, 4))])
+        grp.create_dataset("records", data=rec, chunks=(50,))
+    return filename
+
+
+def test_info_lists_every_dataset(sample, tmp_path):
+    out = run_cli("info", sample, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for path in ("/data", "/grp/packed", "/grp/flat", "/grp/records"):
+        assert path in text
+    assert "(2048, 256)" in text and "(128, 256)" in text
+    assert "shuffle+gzip(4)" in text
+    assert "{a:f4, img:u1[4, 4]}" in text
+    # 1 MiB of whole chunks: 1024 rows of 1 KiB for /data; all 1000 rows for /grp/packed.
+    data_line = next(line for line in text.splitlines() if line.startswith("/data"))
+    assert "1024 (1.00 MiB)" in data_line
+    packed_line = next(line for line in text.splitlines() if line.startswith("/grp/packed"))
+    assert re.search(r"\b1000 \(", packed_line)
+
+
+def test_info_missing_file(tmp_path):
+    out = run_cli("info", str(tmp_path / "nope.h5"), cwd=str(tmp_path))
+    assert out.returncode != 0
+    assert "nope.h5" in out.stderr
+
+
+def test_bench_sample_file(tmp_path):
+    out = run_cli("bench", "--size-mb", "4", "--rounds", "1", "--n-procs", "1", "--json",
+                  str(tmp_path / "out.json"), cwd=str(tmp_path), timeout=110)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for name in ("h5py read_direct", "Streamer queue (n_procs=1)",
+                 "Streamer generator (n_procs=1)"):
+        line = next(line for line in lines if line.startswith(name))
+        assert MBS.search(line), line
+    assert "(sample, removed)" in out.stdout
+    assert "[" in out.stderr and "MB/s" in out.stderr  # the progress bar
+    report = json.loads((tmp_path / "out.json").read_text())
+    readers = report["report"]["readers"]
+    assert set(readers) == {"h5py read_direct", "Streamer queue (n_procs=1)",
+                            "Streamer generator (n_procs=1)"}
+    assert all(r["median_mb_per_s"] > 0 for r in readers.values())
+    # Every reader delivered the whole dataset, remainder included.
+    assert {r["bytes"][0] for r in readers.values()} == {report["nbytes"]}
+    assert not [p for p in os.listdir(tmp_path) if p != "out.json"]
+
+
+def test_bench_user_file_and_tune(sample, tmp_path):
+    out = run_cli("bench", sample, "/data", "--rounds", "1", "--n-procs", "2", "--block-size",
+                  "100", cwd=str(tmp_path), timeout=110)
+    assert out.returncode == 0, out.stderr
+    assert "block_size 100 rows" in out.stdout
+    assert "Streamer generator (n_procs=2)" in out.stdout
+    out = run_cli("tune", sample, "/data", "--rounds", "1", "--max-procs", "2", "--block-sizes",
+                  "128", "512", cwd=str(tmp_path), timeout=110)
+    assert out.returncode == 0, out.stderr
+    assert "n_procs=1" in out.stdout and "n_procs=2" in out.stdout
+    assert re.search(r"best: block_size=(128|512) n_procs=[12]: [\d,]+ MB/s", out.stdout)
+
+
+def test_bench_needs_file_and_path(sample, tmp_path):
+    out = run_cli("bench", sample, cwd=str(tmp_path))
+    assert out.returncode != 0
+    assert "FILE and PATH" in out.stderr
