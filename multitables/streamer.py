@@ -14,7 +14,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ._indexing import translate
 from .errors import QueueClosed, QueueClosedException, SubprocessException
+from .hyperslab import read_selection
 from .ring import CLOSED, TIMEOUT, Ring, RingLayout
 from .shm import SharedArena
 from .source import (
@@ -101,11 +103,8 @@ class _StreamJob:
     def attach(self, file: h5py.File, worker: int) -> None:
         plan = self.plan
         self.ring = Ring(plan.arena, plan.layout)
-        self.reader = _BlockReader(get_dataset(file, plan.info.path), plan.field)
-        rows = plan.block_size * plan.blocks_per_slot
-        self.slots = [
-            self.reader.slot_array(self.ring, s, rows) for s in range(plan.layout.n_slots)
-        ]
+        self.dataset = get_dataset(file, plan.info.path)
+        self.slots = _slot_arrays(plan, self.ring)
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket of the blocks to read into it; None when done."""
@@ -127,8 +126,12 @@ class _StreamJob:
 
     def run(self, task: tuple[int, int]) -> None:
         slot, ticket = task
-        nrows = self.reader.read(self.plan.rows_of(ticket), self.slots[slot])
-        self.ring.headers[slot] = (ticket, nrows)
+        dest, shape, at = self.slots[slot], self.plan.info.shape, 0
+        for start, stop in self.plan.rows_of(ticket):
+            sel = translate((slice(start, stop),), shape)
+            read_selection(self.dataset, sel, dest[at : at + stop - start], self.plan.field)
+            at += stop - start
+        self.ring.headers[slot] = (ticket, at)
         self.ring.full.push(slot)
 
     def describe(self, task: tuple[int, int]) -> str:
@@ -160,36 +163,12 @@ def _worker_file_kwargs(plan: _Plan) -> dict[str, Any]:
     return kwargs
 
 
-class _BlockReader:
-    """Reads row ranges of a dataset (or one field) straight into a slot, with h5py's low level."""
-
-    def __init__(self, dataset: h5py.Dataset, field: str | None):
-        self.dsid = dataset.id
-        self.fspace = dataset.id.get_space()
-        self.row_shape = tuple(dataset.shape[1:])
-        self.dtype = dataset.dtype
-        self.mtype = None
-        if field is not None:
-            # A compound of one field has the layout of the field itself: read it in place.
-            self.dtype = np.dtype([(field, dataset.dtype.fields[field][0])])
-            self.mtype = h5py.h5t.py_create(self.dtype)
-        self._mspaces: dict[int, Any] = {}
-
-    def slot_array(self, ring: Ring, slot: int, rows: int) -> np.ndarray:
-        return ring.slot_array(slot, (rows, *self.row_shape), self.dtype)
-
-    def read(self, ranges: list[tuple[int, int]], dest: np.ndarray) -> int:
-        at = 0
-        for start, stop in ranges:
-            count = stop - start
-            self.fspace.select_hyperslab((start,) + (0,) * len(self.row_shape),
-                                         (count, *self.row_shape))
-            mspace = self._mspaces.get(count)
-            if mspace is None:
-                mspace = self._mspaces[count] = h5py.h5s.create_simple((count, *self.row_shape))
-            self.dsid.read(mspace, self.fspace, dest[at : at + count], self.mtype)
-            at += count
-        return at
+def _slot_arrays(plan: _Plan, ring: Ring) -> list[np.ndarray]:
+    """Each slot as an array of its rows (of the field's elements when streaming one field)."""
+    info = plan.info
+    dtype = info.field_dtype(plan.field)
+    shape = (plan.block_size * plan.blocks_per_slot, *info.shape[1:], *dtype.shape)
+    return [ring.slot_array(s, shape, dtype.base) for s in range(plan.layout.n_slots)]
 
 
 class Guard:
@@ -244,10 +223,7 @@ class Queue:
         self._release_lock = threading.Lock()
         self._closed = False
         self._next_check = time.monotonic() + CHECK_INTERVAL
-        info = plan.info
-        dtype = info.field_dtype(plan.field)
-        shape = (plan.block_size * plan.blocks_per_slot, *info.shape[1:], *dtype.shape)
-        self._slots = [ring.slot_array(s, shape, dtype.base) for s in range(plan.layout.n_slots)]
+        self._slots = _slot_arrays(plan, ring)
         _LIVE_QUEUES.add(self)
         self._pool = WorkerPool(_StreamJob(plan), n_procs, start_method, "Streamer")
 
