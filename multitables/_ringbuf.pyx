@@ -176,11 +176,21 @@ cdef extern from *:
         return __atomic_fetch_add(p, n, __ATOMIC_ACQ_REL);
     }
 
-    /* Wait while *word == value; returns 1 once it differs, 0 on timeout. */
-    static int mt_word_wait_while(uint32_t *word, uint32_t value, double timeout) {
+    /* Wait while *word == value; returns 1 once it differs, 0 on timeout. Spins `spin` seconds
+       first: a peer expected within microseconds is cheaper to watch than to be woken by. */
+    static int mt_word_wait_while(uint32_t *word, uint32_t value, double timeout, double spin) {
         for (int i = 0; i < MT_SPINS; i++) {
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value) return 1;
             mt_pause();
+        }
+        if (spin > 0) {
+            double until = mt_now() + spin;
+            do {
+                for (int i = 0; i < 64; i++) {
+                    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value) return 1;
+                    mt_pause();
+                }
+            } while (mt_now() < until);
         }
         double deadline = mt_now() + timeout;
         for (;;) {
@@ -201,7 +211,7 @@ cdef extern from *:
     void mt_queue_close(mt_queue *q) nogil
     int64_t mt_queue_size(mt_queue *q) nogil
     void mt_futex_wake(uint32_t *addr) nogil
-    int mt_word_wait_while(uint32_t *word, uint32_t value, double timeout) nogil
+    int mt_word_wait_while(uint32_t *word, uint32_t value, double timeout, double spin) nogil
     uint32_t mt_load32(uint32_t *p) nogil
     void mt_store32(uint32_t *p, uint32_t v) nogil
     bint mt_cas32(uint32_t *p, uint32_t expected, uint32_t desired) nogil
@@ -307,6 +317,10 @@ cdef class Word:
         mt_store32(self.p, value)
         mt_futex_wake(self.p)
 
+    def set(self, uint32_t value):
+        """Publish ``value`` without a wake-up (a syscall): for words nobody waits on."""
+        mt_store32(self.p, value)
+
     def compare_exchange(self, uint32_t expected, uint32_t desired):
         """Set to ``desired`` if it holds ``expected``; True when it did. Wakes waiters."""
         cdef bint done = mt_cas32(self.p, expected, desired)
@@ -314,11 +328,14 @@ cdef class Word:
             mt_futex_wake(self.p)
         return done
 
-    def wait_while(self, uint32_t value, double timeout):
-        """Block while the word equals ``value``; True once it differs, False on timeout."""
+    def wait_while(self, uint32_t value, double timeout, double spin=0.0):
+        """Block while the word equals ``value``; True once it differs, False on timeout.
+
+        Spins ``spin`` seconds before sleeping, for answers expected within microseconds.
+        """
         cdef int r
         with nogil:
-            r = mt_word_wait_while(self.p, value, timeout)
+            r = mt_word_wait_while(self.p, value, timeout, spin)
         return bool(r)
 
     def release(self):

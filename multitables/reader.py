@@ -36,6 +36,9 @@ def _close_live_readers() -> None:
 
 
 _ERROR_BYTES = 1 << 16
+# A waiting get() watches its stage this long before sleeping: a one-row request comes back in
+# tens of microseconds, and waking a sleeping process costs about as much again.
+REQUEST_SPIN = 50e-6
 
 
 class _RequestJob:
@@ -55,7 +58,9 @@ class _RequestJob:
         self.control = control
 
     def file_kwargs(self) -> dict[str, Any]:
-        return self.kwargs
+        # Unfiltered rows are read past HDF5 (rawread); the chunk cache serves compressed chunks,
+        # which random requests often revisit: hold a few dozen of them.
+        return {"rdcc_nbytes": 32 << 20, "rdcc_nslots": 10_007, **self.kwargs}
 
     def attach(self, file: h5py.File, worker: int) -> None:
         self.file = file
@@ -89,14 +94,7 @@ class _RequestJob:
     def dataset(self, path: str) -> h5py.Dataset:
         ds = self.datasets.get(path)
         if ds is None:
-            ds = get_dataset(self.file, path)
-            if "rdcc_nbytes" not in self.kwargs and ds.chunks and ds.compression is None:
-                # Random rows of uncompressed chunks: read just them, not whole chunks into a
-                # cache that scattered rows would thrash.
-                dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-                dapl.set_chunk_cache(0, 0, 1.0)
-                ds = h5py.Dataset(h5py.h5d.open(self.file.id, ds.name.encode(), dapl))
-            self.datasets[path] = ds
+            ds = self.datasets[path] = get_dataset(self.file, path)
         return ds
 
     def run(self, task: tuple[int, ReadSpec]) -> None:
@@ -154,7 +152,7 @@ class Request:
             self._taken = True
             raise self._error
         memory = self._stage.memory
-        while not memory.state.wait_while(PENDING, WAIT_SLICE):
+        while not memory.state.wait_while(PENDING, WAIT_SLICE, REQUEST_SPIN):
             self._reader._check()
         if memory.state.load() == FAILED:
             exc = memory.errors.exception()
@@ -437,12 +435,12 @@ class Reader:
                     self._check()
                     raise
                 stage.sent_to.add(worker)
-            stage.memory.state.store(PENDING)
+            stage.memory.state.set(PENDING)
             self._sent[worker] += 1
             try:
                 conn.send_bytes(message)
             except OSError:
-                stage.memory.state.store(IDLE)
+                stage.memory.state.set(IDLE)
                 self._check()  # a dead worker closed its end: say which one
                 raise
 

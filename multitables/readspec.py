@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import pickle
-from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -27,16 +26,31 @@ WHERE = "where"  # table rows matching a numexpr condition: row count known afte
 SORTED = "sorted"  # table rows in the order of one column
 
 
-@dataclass(frozen=True)
 class ReadSpec:
-    kind: str
-    path: str
-    field: str | None
-    selection: Selection | None
-    shape: tuple[int, ...]  # of the result (for WHERE: the most rows it can have)
-    dtype: np.dtype  # of the result's elements (VLEN: of the rows' elements)
-    params: tuple = ()
-    pseudo_atom: str | None = None  # VLEN: how PyTables encoded the rows
+    """A request as plain data.
+
+    ``shape`` is the result's (for WHERE: the most rows it can have), ``dtype`` its elements'
+    (VLEN: the rows' elements). The dtype is left out when a spec is sent to a worker (pickling a
+    dtype costs more than the rest of the message); the worker derives it from the dataset.
+    """
+
+    __slots__ = ("kind", "path", "field", "selection", "shape", "dtype", "params", "pseudo_atom")
+
+    def __init__(self, kind: str, path: str, field: str | None, selection: Selection | None,
+                 shape: tuple[int, ...], dtype: np.dtype | None, params: tuple = (),
+                 pseudo_atom: str | None = None):
+        self.kind = kind
+        self.path = path
+        self.field = field
+        self.selection = selection
+        self.shape = shape
+        self.dtype = dtype
+        self.params = params
+        self.pseudo_atom = pseudo_atom  # VLEN: how PyTables encoded the rows
+
+    def __reduce__(self):
+        return ReadSpec, (self.kind, self.path, self.field, self.selection, self.shape, None,
+                          self.params, self.pseudo_atom)
 
     @property
     def nbytes(self) -> int:
@@ -44,11 +58,22 @@ class ReadSpec:
         return 0 if self.kind == VLEN else math.prod(self.shape) * self.dtype.itemsize
 
 
+def _element_dtype(spec: ReadSpec, dataset: h5py.Dataset) -> np.dtype:
+    """What ``spec.dtype`` is in the caller, from the dataset (see ``ReadSpec``)."""
+    if spec.kind == VLEN:
+        return h5py.check_vlen_dtype(dataset.dtype)
+    if spec.field is None:
+        return dataset.dtype
+    return dataset.dtype.fields[spec.field][0].base
+
+
 # ---- worker side --------------------------------------------------------------------------
 
 
 def execute(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
     """Read ``spec`` from ``dataset`` into the stage; metadata goes to ``memory.meta``."""
+    if spec.dtype is None:
+        spec.dtype = _element_dtype(spec, dataset)
     if spec.kind == ARRAY:
         _read_array(spec, dataset, memory)
     elif spec.kind == VLEN:

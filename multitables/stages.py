@@ -94,7 +94,7 @@ class Stage:
     def free(self) -> None:
         self.owner = None
         if not self.closed:
-            self.memory.state.store(IDLE)
+            self.memory.state.set(IDLE)
 
     def close(self) -> None:
         if not self.closed:
