@@ -1,0 +1,91 @@
+"""Rows read past HDF5 with pread must equal h5py's reading, and only qualifying layouts use it."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from helpers import N_ROWS, TABLE_DTYPE, sample, write_pytables
+
+from multitables._indexing import translate
+from multitables.hyperslab import read_selection
+from multitables.rawread import RawRows
+
+KEYS = [np.s_[:], np.s_[5:60], np.s_[::7], np.s_[[90, 3, 3, 17, 18, 19, 0]], np.s_[-1],
+        np.s_[::-2], np.s_[np.arange(N_ROWS) % 4 == 1]]
+
+
+def check_keys(ds, truth):
+    for key in KEYS:
+        sel = translate(key if isinstance(key, tuple) else (key,), ds.shape)
+        out = np.empty(sel.result_shape, ds.dtype)
+        read_selection(ds, sel, out)
+        np.testing.assert_array_equal(out, truth[key])
+
+
+@pytest.mark.parametrize(
+    "kwargs, raw",
+    [
+        ({}, True),  # contiguous
+        ({"chunks": (10, 6, 3)}, True),  # chunks spanning whole rows
+        ({"chunks": (10, 3, 3)}, False),  # chunks split rows: HDF5 assembles them
+        ({"chunks": (10, 6, 3), "compression": "gzip"}, False),
+        ({"chunks": (10, 6, 3), "shuffle": True}, False),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["<f4", ">i8", "u1"])
+def test_layouts(tmp_path, kwargs, raw, dtype):
+    truth = sample((N_ROWS, 6, 3), dtype)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("x", data=truth, **kwargs)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        ds = f["x"]
+        assert (RawRows.of(ds) is not None) == raw
+        check_keys(ds, truth)
+
+
+def test_userblock_offsets(tmp_path):
+    truth = sample((N_ROWS, 4), "<f8")
+    with h5py.File(tmp_path / "u.h5", "w", userblock_size=1024) as f:
+        f.create_dataset("c", data=truth)
+        f.create_dataset("k", data=truth, chunks=(8, 4))
+    with h5py.File(tmp_path / "u.h5", "r") as f:
+        for name in "ck":
+            assert RawRows.of(f[name]) is not None
+            check_keys(f[name], truth)
+
+
+def test_unallocated_chunks_keep_the_fill_value(tmp_path):
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        ds = f.create_dataset("s", (N_ROWS, 4), "<i4", chunks=(10, 4), fillvalue=-7)
+        ds[20:30] = 1
+        f.create_dataset("g", (N_ROWS, 4), "<i4", fillvalue=3)  # never written
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert RawRows.of(f["s"]) is None and RawRows.of(f["g"]) is None
+        truth = f["s"][()]
+        assert (truth[:20] == -7).all() and (truth[20:30] == 1).all()
+        check_keys(f["s"], truth)
+
+
+def test_pytables_table_and_arrays(tmp_path):
+    truth = write_pytables(tmp_path / "t.h5")
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert f["table"].dtype == TABLE_DTYPE
+        for name in ("table", "array", "earray"):
+            assert RawRows.of(f[name]) is not None, name
+            check_keys(f[name], truth[name])
+
+
+def test_truncated_file_raises_instead_of_returning_zeros(tmp_path):
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=sample((N_ROWS, 1024), "<f4"))
+    with h5py.File(path, "r") as f:
+        ds = f["x"]
+        assert RawRows.of(ds) is not None
+        size = path.stat().st_size
+        with open(path, "r+b") as fh:
+            fh.truncate(size // 2)
+        sel = translate((np.s_[-3:],), ds.shape)
+        with pytest.raises(OSError, match="shorter than its HDF5 metadata"):
+            read_selection(ds, sel, np.empty(sel.result_shape, ds.dtype))
