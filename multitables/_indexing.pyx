@@ -14,6 +14,7 @@ import numpy as np
 
 cimport cython
 from libc.stdint cimport int64_t
+from libc.string cimport memcpy
 
 # numpy's own messages (numpy/_core/src/multiarray/mapping.c).
 _INVALID = ("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis (`None`) and "
@@ -170,6 +171,43 @@ def runs(const int64_t[::1] u):
                 s[k] = u[i]
                 ln[k] = 1
     return starts[:k + 1], lengths[:k + 1]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def gather_rows(const unsigned char[::1] src, unsigned char[::1] dst, const int64_t[::1] rows,
+                const int64_t[::1] chunk_offsets, int64_t chunk_rows, int64_t row_bytes):
+    """Copy rows ``rows`` (any order, repeats allowed) of a file image ``src`` into ``dst``.
+
+    Row ``r`` lies at ``chunk_offsets[r // chunk_rows] + (r % chunk_rows) * row_bytes``;
+    consecutive rows of one chunk move in one memcpy. Returns the largest source offset needed
+    (so the caller can tell a truncated file); copies nothing and returns it negated when ``src``
+    is too short.
+    """
+    cdef Py_ssize_t n = rows.shape[0], i = 0, j
+    cdef int64_t chunk, first, count, offset, need = 0
+    if dst.shape[0] < n * row_bytes:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes, {n} rows need {n * row_bytes}")
+    for i in range(n):
+        if rows[i] < 0 or rows[i] // chunk_rows >= chunk_offsets.shape[0]:
+            raise IndexError(f"row {rows[i]} is outside the layout")
+        offset = chunk_offsets[rows[i] // chunk_rows] + (rows[i] % chunk_rows + 1) * row_bytes
+        need = max(need, offset)
+    if need > src.shape[0]:
+        return -need
+    i = 0
+    with nogil:
+        while i < n:
+            chunk = rows[i] // chunk_rows
+            first = rows[i] % chunk_rows
+            j = i + 1
+            while (j < n and rows[j] == rows[j - 1] + 1 and rows[j] // chunk_rows == chunk):
+                j += 1
+            count = j - i
+            memcpy(&dst[i * row_bytes], &src[chunk_offsets[chunk] + first * row_bytes],
+                   count * row_bytes)
+            i = j
+    return need
 
 
 cdef tuple _dim_plan(object a, Py_ssize_t n):

@@ -109,12 +109,27 @@ def read_selection(dataset, sel: Selection, out: np.ndarray, field: str | None =
         # A compound of the one field lies in memory exactly as the field does.
         mem_dtype = np.dtype([(field, field_dtype(dataset.dtype, field))])
         view = out.reshape(-1).view(mem_dtype).reshape(sel.result_shape)
-    raw = RawRows.of(dataset) if field is None and sel.points is None else None
-    box = view if sel.local_key is None else np.empty(sel.read_shape, mem_dtype)
+    raw = RawRows.of(dataset) if field is None else None
+    if raw is not None and sel.local_key is not None and raw.gather(sel, out):
+        return
+    box = view if sel.local_key is None else _scratch(sel.read_shape, mem_dtype)
     if raw is None or not raw.read(sel, box):
         _read_box(dataset.id, sel, box, _memory_type(mem_dtype))
     if sel.local_key is not None:
         view[...] = box[sel.local_key]
+
+
+_SCRATCH = np.empty(0, np.uint8)
+
+
+def _scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A reused buffer for boxes that are rearranged into ``out``: a fresh large array costs a
+    page fault per 4 KiB, more than reading into it."""
+    global _SCRATCH
+    nbytes = math.prod(shape) * dtype.itemsize
+    if _SCRATCH.nbytes < nbytes:
+        _SCRATCH = np.empty(nbytes, np.uint8)
+    return _SCRATCH[:nbytes].view(dtype).reshape(shape)
 
 
 def _read_box(dsid, sel: Selection, buf: np.ndarray, mtype) -> None:

@@ -11,23 +11,30 @@ results are identical either way.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import weakref
 
 import h5py
 import numpy as np
 
-from ._indexing import Selection, runs
+from ._indexing import Selection, gather_rows
 
 
 class RawRows:
-    """Byte offsets of the rows of one dataset, and reads of whole rows from them."""
+    """Byte offsets of the rows of one dataset, and reads of whole rows from them.
+
+    Ranges of rows are read with one ``pread`` per chunk; scattered rows are copied from a
+    read-only map of the file (one ``memcpy`` each, no system call once its pages are mapped).
+    """
 
     def __init__(self, fd: int, row_bytes: int, chunk_rows: int, chunk_offsets: np.ndarray):
         self.fd = fd
         self.row_bytes = row_bytes
         self.chunk_rows = chunk_rows  # rows per chunk (all rows for contiguous data)
         self.chunk_offsets = chunk_offsets  # file offset of chunk k's first row
+        self.end = int(chunk_offsets.max()) + chunk_rows * row_bytes  # where the data ends
+        self._map: np.ndarray | None = None
 
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> RawRows | None:
@@ -39,26 +46,34 @@ class RawRows:
 
     def read(self, sel: Selection, buf: np.ndarray) -> bool:
         """Fill ``buf`` (the box of ``sel``) if ``sel`` takes whole rows; False if it does not."""
-        dims = sel.dims
-        for d, entry in enumerate(dims[1:], start=1):
-            if not (isinstance(entry, tuple) and entry[0] == 0 and entry[1] == 1
-                    and entry[2] == sel.shape[d]):
-                return False
-        rows = dims[0]
-        if isinstance(rows, tuple):
-            start, step, count = rows
-            if step != 1:
-                rows = np.arange(start, start + step * count, step, dtype=np.int64)
-            else:
-                self._read_run(start, count, memoryview(buf.reshape(-1).view(np.uint8)))
-                return True
-        view = memoryview(buf.reshape(-1).view(np.uint8))
-        starts, lengths = runs(np.ascontiguousarray(rows, dtype=np.int64))
-        at = 0
-        for start, count in zip(starts.tolist(), lengths.tolist(), strict=True):
-            self._read_run(start, count, view[at : at + count * self.row_bytes])
-            at += count * self.row_bytes
+        if not _whole_rows(sel):
+            return False
+        rows = sel.dims[0]
+        if isinstance(rows, tuple) and rows[1] == 1:
+            self._read_run(rows[0], rows[2], memoryview(buf.reshape(-1).view(np.uint8)))
+        else:
+            self._gather(_row_numbers(rows), buf)
         return True
+
+    def gather(self, sel: Selection, out: np.ndarray) -> bool:
+        """Fill ``out`` (the result) with rows in the caller's order, straight from the file,
+        when ``sel`` picks whole rows by one index array; False otherwise."""
+        key = sel.local_key
+        if not (_whole_rows(sel) and len(key) == 1 and isinstance(key[0], np.ndarray)
+                and key[0].dtype.kind in "iu"):
+            return False
+        self._gather(_row_numbers(sel.dims[0])[key[0].reshape(-1)], out)
+        return True
+
+    def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
+        size = os.fstat(self.fd).st_size
+        if size < self.end:  # mapped pages past the end of a file raise SIGBUS: check first
+            raise _truncated(self.end, size)
+        if self._map is None:
+            self._map = np.frombuffer(mmap.mmap(self.fd, self.end, access=mmap.ACCESS_READ),
+                                      np.uint8)
+        gather_rows(self._map, out.reshape(-1).view(np.uint8), rows, self.chunk_offsets,
+                    self.chunk_rows, self.row_bytes)
 
     def _read_run(self, row: int, count: int, out: memoryview) -> None:
         """Rows ``row:row + count`` into ``out``, one pread per chunk they span."""
@@ -70,13 +85,33 @@ class RawRows:
             offset = int(self.chunk_offsets[chunk]) + first * self.row_bytes
             got = os.preadv(self.fd, [out[at : at + nbytes]], offset)
             if got != nbytes:
-                raise OSError(
-                    f"read {got} of {nbytes} bytes at offset {offset}: the file is shorter "
-                    "than its HDF5 metadata says (truncated while being read?)"
-                )
+                raise _truncated(offset + nbytes, offset + got)
             at += nbytes
             row += n
             count -= n
+
+
+def _truncated(needed: int, size: int) -> OSError:
+    return OSError(
+        f"the file ends at byte {size} but its HDF5 metadata puts data up to byte {needed} "
+        "(truncated while being read?)"
+    )
+
+
+def _whole_rows(sel: Selection) -> bool:
+    """Whether every dimension but the first is taken whole and in order."""
+    return sel.points is None and all(
+        isinstance(e, tuple) and e[0] == 0 and e[1] == 1 and e[2] == n
+        for e, n in zip(sel.dims[1:], sel.shape[1:], strict=True)
+    )
+
+
+def _row_numbers(entry) -> np.ndarray:
+    """The sorted rows of a ``Selection.dims`` entry (a progression or an index array)."""
+    if isinstance(entry, tuple):
+        start, step, count = entry
+        return np.arange(start, start + step * count, step, dtype=np.int64)
+    return np.asarray(entry, dtype=np.int64)
 
 
 # Keyed weakly by dataset id: a layout goes with its dataset (and its file descriptor with it).

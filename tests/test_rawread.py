@@ -87,5 +87,8 @@ def test_truncated_file_raises_instead_of_returning_zeros(tmp_path):
         with open(path, "r+b") as fh:
             fh.truncate(size // 2)
         sel = translate((np.s_[-3:],), ds.shape)
-        with pytest.raises(OSError, match="shorter than its HDF5 metadata"):
+        with pytest.raises(OSError, match="truncated while being read"):
+            read_selection(ds, sel, np.empty(sel.result_shape, ds.dtype))
+        sel = translate((np.array([3, 1]),), ds.shape)  # scattered rows: the mapped path
+        with pytest.raises(OSError, match="truncated while being read"):
             read_selection(ds, sel, np.empty(sel.result_shape, ds.dtype))
