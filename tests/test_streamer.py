@@ -312,3 +312,21 @@ def test_small_blocks_are_batched_into_slots(tmp_path):
                     assert block.shape == (1, 1024)
                     np.testing.assert_array_equal(block, data[i : i + 1])
     assert i == 2047
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_generator_rows_kept_stay_valid_while_copies_are_reused(h5file, ordered):
+    """Rows kept while the stream goes on never change (they are not views of slots)."""
+    path, truth = h5file
+    data = truth["partial_chunks_c8"]
+    kept = []
+    for i, row in enumerate(multitables.Streamer(path).get_generator(
+            "partial_chunks_c8", n_procs=2, block_size=4, ordered=ordered)):
+        if i % 7 == 0:
+            kept.append(row)
+    expected = data[::7] if ordered else None
+    if ordered:
+        np.testing.assert_array_equal(np.array(kept), expected)
+    else:
+        assert all(any(np.array_equal(k, r) for r in data) for k in kept)
+        assert len(kept) == len(data[::7])
