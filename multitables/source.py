@@ -6,6 +6,7 @@ layout (``DatasetInfo``), then closes it, so no HDF5 file is ever open across a 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +49,18 @@ class DatasetInfo:
         return self.dtype.fields[field][0]
 
 
+@functools.cache
+def _register_filter_plugins() -> None:
+    """Make hdf5plugin's filters (Blosc, zstd, ...) readable, in every process, if installed."""
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        pass
+
+
 def open_file(filename: str, file_kwargs: dict[str, Any]) -> h5py.File:
     """``h5py.File(filename, 'r', **file_kwargs)`` with errors that name the file."""
+    _register_filter_plugins()
     kwargs = dict(file_kwargs)
     mode = kwargs.pop("mode", "r")
     if mode != "r":
