@@ -28,6 +28,8 @@ class Progress:
     def __init__(self, stream: TextIO | None = None, width: int = 24, interval: float = 0.1):
         self.stream = stream if stream is not None else sys.stderr
         self.width, self.interval = width, interval
+        # Redrawing in place needs a terminal; in a log it would be one endless line.
+        self.enabled = self.stream.isatty()
         self.label, self.total, self.done, self.t0, self.last = "", 1, 0, 0.0, 0.0
 
     def start(self, label: str, total: int) -> None:
@@ -44,10 +46,14 @@ class Progress:
             self._draw(now)
 
     def clear(self) -> None:
+        if not self.enabled:
+            return
         self.stream.write("\r" + " " * (self.width + len(self.label) + 32) + "\r")
         self.stream.flush()
 
     def _draw(self, now: float) -> None:
+        if not self.enabled:
+            return
         frac = min(1.0, self.done / self.total)
         full = int(frac * self.width)
         rate = self.done / max(now - self.t0, 1e-9) / 1e6
