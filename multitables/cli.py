@@ -28,7 +28,7 @@ class Progress:
     def __init__(self, stream: TextIO | None = None, width: int = 24, interval: float = 0.1):
         self.stream = stream if stream is not None else sys.stderr
         self.width, self.interval = width, interval
-        # Redrawing in place needs a terminal; in a log it would be one endless line.
+        # Redrawing in place needs a terminal; a log gets one line per finished phase instead.
         self.enabled = self.stream.isatty()
         self.label, self.total, self.done, self.t0, self.last = "", 1, 0, 0.0, 0.0
 
@@ -47,6 +47,8 @@ class Progress:
 
     def clear(self) -> None:
         if not self.enabled:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9) / 1e6
+            self.stream.write(f"{self.label}: {self.done / 1e6:,.0f} MB at {rate:,.0f} MB/s\n")
             return
         self.stream.write("\r" + " " * (self.width + len(self.label) + 32) + "\r")
         self.stream.flush()
