@@ -106,6 +106,14 @@ def _whole_rows(sel: Selection) -> bool:
     )
 
 
+def row_range(sel: Selection) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``sel`` is whole rows ``start:stop``, else None."""
+    rows = sel.dims[0] if sel.dims else None
+    if isinstance(rows, tuple) and rows[1] == 1 and _whole_rows(sel):
+        return rows[0], rows[0] + rows[2]
+    return None
+
+
 def _row_numbers(entry) -> np.ndarray:
     """The sorted rows of a ``Selection.dims`` entry (a progression or an index array)."""
     if isinstance(entry, tuple):

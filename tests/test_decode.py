@@ -1,0 +1,273 @@
+"""Chunks decoded outside HDF5 equal h5py's reads byte for byte; anything unusual falls back."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from multitables.decode import ChunkDecoder
+
+hdf5plugin = pytest.importorskip("hdf5plugin")
+
+COMPOUND = np.dtype([("a", "<i4"), ("b", ">f8"), ("c", "u1")])
+DTYPES = [np.dtype(t) for t in ("u1", "<i2", "<f4", ">f8")] + [COMPOUND]
+SHAPES = [(100,), (50, 7), (30, 4, 3)]  # lengths not a multiple of CHUNK_ROWS
+CHUNK_ROWS = 8
+
+FILTERS = {
+    "gzip": dict(compression="gzip"),
+    "gzip9-shuffle": dict(compression="gzip", compression_opts=9, shuffle=True),
+    "gzip1-shuffle": dict(compression="gzip", compression_opts=1, shuffle=True),
+    "shuffle": dict(shuffle=True),
+    "lzf": dict(compression="lzf"),
+    "lzf-shuffle": dict(compression="lzf", shuffle=True),
+    "blosc-lz4-shuffle": hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE),
+    "blosc-zstd-bitshuffle": hdf5plugin.Blosc(cname="zstd", clevel=5,
+                                              shuffle=hdf5plugin.Blosc.BITSHUFFLE),
+    "blosc-zlib-noshuffle": hdf5plugin.Blosc(cname="zlib", clevel=3,
+                                             shuffle=hdf5plugin.Blosc.NOSHUFFLE),
+    "blosc2-zstd-shuffle": hdf5plugin.Blosc2(cname="zstd", clevel=5,
+                                             filters=hdf5plugin.Blosc2.SHUFFLE),
+    "blosc2-lz4-bitshuffle": hdf5plugin.Blosc2(cname="lz4", clevel=5,
+                                               filters=hdf5plugin.Blosc2.BITSHUFFLE),
+    "zstd": hdf5plugin.Zstd(clevel=3),
+    "lz4": hdf5plugin.LZ4(nbytes=64),  # several blocks per chunk
+}
+
+
+def _data(shape, dtype, seed=0):
+    """Random-walk values (compressible) with some noise bytes, in any dtype."""
+    rng = np.random.default_rng(seed)
+    walk = np.cumsum(rng.normal(size=shape), axis=-1)
+    if dtype.names:
+        out = np.empty(shape, dtype)
+        out["a"], out["b"], out["c"] = walk * 100, np.round(walk * 16) / 16, walk
+        return out
+    if dtype.kind == "f":
+        return (np.round(walk * 16) / 16).astype(dtype)
+    return (walk * 10).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory):
+    """One file holding every filter × dtype × shape combination."""
+    path = tmp_path_factory.mktemp("decode") / "filters.h5"
+    with h5py.File(path, "w") as f:
+        for fname, opts in FILTERS.items():
+            for dtype in DTYPES:
+                for shape in SHAPES:
+                    name = f"{fname}/{dtype.str if not dtype.names else 'compound'}/{len(shape)}d"
+                    f.create_dataset(name, data=_data(shape, dtype),
+                                     chunks=(CHUNK_ROWS, *shape[1:]), **opts)
+    with h5py.File(path, "r") as f:
+        yield f
+
+
+def _names():
+    return [f"{fname}/{dt.str if not dt.names else 'compound'}/{len(s)}d"
+            for fname in FILTERS for dt in DTYPES for s in SHAPES]
+
+
+def _read(decoder, ds, start, stop):
+    """Rows start:stop through the decoder, or through h5py where it refuses them."""
+    out = np.zeros((stop - start, *ds.shape[1:]), ds.dtype)
+    if not decoder.read_rows(start, stop, out):
+        # Only chunks HDF5 stored with a filter skipped (tiny chunks that did not compress),
+        # or a partial last chunk stored at its raw size (see _stored_raw), are refused.
+        assert any(_refusable(ds, k) for k in range(start // CHUNK_ROWS,
+                                                    (stop - 1) // CHUNK_ROWS + 1))
+        ds.read_direct(out, np.s_[start:stop])
+    return out
+
+
+def _refusable(ds, k):
+    info = ds.id.get_chunk_info_by_coord((k * CHUNK_ROWS,) + (0,) * (ds.ndim - 1))
+    last_partial = (k + 1) * CHUNK_ROWS > ds.shape[0]
+    raw_size = CHUNK_ROWS * ds.dtype.itemsize * int(np.prod(ds.shape[1:]))
+    return info.filter_mask != 0 or (last_partial and info.size == raw_size)
+
+
+@pytest.mark.parametrize("name", _names())
+def test_equals_h5py(h5, name):
+    ds = h5[name]
+    decoder = ChunkDecoder.of(ds)
+    assert decoder is not None
+    n = ds.shape[0]
+    ranges = [(0, n), (0, 2 * CHUNK_ROWS), (CHUNK_ROWS, 3 * CHUNK_ROWS), (3, 21), (5, 6),
+              (n - 1, n), (n - n % CHUNK_ROWS, n), (n - 11, n), (7, 9), (4, 4)]
+    for start, stop in ranges:
+        got = _read(decoder, ds, start, stop)
+        want = ds[start:stop]
+        assert got.dtype == want.dtype
+        assert got.tobytes() == want.tobytes(), (name, start, stop)
+
+
+def test_cached_per_dataset(h5):
+    ds = h5["gzip/<f4/2d"]
+    assert ChunkDecoder.of(ds) is ChunkDecoder.of(ds)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_range(h5, data):
+    name = data.draw(st.sampled_from(_names()))
+    ds = h5[name]
+    n = ds.shape[0]
+    start = data.draw(st.integers(0, n))
+    stop = data.draw(st.integers(start, n))
+    assert _read(ChunkDecoder.of(ds), ds, start, stop).tobytes() == ds[start:stop].tobytes()
+
+
+def test_bad_arguments(h5):
+    ds = h5["gzip/<f4/2d"]
+    decoder = ChunkDecoder.of(ds)
+    with pytest.raises(IndexError, match="out of bounds for axis 0 with size 50"):
+        decoder.read_rows(40, 51, np.empty((11, 7), "f4"))
+    with pytest.raises(ValueError, match="C-contiguous array of 56 bytes"):
+        decoder.read_rows(0, 2, np.empty((2, 8), "f4"))
+    with pytest.raises(ValueError, match="contiguous: False"):
+        decoder.read_rows(0, 2, np.empty((2, 14), "f4")[:, ::2])
+
+
+@pytest.fixture
+def writable(tmp_path):
+    with h5py.File(tmp_path / "fallback.h5", "w") as f:
+        yield f
+
+
+DATA = _data((40, 16), np.dtype("<f4"))
+
+
+@pytest.mark.parametrize("opts", [
+    dict(compression="gzip", fletcher32=True),
+    dict(fletcher32=True),
+    dict(scaleoffset=4),
+    dict(compression="gzip", scaleoffset=4),
+    dict(),  # no filters: rawread's business
+    hdf5plugin.BZip2(),
+], ids=["gzip-fletcher32", "fletcher32", "scaleoffset", "scaleoffset-gzip", "none", "bzip2"])
+def test_unsupported_filters(writable, opts):
+    ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), **opts)
+    assert ChunkDecoder.of(ds) is None
+
+
+def _twenty_bit_ints(f):
+    """Integers of 20 bits in 4 bytes: HDF5 converts them to numpy's int32 as it reads."""
+    tid = h5py.h5t.STD_I32LE.copy()
+    tid.set_precision(20)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((8, 16))
+    dcpl.set_deflate(4)
+    h5py.h5d.create(f.id, b"twenty", tid, h5py.h5s.create_simple((40, 16)), dcpl=dcpl)
+    f["twenty"][...] = np.arange(640).reshape(40, 16)
+    return f["twenty"]
+
+
+def test_unsupported_layouts(writable):
+    cases = [
+        writable.create_dataset("rows", data=DATA, chunks=(8, 8), compression="gzip"),
+        writable.create_dataset("contiguous", data=DATA),
+        writable.create_dataset("scalar", data=1.0),
+        _twenty_bit_ints(writable),
+        writable.create_dataset("strings", data=["a", "bc"] * 8, chunks=(4,),
+                                compression="gzip"),
+    ]
+    for ds in cases:
+        assert ChunkDecoder.of(ds) is None, ds.name
+
+
+def test_chunk_with_skipped_filter_falls_back(writable):
+    ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), compression="gzip",
+                                 shuffle=True)
+    # Chunk 2 stored shuffled but not compressed: bit 1 (deflate, the second filter) is set.
+    shuffled = DATA[16:24].view(np.uint8).reshape(-1, 4).T.copy()
+    ds.id.write_direct_chunk((16, 0), shuffled.tobytes(), filter_mask=0b10)
+    assert ds.id.get_chunk_info_by_coord((16, 0)).filter_mask != 0
+    decoder = ChunkDecoder.of(ds)
+    out = np.zeros((40, 16), "f4")
+    assert decoder.read_rows(0, 16, out[:16])
+    assert decoder.read_rows(24, 40, out[24:])
+    assert out[:16].tobytes() == DATA[:16].tobytes()
+    sentinel = np.full((10, 16), 7, "f4")
+    assert not decoder.read_rows(10, 20, sentinel)
+    assert (sentinel == 7).all()  # checked before anything is written
+
+
+def test_unallocated_chunks_fall_back(writable):
+    ds = writable.create_dataset("d", shape=(40, 16), dtype="f4", chunks=(8, 16),
+                                 compression="gzip", fillvalue=3.0)
+    ds[0:8] = DATA[0:8]
+    ds[24:32] = DATA[24:32]
+    decoder = ChunkDecoder.of(ds)
+    out = np.zeros((8, 16), "f4")
+    assert decoder.read_rows(24, 32, out)
+    assert out.tobytes() == DATA[24:32].tobytes()
+    assert not decoder.read_rows(4, 12, np.zeros((8, 16), "f4"))
+    assert not decoder.read_rows(32, 40, np.zeros((8, 16), "f4"))
+
+
+def test_corrupt_chunk_falls_back(writable):
+    ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), compression="gzip")
+    ds.id.write_direct_chunk((8, 0), b"not deflate data")
+    decoder = ChunkDecoder.of(ds)
+    assert decoder.read_rows(0, 8, np.zeros((8, 16), "f4"))
+    assert not decoder.read_rows(0, 16, np.zeros((16, 16), "f4"))
+    with pytest.raises(OSError):  # HDF5's own error, from the fallback
+        ds[0:16]
+
+
+def test_incompressible_chunks(writable):
+    """Random bytes: LZ4 stores blocks as they are, deflate may store the chunk unfiltered."""
+    noise = np.random.default_rng(1).integers(0, 256, (40, 64), dtype=np.uint8)
+    for name, opts in [("lz4", hdf5plugin.LZ4(nbytes=100)), ("lzf", dict(compression="lzf")),
+                       ("gzip", dict(compression="gzip"))]:
+        ds = writable.create_dataset(name, data=noise, chunks=(8, 64), **opts)
+        decoder = ChunkDecoder.of(ds)
+        out = np.zeros((40, 64), np.uint8)
+        if decoder.read_rows(0, 40, out):
+            assert out.tobytes() == noise.tobytes(), name
+        else:
+            assert not decoder.ok.all(), name  # only chunks HDF5 stored unfiltered refuse
+
+
+def test_partial_edge_chunk_stored_unfiltered(writable):
+    """The last chunk of a file made with H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS is raw."""
+    data = DATA[:36]
+    ds = writable.create_dataset("d", data=data, chunks=(8, 16), shuffle=True)
+    padded = np.zeros((8, 16), "f4")
+    padded[:4] = data[32:]
+    ds.id.write_direct_chunk((32, 0), padded.tobytes())  # unshuffled, mask 0
+    decoder = ChunkDecoder.of(ds)
+    assert decoder.read_rows(0, 32, np.zeros((32, 16), "f4"))
+    assert not decoder.read_rows(30, 36, np.zeros((6, 16), "f4"))
+
+
+def test_blosc2_blocks_tiling_rows(writable):
+    """Blosc2 blocks that cut rows in pieces (b2nd) are put back in row-major order."""
+    import blosc2
+
+    data = _data((300, 2048), np.dtype("<f4"))
+    ds = writable.create_dataset("d", data=data, chunks=(128, 2048),
+                                 **hdf5plugin.Blosc2(cname="lz4", clevel=5))
+    raw = ds.id.read_direct_chunk((0, 0))[1]
+    blocks = blosc2.schunk_from_cframe(raw, copy=False).meta["b2nd"][4]
+    assert blocks[1] < 2048  # the layout under test
+    decoder = ChunkDecoder.of(ds)
+    for start, stop in [(0, 300), (5, 250), (256, 300)]:
+        assert _read(decoder, ds, start, stop).tobytes() == data[start:stop].tobytes()
+
+
+def test_cache_does_not_keep_datasets(writable):
+    import gc
+
+    from multitables import decode
+
+    ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), compression="gzip")
+    assert ChunkDecoder.of(ds) is not None
+    before = len(decode._DECODERS)
+    del ds
+    gc.collect()
+    assert len(decode._DECODERS) == before - 1
