@@ -254,7 +254,9 @@ cdef class SlotQueue:
     circulation. ``pop`` waits up to ``timeout`` seconds without holding the GIL.
     """
     cdef mt_queue *q
-    cdef object buffer  # keeps the mapping exported while this object lives
+    # Keeps the mapping exported while this object lives, so it cannot be unmapped under a
+    # waiter in another thread: the memory goes with the last object that uses it.
+    cdef object buffer
 
     def __cinit__(self, buffer, Py_ssize_t offset, Py_ssize_t n_items, bint init=False):
         capacity = _capacity(n_items)
@@ -293,11 +295,6 @@ cdef class SlotQueue:
 
     def __len__(self):
         return max(0, mt_queue_size(self.q))
-
-    def release(self):
-        """Drop the reference to the mapping, so it can be closed."""
-        self.q = NULL
-        self.buffer = None
 
 
 cdef class Word:
@@ -338,10 +335,6 @@ cdef class Word:
             r = mt_word_wait_while(self.p, value, timeout, spin)
         return bool(r)
 
-    def release(self):
-        self.p = NULL
-        self.buffer = None
-
 
 cdef class Counter:
     """A 64-bit counter in shared memory that hands out tickets with one atomic add."""
@@ -357,7 +350,3 @@ cdef class Counter:
 
     def load(self):
         return mt_load64(self.p)
-
-    def release(self):
-        self.p = NULL
-        self.buffer = None

@@ -8,6 +8,7 @@ import contextlib
 import os
 import pickle
 import threading
+import time
 import weakref
 from multiprocessing import Pipe, reduction
 from typing import Any
@@ -22,7 +23,7 @@ from .readspec import ReadSpec, copy_result, execute, result_view
 from .shm import SharedArena
 from .source import check_positive_int, describe, get_dataset, open_file
 from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
-from .workers import WAIT_SLICE, ErrorBox, WorkerPool
+from .workers import CHECK_INTERVAL, WAIT_SLICE, ErrorBox, WorkerPool
 
 __all__ = ["Reader", "Request", "RequestPool"]
 
@@ -87,7 +88,7 @@ class _RequestJob:
             elif op == "drop":
                 memory = self.stages.pop(args[0], None)
                 if memory is not None:
-                    memory.release()
+                    memory.close()
             elif op == "stop":
                 return None
 
@@ -142,6 +143,7 @@ class Request:
 
     def done(self) -> bool:
         """True once the worker has finished (or the request failed)."""
+        self._reader._check_open("the Reader that served this request")
         return self._stage is None or self._stage.memory.state.load() != PENDING
 
     def _wait(self) -> Any:
@@ -151,6 +153,7 @@ class Request:
         if self._error is not None:
             self._taken = True
             raise self._error
+        self._reader._check_open("the Reader that served this request")
         memory = self._stage.memory
         while not memory.state.wait_while(PENDING, WAIT_SLICE, REQUEST_SPIN):
             self._reader._check()
@@ -333,6 +336,7 @@ class Reader:
         self.file_kwargs = kw
         self.start_method = start_method
         self._pool: WorkerPool | None = None
+        self._next_check = 0.0
         self._lock = threading.Lock()
         self._stages: dict[int, Stage] = {}
         self._stage_ids = iter(range(1 << 62))
@@ -423,6 +427,8 @@ class Reader:
             self._check_open()
             if self._pool is None:
                 self._start()
+            elif time.monotonic() > self._next_check:
+                self._check()  # a dead worker among live ones never times a wait out
             busy = [sent - done.load() for sent, done in zip(self._sent, self._done, strict=True)]
             worker = busy.index(min(busy))
             conn = self._conns[worker]
@@ -468,15 +474,16 @@ class Reader:
             exc = self._errors.exception()
             self.close(wait=False)
             raise exc
+        self._next_check = time.monotonic() + CHECK_INTERVAL
         try:
-            self._pool.check()
+            self._pool.check(exit_ok=False)
         except SubprocessException:
             self.close(wait=False)
             raise
 
-    def _check_open(self) -> None:
+    def _check_open(self, what: str = "this Reader") -> None:
         if self._closed:
-            raise QueueClosedException(f"this Reader of {self.filename} is closed")
+            raise QueueClosedException(f"{what} of {self.filename} is closed")
 
     # ---- shutdown ----
 
@@ -496,9 +503,6 @@ class Reader:
                     conn.send_bytes(pickle.dumps(("stop",)))
                 conn.close()
             self._pool.stop(join_timeout=2.0 if wait else 0.2)
-            for counter in self._done:
-                counter.release()
-            self._errors.state.release()
             self._control.close()
         for stage in self._stages.values():
             stage.close()

@@ -74,11 +74,8 @@ class Ring:
         self.free.close()
         self.full.close()
 
-    def release(self) -> None:
-        """Drop this process's views of the arena and unmap it."""
-        for part in (self.stop_word, self.tickets, self.free, self.full, self.errors.state):
-            part.release()
-        self.headers = None
+    def close(self) -> None:
+        """Drop the descriptor. The pages stay mapped until the last view of them is gone."""
         self.arena.close()
 
 

@@ -60,7 +60,7 @@ class SharedArena:
         try:
             self.buffer.close()
         except BufferError:
-            pass  # a caller still holds a view; the mapping is freed with the last one
+            pass  # views (numpy arrays, ring primitives) remain: unmapped with the last of them
 
     def __reduce__(self):
         if self._fd is None:
@@ -72,7 +72,35 @@ def _rebuild(nbytes: int, dup) -> SharedArena:
     return SharedArena(nbytes, _fd=dup.detach())
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process may still take (MemAvailable, within its cgroup's limit)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            high = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            if high != "max":
+                limits.append(int(high) - int(f.read()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
 def _create(name: str, nbytes: int) -> int:
+    # Reserving pages the machine does not have would only end in the OOM killer: refuse now.
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise SharedMemoryError(
+            f"cannot reserve {nbytes} bytes ({nbytes / 2**20:.1f} MiB) of shared memory: only "
+            f"{available} bytes are available; lower read_ahead, block_size or the stage size"
+        )
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, nbytes)

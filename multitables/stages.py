@@ -48,10 +48,9 @@ class StageMemory:
     def bytes(self, nbytes: int) -> np.ndarray:
         return self.arena.ndarray((nbytes,), np.uint8, _DATA)
 
-    def release(self) -> None:
-        self.state.release()
-        self.errors.state.release()
-        self.meta = None
+    def close(self) -> None:
+        """Drop the descriptor; the pages go with the last object using them (a waiter in
+        another thread keeps them mapped)."""
         self.arena.close()
 
 
@@ -99,7 +98,7 @@ class Stage:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.memory.release()
+            self.memory.close()
 
     def __repr__(self) -> str:
         return f"<Stage {self.shape} {self.dtype}, {self.nbytes} bytes>"

@@ -235,6 +235,8 @@ class Queue:
         ``SubprocessException`` if a worker died.
         """
         with self._lock:
+            if self._closed:
+                return QueueClosed
             if self._next_row >= self._slot_rows:
                 if not self._next_slot():
                     return QueueClosed
@@ -333,7 +335,7 @@ class Queue:
         self._pool.stop()
         self._slots = []
         self._stash.clear()
-        self._ring.release()
+        self._ring.close()
         _LIVE_QUEUES.discard(self)
 
     def __enter__(self) -> Queue:
@@ -455,7 +457,7 @@ class Streamer:
             queue = Queue(plan, ring, n_procs, ordered, self.start_method)
         except BaseException:
             ring.stop()
-            ring.release()
+            ring.close()
             raise
         self._queues.add(queue)
         return queue

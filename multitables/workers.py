@@ -29,17 +29,23 @@ Guarantees:
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - see below
 import os
 import pickle
 import signal
 import struct
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from .errors import SubprocessException, remote_exception
 from .source import open_file
+
+# multiprocessing.util's exit hook joins daemon workers without a timeout (forever, for a stopped
+# or hung one). Importing it here registers it before the front doors' exit hooks, so it runs after
+# them (atexit is last-in, first-out), when they have already stopped or killed every worker.
 
 # Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
 WAIT_SLICE = 0.1
@@ -80,13 +86,16 @@ class Job(Protocol):
         """Report a failure of the worker itself (the file would not open, say)."""
 
 
-def _worker_main(job: Job, worker: int, parent_pid: int) -> None:
+def _worker_main(job: Job, worker: int) -> None:
     """The one worker loop, for every front door. See NOTE [ Worker shutdown logic ]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     where = f"in {job.name} worker {worker} (pid {os.getpid()})"
+    # The process that made the pool: not our parent pid under forkserver, but its sentinel
+    # tells under every start method.
+    parent = multiprocessing.parent_process()
 
     def parent_alive() -> bool:
-        return os.getppid() == parent_pid
+        return parent is not None and parent.is_alive()
 
     try:
         with open_file(job.filename, job.file_kwargs()) as file:
@@ -110,7 +119,7 @@ class WorkerPool:
         self.procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(job, i, os.getpid()),
+                args=(job, i),
                 name=f"{name}-worker-{i}",
                 daemon=True,
             )
@@ -123,11 +132,15 @@ class WorkerPool:
             self.stop(join_timeout=0)
             raise
 
-    def check(self) -> None:
-        """Raise ``SubprocessException`` if a worker died without being asked to."""
+    def check(self, exit_ok: bool = True) -> None:
+        """Raise ``SubprocessException`` if a worker died without being asked to.
+
+        ``exit_ok``: whether a worker may have finished on its own (a stream that has ended);
+        workers that serve requests never do.
+        """
         for i, proc in enumerate(self.procs):
             code = proc.exitcode
-            if code is not None and code != 0:
+            if code is not None and (code != 0 or not exit_ok):
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
                 self.stop(join_timeout=0)
                 raise SubprocessException(
@@ -138,10 +151,14 @@ class WorkerPool:
         return sum(proc.is_alive() for proc in self.procs)
 
     def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
-        """Wait for the workers to exit (the owner has already told them to), then kill the rest."""
+        """Wait for the workers to exit (the owner has already told them to), then kill the rest.
+
+        One deadline for all of them: hung workers cost one ``join_timeout``, not one each.
+        """
+        deadline = time.monotonic() + join_timeout
         for proc in self.procs:
             if proc.pid is not None:
-                proc.join(join_timeout)
+                proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
             if proc.pid is not None and proc.exitcode is None:
                 proc.kill()
@@ -167,7 +184,10 @@ class ErrorBox:
         self.nbytes = nbytes
 
     def put(self, exc: BaseException, where: str) -> bool:
+        """Store the exception; False if another one got there first. Returns only once the box
+        is full, so a caller that then stops the stream cannot let the consumer see it empty."""
         if not self.state.compare_exchange(0, 1):
+            self.state.wait_while(1, 5.0)
             return False
         tb = "".join(traceback.format_exception(exc))
         payload = _pickle_error(exc, where, tb, self.nbytes - self.HEADER)
