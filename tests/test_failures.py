@@ -284,7 +284,8 @@ def test_workers_exit_when_the_parent_is_killed(files):
         alive = _alive_after(pids, 5)
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
-        assert alive == [], f"workers {alive} outlived their parent by {time.monotonic() - t0:.1f} s"
+        took = time.monotonic() - t0
+        assert alive == [], f"workers {alive} outlived their parent by {took:.1f} s"
     assert _shm() - shm_before == set()
 
 
@@ -394,7 +395,8 @@ def test_exception_in_result_block_frees_the_stage(files, method, exc_type):
                 else:
                     with getattr(request, method)() as result:
                         boom(result)
-        np.testing.assert_array_equal(reader.request(ds[[5, 1]], pool).get(), truth["small"][[5, 1]])
+        got = reader.request(ds[[5, 1]], pool).get()
+        np.testing.assert_array_equal(got, truth["small"][[5, 1]])
 
 
 # ---- close, garbage collection, interpreter exit, use after close --------------------------
@@ -878,7 +880,7 @@ def test_file_damaged_during_a_stream(tmp_path, how):
                     pass
             _damage(path, how)
 
-            def consume():
+            def consume(queue=queue, attempt=attempt):
                 guard = queue.get()
                 assert guard is not multitables.QueueClosed, (
                     f"attempt {attempt}: the stream ended quietly instead of raising")
