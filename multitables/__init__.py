@@ -11,7 +11,8 @@ from .errors import (
     SharedMemoryError,
     SubprocessException,
 )
-from .reader import Reader, Request, RequestPool
+from .futures import Request, RequestPool
+from .reader import Reader
 from .stages import Stage, StagePool
 from .streamer import Guard, Queue, Streamer
 

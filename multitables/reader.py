@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
 import os
 import pickle
@@ -14,18 +13,18 @@ from multiprocessing import Pipe, reduction
 from typing import Any
 
 import h5py
-import numpy as np
 
 from ._ringbuf import Counter
 from .errors import QueueClosedException, SubprocessException
+from .futures import Request
 from .proxies import DatasetProxy, make_proxy
-from .readspec import ReadSpec, copy_result, execute, result_view
+from .readspec import ReadSpec, execute
 from .shm import SharedArena
 from .source import check_positive_int, describe, get_dataset, open_file
 from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
 from .workers import CHECK_INTERVAL, WAIT_SLICE, ErrorBox, WorkerPool
 
-__all__ = ["Reader", "Request", "RequestPool"]
+__all__ = ["Reader"]
 
 _LIVE_READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
 
@@ -37,9 +36,6 @@ def _close_live_readers() -> None:
 
 
 _ERROR_BYTES = 1 << 16
-# A waiting get() watches its stage this long before sleeping: a one-row request comes back in
-# tens of microseconds, and waking a sleeping process costs about as much again.
-REQUEST_SPIN = 50e-6
 
 
 class _RequestJob:
@@ -122,185 +118,6 @@ class _RequestJob:
 
     def fail(self, exc: BaseException, where: str) -> None:
         ErrorBox(self.control.buffer, 64 * len(self.conns), _ERROR_BYTES).put(exc, where)
-
-
-class Request:
-    """A future: the result of one request, being read into its stage by a worker.
-
-    Get the result once, with one of ``get`` (a copy), ``get_direct(fn)``, ``get_unsafe()`` or
-    ``get_proxy()``; then the stage is free for the next request. A worker's exception (say an
-    ``IndexError``) is raised again by these calls, with the worker's traceback in its message.
-    """
-
-    def __init__(self, reader: Reader, spec: ReadSpec, stage: Stage | None,
-                 error: BaseException | None = None):
-        self._reader = reader
-        self.spec = spec
-        self._stage = stage
-        self._error = error
-        self._result: Any = None
-        self._taken = False
-
-    def done(self) -> bool:
-        """True once the worker has finished (or the request failed)."""
-        self._reader._check_open("the Reader that served this request")
-        return self._stage is None or self._stage.memory.state.load() != PENDING
-
-    def _wait(self) -> Any:
-        """The result as it lies in the stage (the stage stays claimed)."""
-        if self._taken:
-            raise RuntimeError("this request's result was already taken; requests give it once")
-        if self._error is not None:
-            self._taken = True
-            raise self._error
-        self._reader._check_open("the Reader that served this request")
-        memory = self._stage.memory
-        while not memory.state.wait_while(PENDING, WAIT_SLICE, REQUEST_SPIN):
-            self._reader._check()
-        if memory.state.load() == FAILED:
-            exc = memory.errors.exception()
-            memory.errors.clear()
-            self._release()
-            raise exc
-        return result_view(self.spec, memory)
-
-    def _release(self) -> None:
-        self._taken = True
-        stage, self._stage = self._stage, None
-        if stage is not None:
-            stage.free()
-            self._reader._stage_freed(stage)
-
-    def get(self) -> Any:
-        """Wait, then return a copy of the result."""
-        try:
-            return copy_result(self._wait())
-        finally:
-            self._release()
-
-    def get_direct(self, fn):
-        """Wait, call ``fn(result)`` on the data in shared memory (no copy), return its value."""
-        try:
-            return fn(self._wait())
-        finally:
-            self._release()
-
-    @contextlib.contextmanager
-    def get_unsafe(self):
-        """A context manager giving the result in shared memory. Drop every reference to it
-        before the block ends: the stage is reused afterwards."""
-        try:
-            yield self._wait()
-        finally:
-            self._release()
-
-    @contextlib.contextmanager
-    def get_proxy(self):
-        """Like ``get_unsafe`` but yields a proxy of the result that raises ``ReferenceError`` on
-        any use once the block is left."""
-        proxy = None
-        try:
-            proxy = ResultProxy(self._wait())
-            yield proxy
-        finally:
-            if proxy is not None:
-                proxy._invalidate()
-            self._release()
-
-
-class ResultProxy:
-    """Forwards everything to a result in shared memory until invalidated."""
-
-    __slots__ = ("_target",)
-
-    def __init__(self, target):
-        object.__setattr__(self, "_target", target)
-
-    def _invalidate(self) -> None:
-        object.__setattr__(self, "_target", None)
-
-    def _get(self):
-        target = object.__getattribute__(self, "_target")
-        if target is None:
-            raise ReferenceError(
-                "this result lived in a stage that was released when its get_proxy() block "
-                "ended; copy what you need inside the block"
-            )
-        return target
-
-    def __getattr__(self, name):
-        return getattr(self._get(), name)
-
-    def __setattr__(self, name, value):
-        setattr(self._get(), name, value)
-
-    def __getitem__(self, key):
-        return self._get()[key]
-
-    def __setitem__(self, key, value):
-        self._get()[key] = value
-
-    def __len__(self):
-        return len(self._get())
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __array__(self, dtype=None, copy=None):
-        target = self._get()
-        return np.asarray(target, dtype=dtype) if copy is not True else np.array(target, dtype)
-
-    def __repr__(self):
-        target = object.__getattribute__(self, "_target")
-        return "<released result>" if target is None else f"ResultProxy({target!r})"
-
-    def __eq__(self, other):
-        return self._get() == other
-
-    def __ne__(self, other):
-        return self._get() != other
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _forward(name):
-    def method(self, *args):
-        return getattr(self._get(), name)(*args)
-
-    method.__name__ = name
-    return method
-
-
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
-              "xor", "lt", "le", "gt", "ge", "neg", "pos", "abs", "invert", "float", "int",
-              "bool", "index", "contains"):
-    for _dunder in (f"__{_name}__", f"__r{_name}__"):
-        if hasattr(np.ndarray, _dunder) and _dunder not in ResultProxy.__dict__:
-            setattr(ResultProxy, _dunder, _forward(_dunder))
-
-
-class RequestPool:
-    """A FIFO of pending requests: ``add`` them as they are made, ``next`` returns the oldest,
-    waiting until one is there. Thread-safe."""
-
-    def __init__(self):
-        self._queue: collections.deque[Request] = collections.deque()
-        self._cond = threading.Condition()
-
-    def add(self, request: Request) -> None:
-        with self._cond:
-            self._queue.append(request)
-            self._cond.notify()
-
-    def next(self, timeout: float | None = None) -> Request:
-        """The oldest request added; waits for one (``TimeoutError`` after ``timeout`` s)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._queue, timeout):
-                raise TimeoutError(f"no request was added within {timeout} s")
-            return self._queue.popleft()
-
-    def __len__(self) -> int:
-        return len(self._queue)
 
 
 class Reader:

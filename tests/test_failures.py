@@ -175,7 +175,7 @@ def test_worker_killed_during_cyclic_stream(files, victim):
 
 
 def test_worker_killed_during_finite_stream(files, monkeypatch):
-    monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)  # 400 slots of 10 rows
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # 400 slots of 10 rows
     path, _, truth = files
     queue = multitables.Streamer(path).get_queue("x", n_procs=2, block_size=10, ordered=True)
     for i in range(20):
@@ -357,7 +357,7 @@ def test_close_with_hung_workers_takes_one_join_timeout_not_one_per_worker(files
 
 @pytest.mark.parametrize("exc_type", [ValueError, KeyboardInterrupt, GeneratorExit])
 def test_exception_in_guard_releases_the_only_slot(files, monkeypatch, exc_type):
-    monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)  # one block per slot
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # one block per slot
     path, _, truth = files
     data = truth["x"]
     with multitables.Streamer(path).get_queue(
@@ -719,7 +719,7 @@ def _assert_workers_wait(pool, idle: float = 0.5) -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_start_methods(files, method, mp_helpers, monkeypatch):
-    monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)  # many small slots
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # many small slots
     path, tables_path, truth = files
     with multitables.Streamer(path, start_method=method) as stream:
         with stream.get_queue("x", n_procs=2, block_size=100, ordered=True, read_ahead=2,

@@ -67,7 +67,7 @@ def tables_file(tmp_path_factory):
 def slot_batching(request, monkeypatch):
     """Run a test with small blocks batched into slots (the default) and with one per slot."""
     if request.param == "one_block_per_slot":
-        monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)
+        monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
     return request.param
 
 
@@ -268,7 +268,7 @@ def test_default_block_size_is_whole_chunks_of_a_mebibyte(tmp_path):
 
 
 def test_guard_view_is_zero_copy_and_released_on_exception(h5file, monkeypatch):
-    monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
     path, truth = h5file
     with multitables.Streamer(path) as stream:
         with stream.get_queue(
@@ -288,7 +288,7 @@ def test_guard_view_is_zero_copy_and_released_on_exception(h5file, monkeypatch):
 
 
 def test_holding_every_slot_raises_instead_of_hanging(h5file, monkeypatch):
-    monkeypatch.setattr(multitables.streamer, "SLOT_TARGET_BYTES", 1)
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
     path, truth = h5file
     with multitables.Streamer(path) as stream:
         with stream.get_queue("contiguous_f4_2d", n_procs=1, read_ahead=2, block_size=10) as q:

@@ -1,0 +1,149 @@
+"""The worker side of a stream: what to read (``StreamPlan``) and the job that reads it.
+
+Internal module. Blocks are numbered in file order; a worker takes the next free slot and the
+next slot ticket, reads the rows of that ticket straight into the slot and hands it over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._indexing import translate
+from .hyperslab import read_selection
+from .ring import CLOSED, TIMEOUT, Ring, RingLayout
+from .shm import SharedArena
+from .source import DatasetInfo, get_dataset
+from .workers import WAIT_SLICE
+
+# Small blocks are read in batches filling a slot of about this size: one HDF5 read and one
+# hand-over between processes per slot, so a block costs only its Python-side delivery.
+SLOT_TARGET_BYTES = 1 << 20
+
+
+@dataclass
+class StreamPlan:
+    """What a stream reads: everything a worker needs, picklable for spawn/forkserver.
+
+    Blocks are numbered in file order; slot ticket ``t`` holds blocks ``t * blocks_per_slot``
+    onwards (fewer in the last slot of a finite stream).
+    """
+
+    info: DatasetInfo
+    file_kwargs: dict[str, Any]
+    field: str | None
+    block_size: int
+    blocks_per_slot: int
+    n_blocks: int | None  # None: cyclic, endless
+    arena: SharedArena
+    layout: RingLayout
+
+    @property
+    def n_slot_tickets(self) -> int | None:
+        if self.n_blocks is None:
+            return None
+        return -(-self.n_blocks // self.blocks_per_slot)
+
+    def rows_of(self, ticket: int) -> list[tuple[int, int]]:
+        """The (start, stop) row ranges of slot ``ticket``, several when it wraps around."""
+        n, rows = self.info.shape[0], self.block_size * self.blocks_per_slot
+        if self.n_blocks is not None:
+            start = ticket * rows
+            return [(start, min(start + rows, self.n_blocks * self.block_size, n))]
+        start = (ticket * rows) % n
+        ranges = []
+        while rows > 0:
+            stop = min(start + rows, n)
+            ranges.append((start, stop))
+            rows -= stop - start
+            start = 0
+        return ranges
+
+
+class StreamJob:
+    """The worker side of a stream: fill free slots with the blocks of the next ticket.
+
+    See NOTE [ Worker shutdown logic ] in workers.py.
+    """
+
+    name = "Streamer"
+
+    def __init__(self, plan: StreamPlan):
+        self.plan = plan
+        self.filename = plan.info.filename
+
+    def file_kwargs(self) -> dict[str, Any]:
+        return _worker_file_kwargs(self.plan)
+
+    def attach(self, file: h5py.File, worker: int) -> None:
+        plan = self.plan
+        self.ring = Ring(plan.arena, plan.layout)
+        self.dataset = get_dataset(file, plan.info.path)
+        self.slots = slot_arrays(plan, self.ring)
+
+    def next_task(self, parent_alive) -> tuple[int, int] | None:
+        """A free slot and the ticket of the blocks to read into it; None when done."""
+        ring = self.ring
+        while True:
+            slot = ring.free.pop(WAIT_SLICE)
+            if slot == TIMEOUT:
+                if ring.stopped or not parent_alive():
+                    return None
+                continue
+            if slot == CLOSED or ring.stopped:
+                return None
+            ticket = ring.tickets.fetch_add(1)
+            end = self.plan.n_slot_tickets
+            if end is not None and ticket >= end:
+                ring.free.push(slot)
+                return None
+            return slot, ticket
+
+    def run(self, task: tuple[int, int]) -> None:
+        slot, ticket = task
+        dest, shape, at = self.slots[slot], self.plan.info.shape, 0
+        for start, stop in self.plan.rows_of(ticket):
+            sel = translate((slice(start, stop),), shape)
+            read_selection(self.dataset, sel, dest[at : at + stop - start], self.plan.field)
+            at += stop - start
+        self.ring.headers[slot] = (ticket, at)
+        self.ring.full.push(slot)
+
+    def describe(self, task: tuple[int, int]) -> str:
+        rows = ", ".join(f"{a}:{b}" for a, b in self.plan.rows_of(task[1]))
+        return f"reading rows {rows} of {self.plan.info.path} in {self.filename}"
+
+    def task_failed(self, task, exc: BaseException, where: str) -> bool:
+        self.fail(exc, where)
+        return False  # a stream with a hole in it is no stream: stop
+
+    def fail(self, exc: BaseException, where: str) -> None:
+        ring = Ring(self.plan.arena, self.plan.layout)
+        ring.errors.put(exc, where)
+        ring.stop()
+
+
+def _worker_file_kwargs(plan: StreamPlan) -> dict[str, Any]:
+    """The user's h5py.File options, with a chunk cache sized for whole-block reads."""
+    kwargs = dict(plan.file_kwargs)
+    if "rdcc_nbytes" not in kwargs:
+        if plan.info.compression is None:
+            # Uncompressed chunks bypass a cache that cannot hold them: one copy, into the slot.
+            kwargs["rdcc_nbytes"] = 0
+        else:
+            # Room for the chunks a slot spans plus one that a misaligned slot shares with the next.
+            slot_bytes = plan.block_size * plan.blocks_per_slot * plan.info.row_bytes
+            kwargs["rdcc_nbytes"] = max(1 << 20, 2 * slot_bytes + (16 << 20))
+            kwargs.setdefault("rdcc_nslots", 100_003)
+    return kwargs
+
+
+def slot_arrays(plan: StreamPlan, ring: Ring) -> list[np.ndarray]:
+    """Each slot as an array of its rows (of the field's elements when streaming one field)."""
+    info = plan.info
+    dtype = info.field_dtype(plan.field)
+    shape = (plan.block_size * plan.blocks_per_slot, *info.shape[1:], *dtype.shape)
+    return [ring.slot_array(s, shape, dtype.base) for s in range(plan.layout.n_slots)]
