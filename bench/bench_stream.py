@@ -55,6 +55,12 @@ def numpy_copy(nbytes: int) -> Callable[[], int]:
     return run
 
 
+try:  # the fastest deflate decoder Python can call here (the one multitables uses), else zlib
+    from isal.isal_zlib import decompress as _inflate
+except ImportError:
+    _inflate = zlib.decompress
+
+
 def _unshuffle(buf: bytes, itemsize: int) -> bytes:
     """HDF5's shuffle filter stores byte j of every element together; put them back."""
     a = np.frombuffer(buf, np.uint8)
@@ -68,7 +74,7 @@ def _decoders(ds: h5py.Dataset) -> list[Callable[[bytes, int], bytes]] | str:
     for i in range(plist.get_nfilters()):
         code = plist.get_filter(i)[0]
         if code == h5py.h5z.FILTER_DEFLATE:
-            out.append(lambda b, n: zlib.decompress(b))
+            out.append(lambda b, n: _inflate(b))
         elif code == h5py.h5z.FILTER_SHUFFLE:
             out.append(lambda b, n, s=ds.dtype.itemsize: _unshuffle(b, s))
         elif code == h5py.h5z.FILTER_LZF:

@@ -57,6 +57,8 @@ class Request:
             self._taken = True
             raise self._error
         self._reader._check_open("the Reader that served this request")
+        if self._stage is None:
+            raise RuntimeError("this request holds no stage")
         memory = self._stage.memory
         while not memory.state.wait_while(PENDING, WAIT_SLICE, REQUEST_SPIN):
             self._reader._check()

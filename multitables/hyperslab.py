@@ -78,7 +78,7 @@ def field_dtype(dtype: np.dtype, field: str | None) -> np.dtype:
     names = dtype.names or ()
     if field not in names:
         raise ValueError(f"no field {field!r} in dataset; fields are {names}")
-    return dtype.fields[field][0]
+    return dtype[field]
 
 
 def result_layout(sel: Selection, dtype: np.dtype, field: str | None = None):
@@ -117,8 +117,8 @@ def read_selection(dataset, sel: Selection, out: np.ndarray, field: str | None =
         return
     if raw is None and field is None and sel.local_key is None:
         rows = row_range(sel)
-        decoder = ChunkDecoder.of(dataset) if rows else None
-        if decoder is not None and decoder.read_rows(*rows, out):
+        decoder = ChunkDecoder.of(dataset) if rows is not None else None
+        if decoder is not None and rows is not None and decoder.read_rows(rows[0], rows[1], out):
             return
     box = view if sel.local_key is None else _scratch(sel.read_shape, mem_dtype)
     if raw is None or not raw.read(sel, box):
@@ -225,6 +225,7 @@ def _read_product(dsid, sel: Selection, buf, mtype) -> None:
 def _read_points(dsid, sel: Selection, buf, mtype) -> None:
     """Point mode: each unique point of the advanced dims, times the other dims' hyperslabs."""
     dims, pdims, axis, points = sel.dims, sel.point_dims, sel.point_axis, sel.points
+    assert points is not None  # point mode
     other = [d for d in range(len(dims)) if d not in pdims]
     inner = math.prod(dims[d][2] for d in other)
     # A union of slabs comes back in the file's C order, which is the box's when every
@@ -241,7 +242,7 @@ def _read_points(dsid, sel: Selection, buf, mtype) -> None:
         stride = [e[1] if isinstance(e, tuple) else 1 for e in dims]
         plist = points.tolist()
 
-        def select(space, u0, u1):
+        def select_slabs(space, u0, u1):
             space.select_none()
             for p in plist[u0:u1]:
                 for d, v in zip(pdims, p, strict=True):
@@ -250,7 +251,7 @@ def _read_points(dsid, sel: Selection, buf, mtype) -> None:
                     tuple(start), tuple(count), tuple(stride), None, h5s.SELECT_OR
                 )
 
-        _read_batches(dsid, buf, mtype, sel.read_shape, axis, edges, _MAX_SLABS, select)
+        _read_batches(dsid, buf, mtype, sel.read_shape, axis, edges, _MAX_SLABS, select_slabs)
         return
     # Point list in the box's C order: broadcast each dim's coordinates over the box.
     rank = len(dims)

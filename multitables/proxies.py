@@ -176,11 +176,12 @@ class VLArrayProxy(DatasetProxy):
 
     def create_stage(self, shape) -> Stage:
         n = math.prod(_complete_shape(shape, self.info.shape, self.path))
-        itemsize = self.info.vlen_base.itemsize
+        base = self.info.vlen_base
+        assert base is not None  # a VLArrayProxy is made for variable-length datasets only
+        itemsize = base.itemsize
         # Room for n elements and the offsets of up to n rows, counted in elements.
         return self._reader._register(
-            Stage((n + -(-8 * (n + 1) // itemsize),), self.info.vlen_base,
-                  f"stage of {self.path}")
+            Stage((n + -(-8 * (n + 1) // itemsize),), base, f"stage of {self.path}")
         )
 
     def __getitem__(self, item) -> DatasetProxy:

@@ -50,7 +50,7 @@ class RawRows:
             return False
         rows = sel.dims[0]
         if isinstance(rows, tuple) and rows[1] == 1:
-            self._read_run(rows[0], rows[2], memoryview(buf.reshape(-1).view(np.uint8)))
+            self._read_run(rows[0], rows[2], buf.reshape(-1).view(np.uint8).data)
         else:
             self._gather(_row_numbers(rows), buf)
         return True
@@ -59,7 +59,8 @@ class RawRows:
         """Fill ``out`` (the result) with rows in the caller's order, straight from the file,
         when ``sel`` picks whole rows by one index array; False otherwise."""
         key = sel.local_key
-        if not (_whole_rows(sel) and len(key) == 1 and isinstance(key[0], np.ndarray)
+        if not (key is not None and _whole_rows(sel) and len(key) == 1
+                and isinstance(key[0], np.ndarray)
                 and key[0].dtype.kind in "iu"):
             return False
         self._gather(_row_numbers(sel.dims[0])[key[0].reshape(-1)], out)

@@ -243,17 +243,17 @@ class Reader:
         with self._lock:
             self._check_open()
             if self._pool is None:
-                self._start()
+                self._pool = self._start()
             elif time.monotonic() > self._next_check:
                 self._check()  # a dead worker among live ones never times a wait out
+            pool = self._pool
             busy = [sent - done.load() for sent, done in zip(self._sent, self._done, strict=True)]
             worker = busy.index(min(busy))
             conn = self._conns[worker]
             if worker not in stage.sent_to:
                 try:
                     conn.send_bytes(pickle.dumps(("stage", stage.id, stage.memory.arena.nbytes)))
-                    reduction.send_handle(conn, stage.memory.arena._fd,
-                                          self._pool.procs[worker].pid)
+                    reduction.send_handle(conn, stage.memory.arena.fd, pool.procs[worker].pid)
                 except OSError:
                     self._check()
                     raise
@@ -267,7 +267,7 @@ class Reader:
                 self._check()  # a dead worker closed its end: say which one
                 raise
 
-    def _start(self) -> None:
+    def _start(self) -> WorkerPool:
         n = self.n_procs
         self._control = SharedArena(64 * n + _ERROR_BYTES, name="multitables-reader")
         self._done = [Counter(self._control.buffer, 64 * i) for i in range(n)]
@@ -278,7 +278,7 @@ class Reader:
         theirs = [other for _, other in pairs]
         job = _RequestJob(self.filename, self.file_kwargs, theirs, self._control)
         try:
-            self._pool = WorkerPool(job, n, self.start_method, "Reader")
+            return WorkerPool(job, n, self.start_method, "Reader")
         finally:
             for conn in theirs:
                 conn.close()
@@ -292,6 +292,8 @@ class Reader:
             self.close(wait=False)
             raise exc
         self._next_check = time.monotonic() + CHECK_INTERVAL
+        if self._pool is None:
+            return
         try:
             self._pool.check(exit_ok=False)
         except SubprocessException:

@@ -35,6 +35,7 @@ class ReadSpec:
     """
 
     __slots__ = ("kind", "path", "field", "selection", "shape", "dtype", "params", "pseudo_atom")
+    dtype: np.dtype  # None only on the wire, until ``execute`` fills it in
 
     def __init__(self, kind: str, path: str, field: str | None, selection: Selection | None,
                  shape: tuple[int, ...], dtype: np.dtype | None, params: tuple = (),
@@ -44,7 +45,7 @@ class ReadSpec:
         self.field = field
         self.selection = selection
         self.shape = shape
-        self.dtype = dtype
+        self.dtype = dtype  # type: ignore[assignment]
         self.params = params
         self.pseudo_atom = pseudo_atom  # VLEN: how PyTables encoded the rows
 
@@ -94,9 +95,16 @@ def _fit(memory: StageMemory, nbytes: int, shape, dtype) -> None:
         )
 
 
+def _selection(spec: ReadSpec) -> Selection:
+    """The translated key of an ARRAY or VLEN request (WHERE and SORTED have none)."""
+    if spec.selection is None:
+        raise ValueError(f"a {spec.kind} request has no key")
+    return spec.selection
+
+
 def _read_array(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
     out = memory.data(spec.shape, spec.dtype)
-    sel = spec.selection
+    sel = _selection(spec)
     field_shape = dataset.dtype.fields[spec.field][0].shape if spec.field else ()
     if not field_shape:
         read_selection(dataset, sel, out, spec.field)
@@ -124,7 +132,7 @@ def _key_of(entry) -> Any:
 def _read_vlen(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
     """Lay the rows out as int64 offsets (n + 1) then the concatenated elements."""
     rows = np.empty(spec.shape, object)
-    sel = spec.selection
+    sel = _selection(spec)
     # h5py returns an object array of rows; its shape is the read box's.
     box = dataset[_key_of(sel.dims[0])].reshape(sel.read_shape)
     rows[...] = box[sel.local_key] if sel.local_key is not None else box.reshape(spec.shape)
@@ -202,8 +210,8 @@ def result_view(spec: ReadSpec, memory: StageMemory) -> Any:
     rows = np.empty(n, object)
     for i in range(n):
         rows[i] = _decode(data[offsets[i] : offsets[i + 1]], spec.pseudo_atom)
-    rows = rows.reshape(spec.shape)
-    return rows[()] if rows.ndim == 0 else rows
+    shaped = rows.reshape(spec.shape)
+    return shaped[()] if shaped.ndim == 0 else shaped
 
 
 def _decode(row: np.ndarray, pseudo_atom: str | None) -> Any:

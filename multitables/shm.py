@@ -48,6 +48,13 @@ class SharedArena:
         return np.ndarray(shape, dtype=dtype, buffer=self.buffer, offset=offset)
 
     @property
+    def fd(self) -> int:
+        """The memfd, to send to a worker (``multiprocessing.reduction.send_handle``)."""
+        if self._fd is None:
+            raise ValueError("this SharedArena is closed")
+        return self._fd
+
+    @property
     def closed(self) -> bool:
         return self._fd is None
 

@@ -46,7 +46,7 @@ class DatasetInfo:
                 f"no field {field!r} in {self.path} of {self.filename}; "
                 + (f"fields are {list(names)}" if names else f"it holds {self.dtype}, not a table")
             )
-        return self.dtype.fields[field][0]
+        return self.dtype[field]
 
 
 @functools.cache

@@ -114,7 +114,7 @@ class WorkerPool:
     """``n_procs`` processes running one job; started at once, checked and stopped by the owner."""
 
     def __init__(self, job: Job, n_procs: int, start_method: str | None, name: str):
-        ctx = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
+        ctx: Any = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
         self.name = name
         self.procs = [
             ctx.Process(
