@@ -22,6 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+
 def _optional(module: str) -> Any:
     """A codec module if it is installed, else None (its chunks then go through HDF5)."""
     try:
@@ -338,6 +339,8 @@ def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
             ok[k] = info.filter_mask == 0
             sizes.append(info.size)
 
+    if not hasattr(dsid, "chunk_iter"):
+        return None  # h5py built on HDF5 < 1.12.3: leave it to HDF5
     dsid.chunk_iter(note)
     if shape[0] % chunks[0] and ok[-1] and _stored_raw(dsid, chunks, n_chunks, nbytes):
         # A file made with H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS stores a partial edge chunk

@@ -35,15 +35,17 @@ class SharedMemoryError(MemoryError):
     """Shared memory could not be reserved, or a result does not fit its stage."""
 
 
-def remote_exception(type_: type[BaseException], message: str, where: str, tb_text: str):
+def remote_exception(type_: type[BaseException], message: str, where: str, tb_text: str,
+                     attrs: dict | None = None) -> BaseException:
     """Rebuild an exception raised in a worker, keeping its type so ``except IndexError`` works.
 
-    The worker's traceback text and where it failed are appended to the message. Types whose
-    constructor does not take one string (rare) come back as ``SubprocessException``.
+    The worker's traceback text and where it failed are appended to the message; an OSError
+    keeps its ``errno`` (``attrs``). Types whose constructor does not take one string (rare) come
+    back as ``SubprocessException``.
     """
     text = f"{message}\n\n{where}; the worker's traceback:\n{tb_text}"
+    errno = (attrs or {}).get("errno")
     try:
-        exc = type_(text)
+        return type_(errno, text) if errno is not None else type_(text)
     except Exception:
-        exc = SubprocessException(f"{type_.__name__}: {text}")
-    return exc
+        return SubprocessException(f"{type_.__name__}: {text}")

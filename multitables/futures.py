@@ -35,12 +35,11 @@ class Request:
     ``IndexError``) is raised again by these calls, with the worker's traceback in its message.
     """
 
-    def __init__(self, reader: Reader, spec: ReadSpec, stage: Stage | None,
-                 error: BaseException | None = None):
+    def __init__(self, reader: Reader, spec: ReadSpec):
         self._reader = reader
         self.spec = spec
-        self._stage = stage
-        self._error = error
+        self._stage: Stage | None = None  # claimed for this request until its result is taken
+        self._error: BaseException | None = None  # found before dispatch; raised by get()
         self._result: Any = None
         self._taken = False
 

@@ -29,10 +29,28 @@ try:
 except ImportError:  # pragma: no cover
     _Selector = None
 
-@functools.lru_cache(maxsize=64)
 def _memory_type(dtype: np.dtype):
-    """The HDF5 memory type of ``dtype`` (h5py builds it anew at every call: ~4 us)."""
+    """The HDF5 memory type of ``dtype`` (h5py builds it anew at every call: ~4 us).
+
+    Cached only for dtypes without metadata: numpy's dtype equality ignores it, and h5py keeps
+    string encodings and enums there.
+    """
+    if _has_metadata(dtype):
+        return h5t.py_create(dtype)
+    return _cached_memory_type(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_memory_type(dtype: np.dtype):
     return h5t.py_create(dtype)
+
+
+def _has_metadata(dtype: np.dtype) -> bool:
+    if dtype.metadata:
+        return True
+    if dtype.subdtype is not None:
+        return _has_metadata(dtype.subdtype[0])
+    return any(_has_metadata(dtype[name]) for name in dtype.names or ())
 
 
 @functools.lru_cache(maxsize=64)

@@ -152,6 +152,8 @@ def _layout(dataset: h5py.Dataset) -> RawRows | None:
         def note(info):
             offsets[info.chunk_offset[0] // chunk_rows] = info.byte_offset
 
+        if not hasattr(dsid, "chunk_iter"):
+            return None  # h5py built on HDF5 < 1.12.3: leave it to HDF5
         dsid.chunk_iter(note)
         if (offsets < 0).any():
             return None  # unallocated chunks read as the fill value

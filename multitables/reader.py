@@ -15,6 +15,7 @@ from typing import Any
 import h5py
 
 from ._ringbuf import Counter
+from .errbox import ErrorBox
 from .errors import QueueClosedException, SubprocessException
 from .futures import Request
 from .proxies import DatasetProxy, make_proxy
@@ -22,7 +23,7 @@ from .readspec import ReadSpec, execute
 from .shm import SharedArena
 from .source import check_positive_int, describe, get_dataset, open_file
 from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
-from .workers import CHECK_INTERVAL, WAIT_SLICE, ErrorBox, WorkerPool
+from .workers import CHECK_INTERVAL, WAIT_SLICE, WorkerPool
 
 __all__ = ["Reader"]
 
@@ -217,25 +218,28 @@ class Reader:
                 f"request() takes a dataset proxy indexed with a key (reader.get_dataset(path)"
                 f"[key]), got {type(key).__name__}"
             )
+        request = Request(self, spec)
         if isinstance(stage, StagePool):
             self._pools.add(stage)
-            request = Request(self, spec, None)
-            request._stage = stage.take(request)
+            claimed = stage.take(request)
         elif isinstance(stage, Stage):
-            request = Request(self, spec, None)
             stage.claim(request)
-            request._stage = stage
+            claimed = stage
         else:
             raise TypeError(f"request() needs a stage or a stage pool, got {type(stage).__name__}")
         try:
-            request._stage.check_fits(spec.nbytes, spec.shape, spec.dtype)
+            claimed.check_fits(spec.nbytes, spec.shape, spec.dtype)
         except Exception as exc:
             # Raised by get(), as for errors found by workers; the stage is free again.
             request._error = exc
-            request._stage.free()
-            request._stage = None
+            claimed.free()
             return request
-        self._dispatch(request._stage, spec)
+        try:
+            self._dispatch(claimed, spec)
+        except BaseException:
+            claimed.free()
+            raise
+        request._stage = claimed
         return request
 
     def _dispatch(self, stage: Stage, spec: ReadSpec) -> None:
@@ -306,11 +310,11 @@ class Reader:
 
     # ---- shutdown ----
 
-    def close(self, wait: bool = True) -> None:
-        """Stop the workers and free every stage. Idempotent.
+    def close(self, wait: bool = False) -> None:
+        """Stop the workers and free every stage. Idempotent; no worker outlives the call.
 
-        With ``wait`` the call returns once the workers have exited; without it, they are told
-        to stop and reaped in the background of this call's end (they exit within a second).
+        With ``wait``, workers may finish the read they are doing (up to 2 s); without it, any
+        still busy after 0.2 s are killed.
         """
         if self._closed:
             return

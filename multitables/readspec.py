@@ -62,7 +62,8 @@ class ReadSpec:
 def _element_dtype(spec: ReadSpec, dataset: h5py.Dataset) -> np.dtype:
     """What ``spec.dtype`` is in the caller, from the dataset (see ``ReadSpec``)."""
     if spec.kind == VLEN:
-        return h5py.check_vlen_dtype(dataset.dtype)
+        base = h5py.check_vlen_dtype(dataset.dtype)
+        return np.dtype(np.uint8) if base in (str, bytes) else base
     if spec.field is None:
         return dataset.dtype
     return dataset.dtype.fields[spec.field][0].base
@@ -109,15 +110,26 @@ def _read_array(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> N
     if not field_shape:
         read_selection(dataset, sel, out, spec.field)
         return
-    # The key also indexes the field's own dimensions, which HDF5 cannot select: read the rows
-    # of the box whole, cut the box out of them, then arrange it as numpy would.
-    rows_key = _key_of(sel.dims[0])
-    rows_sel = translate((rows_key,), sel.shape[:1])
-    rows = np.empty((*rows_sel.result_shape, *field_shape), spec.dtype)
-    read_selection(dataset, rows_sel, rows, spec.field)
-    box = rows
-    for axis, entry in enumerate(sel.dims[1:], start=1):
-        box = box[(slice(None),) * axis + (_key_of(entry),)]
+    # The key also indexes the field's own dimensions, which HDF5 cannot select: read the
+    # elements' hull whole, cut the box out of it, then arrange it as numpy would.
+    if sel.points is not None:
+        raise NotImplementedError(
+            f"several index arrays together on the subarray field {spec.field!r}: index the "
+            "rows first, then the field's dimensions in numpy"
+        )
+    ndim = len(dataset.shape)
+    hull = tuple(
+        slice(int(e[0]), int(e[-1]) + 1) if isinstance(e, np.ndarray) else _key_of(e)
+        for e in sel.dims[:ndim]
+    )
+    hull_sel = translate(hull, dataset.shape)
+    box = np.empty((*hull_sel.result_shape, *field_shape), spec.dtype)
+    read_selection(dataset, hull_sel, box, spec.field)
+    for axis, entry in enumerate(sel.dims):
+        if axis >= ndim:
+            box = box[(slice(None),) * axis + (_key_of(entry),)]
+        elif isinstance(entry, np.ndarray):
+            box = box.take(entry - entry[0], axis=axis)
     out[...] = box[sel.local_key] if sel.local_key is not None else box.reshape(spec.shape)
 
 
@@ -136,7 +148,11 @@ def _read_vlen(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> No
     # h5py returns an object array of rows; its shape is the read box's.
     box = dataset[_key_of(sel.dims[0])].reshape(sel.read_shape)
     rows[...] = box[sel.local_key] if sel.local_key is not None else box.reshape(spec.shape)
-    flat = [np.asarray(r, dtype=spec.dtype).reshape(-1) for r in rows.reshape(-1)]
+    flat = [
+        np.frombuffer(r, np.uint8) if isinstance(r, bytes) else
+        np.asarray(r, dtype=spec.dtype).reshape(-1)
+        for r in rows.reshape(-1)
+    ]
     offsets = np.zeros(len(flat) + 1, np.int64)
     np.cumsum([len(r) for r in flat], out=offsets[1:])
     head = 8 * len(offsets)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._ringbuf import CLOSED, TIMEOUT, Counter, SlotQueue, Word
+from .errbox import ErrorBox
 from .shm import PAGE, SharedArena, round_up
-from .workers import ErrorBox
 
 ERROR_BOX_BYTES = 1 << 16
 

@@ -80,24 +80,15 @@ def _rebuild(nbytes: int, dup) -> SharedArena:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory this process may still take (MemAvailable, within its cgroup's limit)."""
-    limits = []
+    """Bytes of memory the system can still give (MemAvailable: free plus reclaimable cache)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    limits.append(int(line.split()[1]) * 1024)
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            high = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            if high != "max":
-                limits.append(int(high) - int(f.read()))
-    except (OSError, ValueError):
-        pass
-    return min(limits) if limits else None
+    return None
 
 
 def _create(name: str, nbytes: int) -> int:

@@ -95,6 +95,10 @@ def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetIn
         pseudo_atom = ds.attrs.get("PSEUDOATOM") if vlen is not None else None
         if isinstance(pseudo_atom, bytes):
             pseudo_atom = pseudo_atom.decode()
+        if vlen in (str, bytes):
+            # h5py's variable-length strings: rows travel as their bytes, come back as bytes
+            # objects, as h5py returns them.
+            vlen, pseudo_atom = np.dtype(np.uint8), "vlstring"
         return DatasetInfo(
             filename=str(filename),
             path=ds.name,

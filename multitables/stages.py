@@ -13,9 +13,9 @@ import threading
 import numpy as np
 
 from ._ringbuf import Word
+from .errbox import ErrorBox
 from .errors import QueueClosedException, SharedMemoryError
 from .shm import PAGE, SharedArena, round_up
-from .workers import ErrorBox
 
 # Stage states: a worker moves PENDING to DONE or FAILED; the consumer moves them back to IDLE.
 IDLE, PENDING, DONE, FAILED = 0, 1, 2, 3

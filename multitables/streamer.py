@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import math
 import os
 import threading
@@ -37,12 +38,13 @@ class Guard:
     block raises). Copy the data (``block.copy()``) to keep it longer.
     """
 
-    __slots__ = ("_queue", "_slot", "_rows")
+    __slots__ = ("_queue", "_slot", "_rows", "_owner")
 
-    def __init__(self, queue: Queue, slot: int, rows: slice):
+    def __init__(self, queue: Queue, slot: int, rows: slice, owner: int):
         self._queue = queue
         self._slot = slot
         self._rows = rows
+        self._owner = owner  # the thread that got it
 
     def __enter__(self) -> np.ndarray:
         if self._slot < 0:
@@ -55,7 +57,7 @@ class Guard:
     def release(self) -> None:
         slot, self._slot = self._slot, -1
         if slot >= 0:
-            self._queue._release(slot)
+            self._queue._release(slot, self._owner)
 
     def __del__(self) -> None:
         self.release()
@@ -77,9 +79,11 @@ class Queue:
         self._slot = -1  # the slot whose blocks are being handed out
         self._next_row = 0  # its next block's first row
         self._slot_rows = 0  # its number of rows
-        # Blocks of each slot not yet released; the slot goes back to the workers at zero.
+        # Blocks of each slot not yet released; the slot goes back to the workers at zero. One
+        # lock for every change: get() and releases run in different threads.
         self._refs = [0] * plan.layout.n_slots
-        self._release_lock = threading.Lock()
+        self._guards: collections.Counter[int] = collections.Counter()  # live guards per thread
+        self._refs_changed = threading.Condition()
         self._closed = False
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._slots = slot_arrays(plan, ring)
@@ -101,9 +105,11 @@ class Queue:
                     return QueueClosed
             start = self._next_row
             self._next_row = stop = min(start + self.block_size, self._slot_rows)
-            slot = self._slot
-            self._refs[slot] += 1
-        return Guard(self, slot, slice(start, stop))
+            slot, owner = self._slot, threading.get_ident()
+            with self._refs_changed:
+                self._refs[slot] += 1
+                self._guards[owner] += 1
+        return Guard(self, slot, slice(start, stop), owner)
 
     def iter(self):
         """Iterate over the guards of the remaining blocks."""
@@ -116,7 +122,7 @@ class Queue:
     def _next_slot(self) -> bool:
         """Move on to the next filled slot; False once the stream has ended."""
         if self._slot >= 0:
-            self._release(self._slot)  # the reference that kept it while handing out blocks
+            self._release(self._slot, None)  # the reference kept while handing out its blocks
             self._slot = -1
         if self._closed:
             return False
@@ -124,12 +130,8 @@ class Queue:
         end = self._plan.n_slot_tickets
         if end is not None and ticket >= end:
             return False
-        held = len(self._refs) - self._refs.count(0) + len(self._stash)
-        if held == len(self._refs) and ticket not in self._stash:
-            raise RuntimeError(
-                f"all {len(self._refs)} slots (read_ahead) are held by guards that were not "
-                "released; exit their `with` blocks or raise read_ahead"
-            )
+        if ticket not in self._stash:
+            self._wait_for_a_free_slot()
         self._next_ticket += 1
         if self._ordered:
             while ticket not in self._stash:
@@ -144,8 +146,21 @@ class Queue:
                 return False
         self._slot, self._next_row = slot, 0
         self._slot_rows = int(self._ring.headers[slot, 1])
-        self._refs[slot] += 1
+        with self._refs_changed:
+            self._refs[slot] += 1
         return True
+
+    def _wait_for_a_free_slot(self) -> None:
+        """Wait while guards hold every slot; raise if they are all this thread's own, which
+        would wait for ever."""
+        with self._refs_changed:
+            while self._refs.count(0) - len(self._stash) <= 0 and not self._closed:
+                if self._guards[threading.get_ident()] == sum(self._guards.values()):
+                    raise RuntimeError(
+                        f"all {len(self._refs)} slots (read_ahead) are held by guards this "
+                        "thread has not released; exit their `with` blocks or raise read_ahead"
+                    )
+                self._refs_changed.wait(WAIT_SLICE)
 
     def _pop(self) -> int:
         # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
@@ -178,12 +193,15 @@ class Queue:
             raise QueueClosedException("the queue was closed; its blocks are gone")
         return self._slots[slot][rows]
 
-    def _release(self, slot: int) -> None:
-        with self._release_lock:
+    def _release(self, slot: int, owner: int | None) -> None:
+        with self._refs_changed:
             self._refs[slot] -= 1
+            if owner is not None:
+                self._guards[owner] -= 1
             free = self._refs[slot] == 0
-        if free and not self._closed:
-            self._ring.free.push(slot)
+            if free and not self._closed:
+                self._ring.free.push(slot)
+            self._refs_changed.notify_all()
 
     def close(self) -> None:
         """Stop the workers and free the shared memory. Idempotent."""

@@ -11,15 +11,15 @@ NOTE [ Worker shutdown logic ]
     creates shared memory (shm)     ──fork──▶    map the same pages, open the HDF5 file
     waits on a futex word or queue  ◀──────      publish results with release stores
       in slices of WAIT_SLICE s,                 wait for tasks in slices of WAIT_SLICE s,
-      checking the workers between               checking the parent pid between
-    close(): stop word, close queues ──────▶     see stop / a closed queue / EOF, exit(0)
+      checking the workers between               checking the consumer's sentinel between
+    close(): stop word, close queues ──────▶     see stop / a closed queue / "stop", exit(0)
       join JOIN_TIMEOUT s, then SIGKILL
 
 Guarantees:
 1. No hang if a worker dies: every wait of the consumer is sliced, and ``WorkerPool.check`` raises
    ``SubprocessException`` naming the worker, its pid and its exit code or signal.
-2. No orphans if the consumer dies: workers notice a changed parent pid within WAIT_SLICE s (or an
-   EOF on their task pipe) and exit; their shared memory is a memfd, freed with the last process.
+2. No orphans if the consumer dies: workers watch the consumer's process sentinel between wait
+   slices (WAIT_SLICE s) and exit; their shared memory is a memfd, freed with the last process.
 3. Errors raised inside a worker are sent back (type, message, traceback text, where) through shared
    memory (``ErrorBox``) and re-raised in the consumer's thread where it waits.
 4. ``stop()`` is idempotent and safe from ``__del__`` and at interpreter exit; workers ignore
@@ -31,16 +31,13 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - see below
 import os
-import pickle
 import signal
-import struct
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .errors import SubprocessException, remote_exception
+from .errors import SubprocessException
 from .source import open_file
 
 # multiprocessing.util's exit hook joins daemon workers without a timeout (forever, for a stopped
@@ -164,66 +161,3 @@ class WorkerPool:
                 proc.kill()
                 proc.join(JOIN_TIMEOUT)
         self.procs = []
-
-
-class ErrorBox:
-    """A fixed area of shared memory that carries one exception from a worker to the consumer.
-
-    Layout: uint32 state (0 empty, 1 being written, 2 full), uint32 length, then the pickled
-    (type, message, where, traceback text). The first writer wins; later errors are dropped.
-    """
-
-    HEADER = 8
-
-    def __init__(self, buffer: Any, offset: int, nbytes: int):
-        from ._ringbuf import Word
-
-        self.state = Word(buffer, offset)
-        self.buffer = buffer
-        self.offset = offset
-        self.nbytes = nbytes
-
-    def put(self, exc: BaseException, where: str) -> bool:
-        """Store the exception; False if another one got there first. Returns only once the box
-        is full, so a caller that then stops the stream cannot let the consumer see it empty."""
-        if not self.state.compare_exchange(0, 1):
-            self.state.wait_while(1, 5.0)
-            return False
-        tb = "".join(traceback.format_exception(exc))
-        payload = _pickle_error(exc, where, tb, self.nbytes - self.HEADER)
-        start = self.offset + self.HEADER
-        self.buffer[start : start + len(payload)] = payload
-        struct.pack_into("I", self.buffer, self.offset + 4, len(payload))
-        self.state.store(2)
-        return True
-
-    def full(self) -> bool:
-        return self.state.load() == 2
-
-    def clear(self) -> None:
-        self.state.store(0)
-
-    def exception(self) -> BaseException:
-        """The stored exception, rebuilt with its type (see ``errors.remote_exception``)."""
-        (length,) = struct.unpack_from("I", self.buffer, self.offset + 4)
-        start = self.offset + self.HEADER
-        type_, message, where, tb = pickle.loads(self.buffer[start : start + length])
-        return remote_exception(type_, message, where, tb)
-
-
-def _pickle_error(exc: BaseException, where: str, tb: str, room: int) -> bytes:
-    type_: type[BaseException] = type(exc)
-    try:
-        pickle.loads(pickle.dumps(type_))
-    except Exception:
-        type_ = SubprocessException
-    message = str(exc) if type_ is type(exc) else f"{type(exc).__name__}: {exc}"
-    while True:
-        payload = pickle.dumps((type_, message, where, tb))
-        if len(payload) <= room:
-            return payload
-        if not tb and len(message) <= 64:
-            return pickle.dumps((type_, message, where[:200], ""))
-        # Keep the end of the traceback: it names the line that raised.
-        tb = "...\n" + tb[len(tb) // 2 :] if len(tb) > 64 else ""
-        message = message[: max(64, len(message) // 2)]

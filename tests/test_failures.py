@@ -946,3 +946,17 @@ def test_no_leaks_fixture_catches_leaks(tmp_path):
     assert "test left child processes" in out, out
     assert f"test left /dev/shm entries: ['{name}']" in out, out
     assert re.search(r"\b3 passed, 2 errors\b", out), out  # teardown errors of 2 of 3 tests
+
+
+def test_worker_oserror_keeps_errno_and_filename(tmp_path):
+    """An OSError from a worker comes back as one: its type and errno, the file in its text."""
+    import errno as errno_codes
+
+    from multitables.errbox import ErrorBox
+
+    box = ErrorBox(bytearray(1 << 14), 0, 1 << 14)
+    box.put(FileNotFoundError(errno_codes.ENOENT, "No such file", "/x/y.h5"), "in worker 0")
+    exc = box.exception()
+    assert isinstance(exc, FileNotFoundError)
+    assert exc.errno == errno_codes.ENOENT
+    assert "No such file: '/x/y.h5'" in str(exc) and "in worker 0" in str(exc)

@@ -538,3 +538,23 @@ def test_read_point_plans_match_numpy(h5file, data):
     )
     with forced_points(), patched(hyperslab, **limits):
         check_read(ds, key, field)
+
+
+def test_string_and_enum_datasets_read_after_same_layout_ones(tmp_path):
+    """dtypes equal to numpy but not to HDF5 (h5py's string encodings, enums) keep their type."""
+    path = tmp_path / "s.h5"
+    hdf5_path = {"chunks": (2,), "fletcher32": True}  # checksums: only HDF5 reads these
+    with h5py.File(path, "w") as f:
+        f.create_dataset("ascii", data=np.array([b"abc", b"de"], "S6"), **hdf5_path)
+        utf8 = h5py.string_dtype("utf-8", 6)
+        f.create_dataset("utf8", data=np.array([b"xyz", b"q"], utf8), dtype=utf8, **hdf5_path)
+        f.create_dataset("plain", data=np.array([1, 0], "i1"), **hdf5_path)
+        f.create_dataset("enum", data=np.array([1, 0], "i1"),
+                         dtype=h5py.enum_dtype({"a": 0, "b": 1}, basetype="i1"), **hdf5_path)
+    with h5py.File(path, "r") as f:
+        for name in ("ascii", "utf8", "plain", "enum"):
+            ds = f[name]
+            sel = _indexing.translate((slice(None),), ds.shape)
+            out = np.empty(sel.result_shape, ds.dtype)
+            hyperslab.read_selection(ds, sel, out)
+            np.testing.assert_array_equal(out, ds[()])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import threading
 
+import h5py
 import numpy as np
 import pytest
 from helpers import N_ROWS, sample, write_h5py, write_pytables
@@ -339,3 +340,34 @@ def test_selection_and_specs_pickle(reader):
     again = pickle.loads(pickle.dumps(spec))
     assert again.shape == spec.shape == (2, 5)
     assert repr(again.selection) == repr(spec.selection)
+
+
+def test_subarray_field_of_a_multidimensional_compound(tmp_path):
+    dtype = np.dtype([("x", "<f4"), ("v", "<i4", (3,))])
+    data = np.zeros((6, 4), dtype)
+    data["x"] = np.arange(24).reshape(6, 4)
+    data["v"] = np.arange(72).reshape(6, 4, 3)
+    path = tmp_path / "c.h5"
+    with h5py.File(path, "w") as f:
+        f["c"] = data
+    with multitables.Reader(path, n_procs=1) as reader:
+        ds = reader.get_dataset("c")
+        stage = ds.create_stage(6)
+        for key in [np.s_[0:3, 1, [2, 0]], np.s_[[4, 1, 4], ::-1], np.s_[5], np.s_[..., 1]]:
+            got = reader.request(ds["v"][key], stage).get()
+            np.testing.assert_array_equal(got, data["v"][key])
+
+
+def test_h5py_variable_length_strings_come_back_as_h5py_gives_them(tmp_path):
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("utf8", data=["héllo", "", "wörld"], dtype=h5py.string_dtype())
+        f.create_dataset("ascii", data=[b"ab", b"c"], dtype=h5py.string_dtype("ascii"))
+    with h5py.File(path, "r") as f:
+        truth = {name: f[name][()] for name in f}
+    with multitables.Reader(path, n_procs=1) as reader:
+        for name, expected in truth.items():
+            ds = reader.get_dataset(name)
+            stage = ds.create_stage(64)
+            assert list(reader.request(ds, stage).get()) == list(expected)
+            assert reader.request(ds[-1], stage).get() == expected[-1]
