@@ -22,6 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from .source import default_block_size, register_filter_plugins
+
+__all__ = ["default_block_size"]  # the engine's rule, for the CLI and bench/
+
 MiB = 1 << 20
 Tick = Callable[[int], None]
 
@@ -194,36 +198,9 @@ def _jsonable(obj: Any) -> Any:
 # -------------------------------------------------------------------------------- readers
 
 
-def default_block_size(shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...] | None) -> int:
-    """Rows per block: the engine's rule if it has one, else whole chunks of about >= 1 MiB."""
-    engine_rule: Any
-    try:
-        from multitables.streamer import default_block_size as engine_rule
-    except Exception:  # `info` must still work where the engine does not import (no build yet)
-        engine_rule = None
-    if engine_rule is not None:
-        return int(engine_rule(shape, dtype, chunks))
-    if not shape or shape[0] == 0:
-        return 1
-    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
-    if chunks:
-        per_chunk = chunks[0] * row_bytes  # one chunk along axis 0 spans every chunk of the row
-        rows = chunks[0] * max(1, -(-MiB // per_chunk))
-    else:
-        rows = max(1, MiB // row_bytes)
-    return int(min(rows, shape[0]))
-
-
 def load_filter_plugins() -> bool:
-    """Import hdf5plugin when installed, so Blosc, Zstd, LZ4... files read here and in workers.
-
-    Call it before starting workers: forked workers inherit the registered filters.
-    """
-    try:
-        import hdf5plugin  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Import hdf5plugin when installed, so Blosc, Zstd, LZ4... files read here and in workers."""
+    return register_filter_plugins()
 
 
 def warm_page_cache(filename: str, tick: Tick = _noop) -> int:

@@ -59,9 +59,13 @@ cdef extern from *:
         return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
     }
 
+    /* The Python side lays queues out with this header size (_HEADER_BYTES). */
+    _Static_assert(sizeof(mt_queue) == 192, "mt_queue header must be 192 bytes");
+
     /* Sleep while *addr == expected, at most `timeout` seconds; spurious returns are fine. */
     static void mt_futex_wait(uint32_t *addr, uint32_t expected, double timeout) {
         if (timeout <= 0) return;
+        if (timeout > 3600) timeout = 3600;  /* callers wake up to check their peers anyway */
         struct timespec ts;
         ts.tv_sec = (time_t)timeout;
         ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
@@ -222,7 +226,7 @@ cdef extern from *:
 TIMEOUT = -1
 CLOSED = -2
 
-_HEADER_BYTES = 192   # sizeof(mt_queue) without cells: two 64-byte lines of positions, one of state
+_HEADER_BYTES = 192   # sizeof(mt_queue), checked at compile time: 3 cache lines, cells follow
 _CELL_BYTES = 16
 
 

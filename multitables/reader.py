@@ -156,7 +156,9 @@ class Reader:
         self._pool: WorkerPool | None = None
         self._next_check = 0.0
         self._lock = threading.Lock()
-        self._stages: dict[int, Stage] = {}
+        # Stages alive; those closed or dropped are unmapped by the workers at the next dispatch.
+        self._stages: weakref.WeakValueDictionary[int, Stage] = weakref.WeakValueDictionary()
+        self._dropped: list[tuple[int, tuple[int, ...]]] = []
         self._stage_ids = iter(range(1 << 62))
         self._pools: weakref.WeakSet[StagePool] = weakref.WeakSet()
         self._closed = False
@@ -173,6 +175,9 @@ class Reader:
         self._check_open()
         stage.id = next(self._stage_ids)
         self._stages[stage.id] = stage
+        stage.on_close = weakref.finalize(
+            stage, _forget_stage, weakref.ref(self), stage.id, stage.sent_to, stage.memory
+        )
         return stage
 
     def _stage_freed(self, stage: Stage) -> None:
@@ -262,6 +267,11 @@ class Reader:
                     self._check()
                     raise
                 stage.sent_to.add(worker)
+            while self._dropped:
+                stage_id, workers = self._dropped.pop()
+                for w in workers:
+                    with contextlib.suppress(OSError):
+                        self._conns[w].send_bytes(pickle.dumps(("drop", stage_id)))
             stage.memory.state.set(PENDING)
             self._sent[worker] += 1
             try:
@@ -327,7 +337,7 @@ class Reader:
                 conn.close()
             self._pool.stop(join_timeout=2.0 if wait else 0.2)
             self._control.close()
-        for stage in self._stages.values():
+        for stage in list(self._stages.values()):
             stage.close()
         for pool in list(self._pools):
             pool.notify()
@@ -347,3 +357,10 @@ class Reader:
         if not getattr(self, "_closed", True):
             self.close(wait=False)
 
+
+def _forget_stage(reader_ref, stage_id: int, sent_to: set[int], memory: StageMemory) -> None:
+    """A stage was closed or collected: free its memory here, and in the workers that mapped it."""
+    memory.close()
+    reader = reader_ref()
+    if reader is not None and not reader._closed and sent_to:
+        reader._dropped.append((stage_id, tuple(sent_to)))

@@ -15,9 +15,8 @@ import h5py
 import numpy as np
 
 from ._indexing import Selection, translate
-from .errors import SharedMemoryError
 from .hyperslab import read_selection
-from .stages import StageMemory
+from .stages import StageMemory, check_fits
 
 # Kinds of request.
 ARRAY = "array"  # dataset[key] or a field of a table: shape known up front
@@ -88,14 +87,6 @@ def execute(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
         raise ValueError(f"unknown request kind {spec.kind!r}")
 
 
-def _fit(memory: StageMemory, nbytes: int, shape, dtype) -> None:
-    if nbytes > memory.capacity:
-        raise SharedMemoryError(
-            f"stage holds {memory.capacity} bytes but the result needs {nbytes} "
-            f"(shape {tuple(shape)}, {np.dtype(dtype)}); make a larger stage"
-        )
-
-
 def _selection(spec: ReadSpec) -> Selection:
     """The translated key of an ARRAY or VLEN request (WHERE and SORTED have none)."""
     if spec.selection is None:
@@ -157,7 +148,7 @@ def _read_vlen(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> No
     np.cumsum([len(r) for r in flat], out=offsets[1:])
     head = 8 * len(offsets)
     nbytes = head + int(offsets[-1]) * spec.dtype.itemsize
-    _fit(memory, nbytes, (int(offsets[-1]),), spec.dtype)
+    check_fits(memory.capacity, nbytes, (int(offsets[-1]),), spec.dtype)
     area = memory.bytes(nbytes)
     area[:head] = offsets.view(np.uint8)
     data = area[head:].view(spec.dtype)
@@ -194,8 +185,8 @@ def _read_where(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> N
         if spec.field is not None:
             hits = hits[spec.field]
         total = found + len(hits)
-        _fit(memory, total * math.prod(row_shape) * spec.dtype.itemsize, (total, *row_shape),
-             spec.dtype)
+        nbytes = total * math.prod(row_shape) * spec.dtype.itemsize
+        check_fits(memory.capacity, nbytes, (total, *row_shape), spec.dtype)
         memory.data((total, *row_shape), spec.dtype)[found:] = hits
         found = total
     memory.meta[0] = found

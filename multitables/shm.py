@@ -69,6 +69,10 @@ class SharedArena:
         except BufferError:
             pass  # views (numpy arrays, ring primitives) remain: unmapped with the last of them
 
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.close()
+
     def __reduce__(self):
         if self._fd is None:
             raise ValueError("cannot send a closed SharedArena to a worker")

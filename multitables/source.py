@@ -50,17 +50,18 @@ class DatasetInfo:
 
 
 @functools.cache
-def _register_filter_plugins() -> None:
+def register_filter_plugins() -> bool:
     """Make hdf5plugin's filters (Blosc, zstd, ...) readable, in every process, if installed."""
     try:
         import hdf5plugin  # noqa: F401
     except ImportError:
-        pass
+        return False
+    return True
 
 
 def open_file(filename: str, file_kwargs: dict[str, Any]) -> h5py.File:
     """``h5py.File(filename, 'r', **file_kwargs)`` with errors that name the file."""
-    _register_filter_plugins()
+    register_filter_plugins()
     kwargs = dict(file_kwargs)
     mode = kwargs.pop("mode", "r")
     if mode != "r":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +27,15 @@ _N_META = 8
 _ERRORS = 128
 _ERROR_BYTES = 16 << 10
 _DATA = round_up(_ERRORS + _ERROR_BYTES, PAGE)
+
+
+def check_fits(capacity: int, nbytes: int, shape, dtype) -> None:
+    """``SharedMemoryError`` naming both sizes when a result does not fit a stage."""
+    if nbytes > capacity:
+        raise SharedMemoryError(
+            f"stage holds {capacity} bytes but the result needs {nbytes} "
+            f"(shape {tuple(shape)}, {np.dtype(dtype)}); make a larger stage"
+        )
 
 
 class StageMemory:
@@ -72,13 +83,10 @@ class Stage:
         self.closed = False
         self.id = -1  # the Reader's number for it
         self.sent_to: set[int] = set()  # workers that have mapped it
+        self.on_close: Callable[[], Any] | None = None  # set by the Reader: unmaps it everywhere
 
     def check_fits(self, nbytes: int, shape, dtype) -> None:
-        if nbytes > self.nbytes:
-            raise SharedMemoryError(
-                f"stage holds {self.nbytes} bytes but the result needs {nbytes} "
-                f"(shape {tuple(shape)}, {np.dtype(dtype)}); make a larger stage"
-            )
+        check_fits(self.nbytes, nbytes, shape, dtype)
 
     def claim(self, request: object) -> None:
         if self.closed:
@@ -96,9 +104,13 @@ class Stage:
             self.memory.state.set(IDLE)
 
     def close(self) -> None:
+        """Free this stage's shared memory, here and in the workers. Idempotent."""
         if not self.closed:
             self.closed = True
-            self.memory.close()
+            if self.on_close is not None:
+                self.on_close()
+            else:
+                self.memory.close()
 
     def __repr__(self) -> str:
         return f"<Stage {self.shape} {self.dtype}, {self.nbytes} bytes>"

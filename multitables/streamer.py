@@ -19,7 +19,7 @@ from .source import check_positive_int, default_block_size, describe, get_datase
 from .streamjob import StreamJob, StreamPlan, slot_arrays
 from .workers import CHECK_INTERVAL, WAIT_SLICE, WorkerPool
 
-__all__ = ["Guard", "Queue", "Streamer", "default_block_size"]
+__all__ = ["Guard", "Queue", "Streamer"]
 
 # Queues alive in this process, closed at interpreter exit. See NOTE [ Worker shutdown logic ].
 _LIVE_QUEUES: weakref.WeakSet[Queue] = weakref.WeakSet()
@@ -245,9 +245,12 @@ class Streamer:
     >>> path = os.path.join(tempfile.mkdtemp(), "doc.h5")
     >>> with h5py.File(path, "w") as f:
     ...     _ = f.create_dataset("x", data=np.arange(10.0))
+    >>> blocks = []
     >>> with multitables.Streamer(path) as stream:
     ...     with stream.get_queue("x", n_procs=2, block_size=4, ordered=True) as queue:
-    ...         blocks = [guard.__enter__().copy() for guard in queue.iter()]
+    ...         for guard in queue.iter():
+    ...             with guard as block:
+    ...                 blocks.append(block.copy())
     ...     tail = stream.get_remainder("x", queue.block_size)
     >>> [b.tolist() for b in blocks], tail.tolist()
     ([[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]], [8.0, 9.0])
@@ -357,7 +360,7 @@ class Streamer:
         """
         queue = self.get_queue(path, n_procs, read_ahead, cyclic, block_size, ordered, field,
                                remainder)
-        return _rows(queue)
+        return _Rows(queue)
 
     def get_remainder(self, path: str, block_size: int, field: str | None = None) -> np.ndarray:
         """The rows a non-cyclic stream of ``block_size`` leaves out at the end (a copy)."""
@@ -382,9 +385,30 @@ class Streamer:
         self.close()
 
 
-def _rows(queue: Queue):
-    with queue:
-        for guard in queue.iter():
+class _Rows:
+    """The generator of ``get_generator``: rows as copies; ``close()`` stops the workers even
+    before the first row (a plain generator's close would not reach its body then)."""
+
+    def __init__(self, queue: Queue):
+        self._queue = queue
+        self._rows = self._each_row()
+
+    def _each_row(self):
+        for guard in self._queue.iter():
             with guard as block:
                 rows = block.copy()
             yield from rows
+        self._queue.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._rows)
+
+    def close(self) -> None:
+        self._rows.close()
+        self._queue.close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -371,3 +371,25 @@ def test_h5py_variable_length_strings_come_back_as_h5py_gives_them(tmp_path):
             stage = ds.create_stage(64)
             assert list(reader.request(ds, stage).get()) == list(expected)
             assert reader.request(ds[-1], stage).get() == expected[-1]
+
+
+def test_dropped_stages_are_unmapped_in_the_workers(files):
+    """A stage per request, dropped after use: worker descriptors and memory do not grow."""
+    import gc
+
+    import psutil
+
+    with multitables.Reader(files[0], n_procs=1) as reader:
+        ds = reader.get_dataset("f4")
+
+        def one_request(i):
+            stage = ds.create_stage(50)
+            np.testing.assert_array_equal(reader.request(ds[i], stage).get(), files[2]["f4"][i])
+
+        one_request(0)
+        worker = psutil.Process(reader._pool.procs[0].pid)
+        fds = worker.num_fds()
+        for i in range(60):
+            one_request(i % N_ROWS)
+            gc.collect()
+        assert worker.num_fds() <= fds + 2

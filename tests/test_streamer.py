@@ -330,3 +330,13 @@ def test_generator_rows_kept_stay_valid_while_copies_are_reused(h5file, ordered)
     else:
         assert all(any(np.array_equal(k, r) for r in data) for k in kept)
         assert len(kept) == len(data[::7])
+
+
+def test_generator_closed_before_its_first_row_stops_its_workers(h5file):
+    path, _ = h5file
+    gen = multitables.Streamer(path).get_generator("contiguous_f4_2d", n_procs=2, cyclic=True)
+    workers = list(gen._queue._pool.procs)
+    gen.close()
+    assert not any(p.is_alive() for p in workers)
+    with pytest.raises(StopIteration):
+        next(gen)
