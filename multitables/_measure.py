@@ -342,7 +342,7 @@ def write_sample(filename: str, size_mb: float, tick: Tick = _noop, path: str = 
     n = max(rows_per_chunk, int(size_mb * 1e6) // 4096 // rows_per_chunk * rows_per_chunk)
     rng = np.random.default_rng(seed)
     step = 64 * rows_per_chunk  # write 64 MiB at a time: bounded memory, few HDF5 calls
-    with h5py.File(filename, "w") as f:
+    with h5py.File(filename, "a") as f:
         ds = f.create_dataset(path, (n, 1024), np.float32, chunks=(rows_per_chunk, 1024),
                               **create_kw)
         for start in range(0, n, step):

@@ -145,6 +145,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _dataset_facts(filename: str, path: str) -> tuple[tuple[int, ...], np.dtype, Any, int]:
+    shape, dtype, chunks, nbytes, _ = _dataset_facts_and_filters(filename, path)
+    return shape, dtype, chunks, nbytes
+
+
+def _dataset_facts_and_filters(filename: str, path: str):
     import h5py
 
     with h5py.File(filename, "r") as f:
@@ -153,8 +158,8 @@ def _dataset_facts(filename: str, path: str) -> tuple[tuple[int, ...], np.dtype,
             raise SystemExit(f"error: {path!r} in {filename} is a group, not a dataset")
         if not ds.shape or ds.shape[0] == 0:
             raise SystemExit(f"error: {path!r} in {filename} is empty or scalar")
-        return tuple(ds.shape), ds.dtype, ds.chunks, ds.shape[0] * ds.dtype.itemsize * int(
-            np.prod(ds.shape[1:], dtype=np.int64))
+        nbytes = ds.shape[0] * ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+        return tuple(ds.shape), ds.dtype, ds.chunks, nbytes, _filters(ds)
 
 
 def _cores() -> int:
@@ -185,7 +190,7 @@ def _run(readers: dict[str, Any], totals: dict[str, int], rounds: int, baseline:
 def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds: int,
           progress: Progress) -> tuple[m.Report, dict[str, Any]]:
     """Stream one dataset with plain h5py, the Streamer's queue and its generator, round-robin."""
-    shape, dtype, chunks, nbytes = _dataset_facts(filename, path)
+    shape, dtype, chunks, nbytes, filters = _dataset_facts_and_filters(filename, path)
     block = block_size or m.default_block_size(shape, dtype, chunks)
     progress.start("warming page cache", os.path.getsize(filename))
     m.warm_page_cache(filename, progress.tick)
@@ -199,8 +204,8 @@ def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds
     }
     report = _run(readers, dict.fromkeys(readers, nbytes), rounds, "h5py read_direct", progress)
     facts = {"file": filename, "path": path, "shape": shape, "dtype": str(dtype),
-             "chunks": chunks, "nbytes": nbytes, "block_size": block, "n_procs": n_procs,
-             "rounds": rounds}
+             "chunks": chunks, "filters": filters, "nbytes": nbytes, "block_size": block,
+             "n_procs": n_procs, "rounds": rounds}
     return report, facts
 
 
@@ -209,29 +214,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tmpdir = None
     if (args.file is None) != (args.path is None):
         raise SystemExit("error: give both FILE and PATH, or neither (to bench a sample file)")
+    results = []
     try:
         if args.file is None:
+            # The sample: the same data stored plainly and with gzip, where parallel decoding
+            # shows; uncompressed streaming is bound by memory bandwidth and worker start-up.
             tmpdir = tempfile.mkdtemp(prefix="multitables-bench-")
-            filename, path = os.path.join(tmpdir, "sample.h5"), "/data"
-            progress.start(f"writing {args.size_mb:g} MB sample file", int(args.size_mb * 1e6))
-            m.write_sample(filename, args.size_mb, progress.tick)
-            progress.clear()
+            filename = os.path.join(tmpdir, "sample.h5")
+            paths = ["/data", "/data_gzip"]
+            filters: list[dict[str, Any]] = [{}, {"compression": "gzip"}]
+            for path, kw in zip(paths, filters, strict=True):
+                progress.start(f"writing {args.size_mb:g} MB sample {path}",
+                               int(args.size_mb * 1e6))
+                m.write_sample(filename, args.size_mb, progress.tick, path=path, **kw)
+                progress.clear()
         else:
-            filename, path = args.file, args.path
+            filename, paths = args.file, [args.path]
         n_procs = args.n_procs or min(4, _cores())
-        report, facts = bench(filename, path, n_procs, args.block_size, args.rounds, progress)
+        for path in paths:
+            results.append(bench(filename, path, n_procs, args.block_size, args.rounds, progress))
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    row_bytes = facts["nbytes"] // facts["shape"][0]
-    print(f"{facts['file']} {facts['path']}: {facts['dtype']} {facts['shape']}, chunks "
-          f"{facts['chunks']}, {_mb(facts['nbytes'])}" + (" (sample, removed)" if tmpdir else ""))
-    print(f"block_size {facts['block_size']} rows ({facts['block_size'] * row_bytes / m.MiB:.2f} "
-          f"MiB), n_procs {facts['n_procs']}, {args.rounds} round(s), page cache warm, "
-          f"{_cores()} core(s)\n")
-    print(report.table())
+    for report, facts in results:
+        row_bytes = facts["nbytes"] // facts["shape"][0]
+        print(f"{facts['file']} {facts['path']}: {facts['dtype']} {facts['shape']}, chunks "
+              f"{facts['chunks']}, {facts['filters']}, {_mb(facts['nbytes'])}"
+              + (" (sample, removed)" if tmpdir else ""))
+        print(f"block_size {facts['block_size']} rows "
+              f"({facts['block_size'] * row_bytes / m.MiB:.2f} MiB), n_procs {facts['n_procs']}, "
+              f"{args.rounds} round(s), page cache warm, {_cores()} core(s)\n")
+        print(report.table() + "\n")
     if args.json:
-        m.dump_json(args.json, {"command": "bench", **facts, "report": report.to_dict()})
+        m.dump_json(args.json, {"command": "bench", "results": [
+            {**facts, "report": report.to_dict()} for report, facts in results]})
     return 0
 
 
@@ -335,14 +351,16 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="MB/s of h5py vs Streamer queue vs generator",
                        description="Stream a dataset with plain h5py and with multitables. With "
-                       "no FILE PATH, a sample float32 (N, 1024) file in 1 MiB chunks is written "
-                       "to a temporary directory and removed afterwards.")
+                       "no FILE PATH, a sample float32 (N, 1024) dataset in 1 MiB chunks, stored "
+                       "plainly and with gzip, is written to a temporary directory and removed "
+                       "afterwards.")
     b.add_argument("file", nargs="?")
     b.add_argument("path", nargs="?")
     b.add_argument("--n-procs", type=int, default=None, help="workers (default: min(4, cores))")
     b.add_argument("--block-size", type=int, default=None, help="rows per block (default: "
                    "whole chunks of about 1 MiB, as `info` suggests)")
-    b.add_argument("--size-mb", type=float, default=256, help="sample file size (default 256)")
+    b.add_argument("--size-mb", type=float, default=256,
+                   help="size of each sample dataset (default 256)")
     b.add_argument("--rounds", type=int, default=3, help="rounds, readers interleaved (default 3)")
     b.add_argument("--json", metavar="OUT", help="also write the results as JSON ('-': stdout)")
     b.set_defaults(func=cmd_bench)

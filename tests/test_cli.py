@@ -74,13 +74,17 @@ def test_bench_sample_file(tmp_path):
         assert MBS.search(line), line
     assert "(sample, removed)" in out.stdout
     assert "MB/s" in out.stderr  # progress: one line per phase when not on a terminal
-    report = json.loads((tmp_path / "out.json").read_text())
-    readers = report["report"]["readers"]
-    assert set(readers) == {"h5py read_direct", "Streamer queue (n_procs=1)",
-                            "Streamer generator (n_procs=1)"}
-    assert all(r["median_mb_per_s"] > 0 for r in readers.values())
-    # Every reader delivered the whole dataset, remainder included.
-    assert {r["bytes"][0] for r in readers.values()} == {report["nbytes"]}
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    # The sample holds the same data stored plainly and with gzip.
+    assert [(r["path"], r["filters"]) for r in results] == [("/data", "none"),
+                                                            ("/data_gzip", "gzip(4)")]
+    for result in results:
+        readers = result["report"]["readers"]
+        assert set(readers) == {"h5py read_direct", "Streamer queue (n_procs=1)",
+                                "Streamer generator (n_procs=1)"}
+        assert all(r["median_mb_per_s"] > 0 for r in readers.values())
+        # Every reader delivered the whole dataset, remainder included.
+        assert {r["bytes"][0] for r in readers.values()} == {result["nbytes"]}
     assert not [p for p in os.listdir(tmp_path) if p != "out.json"]
 
 
