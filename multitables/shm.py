@@ -54,10 +54,6 @@ class SharedArena:
             raise ValueError("this SharedArena is closed")
         return self._fd
 
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
     def close(self) -> None:
         """Drop the descriptor and unmap; pages still viewed by numpy arrays live until those go."""
         if self._fd is None:

@@ -144,9 +144,6 @@ class WorkerPool:
                     f"{self.name} worker {i} (pid {proc.pid}) exited unexpectedly with {how}"
                 )
 
-    def alive(self) -> int:
-        return sum(proc.is_alive() for proc in self.procs)
-
     def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
         """Wait for the workers to exit (the owner has already told them to), then kill the rest.
 
