@@ -340,3 +340,34 @@ def test_generator_closed_before_its_first_row_stops_its_workers(h5file):
     assert not any(p.is_alive() for p in workers)
     with pytest.raises(StopIteration):
         next(gen)
+
+
+def test_more_consumer_threads_than_slots_wait_instead_of_raising(h5file, monkeypatch):
+    """Four threads each holding a guard for a while, two slots: they take turns."""
+    import time as _time
+
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
+    path, truth = h5file
+    got: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def consume():
+        try:
+            while (guard := queue.get()) is not multitables.QueueClosed:
+                with guard as block:
+                    _time.sleep(0.002)
+                    got.append(block.copy())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with multitables.Streamer(path) as stream:
+        queue = stream.get_queue("contiguous_f4_2d", n_procs=2, read_ahead=2, block_size=5)
+        threads = [threading.Thread(target=consume) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        queue.close()
+    assert not errors
+    assert block_counter(got) == block_counter(
+        expected_blocks(truth["contiguous_f4_2d"], 5, remainder=False))
