@@ -86,8 +86,10 @@ class StreamJob:
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket of the blocks to read into it; None when done."""
-        ring = self.ring
+        ring, end = self.ring, self.plan.n_slot_tickets
         while True:
+            if end is not None and ring.tickets.load() >= end:
+                return None  # every slot is taken: exit now, while the consumer finishes
             slot = ring.free.pop(WAIT_SLICE)
             if slot == TIMEOUT:
                 if ring.stopped or not parent_alive():
@@ -96,7 +98,6 @@ class StreamJob:
             if slot == CLOSED or ring.stopped:
                 return None
             ticket = ring.tickets.fetch_add(1)
-            end = self.plan.n_slot_tickets
             if end is not None and ticket >= end:
                 ring.free.push(slot)
                 return None
