@@ -15,7 +15,7 @@ import numpy as np
 
 from ._indexing import translate
 from .readspec import ARRAY, SORTED, VLEN, WHERE, ReadSpec
-from .source import DatasetInfo
+from .source import DatasetInfo, check_positive_int
 from .stages import Stage, StagePool
 
 if TYPE_CHECKING:
@@ -37,10 +37,11 @@ class DatasetProxy:
         self.info = info
         self.field = field
         self.key = key
-        dtype = info.field_dtype(field)
-        self._base_shape = info.shape + dtype.shape
-        self._base_dtype = dtype.base if field is not None else dtype
-        self._selection = None if key is None else translate(_as_tuple(key), self._base_shape)
+        dtype = info.field_dtype(field)  # a subarray field adds its dimensions
+        self._dtype = dtype.base
+        # No key: all of it.
+        self._selection = translate((Ellipsis,) if key is None else _as_tuple(key),
+                                    info.shape + dtype.shape)
 
     @property
     def path(self) -> str:
@@ -48,13 +49,11 @@ class DatasetProxy:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        if self._selection is None:
-            return self._base_shape
         return tuple(self._selection.result_shape)
 
     @property
     def dtype(self) -> np.dtype:
-        return self._base_dtype
+        return self._dtype
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -73,10 +72,7 @@ class DatasetProxy:
 
     def _spec(self) -> ReadSpec:
         """The request this proxy describes: its whole data when no key was given."""
-        selection = self._selection
-        if selection is None:
-            selection = translate((Ellipsis,), self._base_shape)
-        return ReadSpec(ARRAY, self.path, self.field, selection, self.shape, self.dtype)
+        return ReadSpec(ARRAY, self.path, self.field, self._selection, self.shape, self.dtype)
 
     # ---- stages ----
 
@@ -85,14 +81,12 @@ class DatasetProxy:
         shape, completed from it) of this dataset's dtype.
         """
         full = _complete_shape(shape, self.info.shape, self.path)
-        dtype = self.info.dtype if self.info.vlen_base is None else self.info.vlen_base
-        return self._reader._register(Stage(full, dtype, f"stage of {self.path}"))
+        return self._reader._register(Stage(full, self.info.dtype, f"stage of {self.path}"))
 
     def create_stage_pool(self, shape, n: int) -> StagePool:
         """``n`` stages of ``shape``, used in turn by ``reader.request``."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"a stage pool needs n >= 1 stages, got {n!r}")
-        return StagePool([self.create_stage(shape) for _ in range(int(n))])
+        n = check_positive_int("n (stages in the pool)", n)
+        return StagePool([self.create_stage(shape) for _ in range(n)])
 
     def __repr__(self) -> str:
         parts = [self.path]
@@ -135,10 +129,7 @@ class TableProxy(DatasetProxy):
             raise TypeError(f"condition must be a string, got {condition!r}")
         if step is not None and step < 1:
             raise ValueError(f"where() needs step >= 1, got {step}")
-        dtype = self.info.field_dtype(self.field)
-        n = len(range(self.info.shape[0])[slice(start, stop, step)])
-        shape = (n, *dtype.shape) if self.field is not None else (n,)
-        dtype = dtype.base if self.field is not None else dtype
+        shape, dtype = self._rows_of(self.field, start, stop, step)
         return ReadSpec(WHERE, self.path, self.field, None, shape, dtype,
                         (condition, dict(condvars or {}), start, stop, step))
 
@@ -153,11 +144,15 @@ class TableProxy(DatasetProxy):
         if checkCSI:
             self._reader._check_csi(self.path, sortby)
         field = field if field is not None else self.field
+        shape, dtype = self._rows_of(field, start, stop, step)
+        return ReadSpec(SORTED, self.path, field, None, shape, dtype, (sortby, start, stop, step))
+
+    def _rows_of(self, field: str | None, start, stop, step) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of rows ``start:stop:step`` (of ``field``): the most such a query
+        returns. A subarray field adds its dimensions."""
         dtype = self.info.field_dtype(field)
         n = len(range(self.info.shape[0])[slice(start, stop, step)])
-        shape = (n, *dtype.shape) if field is not None else (n,)
-        dtype = dtype.base if field is not None else dtype
-        return ReadSpec(SORTED, self.path, field, None, shape, dtype, (sortby, start, stop, step))
+        return (n, *dtype.shape), dtype.base
 
 
 class VLArrayProxy(DatasetProxy):
@@ -168,10 +163,7 @@ class VLArrayProxy(DatasetProxy):
     """
 
     def _spec(self) -> ReadSpec:
-        selection = self._selection
-        if selection is None:
-            selection = translate((Ellipsis,), self.info.shape)
-        return ReadSpec(VLEN, self.path, None, selection, tuple(selection.result_shape),
+        return ReadSpec(VLEN, self.path, None, self._selection, self.shape,
                         self.info.vlen_base, pseudo_atom=self.info.pseudo_atom)
 
     def create_stage(self, shape) -> Stage:

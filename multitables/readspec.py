@@ -97,7 +97,7 @@ def _selection(spec: ReadSpec) -> Selection:
 def _read_array(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
     out = memory.data(spec.shape, spec.dtype)
     sel = _selection(spec)
-    field_shape = dataset.dtype.fields[spec.field][0].shape if spec.field else ()
+    field_shape = dataset.dtype[spec.field].shape if spec.field else ()
     if not field_shape:
         read_selection(dataset, sel, out, spec.field)
         return
