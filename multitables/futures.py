@@ -73,7 +73,6 @@ class Request:
         stage, self._stage = self._stage, None
         if stage is not None:
             stage.free()
-            self._reader._stage_freed(stage)
 
     def get(self) -> Any:
         """Wait, then return a copy of the result."""

@@ -160,7 +160,6 @@ class Reader:
         self._stages: weakref.WeakValueDictionary[int, Stage] = weakref.WeakValueDictionary()
         self._dropped: list[tuple[int, tuple[int, ...]]] = []
         self._stage_ids = iter(range(1 << 62))
-        self._pools: weakref.WeakSet[StagePool] = weakref.WeakSet()
         self._closed = False
         _LIVE_READERS.add(self)
 
@@ -179,11 +178,6 @@ class Reader:
             stage, _forget_stage, weakref.ref(self), stage.id, stage.sent_to, stage.memory
         )
         return stage
-
-    def _stage_freed(self, stage: Stage) -> None:
-        for pool in list(self._pools):
-            if stage in pool.stages:
-                pool.notify()
 
     def _check_csi(self, path: str, column: str) -> None:
         with open_file(self.filename, self.file_kwargs) as file:
@@ -225,7 +219,6 @@ class Reader:
             )
         request = Request(self, spec)
         if isinstance(stage, StagePool):
-            self._pools.add(stage)
             claimed = stage.take(request)
         elif isinstance(stage, Stage):
             stage.claim(request)
@@ -339,8 +332,6 @@ class Reader:
             self._control.close()
         for stage in list(self._stages.values()):
             stage.close()
-        for pool in list(self._pools):
-            pool.notify()
         self._stages.clear()
 
     def stop(self) -> None:

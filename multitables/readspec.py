@@ -149,7 +149,7 @@ def _read_vlen(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> No
     head = 8 * len(offsets)
     nbytes = head + int(offsets[-1]) * spec.dtype.itemsize
     check_fits(memory.capacity, nbytes, (int(offsets[-1]),), spec.dtype)
-    area = memory.bytes(nbytes)
+    area = memory.data((nbytes,), np.uint8)
     area[:head] = offsets.view(np.uint8)
     data = area[head:].view(spec.dtype)
     for r, a, b in zip(flat, offsets[:-1], offsets[1:], strict=True):
@@ -212,7 +212,8 @@ def result_view(spec: ReadSpec, memory: StageMemory) -> Any:
         return memory.data(spec.shape, spec.dtype)
     n = int(memory.meta[0])
     offsets = memory.data((n + 1,), np.int64)
-    data = memory.bytes(8 * (n + 1) + int(offsets[-1]) * spec.dtype.itemsize)[8 * (n + 1) :]
+    data = memory.data((8 * (n + 1) + int(offsets[-1]) * spec.dtype.itemsize,), np.uint8)
+    data = data[8 * (n + 1) :]
     data = data.view(spec.dtype)
     rows = np.empty(n, object)
     for i in range(n):

@@ -56,8 +56,6 @@ class StageMemory:
         """A view of the data area as ``shape`` and ``dtype``; the caller checked that it fits."""
         return self.arena.ndarray(shape, dtype, _DATA)
 
-    def bytes(self, nbytes: int) -> np.ndarray:
-        return self.arena.ndarray((nbytes,), np.uint8, _DATA)
 
     def close(self) -> None:
         """Drop the descriptor; the pages go with the last object using them (a waiter in
@@ -84,6 +82,7 @@ class Stage:
         self.id = -1  # the Reader's number for it
         self.sent_to: set[int] = set()  # workers that have mapped it
         self.on_close: Callable[[], Any] | None = None  # set by the Reader: unmaps it everywhere
+        self.pool: StagePool | None = None  # the pool it belongs to, if any
 
     def check_fits(self, nbytes: int, shape, dtype) -> None:
         check_fits(self.nbytes, nbytes, shape, dtype)
@@ -102,6 +101,8 @@ class Stage:
         self.owner = None
         if not self.closed:
             self.memory.state.set(IDLE)
+        if self.pool is not None:
+            self.pool.notify()  # a request may be waiting for a stage of the pool
 
     def close(self) -> None:
         """Free this stage's shared memory, here and in the workers. Idempotent."""
@@ -111,6 +112,8 @@ class Stage:
                 self.on_close()
             else:
                 self.memory.close()
+            if self.pool is not None:
+                self.pool.notify()
 
     def __repr__(self) -> str:
         return f"<Stage {self.shape} {self.dtype}, {self.nbytes} bytes>"
@@ -123,6 +126,8 @@ class StagePool:
         self.stages = stages
         self._turn = 0
         self._cond = threading.Condition()
+        for stage in stages:
+            stage.pool = self
 
     def take(self, request: object) -> Stage:
         """Claim a free stage for ``request``, waiting until another thread frees one."""
@@ -151,7 +156,6 @@ class StagePool:
     def close(self) -> None:
         for stage in self.stages:
             stage.close()
-        self.notify()
 
     @property
     def nbytes(self) -> int:
