@@ -153,20 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trips", type=int, default=2000, help="one-row round trips (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    m.load_filter_plugins()
-    torch = common.torch_or_none(args)
-    files = datafiles.prepare(args.files, args.dir, args.size_mb, datafiles.compressed_mb(args),
-                              log=lambda s: print(s, file=sys.stderr))
-    print(f"MB = 1e6 bytes; ratios are medians of per-round ratios; torch: "
-          f"{'yes' if torch else 'no'}")
-    results = {}
-    for name, (filename, path) in files.items():
-        m.warm_page_cache(filename)
-        results[name] = bench_file(name, filename, path, args, torch)
-    out = m.dump_json(common.json_path(args, "random"), {"script": "bench_random",
-                                                          "args": vars(args), "files": results})
-    print(f"\nresults: {out}")
-    return 0
+    return common.run_files(args, "random", "random access", bench_file)
 
 
 if __name__ == "__main__":

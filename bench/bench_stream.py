@@ -205,20 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", nargs="+", choices=list(datafiles.SPECS), default=list(
         datafiles.SPECS))
     args = p.parse_args(argv)
-    m.load_filter_plugins()
-    torch = common.torch_or_none(args)
-    files = datafiles.prepare(args.files, args.dir, args.size_mb, datafiles.compressed_mb(args),
-                              log=lambda s: print(s, file=sys.stderr))
-    print(f"{CORES} cores; MB = 1e6 bytes; ratios are medians of per-round ratios; "
-          f"torch: {'yes' if torch else 'no'}")
-    results = {}
-    for name, (filename, path) in files.items():
-        m.warm_page_cache(filename)  # the previous file's run may have pushed it out
-        results[name] = bench_file(name, filename, path, args, torch)
-    out = m.dump_json(common.json_path(args, "stream"), {"script": "bench_stream",
-                                                          "args": vars(args), "files": results})
-    print(f"\nresults: {out}")
-    return 0
+    return common.run_files(args, "stream", f"{CORES} cores", bench_file)
 
 
 if __name__ == "__main__":

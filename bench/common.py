@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import datafiles
 import h5py
 import numpy as np
+
+from multitables import _measure as m
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -26,6 +30,25 @@ def json_path(args: argparse.Namespace, script: str) -> str:
     if args.json:
         return args.json
     return os.path.join(RESULTS, f"{script}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
+def run_files(args: argparse.Namespace, script: str, header: str,
+              bench_file: Callable[[str, str, str, argparse.Namespace, Any], dict]) -> int:
+    """Prepare the chosen files, then bench each from a warm page cache; print, save JSON."""
+    m.load_filter_plugins()  # before any worker starts: forked workers inherit the filters
+    torch = torch_or_none(args)
+    files = datafiles.prepare(args.files, args.dir, args.size_mb, datafiles.compressed_mb(args),
+                              log=lambda s: print(s, file=sys.stderr))
+    print(f"{header}; MB = 1e6 bytes; ratios are medians of per-round ratios; "
+          f"torch: {'yes' if torch else 'no'}")
+    results = {}
+    for name, (filename, path) in files.items():
+        m.warm_page_cache(filename)  # the previous file's run may have pushed it out
+        results[name] = bench_file(name, filename, path, args, torch)
+    out = m.dump_json(json_path(args, script), {"script": f"bench_{script}",
+                                                "args": vars(args), "files": results})
+    print(f"\nresults: {out}")
+    return 0
 
 
 def torch_or_none(args: argparse.Namespace) -> Any:
