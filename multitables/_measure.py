@@ -9,6 +9,7 @@ MB means 10**6 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -264,20 +265,32 @@ def h5py_slices(filename: str, path: str, block_size: int, tick: Tick = _noop,
     return total
 
 
+@contextlib.contextmanager
+def _streamer(filename: str, streamer: Any):
+    """``streamer`` when given (its workers already started: a later epoch), else a new one,
+    closed at the end (a first pass: workers started and ended)."""
+    import multitables
+
+    if streamer is not None:
+        yield streamer
+        return
+    with multitables.Streamer(filename) as new:
+        yield new
+
+
 def mt_queue(filename: str, path: str, n_procs: int, block_size: int | None, tick: Tick = _noop,
-             max_blocks: int | None = None, steady: bool = False, **queue_kw: Any
-             ) -> int | tuple[int, float]:
+             max_blocks: int | None = None, steady: bool = False, streamer: Any = None,
+             **queue_kw: Any) -> int | tuple[int, float]:
     """multitables direct queue: zero-copy views of shared memory, remainder included.
 
     With ``steady`` the time runs from the first block received to the last, which leaves the
-    worker start-up out and measures the hand-over of blocks alone.
+    worker start-up out and measures the hand-over of blocks alone. With ``streamer``, a pass of
+    that Streamer (whose workers may be standing by from an earlier pass).
     """
-    import multitables
-
     queue_kw.setdefault("remainder", True)
-    streamer = multitables.Streamer(filename)
     total, t0, count = 0, 0.0, 0
-    with streamer.get_queue(path, n_procs=n_procs, block_size=block_size, **queue_kw) as q:
+    with _streamer(filename, streamer) as s, s.get_queue(
+            path, n_procs=n_procs, block_size=block_size, **queue_kw) as q:
         for guard in q.iter():
             with guard as block:
                 nbytes = block.nbytes
@@ -294,25 +307,21 @@ def mt_queue(filename: str, path: str, n_procs: int, block_size: int | None, tic
 
 
 def mt_generator(filename: str, path: str, n_procs: int, block_size: int | None,
-                 tick: Tick = _noop, **gen_kw: Any) -> int:
+                 tick: Tick = _noop, streamer: Any = None, **gen_kw: Any) -> int:
     """multitables generator: one row (a copy) at a time, remainder included."""
-    import multitables
-
-    streamer = multitables.Streamer(filename)
     total = pending = 0
-    gen = streamer.get_generator(path, n_procs=n_procs, block_size=block_size, **gen_kw)
-    try:
-        for row in gen:
-            pending += row.nbytes
-            # Ticking every row would cost more than the row; report about every MiB.
-            if pending >= MiB:
-                total += pending
-                tick(pending)
-                pending = 0
-    finally:
-        close = getattr(gen, "close", None)
-        if close is not None:
-            close()
+    with _streamer(filename, streamer) as s:
+        gen = s.get_generator(path, n_procs=n_procs, block_size=block_size, **gen_kw)
+        try:
+            for row in gen:
+                pending += row.nbytes
+                # Ticking every row would cost more than the row; report about every MiB.
+                if pending >= MiB:
+                    total += pending
+                    tick(pending)
+                    pending = 0
+        finally:
+            gen.close()
     tick(pending)
     return total + pending
 

@@ -21,7 +21,7 @@ from .futures import Request
 from .proxies import DatasetProxy, make_proxy
 from .readspec import ReadSpec, execute
 from .shm import SharedArena
-from .source import check_positive_int, describe, get_dataset, open_file
+from .source import OpenFile, check_positive_int, describe, get_dataset, open_file
 from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
 from .workers import CHECK_INTERVAL, WAIT_SLICE, WorkerPool
 
@@ -60,12 +60,11 @@ class _RequestJob:
         # which random requests often revisit: hold a few dozen of them.
         return {"rdcc_nbytes": 32 << 20, "rdcc_nslots": 10_007, **self.kwargs}
 
-    def attach(self, file: h5py.File, worker: int) -> None:
-        self.file = file
+    def attach(self, source: OpenFile, worker: int) -> None:
+        self.source = source
         self.conn = self.conns[worker]
         self.done = Counter(self.control.buffer, 64 * worker)
         self.stages: dict[int, StageMemory] = {}
-        self.datasets: dict[str, h5py.Dataset] = {}
 
     def next_task(self, parent_alive) -> tuple[int, ReadSpec] | None:
         while True:
@@ -89,16 +88,10 @@ class _RequestJob:
             elif op == "stop":
                 return None
 
-    def dataset(self, path: str) -> h5py.Dataset:
-        ds = self.datasets.get(path)
-        if ds is None:
-            ds = self.datasets[path] = get_dataset(self.file, path)
-        return ds
-
     def run(self, task: tuple[int, ReadSpec]) -> None:
         stage_id, spec = task
         memory = self.stages[stage_id]
-        execute(spec, self.dataset(spec.path), memory)
+        execute(spec, self.source.dataset(spec.path), memory)
         memory.state.store(DONE)
         self.done.fetch_add(1)
 

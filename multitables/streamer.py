@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import itertools
 import math
 import os
 import threading
@@ -17,7 +18,7 @@ from .errors import QueueClosed, QueueClosedException, SubprocessException
 from .ring import CLOSED, Ring
 from .source import check_positive_int, default_block_size, describe, get_dataset, open_file
 from .streamjob import StreamJob, StreamPlan, slot_arrays
-from .workers import CHECK_INTERVAL, WAIT_SLICE, WorkerPool
+from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
 
 __all__ = ["Guard", "Queue", "Streamer"]
 
@@ -67,7 +68,7 @@ class Queue:
     """A stream of blocks of one dataset. Made by ``Streamer.get_queue``; see its docstring."""
 
     def __init__(
-        self, plan: StreamPlan, ring: Ring, n_procs: int, ordered: bool, start_method: str | None
+        self, plan: StreamPlan, ring: Ring, n_procs: int, ordered: bool, workers: StandbyWorkers
     ):
         self.block_size = plan.block_size
         self._plan = plan
@@ -88,7 +89,7 @@ class Queue:
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._slots = slot_arrays(plan, ring)
         _LIVE_QUEUES.add(self)
-        self._pool = WorkerPool(StreamJob(plan), n_procs, start_method, "Streamer")
+        self._pool = workers.run(StreamJob(plan), n_procs)
 
     def get(self):
         """The next block's ``Guard``, or ``QueueClosed`` once the stream has ended.
@@ -229,6 +230,10 @@ class Queue:
 class Streamer:
     """Streams datasets of one HDF5 file in blocks, read in parallel by worker processes.
 
+    The workers start with the first queue and stand by between queues (below the caller's CPU
+    priority, idle), so each later pass, an epoch, starts at once with the file already open.
+    ``close()``, the end of a ``with`` block or garbage collection ends them.
+
     Parameters
     ----------
     filename : str or path
@@ -261,6 +266,8 @@ class Streamer:
         self.file_kwargs = kw
         self.start_method = start_method
         self._queues: weakref.WeakSet[Queue] = weakref.WeakSet()
+        # Started by the first queue, kept for the next ones until close().
+        self._workers = StandbyWorkers(start_method, "Streamer")
 
     def get_queue(
         self,
@@ -334,7 +341,7 @@ class Streamer:
             info, self.file_kwargs, field, block_size, per_slot, n_blocks, ring.arena, ring.layout
         )
         try:
-            queue = Queue(plan, ring, n_procs, ordered, self.start_method)
+            queue = Queue(plan, ring, n_procs, ordered, self._workers)
         except BaseException:
             ring.stop()
             ring.close()
@@ -374,9 +381,11 @@ class Streamer:
             return ds.fields(field)[start:n] if field is not None else ds[start:n]
 
     def close(self) -> None:
-        """Close every queue and generator made by this streamer. Idempotent."""
+        """Close every queue and generator made by this streamer and end its workers.
+        Idempotent."""
         for queue in list(self._queues):
             queue.close()
+        self._workers.close()
 
     def __enter__(self) -> Streamer:
         return self
@@ -391,24 +400,27 @@ class _Rows:
 
     def __init__(self, queue: Queue):
         self._queue = queue
-        self._rows = self._each_row()
+        self._block_rows = iter(())  # the rows of the block being handed out
+        # Rows come straight from each block's iterator: no Python frame runs per row.
+        self._rows = itertools.chain.from_iterable(self._blocks())
 
-    def _each_row(self):
+    def _blocks(self):
         for guard in self._queue.iter():
             with guard as block:
                 rows = block.copy()
-            yield from rows
+            self._block_rows = iter(rows)
+            yield self._block_rows
         self._queue.close()
 
     def __iter__(self):
-        return self
+        return self._rows
 
     def __next__(self):
         return next(self._rows)
 
     def close(self) -> None:
-        self._rows.close()
         self._queue.close()
+        collections.deque(self._block_rows, maxlen=0)  # so no row follows close() either
 
     def __del__(self) -> None:
         self.close()

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import h5py
 import numpy as np
 
 from ._indexing import translate
 from .hyperslab import read_selection
 from .ring import CLOSED, TIMEOUT, Ring, RingLayout
 from .shm import SharedArena
-from .source import DatasetInfo, get_dataset
+from .source import DatasetInfo, OpenFile
 from .workers import WAIT_SLICE
 
 # Small blocks are read in batches filling a slot of about this size: one HDF5 read and one
@@ -78,10 +77,10 @@ class StreamJob:
     def file_kwargs(self) -> dict[str, Any]:
         return _worker_file_kwargs(self.plan)
 
-    def attach(self, file: h5py.File, worker: int) -> None:
+    def attach(self, source: OpenFile, worker: int) -> None:
         plan = self.plan
         self.ring = Ring(plan.arena, plan.layout)
-        self.dataset = get_dataset(file, plan.info.path)
+        self.dataset = source.dataset(plan.info.path)
         self.slots = slot_arrays(plan, self.ring)
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:

@@ -15,8 +15,14 @@ NOTE [ Worker shutdown logic ]
     close(): stop word, close queues ──────▶     see stop / a closed queue / "stop", exit(0)
       join JOIN_TIMEOUT s, then SIGKILL
 
+A Streamer's workers stand by between its queues (``StandbyWorkers``): at the end of a job they
+answer "done" down their connection instead of exiting, and the queue's ``close()`` waits for that
+answer (JOIN_TIMEOUT s, then SIGKILL) the way a one-job pool waits for exit. They exit on "stop"
+(``Streamer.close()``, garbage collection, interpreter exit), or when their last queue closes
+after the Streamer itself is gone.
+
 Guarantees:
-1. No hang if a worker dies: every wait of the consumer is sliced, and ``WorkerPool.check`` raises
+1. No hang if a worker dies: every wait of the consumer is sliced, and ``check`` raises
    ``SubprocessException`` naming the worker, its pid and its exit code or signal.
 2. No orphans if the consumer dies: workers watch the consumer's process sentinel between wait
    slices (WAIT_SLICE s) and exit; their shared memory is a memfd, freed with the last process.
@@ -28,17 +34,25 @@ Guarantees:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import io
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - see below
 import os
+import pickle
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable
+from multiprocessing import reduction
 from typing import Any, Protocol
 
 from .errors import SubprocessException
-from .source import open_file
+from .shm import SharedArena
+from .source import OpenFile
 
 # multiprocessing.util's exit hook joins daemon workers without a timeout (forever, for a stopped
 # or hung one). Importing it here registers it before the front doors' exit hooks, so it runs after
@@ -66,7 +80,7 @@ class Job(Protocol):
 
     def file_kwargs(self) -> dict[str, Any]: ...
 
-    def attach(self, file, worker: int) -> None: ...
+    def attach(self, source: OpenFile, worker: int) -> None: ...
 
     def next_task(self, parent_alive: Callable[[], bool]) -> Any | None:
         """The next task, waiting in slices of WAIT_SLICE; None once the worker should exit."""
@@ -84,19 +98,26 @@ class Job(Protocol):
 
 
 def _worker_main(job: Job, worker: int) -> None:
-    """The one worker loop, for every front door. See NOTE [ Worker shutdown logic ]."""
+    """The loop of a worker that runs one job for its whole life (a Reader's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    where = f"in {job.name} worker {worker} (pid {os.getpid()})"
+    _run_job(job, worker, _parent_alive(),
+             lambda: contextlib.closing(OpenFile(job.filename, job.file_kwargs())))
+
+
+def _parent_alive() -> Callable[[], bool]:
     # The process that made the pool: not our parent pid under forkserver, but its sentinel
     # tells under every start method.
     parent = multiprocessing.parent_process()
+    return lambda: parent is not None and parent.is_alive()
 
-    def parent_alive() -> bool:
-        return parent is not None and parent.is_alive()
 
+def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool],
+             opened: Callable[[], contextlib.AbstractContextManager[OpenFile]]) -> None:
+    """The one worker loop, for every front door. See NOTE [ Worker shutdown logic ]."""
+    where = f"in {job.name} worker {worker} (pid {os.getpid()})"
     try:
-        with open_file(job.filename, job.file_kwargs()) as file:
-            job.attach(file, worker)
+        with opened() as source:
+            job.attach(source, worker)
             while (task := job.next_task(parent_alive)) is not None:
                 try:
                     job.run(task)
@@ -158,3 +179,230 @@ class WorkerPool:
                 proc.kill()
                 proc.join(JOIN_TIMEOUT)
         self.procs = []
+
+
+# ------------------------------------------------------------------------------- standby workers
+#
+# A Streamer's workers outlive each queue: they wait for the next job instead of exiting. Starting
+# a process (a fork copies the caller's page tables: milliseconds for a process that has imported
+# a deep-learning framework, and as much again to exit) and the worker's first look at the file
+# (opening it, indexing its chunks) then happen once per Streamer, not once per pass over the data.
+
+# Stream workers read ahead for a consumer that often needs a core itself (the generator copies
+# every row; a training step computes): below its priority, they run in the gaps it leaves.
+STANDBY_NICENESS = 10
+
+
+def _standby_main(conn, worker: int) -> None:
+    """The loop of a standby worker: run each job sent down ``conn``, answer, wait for the next."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent_alive = _parent_alive()
+    kept: list[OpenFile] = []  # the last job's file, kept open while it stays the same
+
+    @contextlib.contextmanager
+    def opened(job: Job):
+        filename, kwargs = job.filename, job.file_kwargs()
+        if kept and not kept[0].unchanged(filename, kwargs):
+            kept.pop().close()
+        if not kept:
+            kept.append(OpenFile(filename, kwargs))
+        yield kept[0]
+
+    try:
+        while (job := _receive_job(conn, parent_alive)) is not None:
+            _run_job(job, worker, parent_alive, functools.partial(opened, job))
+            del job  # and with it the job's view of its shared memory
+            conn.send_bytes(b"done")
+    except OSError:
+        pass  # the connection is gone: so is the Streamer
+    finally:
+        for source in kept:
+            source.close()
+
+
+def _receive_job(conn, parent_alive: Callable[[], bool]) -> Job | None:
+    """The next job, its shared arenas mapped from the descriptors that follow it; None: stop."""
+    while not conn.poll(WAIT_SLICE):
+        if not parent_alive():
+            return None
+    try:
+        message = conn.recv_bytes()
+    except EOFError:
+        return None
+    if message == b"stop":
+        return None
+    unpickler = pickle.Unpickler(io.BytesIO(message))
+    unpickler.persistent_load = (  # type: ignore[method-assign]
+        lambda pid: SharedArena(pid, _fd=reduction.recv_handle(conn)))
+    return unpickler.load()
+
+
+def _send_job(conn, job: Job, pid: int) -> None:
+    """Pickle ``job`` down ``conn``, each shared arena in it as a descriptor (SCM_RIGHTS)."""
+    arenas: list[SharedArena] = []
+
+    def persistent_id(obj):
+        if isinstance(obj, SharedArena):
+            arenas.append(obj)
+            return obj.nbytes
+        return None
+
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
+    pickler.persistent_id = persistent_id  # type: ignore[method-assign]
+    pickler.dump(job)
+    conn.send_bytes(buf.getvalue())
+    for arena in arenas:
+        reduction.send_handle(conn, arena.fd, pid)
+
+
+class _Standby:
+    """One standby worker: its process and the parent's end of its connection."""
+
+    def __init__(self, ctx, name: str, worker: int):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_standby_main, args=(child, worker),
+                                name=f"{name}-worker-{worker}", daemon=True)
+        try:
+            self.proc.start()
+        finally:
+            child.close()
+        # Set here, not in the worker: in force before the caller sees it, under any start method.
+        niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + STANDBY_NICENESS)
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, niceness)
+
+    def ask_to_end(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send_bytes(b"stop")
+
+    def wait_or_kill(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the worker to exit, then kill it."""
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join(JOIN_TIMEOUT)
+        self.conn.close()
+
+
+class StandbyWorkers:
+    """Worker processes kept between jobs: each job borrows some as a ``Crew``, then gives them
+    back. ``close`` ends them; so does garbage collection and the interpreter's exit."""
+
+    def __init__(self, start_method: str | None, name: str):
+        self._ctx: Any = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
+        self.name = name
+        self._idle: list[_Standby] = []
+        self._started = 0
+        self._closed = False
+        _LIVE_STANDBY.add(self)
+
+    def run(self, job: Job, n_procs: int) -> Crew:
+        """Start ``job`` on ``n_procs`` workers, idle ones first."""
+        if self._closed:
+            raise ValueError(f"this {self.name} is closed")
+        crew: list[_Standby] = []
+        try:
+            while len(crew) < n_procs:
+                fresh = not self._idle
+                if fresh:
+                    crew.append(_Standby(self._ctx, self.name, self._started))
+                    self._started += 1
+                else:
+                    crew.append(self._idle.pop())
+                try:
+                    _send_job(crew[-1].conn, job, crew[-1].proc.pid)
+                except OSError:
+                    if fresh:
+                        raise
+                    crew.pop().wait_or_kill(0)  # it died while idle: take another
+        except BaseException:
+            _end_all(crew, 0)
+            raise
+        return Crew(self, crew)
+
+    def _give_back(self, workers: list[_Standby]) -> None:
+        """Idle again after a job; ended at once if this is closed."""
+        if self._closed:
+            _end_all(workers, JOIN_TIMEOUT)
+        else:
+            self._idle.extend(workers)
+
+    def close(self) -> None:
+        """End the idle workers (a crew still out ends its own when it stops). Idempotent."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        _end_all(idle, JOIN_TIMEOUT)
+        _LIVE_STANDBY.discard(self)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+class Crew:
+    """The standby workers running one job: checked and stopped like a ``WorkerPool``."""
+
+    def __init__(self, standby: StandbyWorkers, workers: list[_Standby]):
+        # Weak: once its owner is gone no job can follow, so the workers end with this one.
+        self._standby = weakref.ref(standby)
+        self._workers = workers
+        self.name = standby.name
+
+    @property
+    def procs(self) -> list:
+        return [w.proc for w in self._workers]
+
+    def check(self) -> None:
+        """Raise ``SubprocessException`` if a worker died: standby workers never exit alone."""
+        for i, worker in enumerate(self._workers):
+            code = worker.proc.exitcode
+            if code is not None:
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                self.stop(join_timeout=0)
+                raise SubprocessException(
+                    f"{self.name} worker {i} (pid {worker.proc.pid}) exited unexpectedly with {how}"
+                )
+
+    def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
+        """Wait for each worker to finish the job (the owner has told them to), one deadline for
+        all; those that did go back to standby, the others are killed."""
+        deadline = time.monotonic() + join_timeout
+        done: list[_Standby] = []
+        stuck: list[_Standby] = []
+        for worker in self._workers:
+            try:
+                finished = (worker.proc.exitcode is None
+                            and worker.conn.poll(max(0.0, deadline - time.monotonic()))
+                            and worker.conn.recv_bytes() == b"done")
+            except (OSError, EOFError):
+                finished = False
+            (done if finished else stuck).append(worker)
+        self._workers = []
+        for worker in stuck:
+            worker.proc.kill()
+        _end_all(stuck, JOIN_TIMEOUT)
+        standby = self._standby()
+        if standby is None:
+            _end_all(done, JOIN_TIMEOUT)
+        else:
+            standby._give_back(done)
+
+
+def _end_all(workers: list[_Standby], timeout: float) -> None:
+    """End several workers with one deadline: ask them all first, then wait."""
+    for worker in workers:
+        worker.ask_to_end()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.wait_or_kill(max(0.0, deadline - time.monotonic()))
+
+
+# Standby workers alive in this process, ended at interpreter exit, after the queues using them.
+_LIVE_STANDBY: weakref.WeakSet[StandbyWorkers] = weakref.WeakSet()
+
+
+@atexit.register
+def _end_live_standby() -> None:
+    for standby in list(_LIVE_STANDBY):
+        standby.close()

@@ -68,6 +68,14 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _drain_rows(queue) -> list[np.ndarray]:
+    blocks = []
+    for guard in queue.iter():
+        with guard as block:
+            blocks.append(block.copy())
+    return blocks
+
+
 def _alive_after(pids, timeout: float) -> list[int]:
     """The pids still running (zombies count as gone) once ``timeout`` s have passed."""
     deadline = time.monotonic() + timeout
@@ -960,3 +968,41 @@ def test_worker_oserror_keeps_errno_and_filename(tmp_path):
     assert isinstance(exc, FileNotFoundError)
     assert exc.errno == errno_codes.ENOENT
     assert "No such file: '/x/y.h5'" in str(exc) and "in worker 0" in str(exc)
+
+
+# ---- workers standing by between the queues of a Streamer ---------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_standby_worker_killed_while_idle_is_replaced(files):
+    with multitables.Streamer(files[0]) as stream:
+        with stream.get_queue("x", n_procs=2, ordered=True) as queue:
+            pids = [p.pid for p in queue._pool.procs]
+            _drain_rows(queue)
+        os.kill(pids[0], signal.SIGKILL)
+        assert _alive_after([pids[0]], 5) == []
+        with stream.get_queue("x", n_procs=2, ordered=True, remainder=True) as queue:
+            now = [p.pid for p in queue._pool.procs]
+            got = np.concatenate(_drain_rows(queue))
+    assert pids[0] not in now and pids[1] in now
+    np.testing.assert_array_equal(got, files[2]["x"])
+
+
+@pytest.mark.timeout(60)
+def test_a_standby_worker_killed_in_a_later_queue_raises(files):
+    with multitables.Streamer(files[0]) as stream:
+        with stream.get_queue("x", n_procs=2) as queue:
+            _drain_rows(queue)
+        queue = stream.get_queue("x", n_procs=2, cyclic=True, block_size=64)
+        with queue.get():
+            pass
+        victim = queue._pool.procs[1].pid
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(multitables.SubprocessException, match=f"pid {victim}"):
+            for _ in range(100_000):
+                with queue.get():
+                    pass
+        queue.close()
+        with stream.get_queue("x", n_procs=2, ordered=True, remainder=True) as queue:
+            got = np.concatenate(_drain_rows(queue))
+    np.testing.assert_array_equal(got, files[2]["x"])

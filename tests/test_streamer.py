@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import h5py
 import numpy as np
+import psutil
 import pytest
 from helpers import (
     N_ROWS,
@@ -371,3 +373,103 @@ def test_more_consumer_threads_than_slots_wait_instead_of_raising(h5file, monkey
     assert not errors
     assert block_counter(got) == block_counter(
         expected_blocks(truth["contiguous_f4_2d"], 5, remainder=False))
+
+
+@pytest.mark.timeout(30)
+def test_generator_closed_mid_block_yields_no_more_rows(h5file):
+    path, _ = h5file
+    with multitables.Streamer(path) as stream:
+        gen = stream.get_generator("contiguous_f4_2d", n_procs=1, block_size=4, ordered=True)
+        rows = iter(gen)
+        first = next(rows)
+        gen.close()
+        assert list(rows) == []
+        with h5py.File(path) as f:
+            np.testing.assert_array_equal(first, f["contiguous_f4_2d"][0])
+
+
+# ---- workers kept between the queues of one Streamer ----------------------------------------
+
+
+def _pids(queue) -> list[int]:
+    return sorted(p.pid for p in queue._pool.procs)
+
+
+@pytest.mark.timeout(60)
+def test_later_queues_reuse_the_standing_workers_and_read_the_same_rows(h5file):
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("contiguous_f4_2d", n_procs=2, block_size=8, ordered=True) as q:
+            first, pids = drain(q), _pids(q)
+        assert all(psutil.pid_exists(pid) for pid in pids)  # standing by, not ended
+        for name, expected in truth.items():  # every layout, other datasets of the same file
+            with stream.get_queue(name, n_procs=2, block_size=8, ordered=True) as q:
+                assert _pids(q) == pids
+                got = np.concatenate(drain(q))
+            np.testing.assert_array_equal(got, expected[: len(got)])
+        rows = list(stream.get_generator("contiguous_f4_2d", n_procs=1, ordered=True))
+    np.testing.assert_array_equal(np.concatenate(first), truth["contiguous_f4_2d"][: len(
+        np.concatenate(first))])
+    np.testing.assert_array_equal(np.stack(rows), truth["contiguous_f4_2d"])
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                   for pid in pids), "Streamer.close() left its workers running"
+
+
+@pytest.mark.timeout(60)
+def test_a_queue_needing_more_workers_than_stand_by_starts_the_rest(h5file):
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("bigendian_i4", n_procs=1, block_size=13, ordered=True) as q:
+            one = _pids(q)
+            drain(q)
+        with stream.get_queue("bigendian_i4", n_procs=3, block_size=13, ordered=True,
+                              remainder=True) as q:
+            three = _pids(q)
+            got = np.concatenate(drain(q))
+        # Two queues at once: the second cannot borrow the first's workers.
+        with stream.get_queue("bigendian_i4", n_procs=2, cyclic=True) as a, \
+                stream.get_queue("bigendian_i4", n_procs=2, cyclic=True) as b:
+            assert not set(_pids(a)) & set(_pids(b))
+            with a.get() as block_a, b.get() as block_b:
+                np.testing.assert_array_equal(block_a, block_b)
+    assert set(one) <= set(three) and len(three) == 3
+    np.testing.assert_array_equal(got, truth["bigendian_i4"])
+
+
+@pytest.mark.timeout(60)
+def test_a_file_rewritten_between_queues_is_read_anew(tmp_path):
+    path = str(tmp_path / "epochs.h5")
+    write_h5py(path, "x", np.arange(40.0).reshape(20, 2))
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("x", n_procs=2, block_size=5, ordered=True) as q:
+            pids = _pids(q)
+            np.testing.assert_array_equal(np.concatenate(drain(q)), np.arange(40.0).reshape(20, 2))
+        os.remove(path)
+        new = -np.arange(60.0).reshape(30, 2)
+        write_h5py(path, "x", new)
+        with stream.get_queue("x", n_procs=2, block_size=5, ordered=True) as q:
+            assert _pids(q) == pids
+            np.testing.assert_array_equal(np.concatenate(drain(q)), new)
+
+
+@pytest.mark.timeout(60)
+def test_workers_of_a_dropped_streamer_end_with_its_last_queue(h5file):
+    path, truth = h5file
+    queue = multitables.Streamer(path).get_queue("contiguous_f4_2d", n_procs=2, block_size=8,
+                                                 ordered=True)
+    pids = _pids(queue)
+    got = np.concatenate(drain(queue))  # the Streamer is gone; its queue still works
+    np.testing.assert_array_equal(got, truth["contiguous_f4_2d"][: len(got)])
+    queue.close()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                   for pid in pids)
+
+
+@pytest.mark.timeout(30)
+def test_stream_workers_run_below_the_consumers_priority(h5file):
+    path, _ = h5file
+    with multitables.Streamer(path) as stream, stream.get_queue("contiguous_f4_2d",
+                                                                n_procs=2) as q:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in _pids(q)] == [
+            min(19, mine + multitables.workers.STANDBY_NICENESS)] * 2
