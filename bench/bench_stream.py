@@ -234,12 +234,20 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
           f"block_size {block} rows, {args.rounds} rounds; limit = {limit_name} "
           f"= {limit:,.0f} MB/s" + (f"\n   decode: {how}" if how else ""))
     print(report.table(limit, limit_name))
+    consumer = report.median("limit: generator's consumer")
+    one_worker = report.median("mt queue n_procs=1")
+    # The generator's consumer copies every row while the workers read: on CORES cores both
+    # kinds of work share the CPUs, and the consumer alone is serial.
+    bound = min(consumer, CORES / (1 / consumer + 1 / one_worker))
+    print(f"generator bound on {CORES} cores (consumer + workers' CPU time shared): "
+          f"{bound:,.0f} MB/s = {bound / report.median('mt queue n_procs=2'):.2f}x the queue")
     lines = []
     for reader, over, target in TARGETS.get(name, []):
         lines.append(m.check(f"{reader} / {over}", report.median_ratio(reader, over), target))
     if lines:
         print("targets (median of per-round ratios):\n" + "\n".join(lines))
     return {"shape": shape, "dtype": str(dtype), "chunks": chunks, "nbytes": nbytes,
+            "generator_bound_mb_per_s": bound,
             "block_size": block, "limit_mb_per_s": limit, "limit": limit_name, "decode": how,
             "report": report.to_dict()}
 
