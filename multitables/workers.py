@@ -44,6 +44,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -293,6 +294,7 @@ class StandbyWorkers:
         self._ctx: Any = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
         self.name = name
         self._idle: list[_Standby] = []
+        self._lock = threading.Lock()  # queues may start and close in different threads
         self._started = 0
         self._closed = False
         _LIVE_STANDBY.add(self)
@@ -304,12 +306,11 @@ class StandbyWorkers:
         crew: list[_Standby] = []
         try:
             while len(crew) < n_procs:
-                fresh = not self._idle
-                if fresh:
-                    crew.append(_Standby(self._ctx, self.name, self._started))
-                    self._started += 1
-                else:
-                    crew.append(self._idle.pop())
+                with self._lock:
+                    idle = self._idle.pop() if self._idle else None
+                    number, self._started = self._started, self._started + (idle is None)
+                fresh = idle is None
+                crew.append(idle if idle is not None else _Standby(self._ctx, self.name, number))
                 try:
                     _send_job(crew[-1].conn, job, crew[-1].proc.pid)
                 except OSError:
@@ -323,15 +324,17 @@ class StandbyWorkers:
 
     def _give_back(self, workers: list[_Standby]) -> None:
         """Idle again after a job; ended at once if this is closed."""
-        if self._closed:
-            _end_all(workers, JOIN_TIMEOUT)
-        else:
-            self._idle.extend(workers)
+        with self._lock:
+            if not self._closed:
+                self._idle.extend(workers)
+                return
+        _end_all(workers, JOIN_TIMEOUT)
 
     def close(self) -> None:
         """End the idle workers (a crew still out ends its own when it stops). Idempotent."""
-        self._closed = True
-        idle, self._idle = self._idle, []
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
         _end_all(idle, JOIN_TIMEOUT)
         _LIVE_STANDBY.discard(self)
 
@@ -379,9 +382,7 @@ class Crew:
                 finished = False
             (done if finished else stuck).append(worker)
         self._workers = []
-        for worker in stuck:
-            worker.proc.kill()
-        _end_all(stuck, JOIN_TIMEOUT)
+        _end_all(stuck, 0)
         standby = self._standby()
         if standby is None:
             _end_all(done, JOIN_TIMEOUT)
