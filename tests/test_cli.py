@@ -68,7 +68,7 @@ def test_bench_sample_file(tmp_path):
                   str(tmp_path / "out.json"), cwd=str(tmp_path), timeout=110)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    for name in ("h5py read_direct", "Streamer queue (n_procs=1)",
+    for name in ("h5py read_direct", "Streamer queue (n_procs=1)", "Streamer queue, first pass",
                  "Streamer generator (n_procs=1)"):
         line = next(line for line in lines if line.startswith(name))
         assert MBS.search(line), line
@@ -81,7 +81,7 @@ def test_bench_sample_file(tmp_path):
     for result in results:
         readers = result["report"]["readers"]
         assert set(readers) == {"h5py read_direct", "Streamer queue (n_procs=1)",
-                                "Streamer generator (n_procs=1)"}
+                                "Streamer queue, first pass", "Streamer generator (n_procs=1)"}
         assert all(r["median_mb_per_s"] > 0 for r in readers.values())
         # Every reader delivered the whole dataset, remainder included.
         assert {r["bytes"][0] for r in readers.values()} == {result["nbytes"]}
