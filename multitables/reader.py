@@ -154,6 +154,7 @@ class Reader:
         self._dropped: list[tuple[int, tuple[int, ...]]] = []
         self._stage_ids = iter(range(1 << 62))
         self._closed = False
+        self._owner = os.getpid()
         _LIVE_READERS.add(self)
 
     # ---- datasets and stages ----
@@ -316,6 +317,8 @@ class Reader:
             return
         self._closed = True
         _LIVE_READERS.discard(self)
+        if os.getpid() != self._owner:
+            return  # in a forked copy of the owner (a DataLoader worker): not our workers
         if self._pool is not None:
             for conn in self._conns:
                 with contextlib.suppress(OSError):

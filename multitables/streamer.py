@@ -88,6 +88,7 @@ class Queue:
         self._closed = False
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._slots = slot_arrays(plan, ring)
+        self._owner = os.getpid()
         _LIVE_QUEUES.add(self)
         self._pool = workers.run(StreamJob(plan), n_procs)
 
@@ -222,12 +223,14 @@ class Queue:
         if self._closed:
             return
         self._closed = True
+        _LIVE_QUEUES.discard(self)
+        if os.getpid() != self._owner:
+            return  # in a forked copy of the owner (a DataLoader worker): not our stream
         self._ring.stop()
         self._pool.stop()
         self._slots = []
         self._stash.clear()
         self._ring.close()
-        _LIVE_QUEUES.discard(self)
 
     def __enter__(self) -> Queue:
         return self

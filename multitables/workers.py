@@ -297,6 +297,7 @@ class StandbyWorkers:
         self._lock = threading.Lock()  # queues may start and close in different threads
         self._started = 0
         self._closed = False
+        self._owner = os.getpid()
         _LIVE_STANDBY.add(self)
 
     def run(self, job: Job, n_procs: int) -> Crew:
@@ -335,8 +336,9 @@ class StandbyWorkers:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        _end_all(idle, JOIN_TIMEOUT)
         _LIVE_STANDBY.discard(self)
+        if os.getpid() == self._owner:  # not in a forked copy of the owner: they are its workers
+            _end_all(idle, JOIN_TIMEOUT)
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import gc
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -1006,3 +1007,36 @@ def test_a_standby_worker_killed_in_a_later_queue_raises(files):
         with stream.get_queue("x", n_procs=2, ordered=True, remainder=True) as queue:
             got = np.concatenate(_drain_rows(queue))
     np.testing.assert_array_equal(got, files[2]["x"])
+
+
+def _close_copies(streamer, queue, reader) -> None:
+    """In a forked child (a DataLoader worker, say): close the copies it inherited, as garbage
+    collection or an exit hook there would."""
+    queue.close()
+    reader.close()
+    streamer.close()
+
+
+@pytest.mark.timeout(60)
+def test_copies_closed_in_a_forked_child_leave_the_owners_workers_alone(files):
+    path, _, truth = files
+    streamer = multitables.Streamer(path)
+    queue = streamer.get_queue("x", n_procs=2, ordered=True, remainder=True)
+    pids = sorted(p.pid for p in queue._pool.procs)
+    with queue.get() as block:
+        head = block.copy()
+    with multitables.Reader(path, n_procs=2) as reader:
+        ds = reader.get_dataset("x")
+        stage = ds.create_stage(10)
+        child = multiprocessing.get_context("fork").Process(
+            target=_close_copies, args=(streamer, queue, reader))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        np.testing.assert_array_equal(reader.request(ds[5:15], stage).get(), truth["x"][5:15])
+    rest = _drain_rows(queue)  # the stream went on: the child's copy did not stop it
+    np.testing.assert_array_equal(np.concatenate([head, *rest]), truth["x"])
+    queue.close()
+    with streamer.get_queue("x", n_procs=2) as queue:
+        assert sorted(p.pid for p in queue._pool.procs) == pids  # still standing by
+    streamer.close()
