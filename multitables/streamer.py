@@ -89,8 +89,8 @@ class Queue:
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._slots = slot_arrays(plan, ring)
         self._owner = os.getpid()
-        _LIVE_QUEUES.add(self)
         self._pool = workers.run(StreamJob(plan), n_procs)
+        _LIVE_QUEUES.add(self)  # only once it has workers to stop
 
     def get(self):
         """The next block's ``Guard``, or ``QueueClosed`` once the stream has ended.
@@ -397,11 +397,12 @@ class Streamer:
             return ds.fields(field)[start:n] if field is not None else ds[start:n]
 
     def close(self) -> None:
-        """Close every queue and generator made by this streamer and end its workers.
-        Idempotent."""
+        """Close every queue and generator made by this streamer and end its workers (a later
+        queue starts new ones). Idempotent."""
         for queue in list(self._queues):
             queue.close()
         self._workers.close()
+        self._workers = StandbyWorkers(self.start_method, "Streamer")
 
     def __enter__(self) -> Streamer:
         return self

@@ -1040,3 +1040,16 @@ def test_copies_closed_in_a_forked_child_leave_the_owners_workers_alone(files):
     with streamer.get_queue("x", n_procs=2) as queue:
         assert sorted(p.pid for p in queue._pool.procs) == pids  # still standing by
     streamer.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_queue_whose_workers_failed_to_start_leaves_nothing_to_close_at_exit(files,
+                                                                              monkeypatch):
+    def fail(self, job, n_procs):
+        raise OSError(errno.EAGAIN, "fork: Resource temporarily unavailable")
+
+    monkeypatch.setattr(multitables.workers.StandbyWorkers, "run", fail)
+    with pytest.raises(OSError, match="fork") as failure:
+        multitables.Streamer(files[0]).get_queue("x", n_procs=2)
+    assert failure.traceback  # keeps the half-made queue alive, as a logged traceback would
+    multitables.streamer._close_live_queues()  # the interpreter's exit hook: must not raise

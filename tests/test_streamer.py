@@ -473,3 +473,19 @@ def test_stream_workers_run_below_the_consumers_priority(h5file):
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in _pids(q)] == [
             min(19, mine + multitables.workers.STANDBY_NICENESS)] * 2
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_streamer_starts_new_workers_for_its_next_queue(h5file):
+    path, truth = h5file
+    stream = multitables.Streamer(path)
+    with stream.get_queue("bigendian_i4", n_procs=2, block_size=13, ordered=True) as q:
+        before = _pids(q)
+        drain(q)
+    stream.close()
+    with stream.get_queue("bigendian_i4", n_procs=2, block_size=13, ordered=True,
+                          remainder=True) as q:
+        assert not set(_pids(q)) & set(before)
+        got = np.concatenate(drain(q))
+    stream.close()
+    np.testing.assert_array_equal(got, truth["bigendian_i4"])
