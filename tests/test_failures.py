@@ -1053,3 +1053,29 @@ def test_a_queue_whose_workers_failed_to_start_leaves_nothing_to_close_at_exit(f
         multitables.Streamer(files[0]).get_queue("x", n_procs=2)
     assert failure.traceback  # keeps the half-made queue alive, as a logged traceback would
     multitables.streamer._close_live_queues()  # the interpreter's exit hook: must not raise
+
+
+@pytest.mark.timeout(60)
+def test_workers_that_reported_a_read_error_serve_the_next_queue(tmp_path):
+    path = tmp_path / "damaged.h5"
+    truth = _write_big(path)
+    with multitables.Streamer(path, rdcc_nbytes=0) as stream:
+        queue = stream.get_queue("x", n_procs=2, cyclic=True, block_size=64)
+        pids = sorted(p.pid for p in queue._pool.procs)
+        with queue.get():
+            pass
+        _damage(path, "garbage")
+
+        def consume():
+            with queue.get():
+                pass
+
+        exc, _ = _drain_until_error(consume, 5)
+        _assert_worker_error(exc)
+        queue.close()
+        os.remove(path)
+        _write_big(path)  # the same data again, in a new file
+        with stream.get_queue("x", n_procs=2, ordered=True, remainder=True) as queue:
+            assert sorted(p.pid for p in queue._pool.procs) == pids
+            got = np.concatenate(_drain_rows(queue))
+    np.testing.assert_array_equal(got, truth)
