@@ -219,7 +219,8 @@ class Queue:
             self._refs_changed.notify_all()
 
     def close(self) -> None:
-        """Stop the workers and free the shared memory. Idempotent."""
+        """Stop reading, free the shared memory and hand the workers back to the Streamer, where
+        they stand by for its next queue. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -379,7 +380,8 @@ class Streamer:
         """Yield the rows of ``path`` one at a time, as copies that stay valid.
 
         Same parameters as ``get_queue``; the last, shorter block is included by default. Closing
-        the generator (or breaking out of a loop over it and dropping it) stops its workers.
+        the generator (or breaking out of a loop over it and dropping it) stops its reads and
+        hands its workers back to the Streamer.
         """
         queue = self.get_queue(path, n_procs, read_ahead, cyclic, block_size, ordered, field,
                                remainder)
@@ -412,7 +414,7 @@ class Streamer:
 
 
 class _Rows:
-    """The generator of ``get_generator``: rows as copies; ``close()`` stops the workers even
+    """The generator of ``get_generator``: rows as copies; ``close()`` closes the queue even
     before the first row (a plain generator's close would not reach its body then)."""
 
     def __init__(self, queue: Queue):
