@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,18 +89,10 @@ def get_dataset(file: h5py.File, path: str) -> h5py.Dataset:
 
 
 class OpenFile:
-    """A worker's open HDF5 file and its datasets, each opened once.
-
-    A dataset object carries what its first read learned (the raw layout, the chunk decoder), so
-    keeping it saves that work on the next job. ``unchanged`` tells whether the file on disk is
-    still the one opened (not rewritten or replaced since).
-    """
+    """A worker's open HDF5 file and its datasets, each opened once for the job's reads."""
 
     def __init__(self, filename: str, file_kwargs: dict[str, Any]):
-        self.filename = filename
-        self.file_kwargs = dict(file_kwargs)
         self.file = open_file(filename, file_kwargs)
-        self._identity = _identity(filename)
         self._datasets: dict[str, h5py.Dataset] = {}
 
     def dataset(self, path: str) -> h5py.Dataset:
@@ -110,22 +101,9 @@ class OpenFile:
             ds = self._datasets[path] = get_dataset(self.file, path)
         return ds
 
-    def unchanged(self, filename: str, file_kwargs: dict[str, Any]) -> bool:
-        return (filename, file_kwargs) == (self.filename, self.file_kwargs) and (
-            _identity(filename) == self._identity
-        )
-
     def close(self) -> None:
         self._datasets.clear()
         self.file.close()
-
-
-def _identity(filename: str) -> tuple[int, ...] | None:
-    try:
-        st = os.stat(filename)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetInfo:

@@ -247,9 +247,9 @@ class Queue:
 class Streamer:
     """Streams datasets of one HDF5 file in blocks, read in parallel by worker processes.
 
-    The workers start with the first queue and stand by between queues (below the caller's CPU
-    priority, idle), so each later pass, an epoch, starts at once with the file already open.
-    ``close()``, the end of a ``with`` block or garbage collection ends them.
+    The workers start with the first queue and stand by between queues (idle, with no file open,
+    below the caller's CPU priority), so each later pass, an epoch, starts without starting
+    processes. ``close()``, the end of a ``with`` block or garbage collection ends them.
 
     Parameters
     ----------

@@ -101,8 +101,11 @@ class Job(Protocol):
 def _worker_main(job: Job, worker: int) -> None:
     """The loop of a worker that runs one job for its whole life (a Reader's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _run_job(job, worker, _parent_alive(),
-             lambda: contextlib.closing(OpenFile(job.filename, job.file_kwargs())))
+    _run_job(job, worker, _parent_alive(), functools.partial(_opened, job))
+
+
+def _opened(job: Job) -> contextlib.closing[OpenFile]:
+    return contextlib.closing(OpenFile(job.filename, job.file_kwargs()))
 
 
 def _parent_alive() -> Callable[[], bool]:
@@ -186,8 +189,8 @@ class WorkerPool:
 #
 # A Streamer's workers outlive each queue: they wait for the next job instead of exiting. Starting
 # a process (a fork copies the caller's page tables: milliseconds for a process that has imported
-# a deep-learning framework, and as much again to exit) and the worker's first look at the file
-# (opening it, indexing its chunks) then happen once per Streamer, not once per pass over the data.
+# a deep-learning framework, and as much again to exit) then happens once per Streamer, not once
+# per pass over the data.
 
 # Stream workers read ahead for a consumer that often needs a core itself (the generator copies
 # every row; a training step computes): below its priority, they run in the gaps it leaves.
@@ -195,30 +198,20 @@ STANDBY_NICENESS = 10
 
 
 def _standby_main(conn, worker: int) -> None:
-    """The loop of a standby worker: run each job sent down ``conn``, answer, wait for the next."""
+    """The loop of a standby worker: run each job sent down ``conn``, answer, wait for the next.
+
+    The file is opened per job, as a one-job worker does: an HDF5 file open in a standby worker
+    would hold its lock, and no process could open the file for writing between two passes.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_alive = _parent_alive()
-    kept: list[OpenFile] = []  # the last job's file, kept open while it stays the same
-
-    @contextlib.contextmanager
-    def opened(job: Job):
-        filename, kwargs = job.filename, job.file_kwargs()
-        if kept and not kept[0].unchanged(filename, kwargs):
-            kept.pop().close()
-        if not kept:
-            kept.append(OpenFile(filename, kwargs))
-        yield kept[0]
-
     try:
         while (job := _receive_job(conn, parent_alive)) is not None:
-            _run_job(job, worker, parent_alive, functools.partial(opened, job))
+            _run_job(job, worker, parent_alive, functools.partial(_opened, job))
             del job  # and with it the job's view of its shared memory
             conn.send_bytes(b"done")
     except OSError:
         pass  # the connection is gone: so is the Streamer
-    finally:
-        for source in kept:
-            source.close()
 
 
 def _receive_job(conn, parent_alive: Callable[[], bool]) -> Job | None:

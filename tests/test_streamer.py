@@ -453,6 +453,26 @@ def test_a_file_rewritten_between_queues_is_read_anew(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_the_file_can_be_written_while_the_workers_stand_by(tmp_path):
+    """Standby workers hold no HDF5 file open: its lock would refuse writers between passes."""
+    path = str(tmp_path / "grows.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(40.0).reshape(20, 2), maxshape=(None, 2))
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("x", n_procs=2, block_size=5, ordered=True) as q:
+            pids = _pids(q)
+            drain(q)
+        with h5py.File(path, "a") as f:  # between two epochs: more rows
+            f["x"].resize((30, 2))
+            f["x"][20:] = -1.0
+        with stream.get_queue("x", n_procs=2, block_size=5, ordered=True) as q:
+            assert _pids(q) == pids
+            got = np.concatenate(drain(q))
+    np.testing.assert_array_equal(got, np.concatenate([np.arange(40.0).reshape(20, 2),
+                                                       np.full((10, 2), -1.0)]))
+
+
+@pytest.mark.timeout(60)
 def test_workers_of_a_dropped_streamer_end_with_its_last_queue(h5file):
     path, truth = h5file
     queue = multitables.Streamer(path).get_queue("contiguous_f4_2d", n_procs=2, block_size=8,
