@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import io
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - see below
@@ -101,11 +100,7 @@ class Job(Protocol):
 def _worker_main(job: Job, worker: int) -> None:
     """The loop of a worker that runs one job for its whole life (a Reader's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _run_job(job, worker, _parent_alive(), functools.partial(_opened, job))
-
-
-def _opened(job: Job) -> contextlib.closing[OpenFile]:
-    return contextlib.closing(OpenFile(job.filename, job.file_kwargs()))
+    _run_job(job, worker, _parent_alive())
 
 
 def _parent_alive() -> Callable[[], bool]:
@@ -115,12 +110,11 @@ def _parent_alive() -> Callable[[], bool]:
     return lambda: parent is not None and parent.is_alive()
 
 
-def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool],
-             opened: Callable[[], contextlib.AbstractContextManager[OpenFile]]) -> None:
+def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool]) -> None:
     """The one worker loop, for every front door. See NOTE [ Worker shutdown logic ]."""
     where = f"in {job.name} worker {worker} (pid {os.getpid()})"
     try:
-        with opened() as source:
+        with contextlib.closing(OpenFile(job.filename, job.file_kwargs())) as source:
             job.attach(source, worker)
             while (task := job.next_task(parent_alive)) is not None:
                 try:
@@ -207,7 +201,7 @@ def _standby_main(conn, worker: int) -> None:
     parent_alive = _parent_alive()
     try:
         while (job := _receive_job(conn, parent_alive)) is not None:
-            _run_job(job, worker, parent_alive, functools.partial(_opened, job))
+            _run_job(job, worker, parent_alive)
             del job  # and with it the job's view of its shared memory
             conn.send_bytes(b"done")
     except OSError:
