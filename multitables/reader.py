@@ -296,7 +296,7 @@ class Reader:
         if self._pool is None:
             return
         try:
-            self._pool.check(exit_ok=False)
+            self._pool.check()
         except SubprocessException:
             self.close(wait=False)
             raise

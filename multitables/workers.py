@@ -126,6 +126,18 @@ def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool]) -> None:
         job.fail(exc, where)
 
 
+def _raise_if_dead(name: str, procs: list, stop: Callable[[], None]) -> None:
+    """Stop the rest and raise ``SubprocessException`` naming the first worker that has exited."""
+    for i, proc in enumerate(procs):
+        code = proc.exitcode
+        if code is not None:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            stop()
+            raise SubprocessException(
+                f"{name} worker {i} (pid {proc.pid}) exited unexpectedly with {how}"
+            )
+
+
 class WorkerPool:
     """``n_procs`` processes running one job; started at once, checked and stopped by the owner."""
 
@@ -148,20 +160,9 @@ class WorkerPool:
             self.stop(join_timeout=0)
             raise
 
-    def check(self, exit_ok: bool = True) -> None:
-        """Raise ``SubprocessException`` if a worker died without being asked to.
-
-        ``exit_ok``: whether a worker may have finished on its own (a stream that has ended);
-        workers that serve requests never do.
-        """
-        for i, proc in enumerate(self.procs):
-            code = proc.exitcode
-            if code is not None and (code != 0 or not exit_ok):
-                how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                self.stop(join_timeout=0)
-                raise SubprocessException(
-                    f"{self.name} worker {i} (pid {proc.pid}) exited unexpectedly with {how}"
-                )
+    def check(self) -> None:
+        """Raise ``SubprocessException`` if a worker died: these workers never exit alone."""
+        _raise_if_dead(self.name, self.procs, lambda: self.stop(join_timeout=0))
 
     def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
         """Wait for the workers to exit (the owner has already told them to), then kill the rest.
@@ -347,14 +348,7 @@ class Crew:
 
     def check(self) -> None:
         """Raise ``SubprocessException`` if a worker died: standby workers never exit alone."""
-        for i, worker in enumerate(self._workers):
-            code = worker.proc.exitcode
-            if code is not None:
-                how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                self.stop(join_timeout=0)
-                raise SubprocessException(
-                    f"{self.name} worker {i} (pid {worker.proc.pid}) exited unexpectedly with {how}"
-                )
+        _raise_if_dead(self.name, self.procs, lambda: self.stop(join_timeout=0))
 
     def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
         """Wait for each worker to finish the job (the owner has told them to), one deadline for
