@@ -22,6 +22,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .source import per_dataset
+
 
 def _optional(module: str) -> Any:
     """A codec module if it is installed, else None (its chunks then go through HDF5)."""
@@ -92,10 +94,7 @@ class ChunkDecoder:
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> ChunkDecoder | None:
         """The decoder of ``dataset``, or None when it must be read through HDF5."""
-        cached = _DECODERS.get(dataset.id, False)
-        if cached is False:
-            cached = _DECODERS[dataset.id] = _decoder(dataset)
-        return cached
+        return _decoder(dataset)
 
     def read_rows(self, start: int, stop: int, out: np.ndarray) -> bool:
         """Fill ``out`` (C-contiguous, shape ``(stop - start, *shape[1:])``, the dataset's dtype)
@@ -283,8 +282,6 @@ def _stored_raw(dsid, chunks: tuple[int, ...], n_chunks: int, nbytes: int) -> bo
     return info.byte_offset is not None and info.size == nbytes
 
 
-# Keyed weakly by dataset id, as rawread's layouts are.
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _codec(code: int, nbytes: int, chunks: tuple[int, ...], itemsize: int) -> Codec | None:
@@ -303,6 +300,7 @@ def _codec(code: int, nbytes: int, chunks: tuple[int, ...], itemsize: int) -> Co
     return None
 
 
+@per_dataset  # a decoder goes with its dataset, as rawread's layouts do
 def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
     dsid, shape, dtype = dataset.id, dataset.shape, dataset.dtype
     dcpl = dsid.get_create_plist()

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from ._indexing import Selection, gather_rows
+from .source import per_dataset
 
 
 class RawRows:
@@ -39,10 +40,7 @@ class RawRows:
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> RawRows | None:
         """The raw layout of ``dataset``, or None when it must be read through HDF5."""
-        cached = _LAYOUTS.get(dataset.id, False)
-        if cached is False:
-            cached = _LAYOUTS[dataset.id] = _layout(dataset)
-        return cached
+        return _layout(dataset)
 
     def read(self, sel: Selection, buf: np.ndarray) -> bool:
         """Fill ``buf`` (the box of ``sel``) if ``sel`` takes whole rows; False if it does not."""
@@ -123,10 +121,7 @@ def _row_numbers(entry) -> np.ndarray:
     return np.asarray(entry, dtype=np.int64)
 
 
-# Keyed weakly by dataset id: a layout goes with its dataset (and its file descriptor with it).
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
+@per_dataset  # a layout goes with its dataset (and its file descriptor with it)
 def _layout(dataset: h5py.Dataset) -> RawRows | None:
     dsid, shape = dataset.id, dataset.shape
     if not shape or dataset.file.driver != "sec2" or dataset.is_virtual:

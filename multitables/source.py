@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +88,21 @@ def get_dataset(file: h5py.File, path: str) -> h5py.Dataset:
             f"{path!r} in {file.filename} is a {type(node).__name__.lower()}, not a dataset"
         )
     return node
+
+
+def per_dataset(build: Callable[[h5py.Dataset], Any]) -> Callable[[h5py.Dataset], Any]:
+    """``build(dataset)``, worked out once per open dataset and kept as long as its id lives."""
+    cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    missing = object()
+
+    def of(dataset: h5py.Dataset) -> Any:
+        found = cache.get(dataset.id, missing)
+        if found is missing:
+            found = cache[dataset.id] = build(dataset)
+        return found
+
+    of.cache = cache  # type: ignore[attr-defined]  # for tests: what is held
+    return of
 
 
 class OpenFile:

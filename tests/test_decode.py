@@ -267,7 +267,7 @@ def test_cache_does_not_keep_datasets(writable):
 
     ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), compression="gzip")
     assert ChunkDecoder.of(ds) is not None
-    before = len(decode._DECODERS)
+    before = len(decode._decoder.cache)
     del ds
     gc.collect()
-    assert len(decode._DECODERS) == before - 1
+    assert len(decode._decoder.cache) == before - 1
