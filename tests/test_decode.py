@@ -271,3 +271,85 @@ def test_cache_does_not_keep_datasets(writable):
     del ds
     gc.collect()
     assert len(decode._decoder.cache) == before - 1
+
+
+
+@pytest.mark.parametrize("fname", [f for f in FILTERS if f.startswith("blosc")])
+@pytest.mark.parametrize("library", ["shipped", "absent"])
+def test_blosc_with_and_without_the_shipped_library(writable, monkeypatch, fname, library):
+    """Blosc chunks decode the same through the C library python-blosc2 ships (one context per
+    decoder) and, where a wheel has none, through a context made per chunk."""
+    from multitables import decode
+
+    if library == "absent":
+        monkeypatch.setattr(decode, "_c_blosc2", None)
+    else:
+        assert decode._c_blosc2 is not None  # the wheels this project installs ship it
+    data = _data((300, 2048), np.dtype("<f4"))
+    ds = writable.create_dataset("d", data=data, chunks=(128, 2048), **FILTERS[fname])
+    decoder = ChunkDecoder.of(ds)
+    for start, stop in [(0, 300), (5, 250), (256, 300)]:
+        assert _read(decoder, ds, start, stop).tobytes() == data[start:stop].tobytes()
+
+
+_THREADED_PARENT = """
+import sys
+
+import blosc2
+import h5py
+import hdf5plugin
+import numpy as np
+
+import multitables
+
+path = sys.argv[1]
+with h5py.File(path, "w") as f:
+    # 1 MiB chunks: Blosc splits them in blocks that its threads would share
+    data = np.arange(512 * 1024, dtype="<f4").reshape(512, 1024)
+    f.create_dataset("blosc", data=data, chunks=(256, 1024), **hdf5plugin.Blosc(cname="zstd"))
+    f.create_dataset("blosc2", data=data, chunks=(256, 1024), **hdf5plugin.Blosc2(cname="zstd"))
+blosc2.set_nthreads(2)  # starts c-blosc2's thread pool in this process, which workers fork
+with multitables.Streamer(path) as s:
+    for name in ("blosc", "blosc2"):
+        blocks = []
+        for guard in s.get_queue(name, n_procs=2, ordered=True).iter():
+            with guard as block:
+                blocks.append(block.copy())
+        assert np.array_equal(np.concatenate(blocks), data), name
+        assert np.array_equal(np.array(list(s.get_generator(name, n_procs=2, ordered=True))),
+                              data), name
+reader = multitables.Reader(path)
+try:
+    for name in ("blosc", "blosc2"):
+        ds = reader.get_dataset(name)
+        got = reader.request(ds[300:303], ds.create_stage(3)).get()
+        assert np.array_equal(got, data[300:303]), name
+finally:
+    reader.close()
+print("ok")
+"""
+
+
+def test_workers_of_a_process_with_blosc_threads(tmp_path):
+    """Workers forked from a process that runs c-blosc2's thread pool (blosc2.set_nthreads(2)
+    started it) decode Blosc chunks with contexts of their own: the pool's threads do not exist
+    in a forked child, and its global context would wait for them for ever."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    # A session of its own: a worker stuck in a decode is killed with the child.
+    proc = subprocess.Popen([sys.executable, "-c", _THREADED_PARENT, str(tmp_path / "b.h5")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        out, err = "", "timed out: a worker hangs in c-blosc2"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # and any worker left behind
+        proc.wait(10)
+    assert proc.returncode == 0 and out.strip() == "ok", err
