@@ -276,8 +276,11 @@ def _blosc_decompressor() -> Callable[[Any, np.ndarray], int]:
     """
     if _c_blosc2 is None:
         def fresh_context(raw, into):
+            nbytes = _blosc2.get_cbuffer_sizes(raw)[0]
+            if nbytes != into.nbytes:
+                return -1  # decompress2 writes what the header says, whatever room dst has
             _blosc2.decompress2(raw, dst=into, nthreads=1)
-            return into.nbytes
+            return nbytes
         return fresh_context
     lib = _c_blosc2
     ctx = lib.blosc2_create_dctx(_Dparams(nthreads=1, typesize=8))
