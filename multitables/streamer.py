@@ -22,6 +22,9 @@ from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
 
 __all__ = ["Guard", "Queue", "Streamer"]
 
+# A consumer that outpaces its workers sleeps until this many slots are filled (see _wake_batch).
+WAKE_BATCH = 2
+
 # Queues alive in this process, closed at interpreter exit. See NOTE [ Worker shutdown logic ].
 _LIVE_QUEUES: weakref.WeakSet[Queue] = weakref.WeakSet()
 
@@ -89,6 +92,7 @@ class Queue:
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._slots = slot_arrays(plan, ring)
         self._owner = os.getpid()
+        self._n_procs = n_procs
         self._pool = workers.run(StreamJob(plan), n_procs)
         _LIVE_QUEUES.add(self)  # only once it has workers to stop
 
@@ -182,7 +186,7 @@ class Queue:
         # and now and then even while blocks keep coming (one dead worker among live ones).
         ring = self._ring
         while True:
-            slot = ring.full.pop(WAIT_SLICE)
+            slot = ring.full.pop(WAIT_SLICE, self._wake_batch())
             if slot >= 0 and time.monotonic() < self._next_check:
                 return slot
             if ring.errors.full():
@@ -194,6 +198,19 @@ class Queue:
             self._check_workers()
             if slot >= 0:
                 return slot
+
+    def _wake_batch(self) -> int:
+        """How many filled slots to sleep for when none is ready: a consumer that keeps up with
+        its workers then wakes once per WAKE_BATCH slots. Never more than can come while it
+        sleeps (the slots left in the stream, the slots not held by guards) less one slot per
+        worker, so that no worker waits for a free slot meanwhile."""
+        if self._ordered or WAKE_BATCH == 1:
+            return 1
+        batch = min(WAKE_BATCH, self._refs.count(0) - self._n_procs)
+        end = self._plan.n_slot_tickets
+        if end is not None:
+            batch = min(batch, end - self._next_ticket + 1)
+        return max(1, batch)
 
     def _check_workers(self) -> None:
         self._next_check = time.monotonic() + CHECK_INTERVAL

@@ -118,6 +118,55 @@ def test_sleeping_pop_is_woken_by_push_from_another_thread():
     assert got == [42]
 
 
+
+def _pop_in_thread(q, timeout, want):
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.pop(timeout, want)))
+    t.start()
+    return t, got
+
+
+def test_pop_wanting_several_takes_a_queued_item_at_once():
+    _, q = make_queue(4)
+    q.push(5)
+    start = time.monotonic()
+    assert q.pop(5.0, 3) == 5
+    assert time.monotonic() - start < 1.0
+
+
+def test_pop_wanting_two_sleeps_until_the_second_push():
+    _, q = make_queue(4)
+    t, got = _pop_in_thread(q, 30.0, 2)
+    time.sleep(0.05)
+    q.push(1)
+    t.join(0.2)
+    assert t.is_alive() and got == []  # one item does not wake it
+    q.push(2)
+    t.join(5)
+    assert got == [1] and q.pop(0.0) == 2
+
+
+def test_pop_wanting_two_takes_what_is_queued_when_it_times_out():
+    _, q = make_queue(4)
+    t, got = _pop_in_thread(q, 0.3, 2)
+    time.sleep(0.05)
+    q.push(9)
+    t.join(5)
+    assert got == [9]
+
+
+def test_close_wakes_a_pop_wanting_several():
+    _, q = make_queue(4)
+    t, got = _pop_in_thread(q, 30.0, 3)
+    time.sleep(0.05)
+    q.push(4)
+    q.close()
+    t.join(5)
+    assert got == [4] and q.pop(1.0) == CLOSED
+    with pytest.raises(ValueError, match="want"):
+        q.pop(0.0, 0)
+
+
 def test_word_wait_and_compare_exchange():
     buf = mmap.mmap(-1, 4096)
     w = Word(buf, 128)

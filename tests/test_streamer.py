@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import h5py
 import numpy as np
@@ -509,3 +510,56 @@ def test_a_closed_streamer_starts_new_workers_for_its_next_queue(h5file):
         got = np.concatenate(drain(q))
     stream.close()
     np.testing.assert_array_equal(got, truth["bigendian_i4"])
+
+
+class _NoTimeouts:
+    """A consumer's view of its ring's full queue in which a pop that sleeps until its timeout
+    (rather than being woken by a push) fails the test."""
+
+    def __init__(self, full):
+        self.full = full
+        self.wants: list[int] = []
+
+    def pop(self, timeout, want=1):
+        self.wants.append(want)
+        start = time.monotonic()
+        slot = self.full.pop(timeout, want)
+        assert time.monotonic() - start < timeout / 2, f"slept {timeout} s for {want} slots"
+        return slot
+
+    def __getattr__(self, name):
+        return getattr(self.full, name)
+
+
+@pytest.mark.parametrize("n_procs, read_ahead, held", [
+    (1, 1, 0), (1, 2, 0), (1, 3, 1), (2, 2, 0), (2, 3, 0), (2, 5, 0), (2, 5, 2), (2, 4, 1),
+    (3, 7, 3), (1, 4, 3),
+])
+def test_a_consumer_sleeps_only_for_slots_that_can_come(h5file, monkeypatch, n_procs,
+                                                         read_ahead, held):
+    """A consumer ahead of its workers sleeps until several slots are filled, never for more
+    than the stream has left or its workers can fill around the slots that guards hold."""
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # a slot per block
+    # A sleep for a slot that cannot come would last this long, and fail in _NoTimeouts.
+    monkeypatch.setattr(multitables.streamer, "WAIT_SLICE", 20.0)
+    read = multitables.streamjob.read_selection
+
+    def slow_read(*args, **kwargs):
+        time.sleep(0.01)  # the consumer outpaces the workers (forked with this): it sleeps
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(multitables.streamjob, "read_selection", slow_read)
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("contiguous_f4_2d", n_procs=n_procs, read_ahead=read_ahead,
+                              block_size=7) as q:
+            q._ring.full = recorder = _NoTimeouts(q._ring.full)
+            kept = [q.get() for _ in range(held)]
+            blocks = drain(q)
+            for guard in kept:
+                with guard as block:
+                    blocks.append(block.copy())
+    expected = expected_blocks(truth["contiguous_f4_2d"], 7, remainder=False)
+    assert block_counter(blocks) == block_counter(expected)
+    batch = multitables.streamer.WAKE_BATCH
+    assert max(recorder.wants) == min(batch, max(1, read_ahead - n_procs))
