@@ -121,7 +121,7 @@ def test_sleeping_pop_is_woken_by_push_from_another_thread():
 
 def _pop_in_thread(q, timeout, want):
     got = []
-    t = threading.Thread(target=lambda: got.append(q.pop(timeout, want)))
+    t = threading.Thread(target=lambda: got.append(q.pop(timeout, want)), daemon=True)
     t.start()
     return t, got
 
