@@ -327,8 +327,10 @@ def _blosc2_codec(nbytes: int, chunks: tuple[int, ...], itemsize: int) -> Codec:
             if tuple(shape) != chunks or tuple(chunkshape) != chunks:
                 raise _Undecodable
             grid = [-(-c // b) for c, b in zip(chunks, blocks, strict=True)]
-            tiled = grid[1:] != [1] * (ndim - 1)  # else blocks span whole rows: row-major
-        dest = np.empty(math.prod(grid) * math.prod(blocks) * itemsize, np.uint8) if tiled else into
+            padded = math.prod(grid) * math.prod(blocks) * itemsize
+            # Blocks spanning whole rows and tiling the chunk exactly are already row-major.
+            tiled = grid[1:] != [1] * (ndim - 1) or padded != nbytes
+        dest = np.empty(padded, np.uint8) if tiled else into
         # The frame's own decompress_chunk runs on a context that may wait for threads a
         # forked worker does not have (see _blosc_decompressor); its chunk is a Blosc2 chunk.
         if frame.chunksize != dest.nbytes or decompress(frame.get_chunk(0), dest) != dest.nbytes:

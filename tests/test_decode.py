@@ -260,6 +260,25 @@ def test_blosc2_blocks_tiling_rows(writable):
         assert _read(decoder, ds, start, stop).tobytes() == data[start:stop].tobytes()
 
 
+
+def test_blosc2_blocks_padding_the_chunk(writable):
+    """Blosc2 blocks of whole rows that do not divide the chunk's rows pad it (b2nd): the
+    padding rows are dropped. hdf5plugin picks blocks that divide; other writers may not."""
+    import blosc2
+
+    data = _data((300, 16), np.dtype("<f4"))
+    ds = writable.create_dataset("d", shape=data.shape, dtype=data.dtype, chunks=(100, 16),
+                                 **hdf5plugin.Blosc2(cname="lz4"))
+    for k in range(3):
+        rows = blosc2.asarray(data[k * 100 : (k + 1) * 100], chunks=(100, 16), blocks=(32, 16))
+        ds.id.write_direct_chunk((k * 100, 0), rows.to_cframe())
+    assert ds[:].tobytes() == data.tobytes()  # HDF5's filter reads the chunks so
+    decoder = ChunkDecoder.of(ds)
+    out = np.zeros_like(data)
+    assert decoder.read_rows(0, 300, out)  # decoded here, not left to HDF5
+    assert out.tobytes() == data.tobytes()
+
+
 def test_cache_does_not_keep_datasets(writable):
     import gc
 
