@@ -34,7 +34,7 @@ cdef extern from *:
         uint32_t epoch;
         uint32_t waiters;
         uint32_t closed;
-        uint32_t want;      /* a sleeping popper is woken once this many items are queued */
+        uint32_t want;      /* sleepers are woken once this many items are queued (one popper) */
         uint64_t mask;
         char pad3[40];
         mt_cell cells[];
@@ -295,7 +295,9 @@ cdef class SlotQueue:
         """An item, TIMEOUT after ``timeout`` seconds, or CLOSED once closed and drained.
 
         When the queue is empty, sleep until ``want`` items are queued (or it closes): a
-        consumer that keeps up with its producers then wakes once per ``want`` items.
+        consumer that keeps up with its producers then wakes once per ``want`` items. The queue
+        holds one ``want`` for all its sleepers (the last one's), so ask for more than 1 only
+        where one process and thread pops at a time.
         """
         cdef int64_t out = -1
         cdef int r

@@ -279,6 +279,32 @@ def test_blosc2_blocks_padding_the_chunk(writable):
     assert out.tobytes() == data.tobytes()
 
 
+
+@pytest.mark.parametrize("params", [
+    dict(codec="ZFP_PREC", codec_meta=20, filters=["NOFILTER"], filters_meta=[0]),
+    dict(codec="ZSTD", filters=["NDMEAN"], filters_meta=[4]),
+    dict(codec="ZSTD", filters=["NDCELL"], filters_meta=[4]),
+], ids=["zfp", "ndmean", "ndcell"])
+def test_blosc2_frames_whose_codecs_read_their_metadata(writable, params):
+    """Codecs and filters that need the frame around their chunk (its b2nd shape) are decoded
+    here too, as HDF5's filter decodes them (ZFP and NDMEAN are lossy: h5py is the truth)."""
+    import blosc2
+
+    cparams = dict(params, codec=blosc2.Codec[params["codec"]],
+                   filters=[blosc2.Filter[f] for f in params["filters"]])
+    data = _data((300, 16), np.dtype("<f4"))
+    ds = writable.create_dataset("d", shape=data.shape, dtype=data.dtype, chunks=(100, 16),
+                                 **hdf5plugin.Blosc2(cname="zstd"))
+    for k in range(3):
+        rows = blosc2.asarray(data[k * 100 : (k + 1) * 100], chunks=(100, 16), blocks=(20, 16),
+                              cparams=cparams)
+        ds.id.write_direct_chunk((k * 100, 0), rows.to_cframe())
+    truth = ds[:]
+    out = np.zeros_like(data)
+    assert ChunkDecoder.of(ds).read_rows(0, 300, out)  # decoded here, not left to HDF5
+    assert out.tobytes() == truth.tobytes()
+
+
 def test_cache_does_not_keep_datasets(writable):
     import gc
 
