@@ -531,24 +531,29 @@ class _NoTimeouts:
         return getattr(self.full, name)
 
 
-@pytest.mark.parametrize("n_procs, read_ahead, held", [
-    (1, 1, 0), (1, 2, 0), (1, 3, 1), (2, 2, 0), (2, 3, 0), (2, 5, 0), (2, 5, 2), (2, 4, 1),
-    (3, 7, 3), (1, 4, 3),
-])
-def test_a_consumer_sleeps_only_for_slots_that_can_come(h5file, monkeypatch, n_procs,
-                                                         read_ahead, held):
-    """A consumer ahead of its workers sleeps until several slots are filled, never for more
-    than the stream has left or its workers can fill around the slots that guards hold."""
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # a slot per block
-    # A sleep for a slot that cannot come would last this long, and fail in _NoTimeouts.
+@pytest.fixture
+def sleepy_consumer(monkeypatch):
+    """A slot per block, workers slower than the consumer (it sleeps for every slot), and a
+    sleep for a slot that cannot come as long as 20 s, which _NoTimeouts turns into a failure."""
+    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
     monkeypatch.setattr(multitables.streamer, "WAIT_SLICE", 20.0)
     read = multitables.streamjob.read_selection
 
     def slow_read(*args, **kwargs):
-        time.sleep(0.01)  # the consumer outpaces the workers (forked with this): it sleeps
+        time.sleep(0.01)
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(multitables.streamjob, "read_selection", slow_read)
+    monkeypatch.setattr(multitables.streamjob, "read_selection", slow_read)  # workers fork it
+
+
+@pytest.mark.parametrize("n_procs, read_ahead, held", [
+    (1, 1, 0), (1, 2, 0), (1, 3, 1), (2, 2, 0), (2, 3, 0), (2, 5, 0), (2, 5, 2), (2, 4, 1),
+    (3, 7, 3), (1, 4, 3),
+])
+def test_a_consumer_sleeps_only_for_slots_that_can_come(h5file, sleepy_consumer, n_procs,
+                                                         read_ahead, held):
+    """A consumer ahead of its workers sleeps until several slots are filled, never for more
+    than the stream has left or its workers can fill around the slots that guards hold."""
     path, truth = h5file
     with multitables.Streamer(path) as stream:
         with stream.get_queue("contiguous_f4_2d", n_procs=n_procs, read_ahead=read_ahead,
@@ -563,3 +568,31 @@ def test_a_consumer_sleeps_only_for_slots_that_can_come(h5file, monkeypatch, n_p
     assert block_counter(blocks) == block_counter(expected)
     batch = multitables.streamer.WAKE_BATCH
     assert max(recorder.wants) == min(batch, max(1, read_ahead - n_procs))
+
+
+@pytest.mark.parametrize("n_procs, read_ahead", [(1, 3), (2, 5), (2, 3)])
+def test_a_cyclic_consumer_sleeps_only_for_slots_that_can_come(h5file, sleepy_consumer,
+                                                                n_procs, read_ahead):
+    """The same for an endless stream, its blocks read by two threads."""
+    path, truth = h5file
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("contiguous_f4_2d", n_procs=n_procs, read_ahead=read_ahead,
+                              block_size=7, cyclic=True, ordered=False) as q:
+            q._ring.full = recorder = _NoTimeouts(q._ring.full)
+            blocks: list[np.ndarray] = []
+
+            def take(n):
+                for _ in range(n):
+                    with q.get() as block:
+                        blocks.append(block.copy())
+
+            threads = [threading.Thread(target=take, args=(15,)) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(50)
+    assert len(blocks) == 30
+    valid = {cyclic_block(truth["contiguous_f4_2d"], 7, t).tobytes() for t in range(97)}
+    assert {b.tobytes() for b in blocks} <= valid
+    assert max(recorder.wants) == min(multitables.streamer.WAKE_BATCH,
+                                      max(1, read_ahead - n_procs))
