@@ -147,7 +147,8 @@ cdef extern from *:
        its peers are alive. Items already queued are delivered even after close(); MT_CLOSED only
        once the queue is closed and empty. No spin first: an item takes a worker a whole slot's
        read to make, and a spinning consumer takes the core a worker needs (on 2 cores, a
-       200-pause spin per pop cost a Blosc stream 4% and a 16-row hand-over 8%). */
+       200-pause spin per pop cost a Blosc stream 4% and a 16-row hand-over 8%). An empty queue
+       is slept on until `want` items are queued: pushers wake the sleeper only then. */
     static int mt_queue_pop(mt_queue *q, int64_t *out, double timeout, uint32_t want) {
         if (mt_queue_try_pop(q, out) == MT_OK) return MT_OK;
         double deadline = mt_now() + timeout;
