@@ -260,7 +260,9 @@ def test_worker_killed_during_a_pending_request(files):
 
 # ---- the parent dies, or gets Ctrl-C --------------------------------------------------------
 
-_PARENT_DIES = """
+# A child with a running cyclic queue and a Reader with a request never collected; it prints
+# the pids of their workers. The scripts below go on from there.
+_QUEUE_AND_PENDING_REQUEST = """
     import json, sys, time, multitables
     path = sys.argv[1]
     queue = multitables.Streamer(path).get_queue("x", n_procs=2, cyclic=True, block_size=10)
@@ -270,9 +272,12 @@ _PARENT_DIES = """
     ds = reader.get_dataset("x")
     stage = ds.create_stage(1000)
     reader.request(ds[0:5], stage).get()
-    pending = reader.request(ds[0:1000], stage)  # never collected
+    pending = reader.request(ds[0:1000], stage)
     pids = [p.pid for p in queue._pool.procs] + [p.pid for p in reader._pool.procs]
     print(json.dumps(pids), flush=True)
+"""
+
+_PARENT_DIES = _QUEUE_AND_PENDING_REQUEST + """
     while True:
         with queue.get():
             time.sleep(0.05)
@@ -525,26 +530,10 @@ def test_dropped_queue_and_reader_are_collected(files):
     assert _alive_after(rpids, 2) == []
 
 
-_EXIT_WITHOUT_CLOSE = """
-    import json, sys, multitables
-    path = sys.argv[1]
-    queue = multitables.Streamer(path).get_queue("x", n_procs=2, cyclic=True, block_size=10)
-    with queue.get():
-        pass
-    reader = multitables.Reader(path, n_procs=2)
-    ds = reader.get_dataset("x")
-    stage = ds.create_stage(10)
-    reader.request(ds[0:5], stage).get()
-    pending = reader.request(ds[0:10], stage)
-    print(json.dumps([p.pid for p in queue._pool.procs] + [p.pid for p in reader._pool.procs]),
-          flush=True)
-"""
-
-
 @pytest.mark.timeout(40)
 def test_interpreter_exit_without_close(files):
     shm_before = _shm()
-    with _child(_EXIT_WITHOUT_CLOSE, files[0]) as child:
+    with _child(_QUEUE_AND_PENDING_REQUEST, files[0]) as child:  # its end: the exit
         pids = _read_pids(child)
         t0 = time.monotonic()
         _, err, left = _finish(child, 15)
