@@ -1,0 +1,226 @@
+"""A dask array of an HDF5 dataset whose tasks read whole chunks through multitables' read paths.
+
+``from_hdf5(filename, path)`` checks the dataset in the caller and returns a ``dask.array.Array``
+with one block per run of whole HDF5 chunks along the first axis. Each task reads its rows with
+:func:`multitables.hyperslab.read_selection`, the code the Streamer's workers run (``pread`` past
+HDF5 for unfiltered data, ISA-L/Blosc decoders for compressed chunks), straight into the block's
+array. The graph holds no h5py object: a task is the file name, the dataset path, the h5py
+options and a row range, so it pickles small and computes on any process that sees the file,
+such as the workers of a dask.distributed cluster on a shared file system. Each process keeps the
+files its tasks opened in a small cache: reopened after a fork, closed at exit. Threads of one
+process take turns on a file, so one-thread worker processes are the fast configuration.
+
+Needs the ``dask`` extra: ``pip install multitables[dask]``.
+
+Example
+-------
+>>> import os, tempfile
+>>> import h5py, numpy as np
+>>> import multitables.dask
+>>> filename = os.path.join(tempfile.mkdtemp(), "example.h5")
+>>> with h5py.File(filename, "w") as f:
+...     _ = f.create_dataset("data", data=np.arange(20.0).reshape(10, 2), chunks=(4, 2))
+>>> x = multitables.dask.from_hdf5(filename, "/data", chunks=8)
+>>> x.chunks  # 8 rows are two whole chunks of 4
+((8, 2), (2,))
+>>> float((2 * x[::3]).sum().compute(scheduler="threads"))
+152.0
+>>> multitables.dask.close_files()
+>>> os.remove(filename)
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.array.core import graph_from_arraylike
+from dask.base import tokenize
+from dask.utils import parse_bytes
+
+from ._indexing import translate
+from .hyperslab import read_selection, result_layout
+from .source import DatasetInfo, OpenFile, check_positive_int, describe
+from .streamjob import _worker_file_kwargs
+
+__all__ = ["close_files", "from_hdf5"]
+
+# Open files a process keeps: a worker usually reads one or two datasets; a few more cost a file
+# descriptor and HDF5's metadata each.
+_MAX_FILES = 8
+
+
+def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
+              field: str | None = None, **file_kwargs: Any) -> da.Array:
+    """The dataset ``path`` of the HDF5 file ``filename`` as a dask array.
+
+    Parameters
+    ----------
+    filename, path
+        The file (a path every process that computes the array can open) and the dataset in it.
+    chunks
+        Rows per block, rounded to a whole number of HDF5 chunks (at least one). By default the
+        whole chunks nearest to dask's ``array.chunk-size`` (128 MiB unless configured).
+        Contiguous datasets are split in row ranges of this many rows.
+    field
+        One field of a compound dataset; its subarray shape, if any, adds trailing axes.
+    **file_kwargs
+        Options for ``h5py.File`` (``driver``, ``rdcc_nbytes``...) used by every task.
+
+    Returns
+    -------
+    dask.array.Array
+        Equal to ``h5py.File(filename)[path][()]`` (or to that field), blocked along axis 0 only.
+
+    Raises
+    ------
+    FileNotFoundError, OSError
+        The file is missing or not HDF5.
+    KeyError
+        No dataset ``path`` in the file (``TypeError`` if it is a group).
+    ValueError, TypeError
+        An unknown ``field``, ``chunks`` not an int >= 1, a scalar or variable-length dataset.
+    """
+    filename = os.path.abspath(os.fspath(filename))
+    info = describe(filename, path, file_kwargs)
+    if info.vlen_base is not None:
+        raise TypeError(f"{info.path} in {filename} holds variable-length rows; a dask array "
+                        "needs a fixed dtype")
+    if not info.shape:
+        raise ValueError(f"{info.path} in {filename} is a scalar dataset; read it with h5py")
+    fdt = info.field_dtype(field)
+    rows = block_rows(info, fdt, chunks)
+    n = info.shape[0]
+    row_chunks = tuple(min(rows, n - a) for a in range(0, n, rows)) or (0,)
+    # Each block covers whole chunks, so no task decodes a chunk another one reads: the chunk
+    # cache needs room for a chunk, not for a block.
+    span = info.chunks[0] if info.chunks else rows
+    plan = SimpleNamespace(info=info, file_kwargs=file_kwargs, block_size=span, blocks_per_slot=1)
+    source = BlockSource(filename, info.path, _worker_file_kwargs(plan), field)  # type: ignore
+    shape = info.shape + fdt.shape
+    block_chunks = (row_chunks,) + tuple((d,) for d in shape[1:])
+    stat = os.stat(filename)
+    # The file's size and modification time are in the name: a rewritten file is a new array,
+    # never results a cluster kept from the old one.
+    name = "from-hdf5-" + tokenize(source, block_chunks, stat.st_size, stat.st_mtime_ns)
+    graph = graph_from_arraylike(source, block_chunks, shape, name, getitem=_read_block,
+                                 inline_array=True, dtype=fdt.base)
+    return da.Array(graph, name, block_chunks, meta=np.empty((0,) * len(shape), fdt.base))
+
+
+def block_rows(info: DatasetInfo, dtype: np.dtype, rows: int | None) -> int:
+    """Rows per block: ``rows`` (or about dask's ``array.chunk-size`` of ``dtype`` elements)
+    rounded to the nearest whole number of chunks along axis 0, never less than one chunk."""
+    row_bytes = max(1, dtype.itemsize * math.prod(info.shape[1:]))
+    if rows is None:
+        target = parse_bytes(dask.config.get("array.chunk-size"))
+        rows = max(1, target // row_bytes)
+    else:
+        rows = check_positive_int("chunks", rows)
+    if info.chunks:
+        rows = max(1, round(rows / info.chunks[0])) * info.chunks[0]
+    return max(1, min(rows, info.shape[0]))
+
+
+@dataclass(frozen=True)
+class BlockSource:
+    """What a task needs to read rows of a dataset: plain data that pickles as it reads."""
+
+    filename: str
+    path: str
+    file_kwargs: dict[str, Any]
+    field: str | None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (of ``field``), read into a new array."""
+        entry = _open(self.filename, self.file_kwargs)
+        with entry.lock:
+            dataset = entry.source.dataset(self.path)
+            sel = translate((slice(start, stop),), dataset.shape)
+            shape, dtype = result_layout(sel, dataset.dtype, self.field)
+            out = np.empty(shape, dtype)
+            read_selection(dataset, sel, out, self.field)
+        return out
+
+    def __dask_tokenize__(self) -> Any:
+        return (self.filename, self.path, sorted(self.file_kwargs.items()), self.field)
+
+
+def _read_block(source: BlockSource, index: tuple[slice, ...]) -> np.ndarray:
+    """The task of one block: ``index`` is the block's slices, whole along every axis but 0."""
+    return source.read(index[0].start, index[0].stop)
+
+
+# ------------------------------------------------------------------------------ per-process cache
+# One process-wide cache of open files, each with a lock that its reads hold. The read paths keep
+# per-dataset state (file spaces, a decoder's scratch chunks) that two threads must not share, and
+# opening a file again in another thread does not give fresh state: h5py's ids of one dataset
+# compare equal across opens, and those caches are keyed by them. So the threads of one process
+# (dask's threaded scheduler, a distributed worker with several threads) take turns on a file;
+# processes, as in a cluster of one-thread workers, read in parallel.
+
+
+class _Cached:
+    def __init__(self, filename: str, file_kwargs: dict[str, Any]):
+        self.source = OpenFile(filename, file_kwargs)
+        self.lock = _file_lock(filename)
+
+
+_cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+_locks: dict[str, threading.Lock] = {}  # one per file, by real path: kept for the process's life
+_cache_lock = threading.Lock()
+_inherited: list[_Cached] = []  # a forked child's copies of its parent's open files
+
+
+def _file_lock(filename: str) -> threading.Lock:
+    return _locks.setdefault(os.path.realpath(filename), threading.Lock())
+
+
+def _open(filename: str, file_kwargs: dict[str, Any]) -> _Cached:
+    """This process's open ``filename``: from the cache, else opened (the least recently used
+    one closed when the cache is full)."""
+    key = (filename, repr(sorted(file_kwargs.items())))
+    with _cache_lock:
+        entry = _cache.get(key)
+        if entry is not None:
+            _cache.move_to_end(key)
+            return entry
+        entry = _cache[key] = _Cached(filename, file_kwargs)
+        if len(_cache) > _MAX_FILES:
+            _close(_cache.popitem(last=False)[1])
+        return entry
+
+
+def _close(entry: _Cached) -> None:
+    with entry.lock:  # after the read in progress, if any
+        entry.source.close()
+
+
+def close_files() -> None:
+    """Close the files this process opened for dask tasks (they reopen at the next task)."""
+    with _cache_lock:
+        while _cache:
+            _close(_cache.popitem()[1])
+
+
+def _after_fork_in_child() -> None:
+    # The parent still reads through the files it had open. Closing the child's copies would
+    # also drop the parent's lock on them (one open file description), so they are kept, unused.
+    global _cache_lock
+    _inherited.extend(_cache.values())
+    _cache.clear()
+    _locks.clear()
+    _cache_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(close_files)
