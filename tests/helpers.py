@@ -1,13 +1,29 @@
-"""Test files written the way users write them (h5py and PyTables), and their ground truth."""
+"""Test files written the way users write them (h5py and PyTables), their ground truth, and the
+harness that watches child processes (a child Python, the workers of a pool) from outside."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import h5py
 import numpy as np
+import psutil
+import pytest
+
+import multitables
 
 N_ROWS = 97  # prime: most block sizes leave a remainder
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG_ROWS, BIG_COLS = 4000, 256  # 4 MB of float32 in gzip chunks of 64 rows
 
 
 def sample(shape, dtype, seed=0) -> np.ndarray:
@@ -69,3 +85,149 @@ def expected_blocks(truth: np.ndarray, block_size: int, remainder: bool) -> list
 def cyclic_block(truth: np.ndarray, block_size: int, ticket: int) -> np.ndarray:
     rows = (ticket * block_size + np.arange(block_size)) % len(truth)
     return truth[rows]
+
+
+def write_big(path) -> np.ndarray:
+    """4 MB of small integers as float32, in gzip chunks of 64 rows: dataset ``x``."""
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 8, (BIG_ROWS, BIG_COLS)).astype("<f4")
+    return write_h5py(path, "x", data, chunks=(64, BIG_COLS), compression="gzip")
+
+
+def damage(path, how: str) -> None:
+    """Cut the file to a third (``truncate``) or write garbage over the middle third of the chunks
+    of ``x`` (``garbage``)."""
+    size = os.path.getsize(path)
+    if how == "truncate":
+        os.truncate(path, size // 3)
+    else:
+        with h5py.File(path, "r") as f:
+            dsid = f["x"].id
+            n = dsid.get_num_chunks()
+            infos = [dsid.get_chunk_info(i) for i in range(n // 3, 2 * n // 3)]
+        rng = np.random.default_rng(3)
+        with open(path, "r+b") as f:
+            for info in infos:
+                f.seek(info.byte_offset)
+                f.write(rng.integers(0, 256, info.size, dtype=np.uint8).tobytes())
+
+
+def assert_worker_error(exc: BaseException | None) -> None:
+    """``exc`` is what a read of a damaged file must raise: the worker's error, with its text."""
+    assert exc is not None, "the damaged file was read without an error"
+    assert isinstance(exc, (OSError, multitables.SubprocessException)), repr(exc)
+    if not isinstance(exc, multitables.SubprocessException):
+        assert "the worker's traceback" in str(exc), str(exc)
+
+
+# ---- processes, watched from outside -------------------------------------------------------
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def alive_after(pids, timeout: float) -> list[int]:
+    """The pids still running (zombies count as gone) once ``timeout`` s have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if not gone(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def drain_rows(queue) -> list[np.ndarray]:
+    """Copies of every block left in ``queue``."""
+    blocks = []
+    for guard in queue.iter():
+        with guard as block:
+            blocks.append(block.copy())
+    return blocks
+
+
+def drain_until_error(get, deadline_s: float) -> tuple[BaseException | None, float]:
+    """Call ``get`` until it raises or ``deadline_s`` s have passed: the exception (None if
+    none) and the seconds it took."""
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < deadline_s:
+            get()
+    except Exception as exc:
+        return exc, time.monotonic() - t0
+    return None, time.monotonic() - t0
+
+
+def shm_entries() -> set[str]:
+    """The names in /dev/shm, but PyTorch's (its DataLoader, in benchmarks beside the tests)."""
+    try:
+        return {name for name in os.listdir("/dev/shm") if not name.startswith("torch_")}
+    except FileNotFoundError:
+        return set()
+
+
+class Child(subprocess.Popen):
+    """A child Python running ``code`` (argv[1:] = args) in the repository, its stdout and
+    stderr piped: the way to run anything that could crash or hang the test process itself (a
+    dying parent, Ctrl-C, a rlimit, a segfault), watched from outside.
+
+    ``pids`` are the workers the test knows of (see :meth:`read_pids`). On the way out of its
+    ``with`` block the child is killed if still running, so are those workers (a stopped worker
+    would hold the pipes open), and its pipes are closed.
+    """
+
+    def __init__(self, code: str, *args, **popen_kwargs):
+        popen_kwargs.setdefault("cwd", REPO)
+        super().__init__(
+            [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs,
+        )
+        self.pids: list[int] = []
+
+    def __exit__(self, *exc_info) -> None:
+        if self.poll() is None:
+            self.kill()
+        self._kill_workers(self.pids)
+        self.wait(10)
+        self.stdout.close()
+        self.stderr.close()
+
+    @staticmethod
+    def _kill_workers(pids) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def read_pids(self, timeout: float = 30) -> list[int]:
+        """The worker pids the child prints as its first line of stdout (a JSON list); they
+        become ``pids``. Fails the test if none come within ``timeout`` s."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout)
+        sel.close()
+        line = self.stdout.readline() if ready else ""
+        if not line:
+            self.kill()
+            rc = self.wait(10)
+            pytest.fail(f"child printed nothing (rc {rc}); stderr:\n{self.stderr.read()}")
+        self.pids = json.loads(line)
+        return self.pids
+
+    def finish(self, timeout: float) -> tuple[str, str, list[int]]:
+        """Wait for the child to exit: its stdout, its stderr and its workers still running 2 s
+        later (killed then). Fails the test (killing it and its workers) on timeout."""
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self._kill_workers(self.pids)
+            self.wait(10)
+            pytest.fail(f"child still running {timeout} s later; "
+                        f"stderr:\n{self.stderr.read()[-3000:]}")
+        left = alive_after(self.pids, 2)
+        self._kill_workers(left)  # stopped workers left behind would hold the pipes open
+        return self.stdout.read(), self.stderr.read(), left
