@@ -37,7 +37,6 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import dask
@@ -50,7 +49,6 @@ from dask.utils import parse_bytes
 from ._indexing import translate
 from .hyperslab import read_selection, result_layout
 from .source import DatasetInfo, OpenFile, check_positive_int, describe
-from .streamjob import _worker_file_kwargs
 
 __all__ = ["close_files", "from_hdf5"]
 
@@ -101,11 +99,9 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
     rows = block_rows(info, fdt, chunks)
     n = info.shape[0]
     row_chunks = tuple(min(rows, n - a) for a in range(0, n, rows)) or (0,)
-    # Each block covers whole chunks, so no task decodes a chunk another one reads: the chunk
-    # cache needs room for a chunk, not for a block.
-    span = info.chunks[0] if info.chunks else rows
-    plan = SimpleNamespace(info=info, file_kwargs=file_kwargs, block_size=span, blocks_per_slot=1)
-    source = BlockSource(filename, info.path, _worker_file_kwargs(plan), field)  # type: ignore
+    # Every task reads whole chunks, and no two tasks read the same chunk: HDF5's chunk cache
+    # would only keep chunks no task asks for again, and copy each one more time.
+    source = BlockSource(filename, info.path, {"rdcc_nbytes": 0, **file_kwargs}, field)
     shape = info.shape + fdt.shape
     block_chunks = (row_chunks,) + tuple((d,) for d in shape[1:])
     stat = os.stat(filename)
