@@ -50,24 +50,23 @@ def _coalesce(intervals: Iterable[Interval]) -> list[Interval]:
 
 def _subtract(kept: list[Interval], removed: Iterable[Interval]) -> list[Interval]:
     """The sorted disjoint intervals of ``kept`` less every position of ``removed``."""
-    cuts = _coalesce(sorted(removed))
-    merged: list[Interval] = []
-    for start, stop in cuts:  # sorting may leave overlaps; merge them into disjoint cuts
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
-        else:
-            merged.append((start, stop))
+    cuts: list[list[int]] = []
+    for start, stop in sorted(removed):  # merged into sorted disjoint cuts
+        if cuts and start <= cuts[-1][1]:
+            cuts[-1][1] = max(stop, cuts[-1][1])
+        elif start < stop:
+            cuts.append([start, stop])
     out: list[Interval] = []
     j = 0
     for start, stop in kept:
-        while j < len(merged) and merged[j][1] <= start:
+        while j < len(cuts) and cuts[j][1] <= start:
             j += 1
-        k = j
-        while k < len(merged) and merged[k][0] < stop:
-            if merged[k][0] > start:
-                out.append((start, merged[k][0]))
-            start = max(start, merged[k][1])
-            k += 1
+        for cut_start, cut_stop in cuts[j:]:
+            if cut_start >= stop:
+                break
+            if cut_start > start:
+                out.append((start, cut_start))
+            start = max(start, cut_stop)
         if start < stop:
             out.append((start, stop))
     return out
@@ -347,12 +346,9 @@ def total_batches(n_rows: int, batch_size: int, world_size: int, *, drop_last: b
     (2, 1)
     """
     n_rows = _count("n_rows", n_rows, 0)
-    batch_size = _count("batch_size", batch_size, 1)
-    world_size = _count("world_size", world_size, 1)
-    if drop_last:
-        return n_rows // (world_size * batch_size)
-    per_rank = -(-n_rows // world_size)
-    return -(-per_rank // batch_size)
+    kept = [(0, n_rows)] if n_rows else []
+    return _Segment(kept, _count("world_size", world_size, 1), _count("batch_size", batch_size, 1),
+                    drop_last).n_batches
 
 
 def worker_batches(n_batches: int, n_workers: int, worker: int) -> range:

@@ -6,6 +6,8 @@ every rank of every segment really yields, counted position by position.
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -93,6 +95,17 @@ def test_seed_and_epoch_determine_the_order(n, unit, window, seed, epoch):
     assert not np.array_equal(order(seed, epoch + 1), reference)
 
 
+def test_each_window_mixes_its_rows_its_own_way():
+    # Windows of 50 rows: the pattern of a window's shuffle (where its i-th smallest row goes)
+    # must come from the window's own seed, not repeat from window to window or epoch to epoch.
+    patterns = set()
+    for epoch in range(3):
+        order = EpochOrder(1000, 10, 5, shuffle=True, seed=99, epoch=epoch)
+        for w in range(order.n_windows):
+            patterns.add(tuple(np.argsort(order.rows(*order.window_bounds(w)))))
+    assert len(patterns) == 3 * 20
+
+
 def test_named_small_orders():
     order = EpochOrder(10, 3, 2, shuffle=False)
     assert (order.n_units, order.n_windows) == (4, 2)
@@ -106,6 +119,27 @@ def test_named_small_orders():
     sizes = {tuple(short.window_units(w)): np.subtract(*short.window_bounds(w)[::-1])
              for w in range(3)}
     assert sizes == {(0,): 10, (1,): 10, (2,): 5}
+
+
+def test_large_epochs_stay_small():
+    # 10**8 rows: the order keeps its 10**5 unit numbers and the windows asked for (4,000 rows
+    # each), never the 800 MB of a whole permutation; plans are a few intervals.
+    tracemalloc.start()
+    try:
+        order = EpochOrder(10**8, 1000, 4, shuffle=True, seed=1, epoch=3)
+        start = order.window_bounds(order.window_of(5 * 10**7))[0]
+        rows = order.rows(start - 100, start + 100)  # across two windows
+        order.rows_at(np.arange(0, 10**8, 10**6))  # 100 windows, cached two at a time
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 10**6, peak
+    assert len(np.unique(rows)) == 200
+    assert np.isin(rows[100:] // 1000, order.window_units(order.window_of(start))).all()
+    plan = plan_rank(10**8, 256, 8, 3, drop_last=False, history=[[8, 1000], [5, 77], [3, 10]])
+    assert len(plan.intervals()) <= 8
+    assert sum(b - a for a, b in plan.intervals()) == plan.n_batches * 256 - 256 + len(
+        plan.batch_positions(plan.n_batches - 1))
 
 
 def test_bad_arguments_are_named():
@@ -243,23 +277,27 @@ def test_same_world_resume_is_the_uninterrupted_run(n_rows, batch_size, world_si
 @SETTINGS
 @given(**ranks, data=st.data())
 def test_elastic_resume_chain(n_rows, batch_size, world_size, drop_last, data):
-    worlds = [world_size] + data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
+    worlds = [world_size]
+    for size in data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)):
+        if size != worlds[-1]:  # the same world again would continue, not start, a segment
+            worlds.append(size)
     history: list[list[int]] = []
     delivered = np.zeros(n_rows, np.int64)
     for i, size in enumerate(worlds):
         per_rank = segment_batches(n_rows, batch_size, size, drop_last, history)
-        last = i == len(worlds) - 1 or size == worlds[i + 1]
+        last = i == len(worlds) - 1
         done = len(per_rank[0]) if last else data.draw(st.integers(0, len(per_rank[0])))
         played = [p for batches in per_rank for b in batches[:done] for p in b]
         here = np.bincount(played, minlength=n_rows) if played else np.zeros(n_rows, np.int64)
-        assert not (here & delivered).any(), "a position delivered before came again"
+        assert not ((here > 0) & (delivered > 0)).any(), "a position delivered before came again"
         assert here.sum() - np.count_nonzero(here) < size  # padding, within this segment
         delivered += here
         plan = plan_rank(n_rows, batch_size, size, 0, drop_last=drop_last, history=history)
         history = plan.history_after(done)
-        if last:
-            break
-    if not drop_last:
+    assert len(history) == len(worlds)
+    if drop_last:  # only the last segment's tail is left out
+        assert n_rows - np.count_nonzero(delivered) < worlds[-1] * batch_size
+    else:
         assert (delivered >= 1).all()
 
 
