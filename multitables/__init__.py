@@ -1,8 +1,8 @@
 """multitables: fast parallel reads of HDF5 datasets into shared memory.
 
-Two front doors: ``Streamer`` streams a dataset in blocks; ``Reader`` serves random access with
-numpy-style keys. Worker processes read with h5py straight into shared memory and the caller gets
-zero-copy views.
+Three front doors on one engine: ``Streamer`` streams a dataset in blocks; ``Reader`` serves
+random access with numpy-style keys; ``Loader`` plays shuffled, sharded, resumable training batches
+of aligned columns. Worker processes read with h5py straight into shared memory.
 """
 
 from .errors import (
@@ -12,6 +12,7 @@ from .errors import (
     SubprocessException,
 )
 from .futures import Request, RequestPool
+from .loader import Loader
 from .reader import Reader
 from .stages import Stage, StagePool
 from .streamer import Guard, Queue, Streamer
@@ -20,6 +21,7 @@ __version__ = "3.0.0.dev0"
 
 __all__ = [
     "Guard",
+    "Loader",
     "Queue",
     "QueueClosed",
     "QueueClosedException",

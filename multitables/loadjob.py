@@ -1,0 +1,157 @@
+"""The worker side of a Loader epoch: read whole units of rows of every dataset into a ring.
+
+Internal module. A unit is a run of rows that is a whole number of HDF5 chunks of every dataset
+the Loader reads (``plan_units``), so reading the units of an epoch decodes each chunk once. The
+epoch's read list (unit numbers in the order the consumer needs them) travels with the job; workers
+draw positions in it (tickets) from the ring's counter, exactly as stream workers draw blocks.
+
+Layout of the ring's slot area: one region per dataset, each holding ``n_slots * unit_rows``
+whole rows, so slot ``s`` of dataset ``d`` is rows ``s * unit_rows`` onwards of region ``d``. The
+consumer gathers a batch from a region with one ``np.take``, whichever slots its rows lie in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._indexing import translate
+from .hyperslab import read_selection
+from .ring import CLOSED, TIMEOUT, Ring, RingLayout
+from .shm import SharedArena, round_up
+from .source import DatasetInfo, OpenFile
+from .workers import WAIT_SLICE
+
+# Units of contiguous (unchunked) datasets: large enough for a fast pread, small enough that a
+# window of them mixes well.
+CONTIGUOUS_UNIT_BYTES = 256 << 10
+# A unit that would be larger than this, or than a MIN_UNITS-th of the rows (the chunk rows of the
+# datasets have a large least common multiple), is cut to the largest chunk instead, so that there
+# are units to shuffle; chunks of other datasets may then be read twice.
+MAX_UNIT_BYTES = 64 << 20
+MIN_UNITS = 8
+
+
+def plan_units(infos: list[DatasetInfo]) -> int:
+    """Rows per unit: the least common multiple of the datasets' chunk rows (see module doc)."""
+    n_rows = infos[0].shape[0]
+    row_bytes = sum(max(info.row_bytes, 1) for info in infos)
+    chunk_rows = [info.chunks[0] for info in infos if info.chunks]
+    if not chunk_rows:
+        return max(1, min(n_rows, CONTIGUOUS_UNIT_BYTES // row_bytes))
+    rows = math.lcm(*chunk_rows)
+    if rows * row_bytes > MAX_UNIT_BYTES or rows * MIN_UNITS > n_rows:
+        rows = max(chunk_rows)
+    return max(1, min(rows, n_rows))
+
+
+@dataclass
+class LoadPlan:
+    """What the workers of one epoch read: everything they need, picklable for spawn."""
+
+    infos: list[DatasetInfo]  # the datasets, each read whole-row
+    file_kwargs: dict[str, Any]
+    unit_rows: int
+    units: np.ndarray  # the read list: unit numbers, ticket t reads units[t]
+    arena: SharedArena
+    layout: RingLayout
+    offsets: list[int]  # where each dataset's region starts in the arena
+
+    @property
+    def n_rows(self) -> int:
+        return self.infos[0].shape[0]
+
+    def unit_range(self, ticket: int) -> tuple[int, int]:
+        start = int(self.units[ticket]) * self.unit_rows
+        return start, min(start + self.unit_rows, self.n_rows)
+
+
+def ring_for(infos: list[DatasetInfo], unit_rows: int, n_slots: int) -> tuple[Ring, list[int]]:
+    """A new ring of ``n_slots`` units of every dataset, and the offsets of its regions."""
+    regions = [round_up(n_slots * unit_rows * info.row_bytes, 64) for info in infos]
+    # RingLayout cuts the slot area into n_slots equal slots; ours is cut per dataset instead,
+    # so ask for slots that add up to at least the regions.
+    ring = Ring.create(n_slots, -(-sum(regions) // n_slots))
+    offsets, at = [], ring.layout.slots
+    for nbytes in regions:
+        offsets.append(at)
+        at += nbytes
+    return ring, offsets
+
+
+def regions(plan: LoadPlan) -> list[np.ndarray]:
+    """Each dataset's region as an array of ``n_slots * unit_rows`` rows."""
+    rows = plan.layout.n_slots * plan.unit_rows
+    return [plan.arena.ndarray((rows, *info.shape[1:]), info.dtype, offset)
+            for info, offset in zip(plan.infos, plan.offsets, strict=True)]
+
+
+class LoadJob:
+    """Fill free slots with the units of the next tickets. See NOTE [ Worker shutdown logic ]."""
+
+    name = "Loader"
+
+    def __init__(self, plan: LoadPlan):
+        self.plan = plan
+        self.filename = plan.infos[0].filename
+
+    def file_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.plan.file_kwargs)
+        if "rdcc_nbytes" not in kwargs:
+            # Units are whole chunks: an uncompressed one needs no cache, a compressed one is
+            # decoded once, into the slot, when it fits the cache (fast decoders skip it anyway).
+            compressed = [info for info in self.plan.infos if info.compression is not None]
+            unit_bytes = max((self.plan.unit_rows * i.row_bytes for i in compressed), default=0)
+            kwargs["rdcc_nbytes"] = 2 * unit_bytes + (1 << 20) if compressed else 0
+        return kwargs
+
+    def attach(self, source: OpenFile, worker: int) -> None:
+        self.ring = Ring(self.plan.arena, self.plan.layout)
+        self.datasets = [source.dataset(info.path) for info in self.plan.infos]
+        self.regions = regions(self.plan)
+
+    def next_task(self, parent_alive) -> tuple[int, int] | None:
+        """A free slot and the ticket of the unit to read into it; None when done."""
+        ring, end = self.ring, len(self.plan.units)
+        while True:
+            if ring.tickets.load() >= end:
+                return None
+            slot = ring.free.pop(WAIT_SLICE)
+            if slot == TIMEOUT:
+                if ring.stopped or not parent_alive():
+                    return None
+                continue
+            if slot == CLOSED or ring.stopped:
+                return None
+            ticket = ring.tickets.fetch_add(1)
+            if ticket >= end:
+                ring.free.push(slot)
+                return None
+            return slot, ticket
+
+    def run(self, task: tuple[int, int]) -> None:
+        slot, ticket = task
+        start, stop = self.plan.unit_range(ticket)
+        at = slot * self.plan.unit_rows
+        for dataset, region in zip(self.datasets, self.regions, strict=True):
+            sel = translate((slice(start, stop),), dataset.shape)
+            read_selection(dataset, sel, region[at : at + stop - start])
+        self.ring.headers[slot] = (ticket, stop - start)
+        self.ring.full.push(slot)
+
+    def describe(self, task: tuple[int, int]) -> str:
+        start, stop = self.plan.unit_range(task[1])
+        paths = ", ".join(info.path for info in self.plan.infos)
+        return f"reading rows {start}:{stop} of {paths} in {self.filename}"
+
+    def task_failed(self, task, exc: BaseException, where: str) -> bool:
+        self.fail(exc, where)
+        return False  # an epoch with a hole in it would drop rows: stop
+
+    def fail(self, exc: BaseException, where: str) -> None:
+        ring = Ring(self.plan.arena, self.plan.layout)
+        ring.errors.put(exc, where)
+        ring.stop()
