@@ -88,8 +88,10 @@ class Chain:
         coords = [_on_box(c, sel) for c in self.coords]
         box = tuple(sel.read_shape)
         lk = sel.local_key
-        if lk is None:
+        if lk is None and [n for n in box if n > 1] == [n for n in shape if n > 1]:
             coords = [_reshaped(c, box, shape) for c in coords]
+        elif lk is None:  # the box's axes split or merge (index arrays of several dimensions)
+            coords = [_gathered(c, box, None, shape) for c in coords]
         elif _is_basic(lk):
             coords = _basic_local(coords, box, lk)
         else:
@@ -239,8 +241,10 @@ def _basic_local(coords: list[_Coord], box: tuple[int, ...], lk: tuple) -> list[
     return out
 
 
-def _gathered(c: _Coord, box: tuple[int, ...], lk: tuple) -> _Coord:
-    """``c`` after a local key with index arrays: materialised at the result's size."""
+def _gathered(c: _Coord, box: tuple[int, ...], lk: tuple | None,
+              shape: tuple[int, ...] = ()) -> _Coord:
+    """``c`` after a local key with index arrays (or, without one, the box reshaped to
+    ``shape``): materialised at the result's size."""
     if isinstance(c, _Fixed):
         return c
     if isinstance(c, _Range):
@@ -248,7 +252,7 @@ def _gathered(c: _Coord, box: tuple[int, ...], lk: tuple) -> _Coord:
                                       len(box)), box)
     else:
         full = np.broadcast_to(c.values, box)
-    return _Array(_compact(np.ascontiguousarray(full[lk])))
+    return _Array(_compact(full.reshape(shape) if lk is None else np.ascontiguousarray(full[lk])))
 
 
 def _compact(a: np.ndarray) -> np.ndarray:

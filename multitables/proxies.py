@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._indexing import translate
+from .chain import Chain
 from .readspec import ARRAY, SORTED, VLEN, WHERE, ReadSpec
 from .source import DatasetInfo, check_positive_int
 from .stages import Stage, StagePool
@@ -32,16 +33,25 @@ class DatasetProxy:
     """
 
     def __init__(self, reader: Reader, info: DatasetInfo, field: str | None = None,
-                 key: Any = None):
+                 keys: tuple = (), chain: Chain | None = None, field_at: int = 0):
         self._reader = reader
         self.info = info
         self.field = field
-        self.key = key
+        self.keys = keys  # in the order they were given (before and after the field)
+        self._chain = chain  # the keys as one, when there is more than one key to compose
+        self._field_at = field_at  # how many of the keys came before the field
         dtype = info.field_dtype(field)  # a subarray field adds its dimensions
         self._dtype = dtype.base
-        # No key: all of it.
-        self._selection = translate((Ellipsis,) if key is None else _as_tuple(key),
-                                    info.shape + dtype.shape)
+        if chain is not None:
+            key = chain.key()
+        else:
+            key = (Ellipsis,) if not keys else _as_tuple(keys[0])  # no key: all of it
+        self._selection = translate(key, info.shape + dtype.shape)
+
+    @property
+    def key(self) -> Any:
+        """The last key given (None for none); ``keys`` holds them all."""
+        return self.keys[-1] if self.keys else None
 
     @property
     def path(self) -> str:
@@ -59,16 +69,30 @@ class DatasetProxy:
         return self.shape[0]
 
     def __getitem__(self, item) -> DatasetProxy:
+        """This selection indexed further: by a field name, or by a numpy key, as
+        ``numpy_array[k1][k2]...`` (each key applies to the previous result; a key numpy
+        refuses raises numpy's exception here)."""
         if isinstance(item, str):
             if self.field is not None:
                 raise KeyError(f"{self.path} already selects field {self.field!r}")
-            return type(self)(self._reader, self.info, item, self.key)
-        if self.key is not None:
-            raise TypeError(
-                f"{self!r} already holds the key {self.key!r}; a request takes one key "
-                "(index the result of get() for more)"
-            )
-        return type(self)(self._reader, self.info, self.field, item)
+            field_shape = self.info.field_dtype(item).shape
+            chain = self._chain
+            if chain is None and self.keys and (field_shape or len(self.keys) > 1):
+                chain = self._chained()
+            if chain is not None:
+                # Keys given before the field index the rows; the field's dimensions follow.
+                chain = chain.extend(field_shape)
+            return type(self)(self._reader, self.info, item, self.keys, chain, len(self.keys))
+        if not self.keys:
+            return type(self)(self._reader, self.info, self.field, (item,), None, self._field_at)
+        chain = (self._chain or self._chained()).index(item)
+        return type(self)(self._reader, self.info, self.field, (*self.keys, item), chain,
+                          self._field_at)
+
+    def _chained(self) -> Chain:
+        """This proxy's one key as the start of a chain."""
+        shape = self.info.shape + self.info.field_dtype(self.field).shape
+        return Chain.of(shape).index(self.keys[0])
 
     def _spec(self) -> ReadSpec:
         """The request this proxy describes: its whole data when no key was given."""
@@ -89,11 +113,9 @@ class DatasetProxy:
         return StagePool([self.create_stage(shape) for _ in range(n)])
 
     def __repr__(self) -> str:
-        parts = [self.path]
+        parts = [self.path, *(f"[{key!r}]" for key in self.keys)]
         if self.field is not None:
-            parts.append(f"[{self.field!r}]")
-        if self.key is not None:
-            parts.append(f"[{self.key!r}]")
+            parts.insert(1 + self._field_at, f"[{self.field!r}]")
         return f"<{type(self).__name__} {''.join(parts)} {self.shape} {self.dtype}>"
 
 

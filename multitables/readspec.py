@@ -101,27 +101,48 @@ def _read_array(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> N
     if not field_shape:
         read_selection(dataset, sel, out, spec.field)
         return
-    # The key also indexes the field's own dimensions, which HDF5 cannot select: read the
-    # elements' hull whole, cut the box out of it, then arrange it as numpy would.
-    if sel.points is not None:
-        raise NotImplementedError(
-            f"several index arrays together on the subarray field {spec.field!r}: index the "
-            "rows first, then the field's dimensions in numpy"
-        )
+    if out.size == 0:
+        return
+    # The key also indexes the field's own dimensions, which HDF5 cannot select: read the rows
+    # the box touches (the sorted sets of sel.dims on the dataset's dimensions) with the field
+    # whole, then pick the box's elements from them and arrange them as numpy would.
     ndim = len(dataset.shape)
-    hull = tuple(
-        slice(int(e[0]), int(e[-1]) + 1) if isinstance(e, np.ndarray) else _key_of(e)
-        for e in sel.dims[:ndim]
-    )
-    hull_sel = translate(hull, dataset.shape)
-    box = np.empty((*hull_sel.result_shape, *field_shape), spec.dtype)
-    read_selection(dataset, hull_sel, box, spec.field)
-    for axis, entry in enumerate(sel.dims):
-        if axis >= ndim:
-            box = box[(slice(None),) * axis + (_key_of(entry),)]
-        elif isinstance(entry, np.ndarray):
-            box = box.take(entry - entry[0], axis=axis)
+    rows = [_values_of(e) for e in sel.dims[:ndim]]
+    mesh = np.ix_(*rows) if rows else ()
+    rows_sel = translate(mesh, dataset.shape)
+    block = np.empty((*rows_sel.result_shape, *field_shape), spec.dtype)
+    read_selection(dataset, rows_sel, block, spec.field)
+    # Where each box element lies in the block: positions within the row sets, and the
+    # field's own indices as they are.
+    nbox = len(sel.read_shape)
+    where = []
+    if sel.points is None:
+        for axis, entry in enumerate(sel.dims):
+            pos = np.arange(len(_values_of(entry))) if axis < ndim else _values_of(entry)
+            where.append(pos.reshape([-1 if k == axis else 1 for k in range(nbox)]))
+    else:
+        pdims, pa, points = sel.point_dims, sel.point_axis, sel.points
+        others = [d for d in range(len(sel.dims)) if d not in pdims]
+        for d, entry in enumerate(sel.dims):
+            if d in pdims:
+                col = points[:, pdims.index(d)]
+                pos = np.searchsorted(rows[d], col) if d < ndim else col
+                axis = pa
+            else:
+                j = others.index(d)
+                axis = j if j < pa else j + 1
+                pos = np.arange(len(_values_of(entry))) if d < ndim else _values_of(entry)
+            where.append(pos.reshape([-1 if k == axis else 1 for k in range(nbox)]))
+    box = block[tuple(where)] if where else block
     out[...] = box[sel.local_key] if sel.local_key is not None else box.reshape(spec.shape)
+
+
+def _values_of(entry) -> np.ndarray:
+    """The sorted positions of a ``Selection.dims`` entry."""
+    if isinstance(entry, np.ndarray):
+        return entry
+    start, step, count = entry
+    return np.arange(start, start + step * count, step, dtype=np.int64)
 
 
 def _key_of(entry) -> Any:

@@ -47,6 +47,7 @@ A = np.arange(200 * 10).reshape(200, 10)
         (slice(None, None, 2), 5, 3),
         (slice(None), (slice(None), np.arange(10) % 3 == 0)),  # 2.0.1's test_array[:][:, mask]
         (([1, 2], [3, 4]), [1, 0, 1]),
+        ([[1, 2], [3, 4]], (slice(None), 1)),  # the box's one axis split in two
         ((slice(None), None), (Ellipsis, 0)),
         (slice(None, None, -1), slice(None, None, -1)),
         (slice(5, 0, -2), [-1, 0]),
@@ -93,15 +94,19 @@ def test_scalar_base_is_refused():
 @st.composite
 def a_key(draw, shape):
     """A basic key, an index array (negative, repeated, unsorted), a mask, or a mix."""
-    kind = draw(st.sampled_from(["basic", "array", "mask", "mixed"]))
+    kind = draw(st.sampled_from(["basic", "array", "mask", "mixed", "grid"]))
     if kind == "basic" or not shape:
         return draw(hnp.basic_indices(shape, min_dims=0, allow_newaxis=True))
     axis = draw(st.integers(0, len(shape) - 1))
     n = shape[axis]
     if kind == "array":
-        arr = draw(hnp.arrays(np.intp, draw(st.sampled_from([(0,), (1,), (3,), (2, 2)])),
+        arr = draw(hnp.arrays(np.intp, draw(st.sampled_from([(0,), (1,), (3,), (2, 2), (4,)])),
                               elements=st.integers(-n - 1, n) if n else st.just(0)))
         return (slice(None),) * axis + (arr,)
+    if kind == "grid" and n >= 4:
+        # Sorted, unique, consecutive: read as one slab, which the result splits in two axes.
+        start = draw(st.integers(0, n - 4))
+        return (slice(None),) * axis + (start + np.arange(4).reshape(2, 2),)
     if kind == "mask":
         return (slice(None),) * axis + (draw(hnp.arrays(np.bool_, (n,))),)
     # Two arrays (broadcast together) around a slice: numpy moves their block to the front.
