@@ -18,17 +18,24 @@ import numpy as np
 
 Interval = tuple[int, int]
 
-# Tags that keep the unit stream and the window streams of one (seed, epoch) apart, so that no
-# window's entropy can equal the units' (SeedSequence pads short entropy lists with zeros).
+# Tags that keep the unit stream and the window streams of one (seed, epoch) apart.
 _UNITS, _WINDOW = 1, 2
 
 
-def _count(name: str, value: object, low: int) -> int:
-    """``value`` as an int of at least ``low``; ValueError/TypeError naming ``name`` otherwise."""
+def _count(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high)``; ValueError/TypeError naming ``name`` otherwise."""
     number = operator.index(value)  # type: ignore[arg-type]
-    if number < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {number}")
+    if number < low or (high is not None and number >= high):
+        bound = f">= {low}" if high is None else f"in [{low}, 2**{high.bit_length() - 1})"
+        raise ValueError(f"{name} must be an integer {bound}, got {number}")
     return number
+
+
+def _rng(seed: int, epoch: int, tag: int, *more: int) -> np.random.Generator:
+    """The generator of one stream of (seed, epoch), named by ``tag`` and ``more``."""
+    # SeedSequence cuts big ints into 32-bit words and pads with zeros, so fields of varying width
+    # could alias ((2**32, 2) would read as (0, 1, 2)): each field gets a fixed number of words.
+    return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32, epoch, tag, *more])
 
 
 def _arange(intervals: Iterable[Interval]) -> np.ndarray:
@@ -97,12 +104,12 @@ class EpochOrder:
         self.unit_rows = _count("unit_rows", unit_rows, 1)
         self.units_per_window = _count("window_units", window_units, 1)
         self.shuffle = bool(shuffle)
-        self.seed = _count("seed", seed, 0)
-        self.epoch = _count("epoch", epoch, 0)
+        self.seed = _count("seed", seed, 0, 2**64)
+        self.epoch = _count("epoch", epoch, 0, 2**32)
         self.n_units = -(-self.n_rows // self.unit_rows)
         self.n_windows = -(-self.n_units // self.units_per_window)
         if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, _UNITS])
+            rng = _rng(self.seed, self.epoch, _UNITS)
             self._units = rng.permutation(self.n_units).astype(np.int64)
         else:
             self._units = np.arange(self.n_units, dtype=np.int64)
@@ -153,8 +160,7 @@ class EpochOrder:
         units = self.window_units(w)
         rows = (units[:, None] * self.unit_rows + np.arange(self.unit_rows)).ravel()
         rows = rows[rows < self.n_rows]
-        rng = np.random.default_rng([self.seed, self.epoch, _WINDOW, w])
-        rows = rng.permutation(rows)
+        rows = _rng(self.seed, self.epoch, _WINDOW, w).permutation(rows)
         self._cache = (*self._cache[-1:], (w, rows))
         return rows
 

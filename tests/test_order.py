@@ -27,7 +27,7 @@ orders = st.builds(
     lambda n, unit, window, shuffle, seed, epoch: EpochOrder(
         n, unit, window, shuffle=shuffle, seed=seed, epoch=epoch),
     n=st.integers(1, 3000), unit=st.integers(1, 300), window=st.integers(1, 12),
-    shuffle=st.booleans(), seed=st.integers(0, 2**64), epoch=st.integers(0, 1000),
+    shuffle=st.booleans(), seed=st.integers(0, 2**64 - 1), epoch=st.integers(0, 2**32 - 1),
 )
 
 
@@ -83,7 +83,7 @@ def test_lazy_rows_equal_slices_of_the_full_order(order, data):
 
 @settings(SETTINGS, max_examples=40)
 @given(n=st.integers(200, 1500), unit=st.integers(1, 20), window=st.integers(1, 8),
-       seed=st.integers(0, 2**32), epoch=st.integers(0, 100))
+       seed=st.integers(0, 2**64 - 2), epoch=st.integers(0, 100))
 def test_seed_and_epoch_determine_the_order(n, unit, window, seed, epoch):
     def order(seed, epoch):
         return full_order(EpochOrder(n, unit, window, shuffle=True, seed=seed, epoch=epoch))
@@ -147,8 +147,10 @@ def test_bad_arguments_are_named():
         EpochOrder(0, 4, 1, shuffle=False)
     with pytest.raises(ValueError, match="window_units must be an integer >= 1, got 0"):
         EpochOrder(10, 4, 0, shuffle=False)
-    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got -1"):
         EpochOrder(10, 4, 1, shuffle=True, seed=-1)
+    with pytest.raises(ValueError, match=r"epoch must be an integer in \[0, 2\*\*32\), got 42949"):
+        EpochOrder(10, 4, 1, shuffle=True, epoch=2**32)
     order = EpochOrder(10, 4, 1, shuffle=True)
     with pytest.raises(IndexError, match="window 3 is out of bounds for an epoch of 3 windows"):
         order.window_bounds(3)
