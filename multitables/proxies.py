@@ -181,12 +181,15 @@ class VLArrayProxy(DatasetProxy):
     """A variable-length dataset (PyTables ``VLArray``); results are object arrays of rows.
 
     A stage of ``create_stage(n)`` holds ``n`` elements of the rows' dtype in all, plus room for
-    the row offsets.
+    the row offsets. Rows of pickled objects (PyTables' ``ObjectAtom``) are unpickled only for a
+    Reader made with ``allow_pickle=True``; otherwise ``request`` raises ``ValueError`` before
+    anything is read, as ``numpy.load`` refuses pickles by default.
     """
 
     def _spec(self) -> ReadSpec:
         return ReadSpec(VLEN, self.path, None, self._selection, self.shape,
-                        self.info.vlen_base, pseudo_atom=self.info.pseudo_atom)
+                        self.info.vlen_base, pseudo_atom=self.info.pseudo_atom,
+                        allow_pickle=getattr(self._reader, "allow_pickle", False))
 
     def create_stage(self, shape) -> Stage:
         n = math.prod(_complete_shape(shape, self.info.shape, self.path))

@@ -33,12 +33,13 @@ class ReadSpec:
     dtype costs more than the rest of the message); the worker derives it from the dataset.
     """
 
-    __slots__ = ("kind", "path", "field", "selection", "shape", "dtype", "params", "pseudo_atom")
+    __slots__ = ("kind", "path", "field", "selection", "shape", "dtype", "params", "pseudo_atom",
+                 "allow_pickle")
     dtype: np.dtype  # None only on the wire, until ``execute`` fills it in
 
     def __init__(self, kind: str, path: str, field: str | None, selection: Selection | None,
                  shape: tuple[int, ...], dtype: np.dtype | None, params: tuple = (),
-                 pseudo_atom: str | None = None):
+                 pseudo_atom: str | None = None, allow_pickle: bool = False):
         self.kind = kind
         self.path = path
         self.field = field
@@ -47,15 +48,27 @@ class ReadSpec:
         self.dtype = dtype  # type: ignore[assignment]
         self.params = params
         self.pseudo_atom = pseudo_atom  # VLEN: how PyTables encoded the rows
+        self.allow_pickle = allow_pickle  # VLEN of objects: whether the caller trusts the file
+        if pseudo_atom == "object" and not allow_pickle:
+            raise pickle_refused(path)
 
     def __reduce__(self):
         return ReadSpec, (self.kind, self.path, self.field, self.selection, self.shape, None,
-                          self.params, self.pseudo_atom)
+                          self.params, self.pseudo_atom, self.allow_pickle)
 
     @property
     def nbytes(self) -> int:
         """Bytes the result needs (WHERE: at most; VLEN: unknown until read, so 0)."""
         return 0 if self.kind == VLEN else math.prod(self.shape) * self.dtype.itemsize
+
+
+def pickle_refused(path: str) -> ValueError:
+    """The error for pickled rows that the caller did not allow to be unpickled."""
+    return ValueError(
+        f"{path} holds pickled Python objects (a PyTables VLArray of ObjectAtom), and unpickling "
+        "data from a file can run any code it holds; make the Reader with allow_pickle=True to "
+        "read them, for files you trust"
+    )
 
 
 def _element_dtype(spec: ReadSpec, dataset: h5py.Dataset) -> np.dtype:
@@ -238,18 +251,21 @@ def result_view(spec: ReadSpec, memory: StageMemory) -> Any:
     data = data.view(spec.dtype)
     rows = np.empty(n, object)
     for i in range(n):
-        rows[i] = _decode(data[offsets[i] : offsets[i + 1]], spec.pseudo_atom)
+        rows[i] = _decode(data[offsets[i] : offsets[i + 1]], spec)
     shaped = rows.reshape(spec.shape)
     return shaped[()] if shaped.ndim == 0 else shaped
 
 
-def _decode(row: np.ndarray, pseudo_atom: str | None) -> Any:
+def _decode(row: np.ndarray, spec: ReadSpec) -> Any:
     """A row as PyTables returns it: arrays, or bytes/str/objects for its pseudo-atoms."""
+    pseudo_atom = spec.pseudo_atom
     if pseudo_atom == "vlstring":
         return row.tobytes()
     if pseudo_atom == "vlunicode":
         return row.astype("<u4").tobytes().decode("utf-32-le")
     if pseudo_atom == "object":
+        if not spec.allow_pickle:  # checked when the spec was made; a file is data, not code
+            raise pickle_refused(spec.path)
         return pickle.loads(row.tobytes())
     return row
 
