@@ -58,8 +58,11 @@ class ReadSpec:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the result needs (WHERE: at most; VLEN: unknown until read, so 0)."""
-        return 0 if self.kind == VLEN else math.prod(self.shape) * self.dtype.itemsize
+        """Bytes the result needs, as far as the caller knows: 0 for WHERE and VLEN, whose size
+        is known once read (the worker checks that it fits the stage as it writes)."""
+        if self.kind in (VLEN, WHERE):
+            return 0
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def pickle_refused(path: str) -> ValueError:

@@ -180,3 +180,20 @@ def test_h5py_sees_the_same_rows(files):
     # The oracle itself: the file holds what the fixture says.
     with h5py.File(files[0], "r") as f:
         np.testing.assert_array_equal(f["gzip"][()], files[1]["gzip"])
+
+
+def test_where_needs_a_stage_for_its_matches_only(reader, files):
+    rows = files[1]["table"]
+    table = reader.get_dataset("table")
+    # 7 of 97 rows match: a stage of 7 rows holds them (the table's range does not have to fit).
+    got = reader.request(table.where("x < 7"), table.create_stage(7)).get()
+    np.testing.assert_array_equal(got, rows[rows["x"] < 7])
+    got = reader.request(table["v"].where("x >= 90"), table.create_stage(7)).get()
+    np.testing.assert_array_equal(got, rows["v"][rows["x"] >= 90])
+    # One row too many: the error names both sizes.
+    itemsize = rows.dtype.itemsize
+    with pytest.raises(multitables.SharedMemoryError,
+                       match=f"stage holds {6 * itemsize} bytes but the result needs "
+                             f"{7 * itemsize} "):
+        reader.request(table.where("x < 7"), table.create_stage(6)).get()
+    assert len(reader.request(table.where("x < 6"), table.create_stage(6)).get()) == 6
