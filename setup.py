@@ -12,6 +12,12 @@ extensions = [
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     ),
+    Extension(
+        "multitables._rows",
+        ["multitables/_rows.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, language_level=3))

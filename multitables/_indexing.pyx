@@ -14,7 +14,6 @@ import numpy as np
 
 cimport cython
 from libc.stdint cimport int64_t
-from libc.string cimport memcpy
 
 # numpy's own messages (numpy/_core/src/multiarray/mapping.c).
 _INVALID = ("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis (`None`) and "
@@ -29,9 +28,25 @@ _INTP_MAX = (1 << 63) - 1
 _SUPERSET_FACTOR = 4
 _SUPERSET_SLACK = 1024
 
-# Item kinds after parsing a key.
+# Item kinds after parsing a key. A parsed item is ``[kind, value]``; an ellipsis item is
+# ``[K_ELLIPSIS, dims it covers, implied]``, ``implied`` true for the one that ``_parse`` adds
+# for the dimensions a key leaves out (it has no place in local keys).
 cdef enum:
     K_INT, K_SLICE, K_ELLIPSIS, K_NEWAXIS, K_BOOL0, K_ARRAY, K_MASK
+
+# Where numpy puts the broadcast block of the advanced items (index arrays, and integers beside
+# them), found by scanning the key (numpy's mapping.c, mapiter_fill_info): at the first advanced
+# item when they are all adjacent, else in front.
+cdef enum:
+    ADV_NONE_SEEN    # no advanced item yet
+    ADV_IN_RUN       # in the first run of adjacent advanced items
+    ADV_RUN_ENDED    # a basic item followed that run
+    ADV_SPLIT        # an advanced item came after the gap: the block goes in front
+
+
+cdef inline bint _implied(list it):
+    """Whether parsed item ``it`` is the ellipsis ``_parse`` adds for dimensions left out."""
+    return it[0] == K_ELLIPSIS and it[2]
 
 
 cdef class Selection:
@@ -145,72 +160,7 @@ cdef bint _strictly_increasing(const int64_t[::1] a) noexcept nogil:
     return True
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
-def runs(const int64_t[::1] u):
-    """Runs of consecutive values in sorted unique ``u``: ``(starts, lengths)`` int64 arrays.
-
-    >>> runs(np.array([1, 2, 3, 7, 9, 10]))
-    (array([1, 7, 9]), array([3, 1, 2]))
-    """
-    cdef Py_ssize_t n = u.shape[0], i, k = 0
-    starts = np.empty(n, np.int64)
-    lengths = np.empty(n, np.int64)
-    cdef int64_t[::1] s = starts
-    cdef int64_t[::1] ln = lengths
-    if n == 0:
-        return starts, lengths
-    with nogil:
-        s[0] = u[0]
-        ln[0] = 1
-        for i in range(1, n):
-            if u[i] == u[i - 1] + 1:
-                ln[k] += 1
-            else:
-                k += 1
-                s[k] = u[i]
-                ln[k] = 1
-    return starts[:k + 1], lengths[:k + 1]
-
-
-@cython.boundscheck(False)
-@cython.wraparound(False)
-def gather_rows(const unsigned char[::1] src, unsigned char[::1] dst, const int64_t[::1] rows,
-                const int64_t[::1] chunk_offsets, int64_t chunk_rows, int64_t row_bytes):
-    """Copy rows ``rows`` (any order, repeats allowed) of a file image ``src`` into ``dst``.
-
-    Row ``r`` lies at ``chunk_offsets[r // chunk_rows] + (r % chunk_rows) * row_bytes``;
-    consecutive rows of one chunk move in one memcpy. Returns the largest source offset needed
-    (so the caller can tell a truncated file); copies nothing and returns it negated when ``src``
-    is too short.
-    """
-    cdef Py_ssize_t n = rows.shape[0], i = 0, j
-    cdef int64_t chunk, first, count, offset, need = 0
-    if dst.shape[0] < n * row_bytes:
-        raise ValueError(f"dst holds {dst.shape[0]} bytes, {n} rows need {n * row_bytes}")
-    for i in range(n):
-        if rows[i] < 0 or rows[i] // chunk_rows >= chunk_offsets.shape[0]:
-            raise IndexError(f"row {rows[i]} is outside the layout")
-        offset = chunk_offsets[rows[i] // chunk_rows] + (rows[i] % chunk_rows + 1) * row_bytes
-        need = max(need, offset)
-    if need > src.shape[0]:
-        return -need
-    i = 0
-    with nogil:
-        while i < n:
-            chunk = rows[i] // chunk_rows
-            first = rows[i] % chunk_rows
-            j = i + 1
-            while (j < n and rows[j] == rows[j - 1] + 1 and rows[j] // chunk_rows == chunk):
-                j += 1
-            count = j - i
-            memcpy(&dst[i * row_bytes], &src[chunk_offsets[chunk] + first * row_bytes],
-                   count * row_bytes)
-            i = j
-    return need
-
-
-cdef tuple _dim_plan(object a, Py_ssize_t n):
+cdef tuple _dim_plan(object a):
     """Plan one dimension indexed by in-range int64 array ``a``: (dims entry, local positions).
 
     The entry is a ``(start, step, count)`` tuple when the unique values form a progression,
@@ -260,7 +210,7 @@ cdef list _parse(object key, Py_ssize_t ndim):
             if seen_ellipsis:
                 raise IndexError("an index can only have a single ellipsis ('...')")
             seen_ellipsis = True
-            items.append([K_ELLIPSIS, 0])
+            items.append([K_ELLIPSIS, 0, False])
             continue
         if obj is None:
             items.append([K_NEWAXIS, None])
@@ -307,7 +257,7 @@ cdef list _parse(object key, Py_ssize_t ndim):
             break
     else:
         if used < ndim:
-            items.append([K_ELLIPSIS, ndim - used, "implicit"])
+            items.append([K_ELLIPSIS, ndim - used, True])
     return items
 
 
@@ -399,7 +349,7 @@ def translate(key, shape):
         elif kind == K_ELLIPSIS:
             for j in range(it[1]):
                 dims[d + j] = (0, 1, shp[d + j])
-            local.append(None if len(it) > 2 else Ellipsis)
+            local.append(None if _implied(it) else Ellipsis)
             d += it[1]
         elif kind == K_NEWAXIS:
             local.append(None)
@@ -449,22 +399,21 @@ def translate(key, shape):
                 a = np.where(a < 0, a + n, a)
         arrays[d] = a
 
-    # numpy places the fancy block where the first advanced (or integer) item is when all
-    # of them are adjacent in the key, else in front (mapping.c, mapiter_fill_info).
-    consec = 0
-    status = -1
+    # Where numpy puts the broadcast block: see ADV_NONE_SEEN.
+    consec = 0                    # result axes before the block, when it is not moved
+    status = ADV_NONE_SEEN
     nres = 0
     for it in items:
         kind = it[0]
         if kind == K_INT or kind == K_ARRAY or kind == K_MASK or kind == K_BOOL0:
-            if status == -1:
+            if status == ADV_NONE_SEEN:
                 consec = nres
-                status = 0
-            elif status == 1:
-                status = 2
+                status = ADV_IN_RUN
+            elif status == ADV_RUN_ENDED:
+                status = ADV_SPLIT
                 consec = 0
-        elif status == 0:
-            status = 1
+        elif status == ADV_IN_RUN:
+            status = ADV_RUN_ENDED
         if kind == K_SLICE or kind == K_NEWAXIS:
             nres += 1
         elif kind == K_ELLIPSIS:
@@ -492,12 +441,12 @@ def translate(key, shape):
     # Product plan: per-dimension unique sets, positions within them.
     local_arrays = {}
     for d, a in arrays.items():
-        dims[d], local_arrays[d] = _dim_plan(a, shp[d])
+        dims[d], local_arrays[d] = _dim_plan(a)
     read_shape = tuple([_count(e) for e in dims])
     nontrivial = [d for d in arrays if _count(dims[d]) > 1]
     if len(nontrivial) > 1 and _prod(read_shape) > _SUPERSET_FACTOR * rsize + _SUPERSET_SLACK:
         return _point_selection(shp, dims, items, item_dim, local, arrays, bshape,
-                                consec, status == 2, result_shape)
+                                consec, status == ADV_SPLIT, result_shape)
     lkey = []
     for i, it in enumerate(items):
         kind = it[0]
@@ -505,10 +454,10 @@ def translate(key, shape):
             lkey.append(local_arrays[item_dim[i]])
         elif kind == K_MASK:
             lkey.append(_submask(it[1], dims, item_dim[i]))
-        elif not (kind == K_ELLIPSIS and len(it) > 2):
+        elif not _implied(it):
             lkey.append(local[i])
-    if _is_identity(items, item_dim, dims, local, local_arrays, nontrivial, bshape, consec,
-                    status == 2):
+    if _is_identity(items, item_dim, dims, local, local_arrays, nontrivial, bshape,
+                    status == ADV_SPLIT):
         lkey = None
     else:
         lkey = tuple(lkey)
@@ -556,7 +505,7 @@ cdef Selection _basic_selection(tuple shp, list dims, list items, list local):
             for j in range(it[1]):
                 result.append(shp[d + j])
             d += it[1]
-        if not (kind == K_ELLIPSIS and len(it) > 2):
+        if not _implied(it):
             lkey.append(local[i])
     read_shape = tuple([e[2] for e in dims])
     result_shape = tuple(result)
@@ -566,7 +515,7 @@ cdef Selection _basic_selection(tuple shp, list dims, list items, list local):
 
 
 cdef bint _is_identity(list items, list item_dim, list dims, list local, dict local_arrays,
-                       list nontrivial, tuple bshape, Py_ssize_t consec, bint moved) except -1:
+                       list nontrivial, tuple bshape, bint moved) except -1:
     """Whether the product plan's result is its box in the same order (so no gather)."""
     if len(nontrivial) > 1:
         return False

@@ -17,7 +17,8 @@ import weakref
 import numpy as np
 from h5py import h5s, h5t
 
-from multitables._indexing import Selection, runs
+from multitables._indexing import Selection
+from multitables._rows import runs
 from multitables.decode import ChunkDecoder
 from multitables.rawread import RawRows, row_range
 

@@ -18,7 +18,8 @@ import weakref
 import h5py
 import numpy as np
 
-from ._indexing import Selection, gather_rows
+from ._indexing import Selection
+from ._rows import gather_rows
 from .source import per_dataset
 
 

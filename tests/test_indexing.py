@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from multitables import _indexing, hyperslab
-from multitables._indexing import Selection, runs, translate
+from multitables._indexing import Selection, translate
+from multitables._rows import runs
 from multitables.hyperslab import field_dtype, read_selection, result_layout
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

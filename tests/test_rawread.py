@@ -92,3 +92,23 @@ def test_truncated_file_raises_instead_of_returning_zeros(tmp_path):
         sel = translate((np.array([3, 1]),), ds.shape)  # scattered rows: the mapped path
         with pytest.raises(OSError, match="truncated while being read"):
             read_selection(ds, sel, np.empty(sel.result_shape, ds.dtype))
+
+
+def test_gather_rows_copies_in_any_order_and_refuses_short_buffers():
+    from multitables._rows import gather_rows
+
+    # Two chunks of 3 rows of 4 bytes, the second stored first in the file image.
+    image = np.arange(40, dtype=np.uint8)
+    offsets = np.array([16, 0], np.int64)
+    rows = np.array([4, 0, 1, 2, 3, 3], np.int64)
+    out = np.empty(len(rows) * 4, np.uint8)
+    gather_rows(image, out, rows, offsets, 3, 4)
+    expected = [image[16 + 4 * r : 20 + 4 * r] if r < 3 else image[4 * (r - 3) : 4 * (r - 2)]
+                for r in rows]
+    np.testing.assert_array_equal(out, np.concatenate(expected))
+    with pytest.raises(ValueError, match="src holds 27 bytes, the rows lie up to byte 28"):
+        gather_rows(image[:27], out, rows, offsets, 3, 4)
+    with pytest.raises(ValueError, match="dst holds 20 bytes, 6 rows need 24"):
+        gather_rows(image, out[:20], rows, offsets, 3, 4)
+    with pytest.raises(IndexError, match="row 6 is outside the layout"):
+        gather_rows(image, out, np.array([6], np.int64), offsets, 3, 4)
