@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from .errors import SubprocessException
-from .loadjob import LoadJob, LoadPlan, plan_units, regions, ring_for
+from .loadjob import BATCHES, UNITS, LoadJob, LoadPlan, plan_units, regions, ring_for
 from .order import EpochOrder, plan_rank, worker_batches
 from .ring import CLOSED
-from .source import DatasetInfo, check_positive_int, describe
+from .source import DatasetInfo, check_positive_int, describe, open_file
 from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
 
 __all__ = ["Loader"]
@@ -31,6 +31,9 @@ __all__ = ["Loader"]
 # A default window holds at least this many units and about this many bytes of rows.
 WINDOW_UNITS = 16
 WINDOW_BYTES = 32 << 20
+# A window wider than this, on unfiltered data, is not held in memory: each batch's rows are read
+# straight from the file instead (a uniform shuffle of a large dataset, say).
+MAX_WINDOW_BYTES = 256 << 20
 # What a batch used after the next one was asked for reads as, with copy=False (NaN for floats).
 POISON = 0xFF
 STATE_VERSION = 1
@@ -78,7 +81,9 @@ class Loader:
     window : int, optional
         Rows mixed together by the shuffle, rounded up to whole units. The default holds at least
         16 units and about 32 MiB of rows. A window of the whole dataset (``window >= n_rows``)
-        is a uniform shuffle; it keeps the whole dataset in shared memory.
+        is a uniform shuffle. A window of more than 256 MiB of unfiltered data is not held in
+        memory: each batch's rows are read straight from the file; compressed data is decoded
+        into memory a window at a time (so a uniform shuffle holds the whole dataset).
     drop_last : bool
         Drop the rows that do not fill a batch on every rank. Without it every row is delivered
         (the last batch may be short, and with several ranks fewer than ``world_size`` rows are
@@ -132,6 +137,7 @@ class Loader:
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self._kind, self._columns, self._infos = _resolve_columns(self.filename, columns, kw)
         self.n_rows = self._infos[0].shape[0]
+        self._unfiltered = _unfiltered(self.filename, self._infos, kw)
         self.unit_rows = plan_units(self._infos)
         n_units = -(-self.n_rows // self.unit_rows)
         if window is None:
@@ -142,7 +148,9 @@ class Loader:
             window = check_positive_int("window", window)
             self.window_units = min(n_units, -(-window // self.unit_rows))
         # What the next iteration plays: (epoch, segments of it already played). See state_dict.
-        self._next_epoch, self._next_history = 0, []
+        self.order(0)  # a bad seed raises here, not at the first epoch
+        self._next_epoch: int = 0
+        self._next_history: list[list[int]] = []
         self._playing: tuple[int, Any, int] | None = None  # (epoch, plan, batches yielded)
         self._workers: StandbyWorkers | None = None
         self._owner = os.getpid()
@@ -234,8 +242,11 @@ class Loader:
         B = self.batch_size
         total = sum(stop - start for start, stop in plan.intervals())
         first, last = batches.start * B, min(batches.stop * B, total)
-        pieces = _pieces(order, _cut(plan.intervals(), first, last))
-        epoch = _EpochReads(self, order, pieces, first, last)
+        intervals = _cut(plan.intervals(), first, last)
+        if self._reads_batches():
+            epoch: _Reads = _BatchReads(self, order.rows_at(_arange(intervals)))
+        else:
+            epoch = _UnitReads(self, order, _pieces(order, intervals), last - first)
         try:
             outputs = _Outputs(self, epoch.columns)
             for k in batches:
@@ -244,6 +255,12 @@ class Loader:
                 yield self._pack(arrays)
         finally:
             epoch.close()
+
+    def _reads_batches(self) -> bool:
+        """Whether to read each batch's rows from the file rather than units into a window."""
+        row_bytes = sum(info.row_bytes for info in self._infos)
+        window_bytes = self.window_units * self.unit_rows * row_bytes
+        return self._unfiltered and window_bytes > MAX_WINDOW_BYTES
 
     def _pack(self, arrays: list[np.ndarray]) -> Any:
         if self._kind == "single":
@@ -364,7 +381,12 @@ def _pieces(order: EpochOrder, intervals: list[tuple[int, int]]) -> list[_Piece]
 
 
 def _positions(piece: _Piece) -> np.ndarray:
-    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in piece.intervals])
+    return _arange(piece.intervals)
+
+
+def _arange(intervals: list[tuple[int, int]]) -> np.ndarray:
+    parts = [np.arange(a, b, dtype=np.int64) for a, b in intervals]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
 def _slots_needed(pieces: list[_Piece], batch_size: int, n_positions: int) -> int:
@@ -382,23 +404,22 @@ def _slots_needed(pieces: list[_Piece], batch_size: int, n_positions: int) -> in
     return most
 
 
-class _EpochReads:
-    """The reads of one iteration: the ring, the workers filling it, and which slot holds which
-    unit. See NOTE [ Worker shutdown logic ] in workers.py."""
+class _Reads:
+    """The reads of one iteration: a ring, the workers filling it, and the slots read so far.
+    See NOTE [ Worker shutdown logic ] in workers.py."""
 
-    def __init__(self, loader: Loader, order: EpochOrder, pieces: list[_Piece], first: int,
-                 last: int):
-        self.loader, self.order, self.pieces = loader, order, pieces
-        self.unit_rows = loader.unit_rows
-        units = np.concatenate([p.units for p in pieces]).astype(np.int64)
-        prefetch = max(2 * loader.n_procs, loader.window_units)
-        n_slots = min(len(units), _slots_needed(pieces, loader.batch_size, last - first)
-                      + prefetch)
-        self.ring, offsets = ring_for(loader._infos, self.unit_rows, n_slots)
+    def __init__(self, loader: Loader, kind: str, slot_rows: int, n_slots: int,
+                 units: np.ndarray | None = None, sequence: np.ndarray | None = None):
+        self.loader = loader
+        n_sequence = 0 if sequence is None else len(sequence)
+        self.ring, offsets = ring_for(loader._infos, slot_rows, n_slots, n_sequence)
         self.closed = False
         try:
-            plan = LoadPlan(loader._infos, loader.file_kwargs, self.unit_rows, units,
-                            self.ring.arena, self.ring.layout, offsets)
+            n_tickets = len(units) if units is not None else -(-n_sequence // slot_rows)
+            plan = LoadPlan(loader._infos, loader.file_kwargs, kind, slot_rows, n_tickets, units,
+                            n_sequence, self.ring.arena, self.ring.layout, offsets)
+            if sequence is not None:
+                plan.sequence()[:] = sequence
             self.regions = regions(plan)
             self.columns = [self.regions[c.dataset] if c.field is None
                             else self.regions[c.dataset][c.field] for c in loader._columns]
@@ -408,49 +429,25 @@ class _EpochReads:
             self.ring.close()
             raise
         self.slot_of: dict[int, int] = {}  # ticket -> slot, for tickets read and not yet freed
-        self.ready = 0  # pieces before this one have their flat indices
-        self.done = 0  # pieces before this one are delivered and their slots freed
         self.next_check = time.monotonic() + CHECK_INTERVAL
 
     def batch(self, start: int, stop: int, outputs: _Outputs) -> list[np.ndarray]:
         """The columns of the positions at sequence offsets ``start:stop``."""
-        while self.ready < len(self.pieces) and self.pieces[self.ready].start < stop:
-            self._make_ready(self.pieces[self.ready])
-            self.ready += 1
-        parts = []
-        for piece in self.pieces[self.done : self.ready]:
-            if piece.start < stop and piece.stop > start:
-                assert piece.flat is not None
-                parts.append(piece.flat[max(start - piece.start, 0) : stop - piece.start])
-        index = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        arrays = outputs.gather(self.columns, index)
-        while self.done < self.ready and self.pieces[self.done].stop <= stop:
-            self._free(self.pieces[self.done])
-            self.done += 1
-        return arrays
+        raise NotImplementedError
 
-    def _make_ready(self, piece: _Piece) -> None:
-        """Wait for the units of ``piece``, then map each of its rows to its place in a region."""
-        tickets = range(piece.first_ticket, piece.first_ticket + len(piece.units))
-        for ticket in tickets:
-            while ticket not in self.slot_of:
-                slot = self._pop()
-                self.slot_of[int(self.ring.headers[slot, 0])] = slot
-        rows = self.order.rows_at(_positions(piece))
-        unit = rows // self.unit_rows
-        sorter = np.argsort(piece.units, kind="stable")
-        which = sorter[np.searchsorted(piece.units, unit, sorter=sorter)]
-        slots = np.array([self.slot_of[t] for t in tickets], np.int64)
-        piece.flat = slots[which] * self.unit_rows + (rows - unit * self.unit_rows)
+    def _wait_for(self, ticket: int) -> int:
+        """The slot that holds ``ticket``, once a worker has filled it."""
+        while ticket not in self.slot_of:
+            slot = self._pop()
+            self.slot_of[int(self.ring.headers[slot, 0])] = slot
+        return self.slot_of[ticket]
 
-    def _free(self, piece: _Piece) -> None:
-        for ticket in range(piece.first_ticket, piece.first_ticket + len(piece.units)):
-            self.ring.free.push(self.slot_of.pop(ticket))
-        piece.flat = None
+    def _free(self, ticket: int) -> None:
+        self.ring.free.push(self.slot_of.pop(ticket))
 
     def _pop(self) -> int:
         # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
-        # and now and then even while units keep coming (one dead worker among live ones).
+        # and now and then even while slots keep coming (one dead worker among live ones).
         ring = self.ring
         while True:
             slot = ring.full.pop(WAIT_SLICE)
@@ -476,6 +473,80 @@ class _EpochReads:
         self.ring.close()
 
 
+class _UnitReads(_Reads):
+    """Units of a window read into slots; each batch gathered from the units it draws on."""
+
+    def __init__(self, loader: Loader, order: EpochOrder, pieces: list[_Piece],
+                 n_positions: int):
+        self.order, self.pieces, self.unit_rows = order, pieces, loader.unit_rows
+        units = np.concatenate([p.units for p in pieces]).astype(np.int64)
+        prefetch = max(2 * loader.n_procs, loader.window_units)
+        n_slots = min(len(units), prefetch
+                      + _slots_needed(pieces, loader.batch_size, n_positions))
+        super().__init__(loader, UNITS, self.unit_rows, n_slots, units=units)
+        self.ready = 0  # pieces before this one have their flat indices
+        self.done = 0  # pieces before this one are delivered and their slots freed
+
+    def batch(self, start: int, stop: int, outputs: _Outputs) -> list[np.ndarray]:
+        while self.ready < len(self.pieces) and self.pieces[self.ready].start < stop:
+            self._make_ready(self.pieces[self.ready])
+            self.ready += 1
+        parts = []
+        for piece in self.pieces[self.done : self.ready]:
+            if piece.start < stop and piece.stop > start:
+                assert piece.flat is not None
+                parts.append(piece.flat[max(start - piece.start, 0) : stop - piece.start])
+        index = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        arrays = outputs.gather(self.columns, index)
+        while self.done < self.ready and self.pieces[self.done].stop <= stop:
+            piece = self.pieces[self.done]
+            for ticket in range(piece.first_ticket, piece.first_ticket + len(piece.units)):
+                self._free(ticket)
+            piece.flat = None
+            self.done += 1
+        return arrays
+
+    def _make_ready(self, piece: _Piece) -> None:
+        """Wait for the units of ``piece``, then map each of its rows to its place in a region."""
+        tickets = range(piece.first_ticket, piece.first_ticket + len(piece.units))
+        slots = np.array([self._wait_for(t) for t in tickets], np.int64)
+        rows = self.order.rows_at(_positions(piece))
+        unit = rows // self.unit_rows
+        sorter = np.argsort(piece.units, kind="stable")
+        which = sorter[np.searchsorted(piece.units, unit, sorter=sorter)]
+        piece.flat = slots[which] * self.unit_rows + (rows - unit * self.unit_rows)
+
+
+class _BatchReads(_Reads):
+    """Each batch's rows read by a worker straight from the file into a slot, in batch order."""
+
+    def __init__(self, loader: Loader, sequence: np.ndarray):
+        self.batch_size = loader.batch_size
+        n_batches = -(-len(sequence) // self.batch_size)
+        n_slots = min(n_batches, max(2 * loader.n_procs + 2, 4))
+        super().__init__(loader, BATCHES, self.batch_size, n_slots, sequence=sequence)
+        self.lent: int | None = None  # copy=False: the ticket whose slot the caller holds
+
+    def batch(self, start: int, stop: int, outputs: _Outputs) -> list[np.ndarray]:
+        if self.lent is not None:
+            lent = self._span(self.slot_of[self.lent], self.batch_size)
+            outputs.poison([region[lent] for region in self.regions])
+            self._free(self.lent)
+            self.lent = None
+        ticket = start // self.batch_size
+        rows = self._span(self._wait_for(ticket), stop - start)
+        views = [column[rows] for column in self.columns]
+        if outputs.copy:
+            arrays = [view.copy() for view in views]
+            self._free(ticket)
+            return arrays
+        self.lent = ticket
+        return views
+
+    def _span(self, slot: int, n: int) -> slice:
+        return slice(slot * self.batch_size, slot * self.batch_size + n)
+
+
 class _Outputs:
     """Where batches are gathered: new arrays (copy=True), or two buffers used in turn, the one
     given out before poisoned when the next batch is asked for (copy=False)."""
@@ -492,12 +563,17 @@ class _Outputs:
         if self.copy:
             return [np.take(column, index, axis=0) for column in columns]
         self.turn ^= 1
-        for buffer in self.buffers[self.turn ^ 1]:
-            buffer.view(np.uint8).fill(POISON)
+        self.poison(self.buffers[self.turn ^ 1])
         outs = [buffer[: len(index)] for buffer in self.buffers[self.turn]]
         for column, out in zip(columns, outs, strict=True):
             np.take(column, index, axis=0, out=out)
         return outs
+
+    @staticmethod
+    def poison(arrays: list[np.ndarray]) -> None:
+        """Make a lease that is over read as all bits set, rather than as other rows."""
+        for array in arrays:
+            array.view(np.uint8).fill(POISON)
 
 
 # ------------------------------------------------------------------------------ columns and ranks
@@ -555,6 +631,12 @@ def _describe_column(filename: str, path: str, kw: dict[str, Any]):
     if not info.shape:
         raise ValueError(f"{info.path} in {filename} is a scalar; there are no rows")
     return info, field
+
+
+def _unfiltered(filename: str, infos: list[DatasetInfo], kw: dict[str, Any]) -> bool:
+    """Whether every dataset is stored without filters (its rows can be read from the file)."""
+    with open_file(filename, kw) as file:
+        return all(file[info.path].id.get_create_plist().get_nfilters() == 0 for info in infos)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -1,13 +1,19 @@
-"""The worker side of a Loader epoch: read whole units of rows of every dataset into a ring.
+"""The worker side of a Loader epoch: read units or batches of rows of every dataset into a ring.
 
-Internal module. A unit is a run of rows that is a whole number of HDF5 chunks of every dataset
-the Loader reads (``plan_units``), so reading the units of an epoch decodes each chunk once. The
-epoch's read list (unit numbers in the order the consumer needs them) travels with the job; workers
-draw positions in it (tickets) from the ring's counter, exactly as stream workers draw blocks.
+Internal module. Tickets are drawn from the ring's counter, as stream workers draw blocks, and
+each names what to read into a free slot:
 
-Layout of the ring's slot area: one region per dataset, each holding ``n_slots * unit_rows``
-whole rows, so slot ``s`` of dataset ``d`` is rows ``s * unit_rows`` onwards of region ``d``. The
-consumer gathers a batch from a region with one ``np.take``, whichever slots its rows lie in.
+- a **unit** (``UNITS``): a run of rows that is a whole number of HDF5 chunks of every dataset
+  (``plan_units``), so reading the units of an epoch decodes each chunk once; the consumer gathers
+  batches from the units in memory. The epoch's read list (unit numbers, in the order the consumer
+  needs them) travels with the job.
+- a **batch** (``BATCHES``): the rows of one batch, in batch order, for a window too wide to hold
+  in memory on unfiltered data; rows are read straight from the file (rawread), and the row
+  numbers of the whole sequence lie in a region of the arena, written once by the consumer.
+
+Layout of the ring's slot area: one region per dataset, each holding ``n_slots * slot_rows``
+whole rows, so slot ``s`` of dataset ``d`` is rows ``s * slot_rows`` onwards of region ``d``;
+then, for batches, the row numbers.
 """
 
 from __future__ import annotations
@@ -48,49 +54,67 @@ def plan_units(infos: list[DatasetInfo]) -> int:
     return max(1, min(rows, n_rows))
 
 
+UNITS, BATCHES = "units", "batches"
+
+
 @dataclass
 class LoadPlan:
     """What the workers of one epoch read: everything they need, picklable for spawn."""
 
     infos: list[DatasetInfo]  # the datasets, each read whole-row
     file_kwargs: dict[str, Any]
-    unit_rows: int
-    units: np.ndarray  # the read list: unit numbers, ticket t reads units[t]
+    kind: str  # UNITS or BATCHES
+    slot_rows: int  # rows of every dataset per slot: the unit's, or the batch size
+    n_tickets: int
+    units: np.ndarray | None  # UNITS: the read list, ticket t reads unit units[t]
+    n_sequence: int  # BATCHES: rows in the sequence (its row numbers lie in the arena)
     arena: SharedArena
     layout: RingLayout
-    offsets: list[int]  # where each dataset's region starts in the arena
+    offsets: list[int]  # where each dataset's region starts in the arena, then the row numbers
 
     @property
     def n_rows(self) -> int:
         return self.infos[0].shape[0]
 
-    def unit_range(self, ticket: int) -> tuple[int, int]:
-        start = int(self.units[ticket]) * self.unit_rows
-        return start, min(start + self.unit_rows, self.n_rows)
+    def key(self, ticket: int) -> slice | np.ndarray:
+        """The rows ticket ``ticket`` reads, as a key on axis 0."""
+        if self.kind == UNITS:
+            assert self.units is not None
+            start = int(self.units[ticket]) * self.slot_rows
+            return slice(start, min(start + self.slot_rows, self.n_rows))
+        start = ticket * self.slot_rows
+        return self.sequence()[start : min(start + self.slot_rows, self.n_sequence)]
+
+    def sequence(self) -> np.ndarray:
+        """BATCHES: the row numbers of the whole sequence, in batch order."""
+        return self.arena.ndarray((self.n_sequence,), np.int64, self.offsets[-1])
 
 
-def ring_for(infos: list[DatasetInfo], unit_rows: int, n_slots: int) -> tuple[Ring, list[int]]:
-    """A new ring of ``n_slots`` units of every dataset, and the offsets of its regions."""
-    regions = [round_up(n_slots * unit_rows * info.row_bytes, 64) for info in infos]
+def ring_for(infos: list[DatasetInfo], slot_rows: int, n_slots: int,
+             n_sequence: int = 0) -> tuple[Ring, list[int]]:
+    """A new ring of ``n_slots`` slots of ``slot_rows`` rows of every dataset, room for
+    ``n_sequence`` row numbers, and the offsets of its regions."""
+    sizes = [round_up(n_slots * slot_rows * info.row_bytes, 64) for info in infos]
+    sizes.append(8 * n_sequence)
     # RingLayout cuts the slot area into n_slots equal slots; ours is cut per dataset instead,
     # so ask for slots that add up to at least the regions.
-    ring = Ring.create(n_slots, -(-sum(regions) // n_slots))
+    ring = Ring.create(n_slots, -(-sum(sizes) // n_slots))
     offsets, at = [], ring.layout.slots
-    for nbytes in regions:
+    for nbytes in sizes:
         offsets.append(at)
         at += nbytes
     return ring, offsets
 
 
 def regions(plan: LoadPlan) -> list[np.ndarray]:
-    """Each dataset's region as an array of ``n_slots * unit_rows`` rows."""
-    rows = plan.layout.n_slots * plan.unit_rows
+    """Each dataset's region as an array of ``n_slots * slot_rows`` rows."""
+    rows = plan.layout.n_slots * plan.slot_rows
     return [plan.arena.ndarray((rows, *info.shape[1:]), info.dtype, offset)
-            for info, offset in zip(plan.infos, plan.offsets, strict=True)]
+            for info, offset in zip(plan.infos, plan.offsets, strict=False)]
 
 
 class LoadJob:
-    """Fill free slots with the units of the next tickets. See NOTE [ Worker shutdown logic ]."""
+    """Fill free slots with the rows of the next tickets. See NOTE [ Worker shutdown logic ]."""
 
     name = "Loader"
 
@@ -104,7 +128,7 @@ class LoadJob:
             # Units are whole chunks: an uncompressed one needs no cache, a compressed one is
             # decoded once, into the slot, when it fits the cache (fast decoders skip it anyway).
             compressed = [info for info in self.plan.infos if info.compression is not None]
-            unit_bytes = max((self.plan.unit_rows * i.row_bytes for i in compressed), default=0)
+            unit_bytes = max((self.plan.slot_rows * i.row_bytes for i in compressed), default=0)
             kwargs["rdcc_nbytes"] = 2 * unit_bytes + (1 << 20) if compressed else 0
         return kwargs
 
@@ -114,8 +138,8 @@ class LoadJob:
         self.regions = regions(self.plan)
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
-        """A free slot and the ticket of the unit to read into it; None when done."""
-        ring, end = self.ring, len(self.plan.units)
+        """A free slot and the ticket to read into it; None when done."""
+        ring, end = self.ring, self.plan.n_tickets
         while True:
             if ring.tickets.load() >= end:
                 return None
@@ -134,18 +158,22 @@ class LoadJob:
 
     def run(self, task: tuple[int, int]) -> None:
         slot, ticket = task
-        start, stop = self.plan.unit_range(ticket)
-        at = slot * self.plan.unit_rows
+        key = self.plan.key(ticket)
+        at = slot * self.plan.slot_rows
+        n = 0
         for dataset, region in zip(self.datasets, self.regions, strict=True):
-            sel = translate((slice(start, stop),), dataset.shape)
-            read_selection(dataset, sel, region[at : at + stop - start])
-        self.ring.headers[slot] = (ticket, stop - start)
+            sel = translate((key,), dataset.shape)
+            n = sel.result_shape[0]
+            read_selection(dataset, sel, region[at : at + n])
+        self.ring.headers[slot] = (ticket, n)
         self.ring.full.push(slot)
 
     def describe(self, task: tuple[int, int]) -> str:
-        start, stop = self.plan.unit_range(task[1])
+        key = self.plan.key(task[1])
+        rows = (f"rows {key.start}:{key.stop}" if isinstance(key, slice)
+                else f"{len(key)} rows of batch {task[1]}")
         paths = ", ".join(info.path for info in self.plan.infos)
-        return f"reading rows {start}:{stop} of {paths} in {self.filename}"
+        return f"reading {rows} of {paths} in {self.filename}"
 
     def task_failed(self, task, exc: BaseException, where: str) -> bool:
         self.fail(exc, where)

@@ -368,3 +368,91 @@ def test_read_error_reaches_the_caller(tmp_path):
     with make(path, "x", 100) as loader:
         with pytest.raises(OSError, match="worker's traceback"):
             list(loader)
+
+
+# ---- wide windows on unfiltered data: each batch's rows read straight from the file ----
+
+
+@pytest.fixture(scope="module")
+def raw_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("loader") / "raw.h5")
+    table = np.zeros(N, [("a", "<i4"), ("b", "<f8", (2,))])
+    table["a"] = np.arange(N)
+    table["b"] = sample((N, 2), "<f8", 5)
+    truth = {"idx": np.arange(N, dtype=np.int64), "x": sample((N, 3, 4), "<f4", 1),
+             "flat": sample((N, 5), "<f8", 4), "t": table}
+    with h5py.File(path, "w") as f:
+        f.create_dataset("idx", data=truth["idx"], chunks=(40,))
+        f.create_dataset("x", data=truth["x"], chunks=(64, 3, 4))
+        f.create_dataset("flat", data=truth["flat"])
+        f.create_dataset("t", data=table, chunks=(100,))
+    return path, truth
+
+
+@pytest.fixture(params=["units", "batches"])
+def reads(request, monkeypatch):
+    """Both ways of reading: units held in a window, or batches read row by row."""
+    if request.param == "batches":
+        monkeypatch.setattr(multitables.loader, "MAX_WINDOW_BYTES", 0)
+    return request.param
+
+
+RAW_COLUMNS = {"idx": "idx", "x": "x", "flat": "flat", "a": "/t/a", "b": "/t/b", "t": "t"}
+
+
+@pytest.mark.parametrize("window", [1, 10_000])
+def test_raw_columns_aligned_either_way(raw_file, reads, window):
+    path, truth = raw_file
+    with make(path, RAW_COLUMNS, 37, shuffle=True, window=window) as loader:
+        assert loader._reads_batches() == (reads == "batches")
+        seen = []
+        for batch in loader:
+            rows = batch["idx"]
+            seen.append(rows)
+            for name in ("x", "flat", "t"):
+                np.testing.assert_array_equal(batch[name], truth[name][rows])
+            np.testing.assert_array_equal(batch["a"], rows)
+            np.testing.assert_array_equal(batch["b"], truth["t"]["b"][rows])
+        assert sorted(np.concatenate(seen).tolist()) == list(range(N))
+
+
+def test_both_ways_give_the_same_batches(raw_file, monkeypatch):
+    path, _ = raw_file
+    kw = dict(batch_size=50, shuffle=True, window=200, seed=11, rank=1, world_size=2)
+    with make(path, **kw) as loader:
+        units = epoch_rows(loader)
+    monkeypatch.setattr(multitables.loader, "MAX_WINDOW_BYTES", 0)
+    with make(path, **kw) as loader:
+        batches = epoch_rows(loader)
+    assert len(units) == len(batches)
+    for a, b in zip(units, batches, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_copy_false_lease_either_way(raw_file, reads):
+    path, truth = raw_file
+    with make(path, ["idx", "x"], 50, shuffle=True, copy=False, window=10_000) as loader:
+        it = iter(loader)
+        rows, x = next(it)
+        np.testing.assert_array_equal(x, truth["x"][rows])
+        rows2, x2 = next(it)
+        np.testing.assert_array_equal(x2, truth["x"][rows2])
+        assert np.isnan(x).all() and (rows == -1).all()
+        it.close()
+
+
+def test_resume_either_way(raw_file, reads):
+    path, _ = raw_file
+    kw = dict(batch_size=30, shuffle=True, seed=4, world_size=2, rank=0, window=10_000)
+    with make(path, **kw) as loader:
+        whole = epoch_rows(loader)
+        loader.set_epoch(0)
+        it = iter(loader)
+        for _ in range(6):
+            next(it)
+        state = loader.state_dict()
+        it.close()
+    with make(path, **kw) as resumed:
+        resumed.load_state_dict(state)
+        rest = epoch_rows(resumed)
+    np.testing.assert_array_equal(np.concatenate(rest), np.concatenate(whole[6:]))
