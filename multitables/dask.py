@@ -8,7 +8,8 @@ array. The graph holds no h5py object: a task is the file name, the dataset path
 options and a row range, so it pickles small and computes on any process that sees the file,
 such as the workers of a dask.distributed cluster on a shared file system. Each process keeps the
 files its tasks opened in a small cache: reopened after a fork, closed at exit. Threads of one
-process take turns on a file, so one-thread worker processes are the fast configuration.
+process take turns on a compressed dataset, so for those one-thread worker processes are the
+fast configuration.
 
 Needs the ``dask`` extra: ``pip install multitables[dask]``.
 
@@ -32,6 +33,7 @@ Example
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import threading
@@ -48,6 +50,7 @@ from dask.utils import parse_bytes
 
 from ._indexing import translate
 from .hyperslab import read_selection, result_layout
+from .rawread import RawRows
 from .source import DatasetInfo, OpenFile, check_positive_int, describe
 
 __all__ = ["close_files", "from_hdf5"]
@@ -138,13 +141,19 @@ class BlockSource:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` (of ``field``), read into a new array."""
-        entry = _open(self.filename, self.file_kwargs)
-        with entry.lock:
+        entry = _acquire(self.filename, self.file_kwargs)
+        try:
             dataset = entry.source.dataset(self.path)
             sel = translate((slice(start, stop),), dataset.shape)
             shape, dtype = result_layout(sel, dataset.dtype, self.field)
             out = np.empty(shape, dtype)
-            read_selection(dataset, sel, out, self.field)
+            # Whole rows of unfiltered data are preads into ``out`` (rawread) that threads may
+            # do at once; the other paths keep per-dataset state, and threads take turns there.
+            alone = self.field is None and out.size > 0 and RawRows.of(dataset) is not None
+            with contextlib.nullcontext() if alone else entry.lock:
+                read_selection(dataset, sel, out, self.field)
+        finally:
+            _release(entry)
         return out
 
     def __dask_tokenize__(self) -> Any:
@@ -157,18 +166,21 @@ def _read_block(source: BlockSource, index: tuple[slice, ...]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ per-process cache
-# One process-wide cache of open files, each with a lock that its reads hold. The read paths keep
-# per-dataset state (file spaces, a decoder's scratch chunks) that two threads must not share, and
-# opening a file again in another thread does not give fresh state: h5py's ids of one dataset
-# compare equal across opens, and those caches are keyed by them. So the threads of one process
-# (dask's threaded scheduler, a distributed worker with several threads) take turns on a file;
-# processes, as in a cluster of one-thread workers, read in parallel.
+# One process-wide cache of open files, each with a lock for the reads that need one. The decode
+# and HDF5 paths keep per-dataset state (file spaces, a decoder's scratch chunks) that two
+# threads must not share, and opening a file again in another thread does not give fresh state:
+# h5py's ids of one dataset compare equal across opens, and those caches are keyed by them. So
+# the threads of one process (dask's threaded scheduler, a distributed worker with several
+# threads) take turns on a compressed dataset; processes, as in a cluster of one-thread workers,
+# decode in parallel. A file leaves the cache at once but closes when its last read ends.
 
 
 class _Cached:
     def __init__(self, filename: str, file_kwargs: dict[str, Any]):
         self.source = OpenFile(filename, file_kwargs)
         self.lock = _file_lock(filename)
+        self.readers = 0  # reads in progress; changed under _cache_lock
+        self.evicted = False
 
 
 _cache: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
@@ -181,31 +193,42 @@ def _file_lock(filename: str) -> threading.Lock:
     return _locks.setdefault(os.path.realpath(filename), threading.Lock())
 
 
-def _open(filename: str, file_kwargs: dict[str, Any]) -> _Cached:
-    """This process's open ``filename``: from the cache, else opened (the least recently used
-    one closed when the cache is full)."""
+def _acquire(filename: str, file_kwargs: dict[str, Any]) -> _Cached:
+    """This process's open ``filename``, held open until :func:`_release`: from the cache, else
+    opened (the least recently used one evicted when the cache is full)."""
     key = (filename, repr(sorted(file_kwargs.items())))
     with _cache_lock:
         entry = _cache.get(key)
-        if entry is not None:
+        if entry is None:
+            entry = _cache[key] = _Cached(filename, file_kwargs)
+            if len(_cache) > _MAX_FILES:
+                _evict(_cache.popitem(last=False)[1])
+        else:
             _cache.move_to_end(key)
-            return entry
-        entry = _cache[key] = _Cached(filename, file_kwargs)
-        if len(_cache) > _MAX_FILES:
-            _close(_cache.popitem(last=False)[1])
+        entry.readers += 1
         return entry
 
 
-def _close(entry: _Cached) -> None:
-    with entry.lock:  # after the read in progress, if any
+def _release(entry: _Cached) -> None:
+    with _cache_lock:
+        entry.readers -= 1
+        if entry.evicted and not entry.readers:
+            entry.source.close()
+
+
+def _evict(entry: _Cached) -> None:
+    """Close ``entry`` now, or when its last read ends (called under _cache_lock)."""
+    entry.evicted = True
+    if not entry.readers:
         entry.source.close()
 
 
 def close_files() -> None:
-    """Close the files this process opened for dask tasks (they reopen at the next task)."""
+    """Close the files this process opened for dask tasks (those being read: when their reads
+    end); later tasks open them again."""
     with _cache_lock:
         while _cache:
-            _close(_cache.popitem()[1])
+            _evict(_cache.popitem()[1])
 
 
 def _after_fork_in_child() -> None:

@@ -19,6 +19,7 @@ pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
 import dask  # noqa: E402
+import dask.array as da  # noqa: E402
 
 import multitables.dask as mdask  # noqa: E402
 
@@ -125,15 +126,31 @@ def test_cluster_reads_fields_and_pickled_graphs(client, h5file):
 
 
 @pytest.mark.timeout(60)
-def test_threads_of_one_process_read_the_same_file(h5file):
+@pytest.mark.parametrize("name", [*LAYOUTS, "table"])
+def test_threads_of_one_process_read_the_same_file(h5file, name):
     # Threads share the decoder state of a dataset: unguarded, a chunk decoded for one block
     # ended up in another.
     filename, truth = h5file
-    for _ in range(20):
+    for _ in range(10):
         mdask.close_files()
-        x = mdask.from_hdf5(filename, "gzip", chunks=CHUNK)
+        x = mdask.from_hdf5(filename, name, chunks=CHUNK)
         got = x.compute(scheduler="threads", num_workers=4)
-        np.testing.assert_array_equal(got, truth["gzip"])
+        np.testing.assert_array_equal(got, truth[name])
+
+
+@pytest.mark.timeout(60)
+def test_files_past_the_cache_close_after_their_reads(tmp_path):
+    n = mdask._MAX_FILES + 3
+    arrays, truth = [], []
+    for k in range(n):
+        filename = str(tmp_path / f"f{k}.h5")
+        truth.append(write_h5py(filename, "d", sample((200, 5), "i8", k), chunks=(16, 5),
+                                compression="gzip"))
+        arrays.append(mdask.from_hdf5(filename, "d", chunks=16))
+    got = da.stack(arrays).compute(scheduler="threads", num_workers=4)
+    np.testing.assert_array_equal(got, np.stack(truth))
+    assert len(mdask._cache) == mdask._MAX_FILES
+    # The fixture's descriptor check fails the test if an evicted file stayed open.
 
 
 def test_empty_dataset(tmp_path):
