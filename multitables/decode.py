@@ -8,13 +8,21 @@ faster library (ISA-L or zlib-ng for deflate, c-blosc2 for Blosc) straight into 
 ``ChunkDecoder.of`` says whether a dataset qualifies; anything unusual (a chunk stored with a
 filter skipped, unallocated chunks that read as the fill value, unknown filters, checksums, types
 that convert, a codec that fails) keeps the HDF5 path, so results are identical either way.
+
+Going to HDF5 is visible: ``fallbacks`` counts, per process, the reads (and datasets) left to
+HDF5 by reason, each reason either ``declined: ...`` (a layout or chunk this module does not
+handle: expected) or ``failed: ...`` (a codec that raised or gave the wrong size: corrupt data,
+or a bug here); each reason is logged once, at debug level, on the ``multitables`` logger.
+``decoded`` counts the chunks decoded here, by codec, so a test can tell that the fast path ran.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import glob
 import importlib
+import logging
 import math
 import os
 import weakref
@@ -58,7 +66,33 @@ if _lz4 is not None:
 
 
 class _Undecodable(Exception):
-    """A chunk this module does not decode after all (its bytes are not what the filter says)."""
+    """A chunk this module does not decode after all: ``args[0]`` is the reason, one of a few
+    fixed texts (a key of ``fallbacks``)."""
+
+
+fallbacks: collections.Counter[str] = collections.Counter()
+"""Reads (and, ``declined: dataset ...``, datasets) left to HDF5 in this process, by reason."""
+decoded: collections.Counter[str] = collections.Counter()
+"""Chunks decoded by this module in this process, by codec (``none``: shuffle only)."""
+
+_log = logging.getLogger("multitables")
+
+
+def _fall_back(reason: str) -> None:
+    """Count a read left to HDF5 for ``reason``, logging the first one of each reason."""
+    if reason not in fallbacks:
+        _log.debug("chunks read through HDF5 (%s); further ones are counted in "
+                   "multitables.decode.fallbacks", reason)
+    fallbacks[reason] += 1
+
+
+def _reset_counts() -> None:
+    fallbacks.clear()
+    decoded.clear()
+
+
+# A forked worker counts its own reads.
+os.register_at_fork(after_in_child=_reset_counts)
 
 
 # A codec turns a chunk's stored bytes into its decoded bytes (exactly ``nbytes`` of them): it
@@ -75,7 +109,7 @@ class ChunkDecoder:
 
     def __init__(self, dsid, shape: tuple[int, ...], row_bytes: int, chunk_rows: int,
                  ok: np.ndarray, raw_size: int, codec: Codec | None, shuffle: int,
-                 bytes_in: bool):
+                 bytes_in: bool, name: str = "none"):
         # Weakly: the cache is keyed weakly by this id, so a strong reference would keep both.
         self._dsid = weakref.ref(dsid)
         self.n_rows = shape[0]
@@ -87,6 +121,7 @@ class ChunkDecoder:
         self._raw = np.empty(raw_size, np.uint8)
         self._bytes_in = bytes_in  # the codec wants bytes (python-lzf), not a writable view
         self._codec = codec
+        self.name = name  # the codec's, as counted in ``decoded``
         self._shuffle = shuffle  # element size the HDF5 shuffle filter used; 0: none
         self._scratch = np.empty(self.chunk_bytes, np.uint8)  # a chunk read in part
         # Which chunk the scratch holds: blocks that do not fall on chunk boundaries share their
@@ -114,6 +149,7 @@ class ChunkDecoder:
         if start == stop:
             return True
         if not self.ok[start // cr : (stop - 1) // cr + 1].all():
+            _fall_back("declined: a chunk stored with a filter skipped, or never written")
             return False
         dest = out.reshape(-1).view(np.uint8)
         dsid = self._dsid()
@@ -134,7 +170,11 @@ class ChunkDecoder:
                     dest[at : at + n * rb] = self._scratch[first * rb : (first + n) * rb]
                 at += n * rb
                 row += n
-        except (_Undecodable, *_DECODE_ERRORS):
+        except _Undecodable as exc:
+            _fall_back(exc.args[0])
+            return False
+        except _DECODE_ERRORS as exc:
+            _fall_back(f"failed: {self.name} raised {type(exc).__name__}")
             return False
         return True
 
@@ -146,13 +186,14 @@ class ChunkDecoder:
         else:
             mask, raw = dsid.read_direct_chunk(offsets, out=self._raw)
         if mask:
-            raise _Undecodable
+            raise _Undecodable("declined: a chunk stored with a filter skipped")
         if self._codec is None:
             data = raw
         else:
             data = self._codec(raw, self._shuffled if self._shuffle else dest)
         if len(data) != self.chunk_bytes:
-            raise _Undecodable
+            raise _Undecodable(f"failed: {self.name} gave a chunk of the wrong size")
+        decoded[self.name] += 1
         if self._shuffle:
             _unshuffle(np.frombuffer(data, np.uint8), dest, self._shuffle)
         elif data is not dest:
@@ -183,7 +224,7 @@ def _deflate_codec(nbytes: int) -> Codec:
         obj = lib.decompressobj()
         data = obj.decompress(raw, nbytes + 1)
         if not obj.eof:
-            raise _Undecodable
+            raise _Undecodable("failed: deflate stream longer than a chunk, or cut short")
         return data
 
     return decode
@@ -193,7 +234,7 @@ def _lzf_codec(nbytes: int) -> Codec:
     def decode(raw, into):
         data = _lzf.decompress(raw, nbytes)
         if data is None:
-            raise _Undecodable  # longer than a chunk
+            raise _Undecodable("failed: lzf data longer than a chunk")
         return data
 
     return decode
@@ -215,7 +256,7 @@ def _lz4_codec(nbytes: int) -> Codec:
     def decode(raw, into):
         total, block = int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:12], "big")
         if total != nbytes or block <= 0:
-            raise _Undecodable
+            raise _Undecodable("failed: lz4 header does not match the chunk")
         at, pos = 0, 12
         while at < total:
             size = min(block, total - at)
@@ -325,7 +366,7 @@ def _blosc_codec(nbytes: int) -> Codec:
     def decode(raw, into):
         # c-blosc2 reads Blosc 1 chunks.
         if int.from_bytes(raw[4:8], "little") != nbytes or decompress(raw, into) != nbytes:
-            raise _Undecodable
+            raise _Undecodable("failed: blosc chunk does not decode to the chunk's size")
         return into
 
     return decode
@@ -342,13 +383,13 @@ def _blosc2_codec(nbytes: int, chunks: tuple[int, ...], itemsize: int) -> Codec:
     def decode(raw, into):
         frame = _blosc2.schunk_from_cframe(raw, copy=False)
         if frame.nchunks != 1:
-            raise _Undecodable
+            raise _Undecodable("declined: blosc2 frame of several chunks")
         meta = frame.meta
         tiled = "b2nd" in meta
         if tiled:
             _, ndim, shape, chunkshape, blocks = meta["b2nd"][:5]
             if tuple(shape) != chunks or tuple(chunkshape) != chunks:
-                raise _Undecodable
+                raise _Undecodable("declined: blosc2 b2nd shape other than the chunk's")
             grid = [-(-c // b) for c, b in zip(chunks, blocks, strict=True)]
             padded = math.prod(grid) * math.prod(blocks) * itemsize
             # Blocks spanning whole rows and tiling the chunk exactly are already row-major.
@@ -357,10 +398,10 @@ def _blosc2_codec(nbytes: int, chunks: tuple[int, ...], itemsize: int) -> Codec:
         # The frame's own decompress_chunk runs on a context that may wait for threads a
         # forked worker does not have (see _blosc_decompressor); its chunk is a Blosc2 chunk.
         if frame.chunksize != dest.nbytes:
-            raise _Undecodable
+            raise _Undecodable("failed: blosc2 frame's chunk size is not the chunk's")
         if (decompress(frame.get_chunk(0), dest) != dest.nbytes
                 and _decompress_frame(raw, dest) != dest.nbytes):
-            raise _Undecodable
+            raise _Undecodable("failed: blosc2 chunk does not decode to the chunk's size")
         if tiled:
             tiles = dest.view(item).reshape(*grid, *blocks)
             order = [a for d in range(ndim) for a in (d, ndim + d)]
@@ -395,15 +436,27 @@ def _codec(code: int, nbytes: int, chunks: tuple[int, ...], itemsize: int) -> Co
     return None
 
 
+_FILTER_NAMES = {DEFLATE: "deflate", LZF: "lzf", LZ4: "lz4", BLOSC: "blosc", ZSTD: "zstd",
+                 BLOSC2: "blosc2"}
+
+
+def _declined(what: str) -> ChunkDecoder | None:
+    """A compressed dataset left to HDF5 as a whole (no decoder): counted once per dataset
+    opened."""
+    _fall_back(f"declined: {what}")
+    return None
+
+
 @per_dataset  # a decoder goes with its dataset, as rawread's layouts do
 def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
     dsid, shape, dtype = dataset.id, dataset.shape, dataset.dtype
     dcpl = dsid.get_create_plist()
-    if (not shape or dcpl.get_layout() != h5py.h5d.CHUNKED or not dcpl.get_nfilters()
-            or tuple(dataset.chunks[1:]) != tuple(shape[1:])):
-        return None
+    if not shape or dcpl.get_layout() != h5py.h5d.CHUNKED or not dcpl.get_nfilters():
+        return None  # nothing to decode: read as stored (rawread, or HDF5)
+    if tuple(dataset.chunks[1:]) != tuple(shape[1:]):
+        return _declined("dataset chunked across rows")
     if dtype.hasobject or dsid.get_type() != h5py.h5t.py_create(dtype):
-        return None  # converted by HDF5, or references to data elsewhere
+        return _declined("dataset of a type HDF5 converts, or of references")
     chunks = tuple(dataset.chunks)
     row_bytes = dtype.itemsize * math.prod(shape[1:])
     nbytes = row_bytes * chunks[0]
@@ -413,15 +466,16 @@ def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
     if filters[0][0] == SHUFFLE:
         shuffle = filters.pop(0)[2][0] if filters[0][2] else dtype.itemsize
     if len(filters) > 1:
-        return None
-    codec = None
+        return _declined("dataset with a checksum, scale-offset or a second compressor")
+    codec, name = None, "none"
     if filters:
         code = filters[0][0]
+        name = _FILTER_NAMES.get(code, f"filter {code}")
         if code == DEFLATE and _zlib is None:
-            return None  # HDF5 decodes with zlib too: nothing to gain
+            return _declined("deflate without a faster library than HDF5's zlib")
         codec = _codec(code, nbytes, chunks, dtype.itemsize)
         if codec is None:
-            return None
+            return _declined(f"dataset compressed by {name}, which no installed library decodes")
     n_chunks = -(-shape[0] // chunks[0])
     ok = np.zeros(n_chunks, bool)
     sizes = [0]
@@ -433,7 +487,7 @@ def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
             sizes.append(info.size)
 
     if not hasattr(dsid, "chunk_iter"):
-        return None  # h5py built on HDF5 < 1.12.3: leave it to HDF5
+        return _declined("h5py built on HDF5 < 1.12.3 (no chunk_iter)")
     dsid.chunk_iter(note)
     if shape[0] % chunks[0] and ok[-1] and _stored_raw(dsid, chunks, n_chunks, nbytes):
         # A file made with H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS stores a partial edge chunk
@@ -441,4 +495,4 @@ def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
         # chunk's size is that of raw data, let HDF5 read it.
         ok[-1] = False
     return ChunkDecoder(dsid, shape, row_bytes, chunks[0], ok, max(sizes), codec, shuffle,
-                        bytes_in=codec is not None and filters[0][0] == LZF)
+                        bytes_in=codec is not None and filters[0][0] == LZF, name=name)

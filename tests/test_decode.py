@@ -8,9 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from multitables import decode
+from multitables._indexing import translate
 from multitables.decode import ChunkDecoder
+from multitables.hyperslab import read_selection
 
-hdf5plugin = pytest.importorskip("hdf5plugin")
+try:
+    import hdf5plugin
+except ImportError:  # pragma: no cover - the test extra installs it
+    hdf5plugin = None
+
+# Only what needs hdf5plugin's filters (Blosc, Blosc2, Zstd, LZ4, BZip2) is skipped without it.
+needs_plugin = pytest.mark.skipif(hdf5plugin is None, reason="needs hdf5plugin")
 
 COMPOUND = np.dtype([("a", "<i4"), ("b", ">f8"), ("c", "u1")])
 DTYPES = [np.dtype(t) for t in ("u1", "<i2", "<f4", ">f8")] + [COMPOUND]
@@ -24,18 +33,22 @@ FILTERS = {
     "shuffle": dict(shuffle=True),
     "lzf": dict(compression="lzf"),
     "lzf-shuffle": dict(compression="lzf", shuffle=True),
-    "blosc-lz4-shuffle": hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE),
-    "blosc-zstd-bitshuffle": hdf5plugin.Blosc(cname="zstd", clevel=5,
-                                              shuffle=hdf5plugin.Blosc.BITSHUFFLE),
-    "blosc-zlib-noshuffle": hdf5plugin.Blosc(cname="zlib", clevel=3,
-                                             shuffle=hdf5plugin.Blosc.NOSHUFFLE),
-    "blosc2-zstd-shuffle": hdf5plugin.Blosc2(cname="zstd", clevel=5,
-                                             filters=hdf5plugin.Blosc2.SHUFFLE),
-    "blosc2-lz4-bitshuffle": hdf5plugin.Blosc2(cname="lz4", clevel=5,
-                                               filters=hdf5plugin.Blosc2.BITSHUFFLE),
-    "zstd": hdf5plugin.Zstd(clevel=3),
-    "lz4": hdf5plugin.LZ4(nbytes=64),  # several blocks per chunk
 }
+if hdf5plugin is not None:
+    FILTERS.update({
+        "blosc-lz4-shuffle": hdf5plugin.Blosc(cname="lz4", clevel=5,
+                                              shuffle=hdf5plugin.Blosc.SHUFFLE),
+        "blosc-zstd-bitshuffle": hdf5plugin.Blosc(cname="zstd", clevel=5,
+                                                  shuffle=hdf5plugin.Blosc.BITSHUFFLE),
+        "blosc-zlib-noshuffle": hdf5plugin.Blosc(cname="zlib", clevel=3,
+                                                 shuffle=hdf5plugin.Blosc.NOSHUFFLE),
+        "blosc2-zstd-shuffle": hdf5plugin.Blosc2(cname="zstd", clevel=5,
+                                                 filters=hdf5plugin.Blosc2.SHUFFLE),
+        "blosc2-lz4-bitshuffle": hdf5plugin.Blosc2(cname="lz4", clevel=5,
+                                                   filters=hdf5plugin.Blosc2.BITSHUFFLE),
+        "zstd": hdf5plugin.Zstd(clevel=3),
+        "lz4": hdf5plugin.LZ4(nbytes=64),  # several blocks per chunk
+    })
 
 
 def _data(shape, dtype, seed=0):
@@ -147,11 +160,18 @@ DATA = _data((40, 16), np.dtype("<f4"))
     dict(scaleoffset=4),
     dict(compression="gzip", scaleoffset=4),
     dict(),  # no filters: rawread's business
-    hdf5plugin.BZip2(),
+    pytest.param("bzip2", marks=needs_plugin),
 ], ids=["gzip-fletcher32", "fletcher32", "scaleoffset", "scaleoffset-gzip", "none", "bzip2"])
 def test_unsupported_filters(writable, opts):
+    if opts == "bzip2":
+        opts = hdf5plugin.BZip2()
+    decode.fallbacks.clear()
     ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), **opts)
     assert ChunkDecoder.of(ds) is None
+    # Declined, and said so, unless there is nothing to decode.
+    reasons = list(decode.fallbacks)
+    assert reasons == [] if not opts else (len(reasons) == 1
+                                           and reasons[0].startswith("declined: dataset")), reasons
 
 
 def _twenty_bit_ints(f):
@@ -222,8 +242,10 @@ def test_corrupt_chunk_falls_back(writable):
 def test_incompressible_chunks(writable):
     """Random bytes: LZ4 stores blocks as they are, deflate may store the chunk unfiltered."""
     noise = np.random.default_rng(1).integers(0, 256, (40, 64), dtype=np.uint8)
-    for name, opts in [("lz4", hdf5plugin.LZ4(nbytes=100)), ("lzf", dict(compression="lzf")),
-                       ("gzip", dict(compression="gzip"))]:
+    cases = [("lzf", dict(compression="lzf")), ("gzip", dict(compression="gzip"))]
+    if hdf5plugin is not None:
+        cases.append(("lz4", hdf5plugin.LZ4(nbytes=100)))
+    for name, opts in cases:
         ds = writable.create_dataset(name, data=noise, chunks=(8, 64), **opts)
         decoder = ChunkDecoder.of(ds)
         out = np.zeros((40, 64), np.uint8)
@@ -245,6 +267,7 @@ def test_partial_edge_chunk_stored_unfiltered(writable):
     assert not decoder.read_rows(30, 36, np.zeros((6, 16), "f4"))
 
 
+@needs_plugin
 def test_blosc2_blocks_tiling_rows(writable):
     """Blosc2 blocks that cut rows in pieces (b2nd) are put back in row-major order."""
     import blosc2
@@ -261,6 +284,7 @@ def test_blosc2_blocks_tiling_rows(writable):
 
 
 
+@needs_plugin
 def test_blosc2_blocks_padding_the_chunk(writable):
     """Blosc2 blocks of whole rows that do not divide the chunk's rows pad it (b2nd): the
     padding rows are dropped. hdf5plugin picks blocks that divide; other writers may not."""
@@ -280,6 +304,7 @@ def test_blosc2_blocks_padding_the_chunk(writable):
 
 
 
+@needs_plugin
 @pytest.mark.parametrize("params", [
     dict(codec="ZFP_PREC", codec_meta=20, filters=["NOFILTER"], filters_meta=[0]),
     dict(codec="ZSTD", filters=["NDMEAN"], filters_meta=[4]),
@@ -375,6 +400,7 @@ print("ok")
 """
 
 
+@needs_plugin
 def test_workers_of_a_process_with_blosc_threads(tmp_path):
     """Workers forked from a process that runs c-blosc2's thread pool (blosc2.set_nthreads(2)
     started it) decode Blosc chunks with contexts of their own: the pool's threads do not exist
@@ -398,3 +424,48 @@ def test_workers_of_a_process_with_blosc_threads(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # and any worker left behind
         proc.wait(10)
     assert proc.returncode == 0 and out.strip() == "ok", err
+
+
+@pytest.mark.parametrize("opts", [dict(compression="gzip"),
+                                  dict(compression="gzip", shuffle=True)], ids=["gzip", "shuffle"])
+def test_the_fast_path_runs_for_gzip(writable, opts):
+    """A gzip read through read_selection, in this process: decoded here, nothing left to HDF5."""
+    if decode._zlib is None:
+        pytest.skip("no faster deflate library than HDF5's zlib: HDF5 decodes")
+    ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), **opts)
+    decode.fallbacks.clear()
+    decode.decoded.clear()
+    out = np.empty((30, 16), "f4")
+    read_selection(ds, translate((slice(3, 33),), ds.shape), out)
+    assert out.tobytes() == DATA[3:33].tobytes()
+    assert decode.decoded == {"deflate": 5}  # rows 3:33 touch chunks 0-4, each decoded once
+    assert not decode.fallbacks
+
+
+def test_fallbacks_are_counted_by_reason_and_logged_once(writable, caplog):
+    ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), compression="gzip")
+    ds.id.write_direct_chunk((8, 0), b"not deflate data")  # chunk 1 corrupt: a failure
+    ds.id.write_direct_chunk((24, 0), DATA[24:32].tobytes(), filter_mask=1)  # declined
+    decoder = ChunkDecoder.of(ds)
+    decode.fallbacks.clear()
+    caplog.set_level("DEBUG", logger="multitables")
+    for _ in range(2):
+        assert not decoder.read_rows(8, 16, np.zeros((8, 16), "f4"))
+        assert not decoder.read_rows(24, 32, np.zeros((8, 16), "f4"))
+    failed = [r for r in decode.fallbacks if r.startswith("failed:")]
+    declined = [r for r in decode.fallbacks if r.startswith("declined:")]
+    assert len(failed) == 1 and len(declined) == 1, decode.fallbacks
+    assert decode.fallbacks[failed[0]] == decode.fallbacks[declined[0]] == 2
+    logged = [r.getMessage() for r in caplog.records if r.name == "multitables"]
+    assert len(logged) == 2 and any(failed[0] in m for m in logged), logged
+
+
+def test_counts_start_afresh_in_a_forked_worker():
+    import os
+
+    decode.fallbacks["declined: from the parent"] += 1
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        os._exit(0 if not decode.fallbacks and not decode.decoded else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
