@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from multitables import _measure as m
+from multitables.source import get_dataset, open_file
 from multitables.streamer import Streamer
 
 # -------------------------------------------------------------------------------- progress
@@ -117,28 +118,36 @@ def describe(filename: str) -> list[dict[str, Any]]:
             "filters": _filters(obj), "nbytes": int(np.prod(shape, dtype=np.int64)) *
             obj.dtype.itemsize, "stored": obj.id.get_storage_size(), "block_size": None,
         }
+        entry["remainder"] = None
         if len(shape) >= 1 and shape[0] > 0:
             entry["block_size"] = m.default_block_size(shape, obj.dtype, obj.chunks)
+            # A queue streams whole blocks only, unless made with remainder=True.
+            entry["remainder"] = shape[0] % entry["block_size"]
         found.append(entry)
 
-    with h5py.File(filename, "r") as f:
+    with open_file(filename, {}) as f:
         f.visititems(visit)
     return found
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    rows = [["path", "shape", "dtype", "chunks", "filters", "size", "stored", "block_size"]]
+    rows = [["path", "shape", "dtype", "chunks", "filters", "size", "stored", "block_size",
+             "remainder"]]
     for d in describe(args.file):
         row_bytes = d["nbytes"] // d["shape"][0] if d["shape"] and d["shape"][0] else 0
         block = "-" if d["block_size"] is None else (
             f"{d['block_size']} ({d['block_size'] * row_bytes / m.MiB:.2f} MiB)")
         ratio = f" (x{d['nbytes'] / d['stored']:.1f})" if d["stored"] else ""
+        rest = "-" if d["remainder"] is None else f"{d['remainder']} rows"
         rows.append([d["path"], str(d["shape"]), _dtype(d["dtype"]), str(d["chunks"]),
-                     d["filters"], _mb(d["nbytes"]), _mb(d["stored"]) + ratio, block])
+                     d["filters"], _mb(d["nbytes"]), _mb(d["stored"]) + ratio, block, rest])
     if len(rows) == 1:
         print(f"{args.file}: no datasets")
         return 0
     print(m.format_table(rows))
+    print("\nremainder: the rows past the last whole block that get_queue(path) leaves to "
+          "streamer.get_remainder(path, block_size);\nget_queue(path, remainder=True) streams "
+          "them as a last, shorter block")
     return 0
 
 
@@ -151,12 +160,11 @@ def _dataset_facts(filename: str, path: str) -> tuple[tuple[int, ...], np.dtype,
 
 
 def _dataset_facts_and_filters(filename: str, path: str):
-    import h5py
-
-    with h5py.File(filename, "r") as f:
-        ds = f[path]
-        if not isinstance(ds, h5py.Dataset):
-            raise SystemExit(f"error: {path!r} in {filename} is a group, not a dataset")
+    with open_file(filename, {}) as f:
+        try:
+            ds = get_dataset(f, path)
+        except (KeyError, TypeError) as exc:  # no such path, or a group
+            raise SystemExit(f"error: {exc.args[0]}") from None
         if not ds.shape or ds.shape[0] == 0:
             raise SystemExit(f"error: {path!r} in {filename} is empty or scalar")
         nbytes = ds.shape[0] * ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
@@ -404,6 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, KeyError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except FileNotFoundError as exc:  # h5py's text is HDF5's error stack: say it plainly
+        print(f"error: no such file: {getattr(args, 'file', None) or exc.filename}",
+              file=sys.stderr)
+        return 1
+    except (KeyError, OSError) as exc:
+        # A KeyError's text is the repr of its argument: print the argument.
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}",
+              file=sys.stderr)
         return 1

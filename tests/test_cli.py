@@ -59,8 +59,47 @@ def test_info_lists_every_dataset(sample, tmp_path):
 
 def test_info_missing_file(tmp_path):
     out = run_cli("info", str(tmp_path / "nope.h5"), cwd=str(tmp_path))
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"error: no such file: {tmp_path / 'nope.h5'}"
+
+
+def test_info_says_what_a_default_queue_leaves_to_get_remainder(sample, tmp_path):
+    out = run_cli("info", sample, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "remainder" in lines[0]
+    # /data: 2048 rows in blocks of 1024 leave none.
+    data = next(line for line in lines if line.startswith("/data"))
+    assert data.rstrip().endswith("0 rows")
+    assert "get_remainder" in out.stdout and "remainder=True" in out.stdout
+
+
+def test_info_remainder_of_a_dataset_that_leaves_rows(tmp_path):
+    filename = str(tmp_path / "odd.h5")
+    with h5py.File(filename, "w") as f:
+        # 2500 rows of 1 KiB in chunks of 128 rows: blocks of 1024 rows leave 452.
+        f.create_dataset("odd", data=np.zeros((2500, 256), np.float32), chunks=(128, 256))
+    out = run_cli("info", filename, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    odd = next(line for line in out.stdout.splitlines() if line.startswith("/odd"))
+    assert "1024 (1.00 MiB)" in odd and odd.rstrip().endswith("452 rows")
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/nope", "error: no dataset '/nope' in {file}"),
+    ("/grp", "error: '/grp' in {file} is a group, not a dataset"),
+])
+def test_bench_names_a_bad_path_in_our_words(sample, tmp_path, path, message):
+    out = run_cli("bench", sample, path, "--rounds", "1", cwd=str(tmp_path))
     assert out.returncode != 0
-    assert "nope.h5" in out.stderr
+    assert out.stderr.strip() == message.format(file=sample)
+    assert "Unable to" not in out.stderr  # h5py's raw text
+
+
+def test_bench_missing_file(tmp_path):
+    out = run_cli("bench", str(tmp_path / "nope.h5"), "/x", cwd=str(tmp_path))
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"error: no such file: {tmp_path / 'nope.h5'}"
 
 
 def test_bench_sample_file(tmp_path):
