@@ -22,7 +22,7 @@ import numpy as np
 from .errors import SubprocessException
 from .loadjob import BATCHES, UNITS, LoadJob, LoadPlan, plan_units, regions, ring_for
 from .order import EpochOrder, plan_rank, worker_batches
-from .ring import CLOSED
+from .ring import CLOSED, Ring
 from .source import DatasetInfo, check_positive_int, describe, open_file
 from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
 
@@ -153,6 +153,7 @@ class Loader:
         self._next_history: list[list[int]] = []
         self._playing: tuple[int, Any, int] | None = None  # (epoch, plan, batches yielded)
         self._workers: StandbyWorkers | None = None
+        self._idle_ring: Ring | None = None  # the last epoch's, kept for the next
         self._owner = os.getpid()
         self._closed = False
         _LIVE_LOADERS.add(self)
@@ -273,7 +274,7 @@ class Loader:
         """This process's workers: a forked copy of a Loader (a DataLoader worker) starts its own
         and leaves its parent's alone."""
         if os.getpid() != self._owner:
-            self._owner, self._workers = os.getpid(), None
+            self._owner, self._workers, self._idle_ring = os.getpid(), None, None
             _LIVE_LOADERS.add(self)
         if self._workers is None:
             self._workers = StandbyWorkers(self.start_method, "Loader")
@@ -291,9 +292,12 @@ class Loader:
             return
         self._closed = True
         _LIVE_LOADERS.discard(self)
-        if self._workers is not None and os.getpid() == self._owner:
-            self._workers.close()
-        self._workers = None
+        if os.getpid() == self._owner:
+            if self._workers is not None:
+                self._workers.close()
+            if self._idle_ring is not None:
+                self._idle_ring.close()
+        self._workers = self._idle_ring = None
 
     def __enter__(self) -> Loader:
         return self
@@ -412,7 +416,10 @@ class _Reads:
                  units: np.ndarray | None = None, sequence: np.ndarray | None = None):
         self.loader = loader
         n_sequence = 0 if sequence is None else len(sequence)
-        self.ring, offsets = ring_for(loader._infos, slot_rows, n_slots, n_sequence)
+        idle, loader._idle_ring = loader._idle_ring, None
+        self.ring, offsets = ring_for(loader._infos, slot_rows, n_slots, n_sequence, idle)
+        if idle is not None and self.ring.arena is not idle.arena:
+            idle.close()
         self.closed = False
         try:
             n_tickets = len(units) if units is not None else -(-n_sequence // slot_rows)
@@ -470,7 +477,11 @@ class _Reads:
         self.ring.stop()
         self.crew.stop()
         self.columns = self.regions = []
-        self.ring.close()
+        self.slot_of.clear()
+        if self.loader._closed or self.loader._idle_ring is not None:
+            self.ring.close()
+        else:
+            self.loader._idle_ring = self.ring  # for the next epoch
 
 
 class _UnitReads(_Reads):

@@ -90,27 +90,45 @@ class LoadPlan:
         return self.arena.ndarray((self.n_sequence,), np.int64, self.offsets[-1])
 
 
-def ring_for(infos: list[DatasetInfo], slot_rows: int, n_slots: int,
-             n_sequence: int = 0) -> tuple[Ring, list[int]]:
-    """A new ring of ``n_slots`` slots of ``slot_rows`` rows of every dataset, room for
-    ``n_sequence`` row numbers, and the offsets of its regions."""
-    sizes = [round_up(n_slots * slot_rows * info.row_bytes, 64) for info in infos]
-    sizes.append(8 * n_sequence)
+def ring_for(infos: list[DatasetInfo], slot_rows: int, n_slots: int, n_sequence: int = 0,
+             reuse: Ring | None = None) -> tuple[Ring, list[int]]:
+    """A ring of at least ``n_slots`` slots of ``slot_rows`` rows of every dataset with room for
+    ``n_sequence`` row numbers, and the offsets of its regions: ``reuse`` emptied when it is large
+    enough (its pages are reserved and mapped already: the epoch touches no new memory), else a
+    new one."""
+    if reuse is not None and reuse.layout.n_slots >= n_slots:
+        offsets = _offsets(infos, slot_rows, reuse.layout.n_slots, reuse.layout.slots)
+        if offsets[-1] + 8 * n_sequence <= reuse.layout.nbytes:
+            return _emptied(reuse), offsets
     # RingLayout cuts the slot area into n_slots equal slots; ours is cut per dataset instead,
     # so ask for slots that add up to at least the regions.
-    ring = Ring.create(n_slots, -(-sum(sizes) // n_slots))
-    offsets, at = [], ring.layout.slots
-    for nbytes in sizes:
-        offsets.append(at)
-        at += nbytes
-    return ring, offsets
+    regions_end = _offsets(infos, slot_rows, n_slots, 0)[-1]
+    ring = Ring.create(n_slots, -(-(regions_end + 8 * n_sequence) // n_slots))
+    return ring, _offsets(infos, slot_rows, n_slots, ring.layout.slots)
+
+
+def _offsets(infos: list[DatasetInfo], slot_rows: int, n_slots: int, at: int) -> list[int]:
+    """Where each dataset's region starts, from ``at``, then where the row numbers start."""
+    offsets = [at]
+    for info in infos:
+        offsets.append(offsets[-1] + round_up(n_slots * slot_rows * info.row_bytes, 64))
+    return offsets
+
+
+def _emptied(ring: Ring) -> Ring:
+    """``ring`` as new: every slot free, no ticket drawn, not stopped, no error. Only between
+    jobs: no worker may hold it."""
+    ring.stop_word.store(0)
+    ring.arena.ndarray((1,), np.uint64, ring.layout.tickets)[0] = 0
+    ring.errors.clear()
+    return Ring(ring.arena, ring.layout, create=True)
 
 
 def regions(plan: LoadPlan) -> list[np.ndarray]:
     """Each dataset's region as an array of ``n_slots * slot_rows`` rows."""
     rows = plan.layout.n_slots * plan.slot_rows
     return [plan.arena.ndarray((rows, *info.shape[1:]), info.dtype, offset)
-            for info, offset in zip(plan.infos, plan.offsets, strict=False)]
+            for info, offset in zip(plan.infos, plan.offsets[:-1], strict=True)]
 
 
 class LoadJob:
