@@ -5,7 +5,14 @@ random access with numpy-style keys; ``Loader`` plays shuffled, sharded, resumab
 of aligned columns. Worker processes read with h5py straight into shared memory.
 """
 
-from .errors import (
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):
+    raise ImportError(
+        f"multitables runs on Linux only (its workers wait on futexes and share memfd memory); "
+        f"this is {_sys.platform}")
+
+from .errors import (  # noqa: E402
     QueueClosed,
     QueueClosedException,
     SharedMemoryError,
