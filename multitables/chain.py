@@ -101,7 +101,7 @@ class Chain:
     def key(self) -> tuple:
         """One numpy key on the base array that gives this result."""
         if not self.base:
-            raise NotImplementedError("chained keys on a scalar dataset: index it once")
+            return _scalar_key(self.shape)
         if self.empty:
             # Empty index arrays of the result's shape: nothing to read, and numpy's shape.
             return tuple(np.zeros(self.shape, np.intp) for _ in self.base)
@@ -109,6 +109,16 @@ class Chain:
         if basic is not None:
             return basic
         return _fancy_key(self.coords, self.shape)
+
+
+def _scalar_key(shape: tuple[int, ...]) -> tuple:
+    """A key on a scalar giving ``shape``: newaxes, and ``False`` for an empty axis (a lone
+    advanced index stays where it is). No one key repeats a scalar, or empties two axes."""
+    if sum(1 for n in shape if n == 0) > 1 or any(n > 1 for n in shape):
+        raise NotImplementedError(
+            f"a chain of keys on a scalar dataset giving shape {shape}: index it once"
+        )
+    return tuple(False if n == 0 else None for n in shape)
 
 
 # ---- applying a translated key ------------------------------------------------------------

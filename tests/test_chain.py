@@ -83,9 +83,22 @@ def test_chain_reads_what_it_returns():
     assert np.asarray(key[0]).size <= 3
 
 
-def test_scalar_base_is_refused():
+@pytest.mark.parametrize("keys", [
+    (Ellipsis, Ellipsis), ((), None), (None, 0), ((None, None), (slice(None), 0)),
+    (None, slice(1, None)), ((None, None), (slice(0, 0), Ellipsis)), (True, [0]),
+    (None, (slice(None), None), (0, slice(0, 0))),
+])
+def test_chains_on_a_scalar(keys):
+    check_chain(np.array(7), keys)
+
+
+@pytest.mark.parametrize("keys", [((None, None), (slice(0, 0), slice(0, 0))), (True, [0, 0])])
+def test_scalar_chains_no_one_key_gives_are_refused(keys):
+    chain = Chain.of(())
+    for key in keys:
+        chain = chain.index(key)
     with pytest.raises(NotImplementedError, match="scalar"):
-        Chain.of(()).index(Ellipsis).index(Ellipsis).key()
+        chain.key()
 
 
 # --- hypothesis ------------------------------------------------------------------------------
