@@ -99,24 +99,24 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
     if not info.shape:
         raise ValueError(f"{info.path} in {filename} is a scalar dataset; read it with h5py")
     fdt = info.field_dtype(field)
-    rows = block_rows(info, fdt, chunks)
+    rows = _block_rows(info, fdt, chunks)
     n = info.shape[0]
     row_chunks = tuple(min(rows, n - a) for a in range(0, n, rows)) or (0,)
     # Every task reads whole chunks, and no two tasks read the same chunk: HDF5's chunk cache
     # would only keep chunks no task asks for again, and copy each one more time.
-    source = BlockSource(filename, info.path, {"rdcc_nbytes": 0, **file_kwargs}, field)
+    source = _BlockSource(filename, info.path, {"rdcc_nbytes": 0, **file_kwargs}, field)
     shape = info.shape + fdt.shape
     block_chunks = (row_chunks,) + tuple((d,) for d in shape[1:])
     stat = os.stat(filename)
     # The file's size and modification time are in the name: a rewritten file is a new array,
-    # never results a cluster kept from the old one.
+    # never the results a cluster kept of the old one.
     name = "from-hdf5-" + tokenize(source, block_chunks, stat.st_size, stat.st_mtime_ns)
     graph = graph_from_arraylike(source, block_chunks, shape, name, getitem=_read_block,
                                  inline_array=True, dtype=fdt.base)
     return da.Array(graph, name, block_chunks, meta=np.empty((0,) * len(shape), fdt.base))
 
 
-def block_rows(info: DatasetInfo, dtype: np.dtype, rows: int | None) -> int:
+def _block_rows(info: DatasetInfo, dtype: np.dtype, rows: int | None) -> int:
     """Rows per block: ``rows`` (or about dask's ``array.chunk-size`` of ``dtype`` elements)
     rounded to the nearest whole number of chunks along axis 0, never less than one chunk."""
     row_bytes = max(1, dtype.itemsize * math.prod(info.shape[1:]))
@@ -131,7 +131,7 @@ def block_rows(info: DatasetInfo, dtype: np.dtype, rows: int | None) -> int:
 
 
 @dataclass(frozen=True)
-class BlockSource:
+class _BlockSource:
     """What a task needs to read rows of a dataset: plain data that pickles as it reads."""
 
     filename: str
@@ -160,7 +160,7 @@ class BlockSource:
         return (self.filename, self.path, sorted(self.file_kwargs.items()), self.field)
 
 
-def _read_block(source: BlockSource, index: tuple[slice, ...]) -> np.ndarray:
+def _read_block(source: _BlockSource, index: tuple[slice, ...]) -> np.ndarray:
     """The task of one block: ``index`` is the block's slices, whole along every axis but 0."""
     return source.read(index[0].start, index[0].stop)
 
