@@ -21,7 +21,14 @@ from .futures import Request
 from .proxies import DatasetProxy, make_proxy
 from .readspec import ReadSpec, execute
 from .shm import SharedArena
-from .source import OpenFile, check_positive_int, describe, get_dataset, open_file
+from .source import (
+    OpenFile,
+    check_positive_int,
+    default_n_procs,
+    describe,
+    get_dataset,
+    open_file,
+)
 from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
 from .workers import CHECK_INTERVAL, WAIT_SLICE, WorkerPool
 
@@ -121,10 +128,16 @@ class Reader:
     ----------
     filename : str or path
         The HDF5 file; opened (read-only) by ``get_dataset``, so a missing file raises there.
-    n_procs : int
-        Worker processes serving requests.
+    n_procs : int, optional
+        Worker processes serving requests. By default the CPUs this process may run on
+        (``os.sched_getaffinity``), at most 4.
     start_method : {'fork', 'spawn', 'forkserver'}, optional
-        How workers start; fork on Linux by default.
+        How workers start; fork by default.
+    allow_pickle : bool
+        Unpickle the object rows of PyTables ``VLArray``s of ``ObjectAtom`` (their bytes are
+        pickles, and unpickling runs whatever code the file holds). Off by default, as for
+        ``np.load``: reading such rows then raises an error that names this flag. Pass True
+        only for files you trust.
     **kw
         Passed to ``h5py.File`` in the caller and in every worker.
 
@@ -141,9 +154,12 @@ class Reader:
     [[14, 15], [2, 3], [14, 15]]
     """
 
-    def __init__(self, filename, n_procs: int = 4, *, start_method: str | None = None, **kw):
+    def __init__(self, filename, n_procs: int | None = None, *, start_method: str | None = None,
+                 allow_pickle: bool = False, **kw):
         self.filename = os.fspath(filename)
-        self.n_procs = check_positive_int("n_procs", n_procs)
+        self.n_procs = check_positive_int(
+            "n_procs", default_n_procs() if n_procs is None else n_procs)
+        self.allow_pickle = bool(allow_pickle)
         self.file_kwargs = kw
         self.start_method = start_method
         self._pool: WorkerPool | None = None
@@ -325,6 +341,8 @@ class Reader:
                     conn.send_bytes(pickle.dumps(("stop",)))
                 conn.close()
             self._pool.stop(join_timeout=2.0 if wait else 0.2)
+            # Drop the views first: a mapping with views left lives as long as this object.
+            self._done, self._errors = [], None
             self._control.close()
         for stage in list(self._stages.values()):
             stage.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,6 +162,22 @@ def default_block_size(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[in
     else:
         rows = max(1, TARGET_BLOCK_BYTES // row_bytes)
     return max(1, min(rows, shape[0] if shape else 1))
+
+
+# Workers a front door starts when the caller does not say: past this, one file's reads rarely
+# go faster (the page cache and the consumer's own core are the limits), and memory grows.
+MAX_DEFAULT_PROCS = 4
+
+
+def default_n_procs() -> int:
+    """Worker processes a front door starts by default: the CPUs this process may run on
+    (``os.sched_getaffinity``, which a container's or a job scheduler's CPU set narrows), at most
+    ``MAX_DEFAULT_PROCS``, at least one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_PROCS, cpus))
 
 
 def check_positive_int(name: str, value: Any) -> int:

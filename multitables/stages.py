@@ -58,8 +58,9 @@ class StageMemory:
 
 
     def close(self) -> None:
-        """Drop the descriptor; the pages go with the last object using them (a waiter in
-        another thread keeps them mapped)."""
+        """Drop the descriptor and this object's views; the pages go with the last object using
+        them (a waiter in another thread keeps them mapped: it holds the state word)."""
+        self.meta = None  # type: ignore[assignment]
         self.arena.close()
 
 

@@ -16,7 +16,14 @@ import numpy as np
 from . import streamjob
 from .errors import QueueClosed, QueueClosedException, SubprocessException
 from .ring import CLOSED, Ring
-from .source import check_positive_int, default_block_size, describe, get_dataset, open_file
+from .source import (
+    check_positive_int,
+    default_block_size,
+    default_n_procs,
+    describe,
+    get_dataset,
+    open_file,
+)
 from .streamjob import StreamJob, StreamPlan, slot_arrays
 from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
 
@@ -85,7 +92,7 @@ class Queue:
         self._slot_rows = 0  # its number of rows
         # Blocks of each slot not yet released; the slot goes back to the workers at zero. One
         # lock for every change: get() and releases run in different threads.
-        self._refs = [0] * plan.layout.n_slots
+        self._refs = [0] * ring.layout.n_slots
         self._guards: collections.Counter[int] = collections.Counter()  # live guards per thread
         self._refs_changed = threading.Condition()
         self._closed = False
@@ -99,7 +106,9 @@ class Queue:
     def get(self):
         """The next block's ``Guard``, or ``QueueClosed`` once the stream has ended.
 
-        Blocks until a block is ready. Safe to call from several threads: each block goes to
+        After the end every call returns ``QueueClosed`` again (the sentinel of multitables
+        2.0.1, kept for its users); ``queue.iter()`` is the documented way to read a queue, and
+        ``multitables.Loader`` the one to feed a training loop. Blocks until a block is ready. Safe to call from several threads: each block goes to
         exactly one caller. Raises the worker's exception if a read failed, and
         ``SubprocessException`` if a worker died.
         """
@@ -306,7 +315,7 @@ class Streamer:
     def get_queue(
         self,
         path: str,
-        n_procs: int = 4,
+        n_procs: int | None = None,
         read_ahead: int | None = None,
         cyclic: bool = False,
         block_size: int | None = None,
@@ -316,12 +325,17 @@ class Streamer:
     ) -> Queue:
         """Start workers streaming ``path`` and return the queue of its blocks.
 
+        Unless ``remainder=True``, the last rows that do not fill a whole block are not streamed:
+        ``get_remainder(path, queue.block_size)`` returns them. Iterate with ``queue.iter()``
+        (or ``for guard in queue``), which ends with the stream.
+
         Parameters
         ----------
         path : str
             The dataset inside the file.
-        n_procs : int
-            Worker processes reading in parallel.
+        n_procs : int, optional
+            Worker processes reading in parallel. By default the CPUs this process may run on
+            (``os.sched_getaffinity``), at most 4.
         read_ahead : int, optional
             Slots in the ring, ``2 * n_procs + 1`` by default. A slot holds one block, or several
             consecutive small blocks read together (about 1 MiB in all), so that tiny blocks cost
@@ -339,7 +353,7 @@ class Streamer:
         remainder : bool
             Also stream the last, shorter block. Without it, ``get_remainder`` returns those rows.
         """
-        n_procs = check_positive_int("n_procs", n_procs)
+        n_procs = check_positive_int("n_procs", default_n_procs() if n_procs is None else n_procs)
         read_ahead = check_positive_int(
             "read_ahead", 2 * n_procs + 1 if read_ahead is None else read_ahead
         )
@@ -364,16 +378,15 @@ class Streamer:
             n_blocks = math.ceil(n_rows / block_size)
         else:
             n_blocks = n_rows // block_size
-        block_bytes = block_size * math.prod(info.shape[1:]) * dtype.itemsize
-        per_slot = max(1, streamjob.SLOT_TARGET_BYTES // max(block_bytes, 1))
+        row_bytes = math.prod(info.shape[1:]) * dtype.itemsize
+        per_slot = max(1, streamjob.SLOT_TARGET_BYTES // max(block_size * row_bytes, 1))
         # Spread a short stream over all slots (so over all workers); a slot never laps the data.
         if n_blocks is not None:
             per_slot = min(per_slot, -(-n_blocks // read_ahead))
         per_slot = max(1, min(per_slot, n_rows // block_size))
-        ring = Ring.create(read_ahead, block_bytes * per_slot)
-        plan = StreamPlan(
-            info, self.file_kwargs, field, block_size, per_slot, n_blocks, ring.arena, ring.layout
-        )
+        plan = StreamPlan(info, self.file_kwargs, field, block_size, per_slot, n_blocks)
+        ring = Ring.create(read_ahead, plan.slot_rows * row_bytes)
+        plan.arena, plan.layout = ring.arena, ring.layout
         try:
             queue = Queue(plan, ring, n_procs, ordered, self._workers)
         except BaseException:
@@ -386,7 +399,7 @@ class Streamer:
     def get_generator(
         self,
         path: str,
-        n_procs: int = 4,
+        n_procs: int | None = None,
         read_ahead: int | None = None,
         cyclic: bool = False,
         block_size: int | None = None,

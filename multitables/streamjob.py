@@ -37,8 +37,15 @@ class StreamPlan:
     block_size: int
     blocks_per_slot: int
     n_blocks: int | None  # None: cyclic, endless
-    arena: SharedArena
-    layout: RingLayout
+    arena: SharedArena | None = None  # the ring's, set once it is made
+    layout: RingLayout | None = None
+
+    @property
+    def slot_rows(self) -> int:
+        """Rows a slot holds: its blocks, but never more rows than a finite stream delivers (a
+        ``block_size`` beyond the dataset must not reserve memory for rows that do not exist)."""
+        rows = self.block_size * self.blocks_per_slot
+        return rows if self.n_blocks is None else min(rows, self.info.shape[0])
 
     @property
     def n_slot_tickets(self) -> int | None:
@@ -79,6 +86,7 @@ class StreamJob:
 
     def attach(self, source: OpenFile, worker: int) -> None:
         plan = self.plan
+        assert plan.arena is not None and plan.layout is not None
         self.ring = Ring(plan.arena, plan.layout)
         self.dataset = source.dataset(plan.info.path)
         self.slots = slot_arrays(plan, self.ring)
@@ -121,6 +129,7 @@ class StreamJob:
         return False  # a stream with a hole in it is no stream: stop
 
     def fail(self, exc: BaseException, where: str) -> None:
+        assert self.plan.arena is not None and self.plan.layout is not None
         ring = Ring(self.plan.arena, self.plan.layout)
         ring.errors.put(exc, where)
         ring.stop()
@@ -135,7 +144,7 @@ def _worker_file_kwargs(plan: StreamPlan) -> dict[str, Any]:
             kwargs["rdcc_nbytes"] = 0
         else:
             # Room for the chunks a slot spans plus one that a misaligned slot shares with the next.
-            slot_bytes = plan.block_size * plan.blocks_per_slot * plan.info.row_bytes
+            slot_bytes = plan.slot_rows * plan.info.row_bytes
             kwargs["rdcc_nbytes"] = max(1 << 20, 2 * slot_bytes + (16 << 20))
             kwargs.setdefault("rdcc_nslots", 100_003)
     return kwargs
@@ -145,5 +154,5 @@ def slot_arrays(plan: StreamPlan, ring: Ring) -> list[np.ndarray]:
     """Each slot as an array of its rows (of the field's elements when streaming one field)."""
     info = plan.info
     dtype = info.field_dtype(plan.field)
-    shape = (plan.block_size * plan.blocks_per_slot, *info.shape[1:], *dtype.shape)
-    return [ring.slot_array(s, shape, dtype.base) for s in range(plan.layout.n_slots)]
+    shape = (plan.slot_rows, *info.shape[1:], *dtype.shape)
+    return [ring.slot_array(s, shape, dtype.base) for s in range(ring.layout.n_slots)]

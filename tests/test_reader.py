@@ -232,9 +232,10 @@ def test_vlarrays(treader, files):
     strings = treader.get_dataset("/strings")
     assert list(treader.request(strings, strings.create_stage(100)).get()) == [
         b"alpha", b"", b"gamma"]
-    objects = treader.get_dataset("/objects")
-    assert list(treader.request(objects[::-1], objects.create_stage(500)).get()) == [
-        "three", [1, 2], {"a": 1}]
+    with multitables.Reader(files[1], n_procs=1, allow_pickle=True) as trusting:
+        objects = trusting.get_dataset("/objects")
+        assert list(trusting.request(objects[::-1], objects.create_stage(500)).get()) == [
+            "three", [1, 2], {"a": 1}]
     uni = treader.get_dataset("/unicode")
     assert list(treader.request(uni, uni.create_stage(100)).get()) == ["héllo", "wörld"]
     with pytest.raises(multitables.SharedMemoryError, match="stage holds"):
@@ -393,3 +394,10 @@ def test_dropped_stages_are_unmapped_in_the_workers(files):
             one_request(i % N_ROWS)
             gc.collect()
         assert worker.num_fds() <= fds + 2
+
+
+def test_allow_pickle_is_off_unless_asked_for(files):
+    with multitables.Reader(files[1], n_procs=1) as reader:
+        assert reader.allow_pickle is False
+    with multitables.Reader(files[1], n_procs=1, allow_pickle=True) as reader:
+        assert reader.allow_pickle is True

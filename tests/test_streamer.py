@@ -596,3 +596,43 @@ def test_a_cyclic_consumer_sleeps_only_for_slots_that_can_come(h5file, sleepy_co
     assert {b.tobytes() for b in blocks} <= valid
     assert max(recorder.wants) == min(multitables.streamer.WAKE_BATCH,
                                       max(1, read_ahead - n_procs))
+
+
+@pytest.mark.parametrize("remainder", [True, False])
+def test_a_block_size_beyond_the_dataset_reserves_only_the_rows_it_can_deliver(h5file,
+                                                                               remainder):
+    """10**7 rows of 20 bytes would be 200 MB a slot: a finite stream holds at most its rows."""
+    path, truth = h5file
+    data = truth["contiguous_f4_2d"]
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("contiguous_f4_2d", n_procs=2, block_size=10**7,
+                              remainder=remainder) as queue:
+            assert queue.block_size == 10**7
+            slot_bytes = queue._ring.layout.slot_bytes
+            assert slot_bytes == data.nbytes, f"a slot of {slot_bytes} bytes for {data.nbytes}"
+            blocks = drain(queue)
+        tail = stream.get_remainder("contiguous_f4_2d", 10**7)
+    if remainder:
+        assert len(blocks) == 1
+        np.testing.assert_array_equal(blocks[0], data)
+    else:
+        assert blocks == []
+        np.testing.assert_array_equal(tail, data)
+
+
+def test_default_n_procs_is_the_cpus_this_process_may_use_at_most_four(h5file, monkeypatch):
+    from multitables.source import default_n_procs
+
+    path, truth = h5file
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert default_n_procs() == 1
+    with multitables.Streamer(path) as stream:
+        with stream.get_queue("bigendian_i4", remainder=True, ordered=True) as queue:
+            assert len(queue._pool.procs) == 1
+            np.testing.assert_array_equal(np.concatenate(drain(queue)), truth["bigendian_i4"])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_n_procs() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9})
+    assert default_n_procs() == 3
+    with multitables.Reader(path) as reader:
+        assert reader.n_procs == 3
