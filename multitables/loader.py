@@ -31,9 +31,6 @@ __all__ = ["Loader"]
 # A default window holds at least this many units and about this many bytes of rows.
 WINDOW_UNITS = 16
 WINDOW_BYTES = 32 << 20
-# A window wider than this, on unfiltered data, is not held in memory: each batch's rows are read
-# straight from the file instead (a uniform shuffle of a large dataset, say).
-MAX_WINDOW_BYTES = 256 << 20
 # What a batch used after the next one was asked for reads as, with copy=False (NaN for floats).
 POISON = 0xFF
 STATE_VERSION = 1
@@ -81,9 +78,9 @@ class Loader:
     window : int, optional
         Rows mixed together by the shuffle, rounded up to whole units. The default holds at least
         16 units and about 32 MiB of rows. A window of the whole dataset (``window >= n_rows``)
-        is a uniform shuffle. A window of more than 256 MiB of unfiltered data is not held in
-        memory: each batch's rows are read straight from the file; compressed data is decoded
-        into memory a window at a time (so a uniform shuffle holds the whole dataset).
+        is a uniform shuffle. Unfiltered data is not held in memory: each batch's rows are read
+        straight from the file, whatever the window. Compressed data is decoded a window of
+        units at a time, so memory holds about two windows (a uniform shuffle: all of it).
     drop_last : bool
         Drop the rows that do not fill a batch on every rank. Without it every row is delivered
         (the last batch may be short, and with several ranks fewer than ``world_size`` rows are
@@ -258,10 +255,10 @@ class Loader:
             epoch.close()
 
     def _reads_batches(self) -> bool:
-        """Whether to read each batch's rows from the file rather than units into a window."""
-        row_bytes = sum(info.row_bytes for info in self._infos)
-        window_bytes = self.window_units * self.unit_rows * row_bytes
-        return self._unfiltered and window_bytes > MAX_WINDOW_BYTES
+        """Whether to read each batch's rows from the file (unfiltered data: the page cache
+        holds the window) rather than units of a window into memory (compressed data: each
+        chunk decoded once)."""
+        return self._unfiltered
 
     def _pack(self, arrays: list[np.ndarray]) -> Any:
         if self._kind == "single":
