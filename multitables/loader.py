@@ -23,7 +23,7 @@ from .errors import SubprocessException
 from .loadjob import BATCHES, UNITS, LoadJob, LoadPlan, plan_units, regions, ring_for
 from .order import EpochOrder, plan_rank, worker_batches
 from .ring import CLOSED, Ring
-from .source import DatasetInfo, check_positive_int, describe, open_file
+from .source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
 from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
 
 __all__ = ["Loader"]
@@ -129,7 +129,7 @@ class Loader:
         self.drop_last = bool(drop_last)
         self.copy = bool(copy)
         self.start_method = start_method
-        self.n_procs = _default_n_procs() if n_procs is None else check_positive_int(
+        self.n_procs = default_n_procs() if n_procs is None else check_positive_int(
             "n_procs", n_procs)
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self._kind, self._columns, self._infos = _resolve_columns(self.filename, columns, kw)
@@ -665,10 +665,4 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return int(rank), world_size
 
 
-def _default_n_procs() -> int:
-    try:
-        from .source import default_n_procs  # type: ignore[attr-defined]
-    except ImportError:
-        return max(1, min(4, len(os.sched_getaffinity(0))))
-    return default_n_procs()
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import loader as _loader
+from .source import default_n_procs
 
 __all__ = ["Loader"]
 
@@ -58,7 +59,7 @@ class Loader(IterableDataset):
             batches = self.loader._epoch_batches(0, 1)
         else:
             if not self._n_procs_given:  # the DataLoader's workers share the CPUs
-                self.loader.n_procs = max(1, _loader._default_n_procs() // worker.num_workers)
+                self.loader.n_procs = max(1, default_n_procs() // worker.num_workers)
             batches = self.loader._epoch_batches(worker.id, worker.num_workers)
         for batch in batches:
             yield _tensors(batch)
