@@ -81,7 +81,7 @@ class Run:
         """
         played = []
         loader = DataLoader(self.dataset, batch_size=None)  # the Loader makes the batches
-        while (epoch := self.dataset.state_dict()["epoch"]) < epochs:
+        for epoch in range(self.dataset.state_dict()["epoch"], epochs):
             rows, steps, total = [], 0, 0.0
             for batch in loader:
                 self.optimizer.zero_grad()

@@ -61,16 +61,16 @@ def make_dataset(args: argparse.Namespace) -> multitables.torch.Loader:
 
 def train(model, optimizer, dataset, epochs: int, played: list, step: int = 0,
           after_step=None) -> None:
-    """Train until the Loader's epoch ``epochs`` is over, appending the batches to ``played``.
+    """Train to the end of epoch ``epochs - 1``, appending the batches to ``played``.
 
-    Each iteration of the DataLoader plays the Loader's next epoch (for a resumed Loader: the rest
-    of the epoch it was saved in), so the epoch is the Loader's, not counted here. ``step`` is
-    the number of the first batch (not 0 when resuming mid-epoch). ``after_step(epoch, step)``
-    runs after each optimizer step.
+    Each iteration of the DataLoader plays the Loader's next epoch; its state says which, and a
+    resumed Loader plays the rest of the epoch it was saved in first. ``step`` is the number of
+    the first batch (not 0 when resuming mid-epoch). ``after_step(epoch, step)`` runs after each
+    optimizer step.
     """
     loss_fn = nn.CrossEntropyLoss()
     loader = DataLoader(dataset, batch_size=None)  # the Loader makes the batches
-    while (epoch := dataset.state_dict()["epoch"]) < epochs:
+    for epoch in range(dataset.state_dict()["epoch"], epochs):
         total = count = 0.0
         first = step
         for x, y in loader:
