@@ -4,7 +4,8 @@ Internal module. HDF5's filter pipeline decodes a chunk into a buffer of its own
 chunk cache and copies the rows out again, with the codecs it was built with (zlib for deflate).
 For datasets chunked in whole rows (``chunks[1:] == shape[1:]``) whose filters are all known, a
 worker can instead read each chunk's stored bytes (``read_direct_chunk``) and decode them with a
-faster library (ISA-L or zlib-ng for deflate, c-blosc2 for Blosc) straight into the destination.
+faster library (libdeflate, ISA-L or zlib-ng for deflate, c-blosc2 for Blosc) straight into the
+destination.
 ``ChunkDecoder.of`` says whether a dataset qualifies; anything unusual (a chunk stored with a
 filter skipped, unallocated chunks that read as the fill value, unknown filters, checksums, types
 that convert, a codec that fails) keeps the HDF5 path, so results are identical either way.
@@ -44,9 +45,30 @@ def _optional(module: str) -> Any:
         return None
 
 
-# Deflate: ISA-L decodes ~1.7x as fast as zlib here, zlib-ng ~1.5x (1 MiB float32 chunks, level
-# 4); the streaming objects are faster than the one-shot functions in both.
-_zlib = _optional("isal.isal_zlib") or _optional("zlib_ng.zlib_ng")
+# Deflate decoders, fastest first. Whole 1 MiB chunks of the bench files (gzip level 4), one core
+# of the 2-core development machine: libdeflate 369 MB/s (float32) and 604 MB/s (uint8 images,
+# before unshuffling), ISA-L 323 and 479, zlib-ng ~1.5x zlib, zlib 183 and 211. libdeflate
+# decodes a whole buffer whose decoded size is known, which is what a chunk is.
+# MULTITABLES_DEFLATE=libdeflate|isal|zlib-ng|zlib picks one (zlib: leave deflate to HDF5).
+_DEFLATE_MODULES = {"libdeflate": "deflate", "isal": "isal.isal_zlib", "zlib-ng": "zlib_ng.zlib_ng"}
+
+
+def _pick_deflate() -> tuple[str | None, Any]:
+    """The deflate decoder to use: (name, module), or (None, None) for none faster than zlib."""
+    wanted = os.environ.get("MULTITABLES_DEFLATE")
+    if wanted is not None and wanted not in (*_DEFLATE_MODULES, "zlib"):
+        raise ValueError(f"MULTITABLES_DEFLATE={wanted!r}: expected one of "
+                         f"{[*_DEFLATE_MODULES, 'zlib']}")
+    if wanted == "zlib":
+        return None, None
+    for name in [wanted] if wanted else list(_DEFLATE_MODULES):
+        module = _optional(_DEFLATE_MODULES[name])
+        if module is not None:
+            return name, module
+    return None, None
+
+
+_deflate_name, _deflate_lib = _pick_deflate()
 _lzf = _optional("lzf")
 _blosc2 = _optional("blosc2")
 _zstd = _optional("zstandard")
@@ -57,8 +79,10 @@ DEFLATE, SHUFFLE, LZF, LZ4, BLOSC, ZSTD, BLOSC2 = 1, 2, 32000, 32004, 32001, 320
 # What a codec raises on data it cannot decode; the chunk then goes through HDF5, which raises
 # its own error if the data really is corrupt.
 _DECODE_ERRORS: tuple[Any, ...] = (ValueError, RuntimeError, zlib.error)
-if _zlib is not None:
-    _DECODE_ERRORS += (_zlib.error,)
+for _name, _module in _DEFLATE_MODULES.items():
+    _lib = _optional(_module)
+    if _lib is not None:
+        _DECODE_ERRORS += (_lib.DeflateError if _name == "libdeflate" else _lib.error,)
 if _zstd is not None:
     _DECODE_ERRORS += (_zstd.ZstdError,)
 if _lz4 is not None:
@@ -217,8 +241,29 @@ def _unshuffle(src: np.ndarray, dest: np.ndarray, size: int) -> None:
     dest[body:] = src[body:]  # HDF5 leaves the bytes past the last whole element in place
 
 
-def _deflate_codec(nbytes: int) -> Codec:
-    lib = _zlib or zlib
+def inflate(raw: Any, nbytes: int) -> bytes | bytearray | np.ndarray:
+    """A zlib stream (an HDF5 deflate chunk) decoded by the decoder this module uses: exactly
+    ``nbytes`` bytes, else ``ValueError``. For benchmarks that measure the decode limit."""
+    try:
+        data = _deflate_codec(nbytes)(memoryview(raw), np.empty(0, np.uint8))
+    except (_Undecodable, *_DECODE_ERRORS) as exc:
+        raise ValueError(f"the stream does not decode to {nbytes} bytes: {exc}") from exc
+    if len(data) != nbytes:
+        raise ValueError(f"the stream decodes to {len(data)} bytes, not {nbytes}")
+    return data
+
+
+def _deflate_codec(nbytes: int, name: str | None = None) -> Codec:
+    name = name or _deflate_name
+    if name == "libdeflate":
+        libdeflate = _optional("deflate")
+
+        def whole(raw, into):
+            # Decodes at most nbytes: a longer stream raises DeflateError (a fallback).
+            return libdeflate.zlib_decompress(raw, nbytes)
+
+        return whole
+    lib = _optional(_DEFLATE_MODULES[name]) if name in _DEFLATE_MODULES else zlib
 
     def decode(raw, into):
         obj = lib.decompressobj()
@@ -471,7 +516,7 @@ def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
     if filters:
         code = filters[0][0]
         name = _FILTER_NAMES.get(code, f"filter {code}")
-        if code == DEFLATE and _zlib is None:
+        if code == DEFLATE and _deflate_lib is None:
             return _declined("deflate without a faster library than HDF5's zlib")
         codec = _codec(code, nbytes, chunks, dtype.itemsize)
         if codec is None:

@@ -430,7 +430,7 @@ def test_workers_of_a_process_with_blosc_threads(tmp_path):
                                   dict(compression="gzip", shuffle=True)], ids=["gzip", "shuffle"])
 def test_the_fast_path_runs_for_gzip(writable, opts):
     """A gzip read through read_selection, in this process: decoded here, nothing left to HDF5."""
-    if decode._zlib is None:
+    if decode._deflate_lib is None:
         pytest.skip("no faster deflate library than HDF5's zlib: HDF5 decodes")
     ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), **opts)
     decode.fallbacks.clear()
@@ -469,3 +469,69 @@ def test_counts_start_afresh_in_a_forked_worker():
         os._exit(0 if not decode.fallbacks and not decode.decoded else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _installed_deflate():
+    import importlib
+
+    found = []
+    for name, module in decode._DEFLATE_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+WIDE = np.dtype([("a", "<i8"), ("b", "<f8"), ("c", "u1", (8,))])  # 24 bytes: past 16 in shuffle
+
+
+@pytest.mark.parametrize("backend", _installed_deflate() + ["zlib"])
+def test_every_deflate_decoder_gives_hdf5s_bytes(writable, monkeypatch, backend):
+    monkeypatch.setattr(decode, "_deflate_name", backend)
+    decode.decoded.clear()
+    decode.fallbacks.clear()
+    cases = {
+        "f4": _data((100, 33), np.dtype("<f4")),
+        "u1": _data((100, 64), np.dtype("u1")),
+        "wide": _data((100,), np.dtype(COMPOUND)).astype(WIDE),
+    }
+    for name, data in cases.items():
+        for level, shuffle in [(1, False), (4, True), (9, True)]:
+            ds = writable.create_dataset(f"{name}-{level}-{shuffle}", data=data,
+                                         chunks=(16, *data.shape[1:]), compression="gzip",
+                                         compression_opts=level, shuffle=shuffle)
+            decoder = ChunkDecoder.of(ds)
+            out = np.zeros_like(data)
+            assert decoder.read_rows(0, 100, out)
+            assert out.tobytes() == ds[()].tobytes(), (backend, name, level, shuffle)
+    assert decode.decoded["deflate"] == 9 * 7  # 7 chunks per dataset, all decoded here
+    assert not decode.fallbacks
+
+
+@pytest.mark.parametrize("backend", _installed_deflate())
+def test_every_deflate_decoder_refuses_bad_streams(writable, monkeypatch, backend):
+    monkeypatch.setattr(decode, "_deflate_name", backend)
+    ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), compression="gzip")
+    ds.id.write_direct_chunk((8, 0), b"not deflate data")
+    # A stream that decodes to more than a chunk: rows of another dataset's chunk of 16 rows.
+    import zlib
+
+    ds.id.write_direct_chunk((16, 0), zlib.compress(np.zeros((16, 16), "f4").tobytes()))
+    decoder = ChunkDecoder.of(ds)
+    decode.fallbacks.clear()
+    assert decoder.read_rows(0, 8, np.zeros((8, 16), "f4"))
+    assert not decoder.read_rows(8, 16, np.zeros((8, 16), "f4"))
+    assert not decoder.read_rows(16, 24, np.zeros((8, 16), "f4"))
+    assert sum(decode.fallbacks.values()) == 2
+    assert all(r.startswith("failed:") for r in decode.fallbacks), decode.fallbacks
+
+
+def test_inflate_is_the_decoder_in_use():
+    import zlib
+
+    raw = zlib.compress(DATA.tobytes(), 4)
+    assert bytes(decode.inflate(raw, DATA.nbytes)) == DATA.tobytes()
+    with pytest.raises(ValueError):
+        decode.inflate(raw, DATA.nbytes - 1)
