@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import rawread
 from ._indexing import translate
 from .hyperslab import read_selection
 from .ring import CLOSED, TIMEOUT, Ring, RingLayout
@@ -151,6 +152,7 @@ class LoadJob:
         return kwargs
 
     def attach(self, source: OpenFile, worker: int) -> None:
+        rawread.keep_maps()  # the rows of the next epochs lie in the same pages
         self.ring = Ring(self.plan.arena, self.plan.layout)
         self.datasets = [source.dataset(info.path) for info in self.plan.infos]
         self.regions = regions(self.plan)

@@ -36,7 +36,7 @@ class RawRows:
         self.chunk_rows = chunk_rows  # rows per chunk (all rows for contiguous data)
         self.chunk_offsets = chunk_offsets  # file offset of chunk k's first row
         self.end = int(chunk_offsets.max()) + chunk_rows * row_bytes  # where the data ends
-        self._map: np.ndarray | None = None
+        self._map: list[np.ndarray] = []  # see _file_map
 
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> RawRows | None:
@@ -66,14 +66,8 @@ class RawRows:
         return True
 
     def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
-        size = os.fstat(self.fd).st_size
-        if size < self.end:  # mapped pages past the end of a file raise SIGBUS: check first
-            raise _truncated(self.end, size)
-        if self._map is None:
-            self._map = np.frombuffer(mmap.mmap(self.fd, self.end, access=mmap.ACCESS_READ),
-                                      np.uint8)
-        gather_rows(self._map, out.reshape(-1).view(np.uint8), rows, self.chunk_offsets,
-                    self.chunk_rows, self.row_bytes)
+        gather_rows(_file_map(self.fd, self.end, self._map), out.reshape(-1).view(np.uint8), rows,
+                    self.chunk_offsets, self.chunk_rows, self.row_bytes)
 
     def _read_run(self, row: int, count: int, out: memoryview) -> None:
         """Rows ``row:row + count`` into ``out``, one pread per chunk they span."""
@@ -89,6 +83,43 @@ class RawRows:
             at += nbytes
             row += n
             count -= n
+
+
+# Read-only maps of whole files, kept across jobs by a worker process (``keep_maps``): a
+# standby worker serves many passes (epochs), and a page of the file mapped in one costs nothing
+# in the next, where a new map would fault it in again (microseconds a page). Keyed by what
+# identifies the file's bytes, so a file replaced, grown or rewritten between passes gets a new
+# map. A map holds a descriptor but no HDF5 lock: writers may open the file between passes.
+# Elsewhere (the caller's own process) a map lives as long as its dataset's layout.
+_MAPS: dict[tuple[int, ...], np.ndarray] | None = None
+_MAX_MAPS = 8
+
+
+def keep_maps() -> None:
+    """Keep file maps across jobs in this process (a worker's)."""
+    global _MAPS
+    if _MAPS is None:
+        _MAPS = {}
+
+
+def _file_map(fd: int, end: int, mine: list) -> np.ndarray:
+    """The bytes of the file open as ``fd``, mapped; checks that they reach ``end``. ``mine``
+    holds the map when this process keeps none."""
+    st = os.fstat(fd)
+    if st.st_size < end:  # mapped pages past the end of a file raise SIGBUS: check first
+        raise _truncated(end, st.st_size)
+    if _MAPS is None:
+        if not mine:
+            mine.append(np.frombuffer(mmap.mmap(fd, end, access=mmap.ACCESS_READ), np.uint8))
+        return mine[0]
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _MAPS.pop(key, None)
+    if found is None:
+        found = np.frombuffer(mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ), np.uint8)
+        while len(_MAPS) >= _MAX_MAPS:
+            del _MAPS[next(iter(_MAPS))]  # the least recently used
+    _MAPS[key] = found  # now the most recently used
+    return found
 
 
 def _truncated(needed: int, size: int) -> OSError:

@@ -112,3 +112,30 @@ def test_gather_rows_copies_in_any_order_and_refuses_short_buffers():
         gather_rows(image, out[:20], rows, offsets, 3, 4)
     with pytest.raises(IndexError, match="row 6 is outside the layout"):
         gather_rows(image, out, np.array([6], np.int64), offsets, 3, 4)
+
+
+def test_a_worker_keeps_one_map_per_file_version(tmp_path, monkeypatch):
+    """Worker processes keep their file maps across jobs (epochs): reopening the file finds the
+    same map; a file grown between jobs gets a new one, and reads stay right."""
+    from multitables import rawread
+
+    monkeypatch.setattr(rawread, "_MAPS", {})  # as keep_maps() does in a worker
+    path = tmp_path / "m.h5"
+    truth = sample((N_ROWS, 5), "<f8")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=truth, chunks=(10, 5))
+
+    def scattered_rows():
+        with h5py.File(path, "r") as f:
+            check_keys(f["x"], truth)
+
+    scattered_rows()
+    assert len(rawread._MAPS) == 1
+    first = next(iter(rawread._MAPS.values()))
+    scattered_rows()
+    assert list(rawread._MAPS.values()) == [first]
+    with h5py.File(path, "a") as f:
+        f.create_dataset("y", data=np.zeros(100_000))
+    scattered_rows()
+    assert len(rawread._MAPS) == 2
+    assert next(reversed(rawread._MAPS.values())) is not first
