@@ -248,6 +248,7 @@ class Loader:
         try:
             outputs = _Outputs(self, epoch.columns)
             for k in batches:
+                self._check_open()
                 arrays = epoch.batch(k * B - first, min((k + 1) * B, total) - first, outputs)
                 playing[2] = k + 1
                 yield self._pack(arrays)
@@ -531,7 +532,7 @@ class _BatchReads(_Reads):
     def __init__(self, loader: Loader, sequence: np.ndarray):
         self.batch_size = loader.batch_size
         n_batches = -(-len(sequence) // self.batch_size)
-        n_slots = min(n_batches, max(2 * loader.n_procs + 2, 4))
+        n_slots = min(n_batches, 2 * loader.n_procs + 1)  # a lent slot leaves each worker two
         super().__init__(loader, BATCHES, self.batch_size, n_slots, sequence=sequence)
         self.lent: int | None = None  # copy=False: the ticket whose slot the caller holds
 

@@ -305,8 +305,12 @@ def test_bad_columns_raise_at_construction(columns_file):
 def test_closed_loader_refuses_to_iterate(columns_file):
     path, _ = columns_file
     loader = make(path)
+    it = iter(loader)
+    next(it)
     loader.close()
     loader.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        next(it)
     with pytest.raises(ValueError, match="closed"):
         iter(loader)
 
