@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from multitables import _advice
 from multitables import _measure as m
 from multitables.source import get_dataset, open_file
 from multitables.streamer import Streamer
@@ -133,7 +134,9 @@ def describe(filename: str) -> list[dict[str, Any]]:
 def cmd_info(args: argparse.Namespace) -> int:
     rows = [["path", "shape", "dtype", "chunks", "filters", "size", "stored", "block_size",
              "remainder"]]
+    warnings: list[str] = []
     for d in describe(args.file):
+        warnings += _advice.layout_warnings(args.file, d)
         row_bytes = d["nbytes"] // d["shape"][0] if d["shape"] and d["shape"][0] else 0
         block = "-" if d["block_size"] is None else (
             f"{d['block_size']} ({d['block_size'] * row_bytes / m.MiB:.2f} MiB)")
@@ -148,6 +151,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("\nremainder: the rows past the last whole block that get_queue(path) leaves to "
           "streamer.get_remainder(path, block_size);\nget_queue(path, remainder=True) streams "
           "them as a last, shorter block")
+    if warnings:
+        print("\nwarnings:")
+        for line in warnings:
+            print(f"  {line}")
     return 0
 
 
@@ -328,16 +335,37 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nh5py read_direct (block_size={default}): {report.median('h5py'):,.0f} MB/s")
     print(f"best: block_size={best_b} n_procs={best_p}: {report.median(best):,.0f} MB/s, "
           f"{report.median_ratio(best):.2f}x h5py")
+    # The time to a first block: what a pass pays before the parallel reads, against h5py.
+    startup = sorted(
+        _timed(lambda: m.mt_queue(args.file, args.path, best_p, best_b, max_blocks=1))
+        for _ in range(max(1, args.rounds)))[max(1, args.rounds) // 2]
+    passes = report.seconds[best]
+    pass_s = sorted(passes)[len(passes) // 2]
+    total = cells[best][1]
+    for line in _advice.verdict(total, report.median("h5py"), report.median(best), startup,
+                                pass_s):
+        print(line)
+    print()
+    for line in _advice.calls(args.file, args.path, best_p, best_b):
+        print(line)
     if args.json:
         m.dump_json(args.json, {"command": "tune", "file": args.file, "path": args.path,
                                 "best": {"block_size": best_b, "n_procs": best_p},
                                 "report": report.to_dict()})
     if args.plot:
-        _plot(args.plot, report, blocks, procs, row_bytes)
+        _plot(args.plot, report, blocks, procs, row_bytes, (best_b, best_p),
+              f"{os.path.basename(args.file)} {args.path}")
     return 0
 
 
-def _plot(out: str, report: m.Report, blocks: list[int], procs: list[int], row_bytes: int) -> None:
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _plot(out: str, report: m.Report, blocks: list[int], procs: list[int], row_bytes: int,
+          best: tuple[int, int], what: str) -> None:
     try:
         import matplotlib
 
@@ -351,7 +379,11 @@ def _plot(out: str, report: m.Report, blocks: list[int], procs: list[int], row_b
     for p in procs:
         ax.plot(mib, [report.median(f"{b}x{p}") for b in blocks], "o-", label=f"n_procs={p}")
     ax.axhline(report.median("h5py"), color="gray", ls="--", label="h5py read_direct")
-    ax.set(xscale="log", xlabel="block size (MiB)", ylabel="MB/s", title="multitables tune")
+    best_b, best_p = best
+    ax.plot([best_b * row_bytes / m.MiB], [report.median(f"{best_b}x{best_p}")], "*",
+            color="red", markersize=16, label=f"best: block_size={best_b}, n_procs={best_p}")
+    ax.set(xscale="log", xlabel="block size (MiB)", ylabel="MB/s",
+           title=f"multitables tune: {what}")
     ax.legend()
     fig.savefig(out, dpi=100, bbox_inches="tight")
     print(f"plot written to {out}")

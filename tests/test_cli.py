@@ -138,6 +138,12 @@ def test_bench_user_file_and_tune(sample, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "n_procs=1" in out.stdout and "n_procs=2" in out.stdout
     assert re.search(r"best: block_size=(128|512) n_procs=[12]: [\d,]+ MB/s", out.stdout)
+    # What to do with it: h5py or multitables, and the calls to make.
+    assert re.search(r"start-up: a new queue's first block after [\d,]+ ms", out.stdout)
+    assert re.search(r"plain h5py is the better choice|multitables is [\d.]+x plain h5py",
+                     out.stdout)
+    assert re.search(r"get_queue\('/data', n_procs=[12], block_size=(128|512), read_ahead=[35]\)",
+                     out.stdout)
 
 
 def test_bench_needs_file_and_path(sample, tmp_path):

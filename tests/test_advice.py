@@ -1,0 +1,68 @@
+"""What the command line advises (multitables._advice), as functions of stored or measured facts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from multitables._advice import break_even_bytes, calls, layout_warnings, verdict
+
+
+def entry(shape, chunks, filters="gzip(4)", dtype="f4", block_size=None, remainder=0):
+    dtype = np.dtype(dtype)
+    return {"path": "/x", "shape": shape, "dtype": dtype, "chunks": chunks, "filters": filters,
+            "nbytes": int(np.prod(shape)) * dtype.itemsize,
+            "block_size": block_size or shape[0], "remainder": remainder}
+
+
+def test_compressed_chunks_of_many_rows_warn_for_random_access():
+    (line,) = layout_warnings("f.h5", entry((4000, 1024), (256, 1024)))
+    assert "1,048,576 bytes for a row of 4,096 (256 rows per chunk)" in line
+    # 64 KiB chunks suggested: 16 rows of 4 KiB.
+    assert line.endswith("h5repack -l /x:CHUNK=16x1024 f.h5 rechunked.h5")
+
+
+def test_uncompressed_chunks_read_rows_straight_from_the_file_and_do_not_warn():
+    assert layout_warnings("f.h5", entry((4000, 1024), (256, 1024), filters="none")) == []
+    # Just under the threshold: 15 rows per chunk.
+    assert layout_warnings("f.h5", entry((4000, 2048), (15, 2048))) == []
+    assert len(layout_warnings("f.h5", entry((4000, 2048), (16, 2048)))) == 1
+
+
+def test_tiny_chunks_warn_for_streaming():
+    (line,) = layout_warnings("f.h5", entry((5000, 16), (10, 16), filters="none"))
+    assert "tiny chunks (640 bytes, 500 of them)" in line
+    assert line.endswith("h5repack -l /x:CHUNK=5000x16 f.h5 rechunked.h5")  # capped at length
+    assert layout_warnings("f.h5", entry((10, 16), (10, 16), filters="none")) == []  # one chunk
+
+
+def test_remainder_is_said():
+    (line,) = layout_warnings("f.h5", entry((2500, 256), None, filters="none", block_size=1024,
+                                            remainder=452))
+    assert "streams 2,048 of 2,500 rows in blocks of 1,024; the last 452" in line
+    assert "get_remainder('/x', 1024)" in line and "remainder=True" in line
+
+
+def test_break_even():
+    # 0.1 s to start, then 400 MB/s against 100 MB/s: equal at 0.1 / (1/100 - 1/400) MB.
+    assert break_even_bytes(0.1, 100, 400) == pytest.approx(0.1 / (1 / 100e6 - 1 / 400e6))
+    assert break_even_bytes(0.1, 100, 100) is None
+    assert break_even_bytes(0.1, 100, 50) is None
+
+
+def test_verdict_says_when_h5py_is_better():
+    # 10 MB: h5py 100 MB/s (0.1 s); multitables 0.15 s to start, then 10 MB in 0.025 s.
+    lines = verdict(10_000_000, 100, 10 / 0.175, 0.15, 0.175)
+    assert "plain h5py is the better choice for passes of 10.0 MB" in "\n".join(lines)
+    even = 0.15 / (1 / 100e6 - 1 / 400e6) / 1e6
+    assert f"pays off from about {even:,.1f} MB" in "\n".join(lines)
+    lines = verdict(1_000_000_000, 100, 380, 0.15, 1_000 / 380)
+    assert "multitables is 3.80x plain h5py here; it pays off above about" in lines[-1]
+
+
+def test_calls_name_the_settings():
+    text = "\n".join(calls("f.h5", "/x", 2, 512))
+    assert "streamer.get_queue('/x', n_procs=2, block_size=512, read_ahead=5)" in text
+    assert "multitables.Reader('f.h5', n_procs=2)" in text
+    assert "create_stage_pool(ROWS_PER_REQUEST, 4)" in text
+    assert "multitables.Loader('f.h5', ['/x'], batch_size=BATCH, n_procs=2)" in text
