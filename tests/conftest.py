@@ -1,16 +1,25 @@
-"""Suite-wide guards (no test may leave a child process or a shared-memory object behind) and
-the files that the failure-model tests share."""
+"""Suite-wide guards (no test may leave a child process, an open descriptor, a memfd or a
+/dev/shm entry behind) and the files that the failure-model tests share."""
 
 from __future__ import annotations
 
-import gc
-import time
-
 import h5py
 import numpy as np
-import psutil
 import pytest
-from helpers import N_ROWS, sample, shm_entries, write_big, write_h5py, write_pytables
+from helpers import (
+    N_ROWS,
+    Resources,
+    leaks_since,
+    sample,
+    write_big,
+    write_h5py,
+    write_pytables,
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "stress: repeats a race until it would show (seconds each; CI runs them)")
 
 
 @pytest.fixture(scope="session")
@@ -30,23 +39,21 @@ def data_files(tmp_path_factory):
     return str(path), str(tables_path), truth
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.call_failed = report.failed  # for no_leaks: a failure's traceback holds its objects
+    return report
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request):
-    """Fail the test if it leaves child processes or new /dev/shm entries behind."""
-    me = psutil.Process()
-    children_before = {p.pid for p in me.children(recursive=True)}
-    shm_before = shm_entries()
+    """Fail the test if it leaves child processes, open descriptors, memfds (open or mapped) or
+    /dev/shm entries of ours behind (see helpers.leaks_since). After a failed test the leaks are
+    only cleaned up: its traceback keeps its objects, and the failure is the news."""
+    before = Resources.now()
     yield
-    gc.collect()
-    deadline = time.monotonic() + 5
-    while True:
-        extra = [p for p in me.children(recursive=True) if p.pid not in children_before]
-        extra = [p for p in extra if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not extra or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    leaked_shm = shm_entries() - shm_before
-    for p in extra:
-        p.kill()
-    assert not extra, f"test left child processes: {[(p.pid, p.cmdline()) for p in extra]}"
-    assert not leaked_shm, f"test left /dev/shm entries: {sorted(leaked_shm)}"
+    leaks = leaks_since(before, settle=0 if getattr(request.node, "call_failed", False) else 5)
+    if not getattr(request.node, "call_failed", False):
+        assert not leaks, "\n".join(leaks)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import gc
 import json
 import os
 import selectors
@@ -18,8 +20,6 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-
-import multitables
 
 N_ROWS = 97  # prime: most block sizes leave a remainder
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +114,8 @@ def damage(path, how: str) -> None:
 
 def assert_worker_error(exc: BaseException | None) -> None:
     """``exc`` is what a read of a damaged file must raise: the worker's error, with its text."""
+    import multitables  # here, not above: conftest imports this module, and must load without it
+
     assert exc is not None, "the damaged file was read without an error"
     assert isinstance(exc, (OSError, multitables.SubprocessException)), repr(exc)
     if not isinstance(exc, multitables.SubprocessException):
@@ -168,6 +170,107 @@ def shm_entries() -> set[str]:
         return {name for name in os.listdir("/dev/shm") if not name.startswith("torch_")}
     except FileNotFoundError:
         return set()
+
+
+# ---- what a test can leak --------------------------------------------------------------------
+
+MEMFD = "/memfd:multitables"  # how /proc shows an arena of ours (shm.SharedArena's memfd name)
+
+
+def open_fds() -> set[tuple[int, str]]:
+    """This process's open descriptors, each with what it points to (a path, ``pipe:[...]``,
+    ``socket:[...]``, ``/memfd:name (deleted)``): a descriptor closed and its number reused
+    for something else counts as a new one."""
+    fds = set()
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, now closed
+            fds.add((int(entry), os.readlink(f"/proc/self/fd/{entry}")))
+    return fds
+
+
+def memfd_maps() -> set[str]:
+    """The mappings of this process's arenas (address range and name, from /proc/self/maps):
+    an arena whose descriptor is closed still holds its memory while it is mapped."""
+    with open("/proc/self/maps") as f:
+        return {f"{line.split()[0]} {line.split(maxsplit=5)[5].strip()}"
+                for line in f if MEMFD in line}
+
+
+def _helper_fds() -> set[int]:
+    """Descriptors of multiprocessing's own long-lived helpers (the resource tracker, the fork
+    server): started by the first test that needs them, they live as long as this process."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    fds = {getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None)}
+    server = multiprocessing.forkserver._forkserver
+    fds.add(getattr(server, "_forkserver_alive_fd", None))
+    return {fd for fd in fds if fd is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What a test can leak, taken at one moment: child processes, open descriptors, the
+    mappings of our memfds, and /dev/shm names of ours (we create none; the directory is shared
+    by the whole machine, so other programs' names there say nothing about us)."""
+
+    children: frozenset[int]
+    fds: frozenset[tuple[int, str]]
+    maps: frozenset[str]
+    shm: frozenset[str]
+
+    @classmethod
+    def now(cls) -> Resources:
+        me = psutil.Process()
+        return cls(
+            children=frozenset(p.pid for p in me.children(recursive=True)),
+            fds=frozenset(open_fds()),
+            maps=frozenset(memfd_maps()),
+            shm=frozenset(n for n in shm_entries() if n.startswith("multitables")),
+        )
+
+
+def leaks_since(before: Resources, settle: float = 5.0) -> list[str]:
+    """One message per kind of resource left behind since ``before`` (none: an empty list).
+    Waits up to ``settle`` s for children to exit and descriptors and mappings to go (a worker
+    exits, a thread closes its end), and kills the children still running then."""
+    # multitables.dask keeps the files its tasks read open in this process, by design (one open
+    # per file, not one per chunk): close them, so that what stays open is a leak.
+    dask_front = sys.modules.get("multitables.dask")
+    if dask_front is not None:
+        dask_front.close_files()
+    deadline = time.monotonic() + settle
+    while True:
+        gc.collect()
+        after = Resources.now()
+        extra = [psutil.Process(pid) for pid in after.children - before.children
+                 if not gone(pid)]
+        helpers = _helper_fds()
+        fds = sorted((fd, what) for fd, what in after.fds - before.fds if fd not in helpers)
+        maps = sorted(after.maps - before.maps)
+        shm = sorted(after.shm - before.shm)
+        if not (extra or fds or maps or shm) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    messages = []
+    if extra:
+        described = []
+        for p in extra:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                described.append((p.pid, p.cmdline()))
+                p.kill()
+        messages.append(f"test left child processes: {described}")
+    memfds = [(fd, what) for fd, what in fds if what.startswith(MEMFD)]
+    if memfds:
+        messages.append(f"test left memfds open: {memfds}")
+    others = [(fd, what) for fd, what in fds if not what.startswith(MEMFD)]
+    if others:
+        messages.append(f"test left file descriptors open: {others}")
+    if maps:
+        messages.append(f"test left memfds mapped: {maps}")
+    if shm:
+        messages.append(f"test left /dev/shm entries: {shm}")
+    return messages
 
 
 class Child(subprocess.Popen):
