@@ -94,6 +94,9 @@ class Chain:
             coords = [_gathered(c, box, None, shape) for c in coords]
         elif _is_basic(lk):
             coords = _basic_local(coords, box, lk)
+        elif _one_array(lk, len(box)):
+            lk = lk + (slice(None),) * (len(box) - len(lk))  # the axes a key leaves out
+            coords = [_one_array_local(c, box, lk) for c in coords]
         else:
             coords = [_gathered(c, box, lk) for c in coords]
         return Chain(self.base, shape, coords)
@@ -249,6 +252,44 @@ def _basic_local(coords: list[_Coord], box: tuple[int, ...], lk: tuple) -> list[
         else:
             out.append(c)
     return out
+
+
+def _one_array(lk: tuple, nbox: int) -> bool:
+    """Whether a local key is one integer array on one box axis, every other axis kept whole
+    (in either order): the common ``ds[...][rows]``, where the array takes the axis's place."""
+    arrays = [item for item in lk if isinstance(item, np.ndarray)]
+    return (len(lk) <= nbox and len(arrays) == 1 and arrays[0].dtype.kind in "iu"
+            and all(isinstance(item, np.ndarray) or (isinstance(item, slice)
+                    and item.start is None and item.stop is None and item.step in (None, -1))
+                    for item in lk))
+
+
+def _one_array_local(c: _Coord, box: tuple[int, ...], lk: tuple) -> _Coord:
+    """``c`` after a local key of one index array (see ``_one_array``), without materialising
+    the axes the array leaves alone."""
+    if isinstance(c, _Fixed):
+        return c
+    a = next(k for k, item in enumerate(lk) if isinstance(item, np.ndarray))
+    pos = lk[a]
+    extra = pos.ndim - 1  # the array's dimensions replace axis a
+
+    def moved(k: int) -> int:
+        return k if k < a else k + extra
+
+    if isinstance(c, _Range):
+        if c.axis != a:
+            if lk[c.axis].step == -1:
+                return _Range(moved(c.axis), c.start + c.step * (box[c.axis] - 1), -c.step)
+            return _Range(moved(c.axis), c.start, c.step)
+        values = c.start + c.step * pos
+        shape = [1] * (len(box) + extra)
+        shape[a : a + pos.ndim] = pos.shape
+        return _Array(values.reshape(shape))
+    v = c.values
+    rev = tuple(slice(None, None, -1) if isinstance(item, slice) and item.step == -1
+                and v.shape[k] > 1 else slice(None) for k, item in enumerate(lk))
+    v = np.take(v[rev], pos if v.shape[a] > 1 else np.zeros_like(pos), axis=a)
+    return _Array(_compact(v))
 
 
 def _gathered(c: _Coord, box: tuple[int, ...], lk: tuple | None,

@@ -60,6 +60,12 @@ A = np.arange(200 * 10).reshape(200, 10)
         ((slice(None), [2, 5]), ([0, 199], [1, 0])),
         ((0, slice(None)), [True] * 10),
         (True, (0, slice(2, 4)), False),
+        # One index array beside kept or reversed axes (the path that skips materialising).
+        (slice(None), (slice(None, None, -1), [2, 0, 2])),
+        ([3, 1, 3], (slice(None, None, -1), [1, 1])),
+        ((slice(None), [4, 2]), ([[5, 1], [0, 0]], slice(None, None, -1))),
+        (([[3, 1], [2, 2]], slice(2, 7)), (slice(None), [1, 0], slice(None, None, -1))),
+        ((slice(None), [7, 7, 3]), (slice(None, None, -1), np.array([[0], [2]]))),
     ],
 )
 def test_named_chains(keys):
@@ -115,7 +121,8 @@ def a_key(draw, shape):
     if kind == "array":
         arr = draw(hnp.arrays(np.intp, draw(st.sampled_from([(0,), (1,), (3,), (2, 2), (4,)])),
                               elements=st.integers(-n - 1, n) if n else st.just(0)))
-        return (slice(None),) * axis + (arr,)
+        before = draw(st.sampled_from([slice(None), slice(None, None, -1)]))
+        return (before,) * axis + (arr,)
     if kind == "grid" and n >= 4:
         # Sorted, unique, consecutive: read as one slab, which the result splits in two axes.
         start = draw(st.integers(0, n - 4))
