@@ -196,16 +196,18 @@ def memfd_maps() -> set[str]:
                 for line in f if MEMFD in line}
 
 
-def _helper_fds() -> set[int]:
-    """Descriptors of multiprocessing's own long-lived helpers (the resource tracker, the fork
-    server): started by the first test that needs them, they live as long as this process."""
+def _mp_helpers() -> tuple[set[int], set[int]]:
+    """The pids and descriptors of multiprocessing's own long-lived helpers (the resource
+    tracker, the fork server): started by the first test that needs them (a spawn or forkserver
+    start), they live as long as this process."""
     import multiprocessing.forkserver
     import multiprocessing.resource_tracker
 
-    fds = {getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None)}
+    tracker = multiprocessing.resource_tracker._resource_tracker
     server = multiprocessing.forkserver._forkserver
-    fds.add(getattr(server, "_forkserver_alive_fd", None))
-    return {fd for fd in fds if fd is not None}
+    pids = {getattr(tracker, "_pid", None), getattr(server, "_forkserver_pid", None)}
+    fds = {getattr(tracker, "_fd", None), getattr(server, "_forkserver_alive_fd", None)}
+    return {pid for pid in pids if pid is not None}, {fd for fd in fds if fd is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,10 +245,10 @@ def leaks_since(before: Resources, settle: float = 5.0) -> list[str]:
     while True:
         gc.collect()
         after = Resources.now()
-        extra = [psutil.Process(pid) for pid in after.children - before.children
+        helper_pids, helper_fds = _mp_helpers()
+        extra = [psutil.Process(pid) for pid in after.children - before.children - helper_pids
                  if not gone(pid)]
-        helpers = _helper_fds()
-        fds = sorted((fd, what) for fd, what in after.fds - before.fds if fd not in helpers)
+        fds = sorted((fd, what) for fd, what in after.fds - before.fds if fd not in helper_fds)
         maps = sorted(after.maps - before.maps)
         shm = sorted(after.shm - before.shm)
         if not (extra or fds or maps or shm) or time.monotonic() > deadline:

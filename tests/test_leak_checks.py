@@ -209,3 +209,22 @@ def test_the_fixture_fails_tests_that_leak_descriptors_and_memfds(tmp_path):
     # A failed test is reported once, as a failure; what it left is cleaned up, not reported.
     assert "/memfd:multitables-failed" not in out, out
     assert re.search(r"\b1 failed, 4 passed, 3 errors\b", out), out
+
+
+_MP_HELPERS = """
+    from helpers import Resources, leaks_since
+    import multiprocessing.forkserver, multiprocessing.resource_tracker
+    before = Resources.now()
+    multiprocessing.resource_tracker.ensure_running()
+    multiprocessing.forkserver.ensure_running()
+    print(leaks_since(before, 0.2))
+"""
+
+
+def test_multiprocessings_own_helpers_are_no_leak():
+    """The resource tracker and the fork server, started by the first test that needs them,
+    live as long as the process that started them (here a fresh child Python)."""
+    with Child(_MP_HELPERS, cwd=os.path.join(REPO, "tests")) as child:
+        out, err, _ = child.finish(30)
+    assert child.returncode == 0, err
+    assert out.strip() == "[]", out
