@@ -8,9 +8,10 @@ On CPU the ranks talk through gloo (on one machine without a network: add
 ``torch.distributed`` (the default), so each rank reads only its share of every shuffled epoch,
 and all ranks yield the same number of batches: DDP's gradient all-reduce steps in lock-step.
 
-The features, labels and row numbers are three datasets of one file. Without ``--file``, rank 0
-writes the file in a temporary directory and tells the others its path; with ``--file``, rank 0
-writes it there if it is missing. Then a barrier, then all read.
+The features, labels and row numbers are three datasets of one file. Without ``--file`` (one
+machine only), rank 0 writes the file in a temporary directory and tells the others its path; with
+``--file`` (on a file system all ranks see), rank 0 writes it there if it is missing. Then a
+barrier, then all read.
 
 Half way through the last epoch rank 0 saves a checkpoint (model, optimizer, and the Loader's
 ``state_dict()``: the same on every rank, since it records the epoch and the batches played, not
@@ -142,20 +143,24 @@ def run(args: argparse.Namespace, tmp: str) -> int:
         n_rows = len(f["index"])
 
     # ---- the uninterrupted run, with a checkpoint half way through its last epoch
-    run = Run(args)
-    at = (args.epochs - 1, len(run.dataset) // 2 - 1)  # save after this (epoch, step)
+    first = Run(args)
+    if len(first.dataset) < 2:
+        first.close()
+        raise SystemExit(f"{args.file}: {n_rows} rows make {len(first.dataset)} batch(es) of "
+                         f"{args.batch_size} a rank; resuming mid-epoch needs at least 2")
+    at = (args.epochs - 1, len(first.dataset) // 2 - 1)  # save after this (epoch, step)
 
     def save(epoch: int, step: int) -> None:
         if (epoch, step) == at and rank == 0:
-            torch.save({"model": run.model.module.state_dict(),
-                        "optimizer": run.optimizer.state_dict(),
-                        "loader": run.dataset.state_dict(), "step": step + 1}, checkpoint)
+            torch.save({"model": first.model.module.state_dict(),
+                        "optimizer": first.optimizer.state_dict(),
+                        "loader": first.dataset.state_dict(), "step": step + 1}, checkpoint)
 
     try:
-        played = run.train(args.epochs, after_step=save)
-        final = [t.clone() for t in run.model.module.state_dict().values()]
+        played = first.train(args.epochs, after_step=save)
+        final = [t.clone() for t in first.model.module.state_dict().values()]
     finally:
-        run.close()
+        first.close()
     dist.barrier()  # the checkpoint is on disk
 
     # ---- a relaunched job: every rank starts from rank 0's checkpoint

@@ -122,6 +122,9 @@ def run(args: argparse.Namespace, checkpoint: str) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     played: list = []
     with make_dataset(args) as dataset:
+        if len(dataset) < 2:
+            raise SystemExit(f"{args.file}: {len(dataset)} batch(es) of {args.batch_size} rows "
+                             "an epoch; resuming mid-epoch needs at least 2")
         at = (args.epochs - 1, len(dataset) // 2 - 1)  # save after this (epoch, step)
         saved_after = 0
 
