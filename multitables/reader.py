@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import pickle
 import threading
 import time
 import weakref
-from multiprocessing import Pipe, reduction
 from typing import Any
 
 import h5py
@@ -30,7 +27,16 @@ from .source import (
     open_file,
 )
 from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
-from .workers import CHECK_INTERVAL, WAIT_SLICE, WorkerPool
+from .workers import (
+    CHECK_INTERVAL,
+    END,
+    IDLE_CHECK,
+    JOIN_TIMEOUT,
+    TIMEOUT,
+    Crew,
+    StandbyWorkers,
+    parent_channel,
+)
 
 __all__ = ["Reader"]
 
@@ -47,19 +53,21 @@ _ERROR_BYTES = 1 << 16
 
 
 class _RequestJob:
-    """The worker side of a Reader: serve the requests sent down this worker's connection.
+    """The worker side of a Reader: serve the requests that come down this worker's channel.
 
-    Control memory: one completed-task counter per worker (the caller sends new work to the least
-    busy worker), then an ``ErrorBox`` for failures of a worker itself. See NOTE [ Worker shutdown
-    logic ] in workers.py.
+    Messages: ("read", stage id, spec, the stage's arena the first time this worker serves it),
+    ("drop", stage id) once a stage is closed, END when the Reader closes. Control memory: one
+    completed-task counter per worker (the caller sends new work to the least busy worker), then
+    an ``ErrorBox`` for failures of a worker itself. See NOTE [ Worker shutdown logic ] in
+    workers.py.
     """
 
     name = "Reader"
 
-    def __init__(self, filename: str, file_kwargs: dict[str, Any], conns: list, control):
+    def __init__(self, filename: str, file_kwargs: dict[str, Any], n_procs: int, control):
         self.filename = filename
         self.kwargs = file_kwargs
-        self.conns = conns
+        self.n_procs = n_procs
         self.control = control
 
     def file_kwargs(self) -> dict[str, Any]:
@@ -69,31 +77,28 @@ class _RequestJob:
 
     def attach(self, source: OpenFile, worker: int) -> None:
         self.source = source
-        self.conn = self.conns[worker]
+        self.channel = parent_channel()
         self.done = Counter(self.control.buffer, 64 * worker)
         self.stages: dict[int, StageMemory] = {}
 
     def next_task(self, parent_alive) -> tuple[int, ReadSpec] | None:
+        # See NOTE [ Worker shutdown logic ], step (2): block on the channel, check the parent.
         while True:
-            if not self.conn.poll(WAIT_SLICE):
+            message = self.channel.receive(IDLE_CHECK)
+            if message is TIMEOUT:
                 if not parent_alive():
                     return None
-                continue
-            try:
-                op, *args = pickle.loads(self.conn.recv_bytes())
-            except EOFError:
+            elif message == END:
                 return None
-            if op == "read":
-                return args[0], args[1]
-            if op == "stage":
-                fd = reduction.recv_handle(self.conn)
-                self.stages[args[0]] = StageMemory(SharedArena(args[1], _fd=fd))
-            elif op == "drop":
-                memory = self.stages.pop(args[0], None)
+            elif message[0] == "read":
+                _, stage_id, spec, arena = message
+                if arena is not None:
+                    self.stages[stage_id] = StageMemory(arena)
+                return stage_id, spec
+            elif message[0] == "drop":
+                memory = self.stages.pop(message[1], None)
                 if memory is not None:
                     memory.close()
-            elif op == "stop":
-                return None
 
     def run(self, task: tuple[int, ReadSpec]) -> None:
         stage_id, spec = task
@@ -118,7 +123,7 @@ class _RequestJob:
         return True
 
     def fail(self, exc: BaseException, where: str) -> None:
-        ErrorBox(self.control.buffer, 64 * len(self.conns), _ERROR_BYTES).put(exc, where)
+        ErrorBox(self.control.buffer, 64 * self.n_procs, _ERROR_BYTES).put(exc, where)
 
 
 class Reader:
@@ -162,16 +167,33 @@ class Reader:
         self.allow_pickle = bool(allow_pickle)
         self.file_kwargs = kw
         self.start_method = start_method
-        self._pool: WorkerPool | None = None
-        self._next_check = 0.0
-        self._lock = threading.Lock()
         # Stages alive; those closed or dropped are unmapped by the workers at the next dispatch.
         self._stages: weakref.WeakValueDictionary[int, Stage] = weakref.WeakValueDictionary()
-        self._dropped: list[tuple[int, tuple[int, ...]]] = []
         self._stage_ids = iter(range(1 << 62))
         self._closed = False
-        self._owner = os.getpid()
+        self._forget_inherited()
         _LIVE_READERS.add(self)
+
+    def _forget_inherited(self) -> None:
+        """No workers yet (they start with the first request). Also run in a forked child (a
+        DataLoader worker, a Pool's), where the workers are the parent's: this copy starts its
+        own, and every stage is mapped anew in them."""
+        self._owner = os.getpid()
+        self._workers: StandbyWorkers | None = None
+        self._pool: Crew | None = None
+        self._control = None
+        self._next_check = 0.0
+        # Reentrant: a failure found while dispatching closes the Reader in the same thread.
+        self._lock = threading.RLock()
+        self._dropped: list[tuple[int, tuple[int, ...]]] = []
+        for stage in list(self._stages.values()):
+            stage.sent_to.clear()
+
+    def __reduce__(self):
+        # A Reader travels (to a spawned process, a Pool's task) as its arguments; the copy
+        # starts its own workers lazily where it lands.
+        return _rebuild_reader, (self.filename, self.n_procs, self.start_method,
+                                 self.allow_pickle, self.file_kwargs)
 
     # ---- datasets and stages ----
 
@@ -251,7 +273,8 @@ class Reader:
         return request
 
     def _dispatch(self, stage: Stage, spec: ReadSpec) -> None:
-        message = pickle.dumps(("read", stage.id, spec), protocol=pickle.HIGHEST_PROTOCOL)
+        """Send the read to the least busy worker. See NOTE [ Worker shutdown logic ]: the
+        Reader's side; every send is sliced and gives up once a worker dies or this closes."""
         with self._lock:
             self._check_open()
             if self._pool is None:
@@ -261,44 +284,45 @@ class Reader:
             pool = self._pool
             busy = [sent - done.load() for sent, done in zip(self._sent, self._done, strict=True)]
             worker = busy.index(min(busy))
-            conn = self._conns[worker]
-            if worker not in stage.sent_to:
-                try:
-                    conn.send_bytes(pickle.dumps(("stage", stage.id, stage.memory.arena.nbytes)))
-                    reduction.send_handle(conn, stage.memory.arena.fd, pool.procs[worker].pid)
-                except OSError:
-                    self._check()
-                    raise
-                stage.sent_to.add(worker)
             while self._dropped:
                 stage_id, workers = self._dropped.pop()
                 for w in workers:
-                    with contextlib.suppress(OSError):
-                        self._conns[w].send_bytes(pickle.dumps(("drop", stage_id)))
+                    self._send(pool, w, ("drop", stage_id))
+            arena = None if worker in stage.sent_to else stage.memory.arena
             stage.memory.state.set(PENDING)
             self._sent[worker] += 1
             try:
-                conn.send_bytes(message)
-            except OSError:
+                self._send(pool, worker, ("read", stage.id, spec, arena))
+            except BaseException:
                 stage.memory.state.set(IDLE)
-                self._check()  # a dead worker closed its end: say which one
                 raise
+            stage.sent_to.add(worker)
 
-    def _start(self) -> WorkerPool:
+    def _send(self, pool: Crew, worker: int, message) -> None:
+        def check() -> None:  # between the slices of a send the worker does not take
+            self._check_open()
+            pool.check()
+
+        try:
+            pool.send(worker, message, check)
+        except SubprocessException:
+            self.close(wait=False)
+            raise
+        except OSError:
+            self._check()  # a dead worker closed its end: say which one
+            raise
+
+    def _start(self) -> Crew:
+        """Lend ``n_procs`` workers, started now or standing by, to this Reader's one job."""
         n = self.n_procs
         self._control = SharedArena(64 * n + _ERROR_BYTES, name="multitables-reader")
         self._done = [Counter(self._control.buffer, 64 * i) for i in range(n)]
         self._errors = ErrorBox(self._control.buffer, 64 * n, _ERROR_BYTES)
         self._sent = [0] * n
-        pairs = [Pipe(duplex=True) for _ in range(n)]
-        self._conns = [mine for mine, _ in pairs]
-        theirs = [other for _, other in pairs]
-        job = _RequestJob(self.filename, self.file_kwargs, theirs, self._control)
-        try:
-            return WorkerPool(job, n, self.start_method, "Reader")
-        finally:
-            for conn in theirs:
-                conn.close()
+        if self._workers is None:
+            self._workers = StandbyWorkers(self.start_method, "Reader", niceness=0)
+        job = _RequestJob(self.filename, self.file_kwargs, n, self._control)
+        return self._workers.run(job, n)
 
     def _check(self) -> None:
         """Raise if the workers failed; called between the slices of every wait."""
@@ -327,23 +351,30 @@ class Reader:
         """Stop the workers and free every stage. Idempotent; no worker outlives the call.
 
         With ``wait``, workers may finish the read they are doing (up to 2 s); without it, any
-        still busy after 0.2 s are killed.
+        still busy after 0.2 s are killed. See NOTE [ Worker shutdown logic ], step (3).
         """
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # a send blocked in another thread gives up within a slice
         _LIVE_READERS.discard(self)
         if os.getpid() != self._owner:
-            return  # in a forked copy of the owner (a DataLoader worker): not our workers
-        if self._pool is not None:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.send_bytes(pickle.dumps(("stop",)))
-                conn.close()
-            self._pool.stop(join_timeout=2.0 if wait else 0.2)
-            # Drop the views first: a mapping with views left lives as long as this object.
-            self._done, self._errors = [], None
-            self._control.close()
+            return  # in a forked copy of the owner: not our workers
+        locked = self._lock.acquire(timeout=2 * JOIN_TIMEOUT)
+        try:
+            if self._pool is not None:
+                self._pool.end()
+                self._pool.stop(join_timeout=2.0 if wait else 0.2)
+                self._pool = None
+            if self._workers is not None:
+                self._workers.close()
+                self._workers = None
+            if self._control is not None:
+                # Drop the views first: a mapping with views left lives as long as this object.
+                self._done, self._errors = [], None
+                self._control.close()
+        finally:
+            if locked:
+                self._lock.release()
         for stage in list(self._stages.values()):
             stage.close()
         self._stages.clear()
@@ -361,6 +392,19 @@ class Reader:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.close(wait=False)
+
+
+def _rebuild_reader(filename, n_procs, start_method, allow_pickle, file_kwargs) -> Reader:
+    return Reader(filename, n_procs, start_method=start_method, allow_pickle=allow_pickle,
+                  **file_kwargs)
+
+
+def _forget_inherited_readers() -> None:
+    for reader in list(_LIVE_READERS):
+        reader._forget_inherited()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_readers)
 
 
 def _forget_stage(reader_ref, stage_id: int, sent_to: set[int], memory: StageMemory) -> None:

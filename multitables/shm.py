@@ -8,8 +8,10 @@ never a SIGBUS in the middle of a read later.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import threading
 from multiprocessing import reduction
 
 import numpy as np
@@ -72,11 +74,37 @@ class SharedArena:
     def __reduce__(self):
         if self._fd is None:
             raise ValueError("cannot send a closed SharedArena to a worker")
+        fds = getattr(_passing, "fds", None)
+        if fds is not None:  # a worker channel's message: the descriptor travels beside it
+            fds.append(self._fd)
+            return _received, (len(fds) - 1, self.nbytes)
         return _rebuild, (self.nbytes, reduction.DupFd(self._fd))
 
 
 def _rebuild(nbytes: int, dup) -> SharedArena:
     return SharedArena(nbytes, _fd=dup.detach())
+
+
+# While a worker channel pickles or unpickles one message (this thread only): the descriptors
+# of the arenas in it, in order. See workers.Channel.
+_passing = threading.local()
+
+
+@contextlib.contextmanager
+def passing_descriptors(fds: list[int]):
+    """In this block, pickle each arena as an index into ``fds`` (appending its descriptor), or
+    unpickle arenas from the received ``fds`` (each taken is replaced by -1)."""
+    _passing.fds = fds
+    try:
+        yield fds
+    finally:
+        del _passing.fds
+
+
+def _received(index: int, nbytes: int) -> SharedArena:
+    fds = _passing.fds
+    fd, fds[index] = fds[index], -1  # taken: not closed with the unused ones
+    return SharedArena(nbytes, _fd=fd)
 
 
 def available_memory() -> int | None:

@@ -1,78 +1,110 @@
-"""The worker processes shared by both front doors: how they start, serve jobs, fail and stop.
+"""The worker processes of every front door: how they start, stand by, run jobs, fail and stop.
 
-Internal module.
+Internal module. One pool (``StandbyWorkers``), one job protocol (``Job``), one way to pass
+messages and shared memory (``Channel``), one set of timeouts, for the Streamer, the Reader and
+the Loader alike.
 
 NOTE [ Worker shutdown logic ]
 ==============================
 ::
 
-    consumer (Streamer / Reader)                 worker processes (n_procs)
-    ────────────────────────────                 ──────────────────────────
-    creates shared memory (shm)     ──fork──▶    map the same pages, open the HDF5 file
-    waits on a futex word or queue  ◀──────      publish results with release stores
-      in slices of WAIT_SLICE s,                 wait for tasks in slices of WAIT_SLICE s,
-      checking the workers between               checking the consumer's sentinel between
-    close(): stop word, close queues ──────▶     see stop / a closed queue / "stop", exit(0)
-      join JOIN_TIMEOUT s, then SIGKILL
+    front door (consumer)                          worker process (one per channel)
+    ─────────────────────                          ────────────────────────────────
+    StandbyWorkers.run(job, n) ──Channel: job───▶  (1) idle: blocks on its channel
+      (idle workers first, fresh ones started         (IDLE_CHECK s slices, parent check)
+       lazily, also from a daemonic process)       (2) maps the job's arenas (SCM_RIGHTS),
+                                                       opens the HDF5 file, runs tasks
+    ring jobs (Streamer, Loader):                      ring: free queue → slot → full queue
+      wait on the ring's futex words    ◀──────        Reader: "read" messages on the channel
+    Reader: send "read" (sliced sends),                publish results with release stores
+      wait on the stage's state word    ◀──────
+      every wait in WAIT_SLICE slices,             (3) end of job: ring stopped / ring done /
+      Crew.check() between them                        "end" message → closes the file,
+    end of job: ring.stop() or "end"   ────────▶       answers "done", back to (1)
+    Crew.stop(): "done" within JOIN_TIMEOUT  ◀────
+      → back to standby; else SIGKILL              (4) "stop", EOF on the channel (the parent's
+    StandbyWorkers.close(): "stop", join           end closed: it exited or died) or a dead
+      JOIN_TIMEOUT s, then SIGKILL                     parent found between slices → exit(0)
 
-A Streamer's workers stand by between its queues (``StandbyWorkers``): at the end of a job they
-answer "done" down their connection instead of exiting, and the queue's ``close()`` waits for that
-answer (JOIN_TIMEOUT s, then SIGKILL) the way a one-job pool waits for exit. They exit on "stop"
-(``Streamer.close()``, garbage collection, interpreter exit), or when their last queue closes
-after the Streamer itself is gone.
+The Reader's side: a request claims a stage (``Stage.claim``; a pool's ``take`` waits, notified
+by ``free``/``close``, in CHECK_INTERVAL slices), ``Reader._dispatch`` moves its state word IDLE →
+PENDING and sends ("read", stage, spec, arena the first time) to the least busy worker; the worker
+moves it to DONE or FAILED (its exception in the stage's ``ErrorBox``) and counts the task done;
+the waiting ``get`` takes the result and moves the stage back to IDLE (``Stage.free``).
+
+Exit-hook order (atexit is last-in, first-out): multiprocessing.util's hook is registered first
+(imported below), so it runs last, after ``streamer._close_live_queues``, then
+``reader._close_live_readers`` and ``_end_live_standby`` have already stopped or killed every
+worker (its own joins would wait forever on a stopped one). In a daemonic process (a DataLoader
+worker) atexit does not run: multiprocessing's exit function terminates the workers, which are
+daemonic too, and a killed parent closes their channels.
 
 Guarantees:
-1. No hang if a worker dies: every wait of the consumer is sliced, and ``check`` raises
-   ``SubprocessException`` naming the worker, its pid and its exit code or signal.
-2. No orphans if the consumer dies: workers watch the consumer's process sentinel between wait
-   slices (WAIT_SLICE s) and exit; their shared memory is a memfd, freed with the last process.
-3. Errors raised inside a worker are sent back (type, message, traceback text, where) through shared
-   memory (``ErrorBox``) and re-raised in the consumer's thread where it waits.
-4. ``stop()`` is idempotent and safe from ``__del__`` and at interpreter exit; workers ignore
-   SIGINT, so Ctrl-C reaches only the consumer, whose cleanup stops them.
+1. No hang if a worker dies: every wait and every send of the consumer is sliced (WAIT_SLICE),
+   and ``Crew.check`` raises ``SubprocessException`` naming the worker, its pid and its exit code
+   or signal; a closed front door ends a blocked send of another thread within a slice.
+2. No orphans if the consumer dies: a worker's channel ends in EOF once its parent's end is gone
+   (children forked from the parent close their copies of it: ``_after_fork_in_child``), and
+   workers check the parent's sentinel between slices; shared memory is a memfd, freed with the
+   last process.
+3. Errors raised inside a worker are sent back (type, message, traceback text, where) through
+   shared memory (``ErrorBox``) and re-raised in the consumer's thread where it waits.
+4. ``close``/``stop`` are idempotent and safe from ``__del__`` and at interpreter exit; copies in
+   a forked child never touch the owner's workers; workers ignore SIGINT, so Ctrl-C reaches only
+   the consumer, whose cleanup stops them; hung workers cost one JOIN_TIMEOUT in all.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import multiprocessing
-import multiprocessing.util  # noqa: F401 - see below
+import multiprocessing.util  # noqa: F401 - see NOTE [ Worker shutdown logic ], exit-hook order
 import os
 import pickle
+import select
 import signal
-import sys
+import socket
+import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from multiprocessing import reduction
 from typing import Any, Protocol
 
 from .errors import SubprocessException
-from .shm import SharedArena
+from .shm import passing_descriptors
 from .source import OpenFile
-
-# multiprocessing.util's exit hook joins daemon workers without a timeout (forever, for a stopped
-# or hung one). Importing it here registers it before the front doors' exit hooks, so it runs after
-# them (atexit is last-in, first-out), when they have already stopped or killed every worker.
 
 # Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
 WAIT_SLICE = 0.1
 # Longest a consumer goes without checking its workers, even while results keep coming.
 CHECK_INTERVAL = 0.5
-# How long stop() waits for workers to exit on their own before killing them.
+# How long stopping waits for workers to finish on their own before killing them.
 JOIN_TIMEOUT = 2.0
+# An idle worker blocks on its channel (EOF tells it its parent is gone) and checks the parent's
+# sentinel this often besides, for the rare process that kept a copy of the parent's end.
+IDLE_CHECK = 1.0
 
-DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+# Workers start by fork (explicitly: Python 3.14 changes the default); spawn and forkserver work.
+START_METHOD = "fork"
+
+# Stream and Loader workers read ahead for a consumer that often needs a core itself (the
+# generator copies every row; a training step computes): below its priority, they run in the gaps
+# it leaves. A Reader's serve requests someone waits for: at the caller's priority.
+STANDBY_NICENESS = 10
+
+# Control messages of the channel; a Reader's requests are tuples.
+STOP = "stop"  # parent → idle worker: exit
+END = "end"  # parent → worker serving requests from its channel: the job is over
+DONE = "done"  # worker → parent: the job is over, standing by
 
 
 class Job(Protocol):
     """What workers run: a source of tasks, each a read into shared memory.
 
-    A job must pickle (for the spawn and forkserver start methods); ``attach`` then maps its
-    shared memory and prepares its datasets in the worker, once.
+    A job must pickle (it travels down a ``Channel``, its arenas as descriptors); ``attach``
+    then maps its shared memory and prepares its datasets in the worker, once per job.
     """
 
     name: str
@@ -83,7 +115,7 @@ class Job(Protocol):
     def attach(self, source: OpenFile, worker: int) -> None: ...
 
     def next_task(self, parent_alive: Callable[[], bool]) -> Any | None:
-        """The next task, waiting in slices of WAIT_SLICE; None once the worker should exit."""
+        """The next task, waiting in slices; None once the job is over for this worker."""
 
     def run(self, task: Any) -> None: ...
 
@@ -97,21 +129,162 @@ class Job(Protocol):
         """Report a failure of the worker itself (the file would not open, say)."""
 
 
-def _worker_main(job: Job, worker: int) -> None:
-    """The loop of a worker that runs one job for its whole life (a Reader's)."""
+# ------------------------------------------------------------------------------------- channel
+
+_HEADER = struct.Struct("<QI")  # bytes of the pickle, descriptors attached to the first packet
+_PACKET = 1 << 15  # well below a Unix socket's send buffer: a packet always fits an empty one
+_MAX_FDS = 64
+TIMEOUT = object()  # what Channel.receive returns when nothing came in time
+
+
+def _no_check() -> None:
+    pass
+
+
+class Channel:
+    """One end of a connection between the parent and one worker: Python objects, pickled, with
+    the descriptor of each ``SharedArena`` in them passed beside the bytes (SCM_RIGHTS).
+
+    A ``SOCK_SEQPACKET`` socket pair: messages keep their boundaries and descriptors arrive with
+    the packet that carries them. Sends wait in slices of WAIT_SLICE, calling ``check`` (which
+    raises to give up) between them, so a stopped peer with a full buffer never blocks for ever.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        sock.settimeout(WAIT_SLICE)
+
+    def __reduce__(self):  # to a spawned worker: the socket travels as a descriptor
+        return Channel, (self.sock,)
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, Channel]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(a), cls(b)
+
+    def send(self, obj: Any, check: Callable[[], None] = _no_check) -> None:
+        """Send ``obj``; ``check()`` runs whenever the peer has not taken it for WAIT_SLICE."""
+        with passing_descriptors([]) as fds:
+            data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        room = _PACKET - _HEADER.size
+        self._send_packet(_HEADER.pack(len(data), len(fds)) + data[:room], fds, check)
+        for at in range(room, len(data), _PACKET):
+            self._send_packet(data[at : at + _PACKET], [], check)
+
+    def _send_packet(self, packet: bytes, fds: list[int], check: Callable[[], None]) -> None:
+        while True:
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [packet], fds)
+                else:
+                    self.sock.send(packet)
+                return
+            except TimeoutError:
+                check()
+
+    def receive(self, timeout: float | None) -> Any:
+        """The next object, ``TIMEOUT`` if none began to arrive within ``timeout`` s; EOFError
+        once the peer's end is closed (it exited, or died)."""
+        if not self._wait_readable(timeout):
+            return TIMEOUT
+        packet, fds, _, _ = socket.recv_fds(self.sock, _PACKET, _MAX_FDS)
+        try:
+            if not packet:
+                raise EOFError("the other end of the channel is closed")
+            size, _ = _HEADER.unpack_from(packet)
+            parts, got = [packet[_HEADER.size :]], len(packet) - _HEADER.size
+            while got < size:  # the rest follows at once: a peer that stops sending is gone
+                if not self._wait_readable(JOIN_TIMEOUT):
+                    raise EOFError(f"a message stopped after {got} of {size} bytes")
+                part = self.sock.recv(_PACKET)
+                if not part:
+                    raise EOFError(f"a message stopped after {got} of {size} bytes")
+                parts.append(part)
+                got += len(part)
+            with passing_descriptors(fds):
+                return pickle.loads(b"".join(parts))
+        finally:
+            for fd in fds:  # those no arena took
+                if fd >= 0:
+                    os.close(fd)
+
+    def _wait_readable(self, timeout: float | None) -> bool:
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# The parent's ends of this process's channels. A child forked from this process (our workers,
+# a DataLoader worker) closes its copies, so that a worker sees EOF as soon as its parent is gone.
+_PARENT_ENDS: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+# In a worker process: its end of the channel to its parent (a Reader's job reads requests on it).
+_CHANNEL: Channel | None = None
+
+
+def parent_channel() -> Channel:
+    """This worker's channel to its parent; only in a worker process."""
+    if _CHANNEL is None:
+        raise RuntimeError("not in a multitables worker process")
+    return _CHANNEL
+
+
+# -------------------------------------------------------------------------------- worker side
+
+
+def _worker_main(channel: Channel, worker: int) -> None:
+    """A worker's life: run each job its channel brings, answer DONE, stand by for the next.
+
+    The file is opened per job: an HDF5 file open in an idle worker would hold its lock, and no
+    process could open the file for writing between two passes. See NOTE [ Worker shutdown
+    logic ], steps (1) to (4).
+    """
+    global _CHANNEL
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _run_job(job, worker, _parent_alive())
+    _CHANNEL = channel
+    parent_alive = _parent_alive()
+
+    def check_parent() -> None:
+        if not parent_alive():
+            raise BrokenPipeError("the parent is gone")
+
+    try:
+        while (job := _next_job(channel, parent_alive)) is not None:
+            _run_job(job, worker, parent_alive)
+            del job  # and with it the job's view of its shared memory
+            channel.send(DONE, check_parent)
+    except (OSError, EOFError):
+        pass  # the channel is gone: so is the parent
+
+
+def _next_job(channel: Channel, parent_alive: Callable[[], bool]) -> Job | None:
+    """The next job, blocking; None: exit. See NOTE [ Worker shutdown logic ], step (1)."""
+    while True:
+        message = channel.receive(IDLE_CHECK)
+        if message is TIMEOUT:
+            if not parent_alive():
+                return None
+        elif message == STOP:
+            return None
+        elif message != END:  # an END that crossed a job's own end on the way is no news
+            return message
 
 
 def _parent_alive() -> Callable[[], bool]:
-    # The process that made the pool: not our parent pid under forkserver, but its sentinel
-    # tells under every start method.
+    """Whether the process that made the pool still runs. Our parent pid under fork and spawn: a
+    dead parent's children are adopted by another, at once. Under forkserver the parent is the
+    server; its sentinel tells (a pipe that processes forked later may keep open, so slower)."""
     parent = multiprocessing.parent_process()
-    return lambda: parent is not None and parent.is_alive()
+    if parent is None:
+        return lambda: False
+    if parent.pid == os.getppid():
+        return lambda: os.getppid() == parent.pid
+    return parent.is_alive
 
 
 def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool]) -> None:
-    """The one worker loop, for every front door. See NOTE [ Worker shutdown logic ]."""
+    """One job in one worker, for every front door. See NOTE [ Worker shutdown logic ], (2)-(3)."""
     where = f"in {job.name} worker {worker} (pid {os.getpid()})"
     try:
         with contextlib.closing(OpenFile(job.filename, job.file_kwargs())) as source:
@@ -126,6 +299,107 @@ def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool]) -> None:
         job.fail(exc, where)
 
 
+# -------------------------------------------------------------------------------- parent side
+
+_START_LOCK = threading.Lock()
+
+
+def _start(proc) -> None:
+    """Start ``proc``, also from a daemonic process (a DataLoader worker, a Pool's worker).
+
+    multiprocessing refuses children to daemonic processes because it would not join them at
+    exit; ours need no join: they are daemonic themselves (terminated by multiprocessing's exit
+    function), and a parent that dies without it closes their channels (NOTE [ Worker shutdown
+    logic ], guarantee 2).
+    """
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    with _START_LOCK:
+        daemonic = config.get("daemon", False)
+        config["daemon"] = False
+        try:
+            proc.start()
+        finally:
+            if daemonic:
+                config["daemon"] = daemonic
+            else:
+                config.pop("daemon", None)
+
+
+class _Worker:
+    """One worker process and the parent's end of its channel."""
+
+    def __init__(self, ctx, name: str, number: int, niceness: int):
+        self.channel, theirs = Channel.pair()
+        _PARENT_ENDS.add(self.channel)  # before the fork: the worker must not keep it open
+        self.name = f"{name} worker"
+        self.proc = ctx.Process(target=_worker_main, args=(theirs, number),
+                                name=f"{name}-worker-{number}", daemon=True)
+        try:
+            _start(self.proc)
+        except BaseException:
+            self.channel.close()
+            raise
+        finally:
+            theirs.close()
+        if niceness:
+            # Set here, not in the worker: in force before the caller sees it, any start method.
+            nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+            with contextlib.suppress(ProcessLookupError):
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, nice)
+
+    def alive(self) -> bool:
+        return self.proc.exitcode is None
+
+    def send(self, message: Any, check: Callable[[], None] = _no_check) -> None:
+        """Send ``message``; BrokenPipeError if the worker has exited meanwhile."""
+
+        def check_both() -> None:
+            if not self.alive():
+                raise BrokenPipeError(f"{self.name} (pid {self.proc.pid}) has exited")
+            check()
+
+        self.channel.send(message, check_both)
+
+    def ask_to_end(self) -> None:
+        """Send STOP if it goes at once (a stopped worker with a full channel will be killed)."""
+
+        def give_up() -> None:
+            raise TimeoutError
+
+        with contextlib.suppress(OSError):
+            self.channel.send(STOP, give_up)
+
+    def wait_done(self, deadline: float) -> bool:
+        """Wait until ``deadline`` (monotonic) for DONE; False if it died or did not answer."""
+        while True:
+            try:
+                message = self.channel.receive(
+                    max(0.0, min(WAIT_SLICE, deadline - time.monotonic())))
+            except (OSError, EOFError):
+                return False
+            if message == DONE:
+                return True
+            if not self.alive() or time.monotonic() >= deadline:
+                return False
+
+    def wait_or_kill(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the worker to exit, then kill it; close the channel."""
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join(JOIN_TIMEOUT)
+        self.channel.close()
+
+
+def _end_all(workers: list[_Worker], timeout: float) -> None:
+    """End several workers with one deadline: ask them all first, then wait, then kill."""
+    for worker in workers:
+        worker.ask_to_end()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.wait_or_kill(max(0.0, deadline - time.monotonic()))
+
+
 def _raise_if_dead(name: str, procs: list, stop: Callable[[], None]) -> None:
     """Stop the rest and raise ``SubprocessException`` naming the first worker that has exited."""
     for i, proc in enumerate(procs):
@@ -138,180 +412,60 @@ def _raise_if_dead(name: str, procs: list, stop: Callable[[], None]) -> None:
             )
 
 
-class WorkerPool:
-    """``n_procs`` processes running one job; started at once, checked and stopped by the owner."""
-
-    def __init__(self, job: Job, n_procs: int, start_method: str | None, name: str):
-        ctx: Any = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
-        self.name = name
-        self.procs = [
-            ctx.Process(
-                target=_worker_main,
-                args=(job, i),
-                name=f"{name}-worker-{i}",
-                daemon=True,
-            )
-            for i in range(n_procs)
-        ]
-        try:
-            for proc in self.procs:
-                proc.start()
-        except BaseException:
-            self.stop(join_timeout=0)
-            raise
-
-    def check(self) -> None:
-        """Raise ``SubprocessException`` if a worker died: these workers never exit alone."""
-        _raise_if_dead(self.name, self.procs, lambda: self.stop(join_timeout=0))
-
-    def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
-        """Wait for the workers to exit (the owner has already told them to), then kill the rest.
-
-        One deadline for all of them: hung workers cost one ``join_timeout``, not one each.
-        """
-        deadline = time.monotonic() + join_timeout
-        for proc in self.procs:
-            if proc.pid is not None:
-                proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc.pid is not None and proc.exitcode is None:
-                proc.kill()
-                proc.join(JOIN_TIMEOUT)
-        self.procs = []
-
-
-# ------------------------------------------------------------------------------- standby workers
-#
-# A Streamer's workers outlive each queue: they wait for the next job instead of exiting. Starting
-# a process (a fork copies the caller's page tables: milliseconds for a process that has imported
-# a deep-learning framework, and as much again to exit) then happens once per Streamer, not once
-# per pass over the data.
-
-# Stream workers read ahead for a consumer that often needs a core itself (the generator copies
-# every row; a training step computes): below its priority, they run in the gaps it leaves.
-STANDBY_NICENESS = 10
-
-
-def _standby_main(conn, worker: int) -> None:
-    """The loop of a standby worker: run each job sent down ``conn``, answer, wait for the next.
-
-    The file is opened per job, as a one-job worker does: an HDF5 file open in a standby worker
-    would hold its lock, and no process could open the file for writing between two passes.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent_alive = _parent_alive()
-    try:
-        while (job := _receive_job(conn, parent_alive)) is not None:
-            _run_job(job, worker, parent_alive)
-            del job  # and with it the job's view of its shared memory
-            conn.send_bytes(b"done")
-    except OSError:
-        pass  # the connection is gone: so is the Streamer
-
-
-def _receive_job(conn, parent_alive: Callable[[], bool]) -> Job | None:
-    """The next job, its shared arenas mapped from the descriptors that follow it; None: stop."""
-    while not conn.poll(WAIT_SLICE):
-        if not parent_alive():
-            return None
-    try:
-        message = conn.recv_bytes()
-    except EOFError:
-        return None
-    if message == b"stop":
-        return None
-    unpickler = pickle.Unpickler(io.BytesIO(message))
-    unpickler.persistent_load = (  # type: ignore[method-assign]
-        lambda pid: SharedArena(pid, _fd=reduction.recv_handle(conn)))
-    return unpickler.load()
-
-
-def _send_job(conn, job: Job, pid: int) -> None:
-    """Pickle ``job`` down ``conn``, each shared arena in it as a descriptor (SCM_RIGHTS)."""
-    arenas: list[SharedArena] = []
-
-    def persistent_id(obj):
-        if isinstance(obj, SharedArena):
-            arenas.append(obj)
-            return obj.nbytes
-        return None
-
-    buf = io.BytesIO()
-    pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
-    pickler.persistent_id = persistent_id  # type: ignore[method-assign]
-    pickler.dump(job)
-    conn.send_bytes(buf.getvalue())
-    for arena in arenas:
-        reduction.send_handle(conn, arena.fd, pid)
-
-
-class _Standby:
-    """One standby worker: its process and the parent's end of its connection."""
-
-    def __init__(self, ctx, name: str, worker: int):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_standby_main, args=(child, worker),
-                                name=f"{name}-worker-{worker}", daemon=True)
-        try:
-            self.proc.start()
-        finally:
-            child.close()
-        # Set here, not in the worker: in force before the caller sees it, under any start method.
-        niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + STANDBY_NICENESS)
-        with contextlib.suppress(ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, niceness)
-
-    def ask_to_end(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send_bytes(b"stop")
-
-    def wait_or_kill(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the worker to exit, then kill it."""
-        self.proc.join(timeout)
-        if self.proc.exitcode is None:
-            self.proc.kill()
-            self.proc.join(JOIN_TIMEOUT)
-        self.conn.close()
-
-
 class StandbyWorkers:
-    """Worker processes kept between jobs: each job borrows some as a ``Crew``, then gives them
-    back. ``close`` ends them; so does garbage collection and the interpreter's exit."""
+    """The worker pool of one front door: processes started when a job first needs them and
+    kept between jobs; each job borrows some as a ``Crew`` and gives them back. ``close`` ends
+    them; so do garbage collection and the interpreter's exit."""
 
-    def __init__(self, start_method: str | None, name: str):
-        self._ctx: Any = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
+    def __init__(self, start_method: str | None, name: str, niceness: int = STANDBY_NICENESS):
+        self._ctx: Any = multiprocessing.get_context(start_method or START_METHOD)
         self.name = name
-        self._idle: list[_Standby] = []
-        self._lock = threading.Lock()  # queues may start and close in different threads
+        self._niceness = niceness
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()  # jobs may start and stop in different threads
         self._started = 0
         self._closed = False
         self._owner = os.getpid()
         _LIVE_STANDBY.add(self)
 
     def run(self, job: Job, n_procs: int) -> Crew:
-        """Start ``job`` on ``n_procs`` workers, idle ones first."""
+        """Start ``job`` on ``n_procs`` workers, idle ones first, fresh ones for the rest."""
         if self._closed:
             raise ValueError(f"this {self.name} is closed")
-        crew: list[_Standby] = []
+        crew: list[_Worker] = []
         try:
             while len(crew) < n_procs:
-                with self._lock:
-                    idle = self._idle.pop() if self._idle else None
-                    number, self._started = self._started, self._started + (idle is None)
-                fresh = idle is None
-                crew.append(idle if idle is not None else _Standby(self._ctx, self.name, number))
-                try:
-                    _send_job(crew[-1].conn, job, crew[-1].proc.pid)
-                except OSError:
-                    if fresh:
-                        raise
-                    crew.pop().wait_or_kill(0)  # it died while idle: take another
+                worker = self._take_idle()
+                if worker is None:
+                    with self._lock:
+                        number, self._started = self._started, self._started + 1
+                    worker = _Worker(self._ctx, self.name, number, self._niceness)
+                    worker.send(job)
+                else:
+                    try:
+                        worker.send(job)
+                    except OSError:  # it died while idle: take another
+                        worker.wait_or_kill(0)
+                        continue
+                crew.append(worker)
         except BaseException:
             _end_all(crew, 0)
             raise
         return Crew(self, crew)
 
-    def _give_back(self, workers: list[_Standby]) -> None:
+    def _take_idle(self) -> _Worker | None:
+        """A live idle worker; those that died while idle are reaped on the way, so no dead
+        worker lingers (a zombie, and one process more than asked for) until ``close``."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                worker = self._idle.pop()
+            if worker.alive():
+                return worker
+            worker.wait_or_kill(0)
+
+    def _give_back(self, workers: list[_Worker]) -> None:
         """Idle again after a job; ended at once if this is closed."""
         with self._lock:
             if not self._closed:
@@ -328,15 +482,21 @@ class StandbyWorkers:
         if os.getpid() == self._owner:  # not in a forked copy of the owner: they are its workers
             _end_all(idle, JOIN_TIMEOUT)
 
+    def _forget_inherited(self) -> None:
+        """In a forked child: the workers are the parent's; this copy starts its own."""
+        self._idle = []
+        self._lock = threading.Lock()
+        self._owner = os.getpid()
+
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.close()
 
 
 class Crew:
-    """The standby workers running one job: checked and stopped like a ``WorkerPool``."""
+    """The workers running one job: checked, sent messages, and stopped by the job's owner."""
 
-    def __init__(self, standby: StandbyWorkers, workers: list[_Standby]):
+    def __init__(self, standby: StandbyWorkers, workers: list[_Worker]):
         # Weak: once its owner is gone no job can follow, so the workers end with this one.
         self._standby = weakref.ref(standby)
         self._workers = workers
@@ -347,23 +507,32 @@ class Crew:
         return [w.proc for w in self._workers]
 
     def check(self) -> None:
-        """Raise ``SubprocessException`` if a worker died: standby workers never exit alone."""
+        """Raise ``SubprocessException`` if a worker died: workers never exit during a job."""
         _raise_if_dead(self.name, self.procs, lambda: self.stop(join_timeout=0))
+
+    def send(self, worker: int, message: Any, check: Callable[[], None] = _no_check) -> None:
+        """Send ``message`` to the job's ``worker``-th worker, in slices that call ``check``."""
+        self._workers[worker].send(message, check)
+
+    def end(self) -> None:
+        """Tell workers that read their channel during the job (a Reader's) that it is over."""
+        for worker in self._workers:
+
+            def give_up() -> None:
+                raise TimeoutError
+
+            with contextlib.suppress(OSError):
+                worker.channel.send(END, give_up)
 
     def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
         """Wait for each worker to finish the job (the owner has told them to), one deadline for
-        all; those that did go back to standby, the others are killed."""
+        all; those that did go back to standby, the others are killed. See NOTE [ Worker
+        shutdown logic ], step (3)."""
         deadline = time.monotonic() + join_timeout
-        done: list[_Standby] = []
-        stuck: list[_Standby] = []
+        done: list[_Worker] = []
+        stuck: list[_Worker] = []
         for worker in self._workers:
-            try:
-                finished = (worker.proc.exitcode is None
-                            and worker.conn.poll(max(0.0, deadline - time.monotonic()))
-                            and worker.conn.recv_bytes() == b"done")
-            except (OSError, EOFError):
-                finished = False
-            (done if finished else stuck).append(worker)
+            (done if worker.wait_done(deadline) else stuck).append(worker)
         self._workers = []
         _end_all(stuck, 0)
         standby = self._standby()
@@ -373,16 +542,7 @@ class Crew:
             standby._give_back(done)
 
 
-def _end_all(workers: list[_Standby], timeout: float) -> None:
-    """End several workers with one deadline: ask them all first, then wait."""
-    for worker in workers:
-        worker.ask_to_end()
-    deadline = time.monotonic() + timeout
-    for worker in workers:
-        worker.wait_or_kill(max(0.0, deadline - time.monotonic()))
-
-
-# Standby workers alive in this process, ended at interpreter exit, after the queues using them.
+# Pools alive in this process, ended at interpreter exit, after the front doors using them.
 _LIVE_STANDBY: weakref.WeakSet[StandbyWorkers] = weakref.WeakSet()
 
 
@@ -390,3 +550,17 @@ _LIVE_STANDBY: weakref.WeakSet[StandbyWorkers] = weakref.WeakSet()
 def _end_live_standby() -> None:
     for standby in list(_LIVE_STANDBY):
         standby.close()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (our worker, a DataLoader worker) closes its copies of the parent's channel
+    ends and forgets the parent's idle workers. See NOTE [ Worker shutdown logic ], guarantee 2."""
+    for channel in list(_PARENT_ENDS):
+        with contextlib.suppress(OSError):
+            channel.close()
+    _PARENT_ENDS.clear()
+    for standby in list(_LIVE_STANDBY):
+        standby._forget_inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
