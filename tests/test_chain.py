@@ -72,6 +72,25 @@ def test_named_chains(keys):
     check_chain(A, keys)
 
 
+B = np.arange(5 * 6 * 7).reshape(5, 6, 7)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        # An integer and an index array apart in the composed key: numpy would move the array's
+        # axis to the front, so the chain must not write it that way.
+        ((0, slice(None), slice(None)), (slice(None), [5, 1, 2])),
+        ((slice(None), slice(None), 3), ([4, 0], slice(None))),
+        ((slice(None), 2), (slice(None, None, -1), [6, 1, 6])),
+        ((1, slice(None), 3), [5, 0]),
+        ((slice(None), 1, slice(None)), ([3, 3, 0], slice(2, 5))),
+    ],
+)
+def test_named_chains_in_three_dimensions(keys):
+    check_chain(B, keys)
+
+
 def test_chain_of_a_field_with_dimensions():
     # ds[k]['v'] on a table is ds['v'][k] when k has no explicit ellipsis; with one, the
     # ellipsis covers the rows only.

@@ -133,6 +133,23 @@ def test_several_index_arrays_on_a_subarray_field(reader, files):
         check(reader, reader.get_dataset("table")["v"][key], files[1]["table"]["v"][key])
 
 
+def test_index_arrays_on_a_subarray_field_read_point_by_point(tmp_path):
+    # Scattered (row, i, j) triples over a field of 32 x 32: the product of their index sets is
+    # far larger than the result, so the plan reads points, through the rows they touch.
+    rng = np.random.default_rng(5)
+    rows = np.zeros(200, [("x", "<f4"), ("img", "u1", (32, 32))])
+    rows["img"] = rng.integers(0, 255, (200, 32, 32))
+    path = tmp_path / "img.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("t", data=rows, chunks=(16,))
+    r, i, j = rng.integers(0, 200, 300), rng.integers(0, 32, 300), rng.integers(0, 32, 300)
+    with multitables.Reader(path, n_procs=1) as reader:
+        img = reader.get_dataset("t")["img"]
+        assert img[r + 0, i, j]._selection.points is not None  # the case under test
+        for key in [(r, i, j), (r[:, None], i[:5], 3), (np.sort(r)[::10], slice(None), j[:30])]:
+            check(reader, img[key], rows["img"][key])
+
+
 def test_proxy_repr_names_every_key(reader):
     proxy = reader.get_dataset("table")[3:9]["v"][1]
     assert "[slice(3, 9, None)]['v'][1]" in repr(proxy)
