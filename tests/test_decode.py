@@ -554,3 +554,30 @@ def test_inflate_is_the_decoder_in_use():
     assert bytes(decode.inflate(raw, DATA.nbytes)) == DATA.tobytes()
     with pytest.raises(ValueError):
         decode.inflate(raw, DATA.nbytes - 1)
+
+
+@pytest.mark.parametrize("value, expected", [("isal", "isal"), ("zlib", "None"),
+                                             ("libdeflate", "libdeflate")])
+def test_multitables_deflate_picks_the_decoder(value, expected):
+    import os
+    import subprocess
+    import sys
+
+    if value != "zlib" and value not in _installed_deflate():
+        pytest.skip(f"{value} is not installed")
+    out = subprocess.run([sys.executable, "-c", "from multitables import decode; "
+                          "print(decode._deflate_name)"], capture_output=True, text=True,
+                         env=dict(os.environ, MULTITABLES_DEFLATE=value), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
+
+
+def test_an_unknown_multitables_deflate_is_refused():
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import multitables"], capture_output=True,
+                         text=True, env=dict(os.environ, MULTITABLES_DEFLATE="gzip"), timeout=60)
+    assert out.returncode != 0
+    assert "MULTITABLES_DEFLATE='gzip': expected one of" in out.stderr
