@@ -156,7 +156,7 @@ def _row_numbers(entry) -> np.ndarray:
 @per_dataset  # a layout goes with its dataset (and its file descriptor with it)
 def _layout(dataset: h5py.Dataset) -> RawRows | None:
     dsid, shape = dataset.id, dataset.shape
-    if not shape or dataset.file.driver != "sec2" or dataset.is_virtual:
+    if not shape or not shape[0] or dataset.file.driver != "sec2" or dataset.is_virtual:
         return None
     if dataset.external:
         return None

@@ -139,3 +139,11 @@ def test_a_worker_keeps_one_map_per_file_version(tmp_path, monkeypatch):
     scattered_rows()
     assert len(rawread._MAPS) == 2
     assert next(reversed(rawread._MAPS.values())) is not first
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"chunks": (10, 3)}])
+def test_an_empty_dataset_has_no_raw_layout(tmp_path, kwargs):
+    """No rows, nothing to read past HDF5 (and no descriptor opened for it)."""
+    with h5py.File(tmp_path / "e.h5", "w") as f:
+        f.create_dataset("x", shape=(0, 3), dtype="<f4", maxshape=(None, 3), **kwargs)
+        assert RawRows.of(f["x"]) is None
