@@ -181,7 +181,10 @@ class Reader:
         self._owner = os.getpid()
         self._workers: StandbyWorkers | None = None
         self._pool: Crew | None = None
-        self._control = None
+        self._control: SharedArena | None = None
+        self._errors: ErrorBox | None = None
+        self._done: list[Counter] = []
+        self._sent: list[int] = []
         self._next_check = 0.0
         # Reentrant: a failure found while dispatching closes the Reader in the same thread.
         self._lock = threading.RLock()
@@ -251,7 +254,7 @@ class Reader:
             )
         request = Request(self, spec)
         if isinstance(stage, StagePool):
-            claimed = stage.take(request)
+            claimed = stage.take(request, self._check_serving)
         elif isinstance(stage, Stage):
             stage.claim(request)
             claimed = stage
@@ -328,7 +331,7 @@ class Reader:
         """Raise if the workers failed; called between the slices of every wait."""
         if self._closed:
             raise QueueClosedException("the reader was closed while a request was pending")
-        if self._errors.full():
+        if self._errors is not None and self._errors.full():
             exc = self._errors.exception()
             self.close(wait=False)
             raise exc
@@ -340,6 +343,11 @@ class Reader:
         except SubprocessException:
             self.close(wait=False)
             raise
+
+    def _check_serving(self) -> None:
+        """Raise if this Reader can no longer serve (closed, or its workers failed)."""
+        with self._lock:
+            self._check()
 
     def _check_open(self, what: str = "this Reader") -> None:
         if self._closed:

@@ -18,6 +18,7 @@ from ._ringbuf import Word
 from .errbox import ErrorBox
 from .errors import QueueClosedException, SharedMemoryError
 from .shm import PAGE, SharedArena, round_up
+from .workers import CHECK_INTERVAL
 
 # Stage states: a worker moves PENDING to DONE or FAILED; the consumer moves them back to IDLE.
 IDLE, PENDING, DONE, FAILED = 0, 1, 2, 3
@@ -130,8 +131,13 @@ class StagePool:
         for stage in stages:
             stage.pool = self
 
-    def take(self, request: object) -> Stage:
-        """Claim a free stage for ``request``, waiting until another thread frees one."""
+    def take(self, request: object, check: Callable[[], None] | None = None) -> Stage:
+        """Claim a free stage for ``request``, waiting until another thread frees one.
+
+        The wait ends at once when a stage is freed or closed (``free``/``close`` notify); every
+        CHECK_INTERVAL s it calls ``check`` (which raises if the Reader can no longer serve) and
+        raises if no other thread is left to free a stage. See NOTE [ Worker shutdown logic ].
+        """
         with self._cond:
             while True:
                 for i in range(len(self.stages)):
@@ -142,13 +148,17 @@ class StagePool:
                         return stage
                 if all(stage.closed for stage in self.stages):
                     raise QueueClosedException("the stage pool is closed")
+                if check is not None:
+                    check()  # the Reader closed, a worker died: no stage will be freed
                 if threading.active_count() == 1:
-                    # Nobody else can free a stage: waiting would hang forever.
+                    # Only another thread can free a stage (by taking a result), and there is
+                    # none: waiting would never end.
                     raise RuntimeError(
                         f"all {len(self.stages)} stages of the pool hold results that were not "
                         "collected; call get() on a pending request first, or make a larger pool"
                     )
-                self._cond.wait(0.1)
+                # free() and close() notify; the timeout only bounds the time between checks.
+                self._cond.wait(CHECK_INTERVAL)
 
     def notify(self) -> None:
         with self._cond:

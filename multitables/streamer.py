@@ -84,7 +84,8 @@ class Queue:
         self._plan = plan
         self._ordered = ordered
         self._ring = ring
-        self._lock = threading.Lock()  # guards the delivery state below
+        # Guards the delivery state below; reentrant: a failure found in get() closes the queue.
+        self._lock = threading.RLock()
         self._next_ticket = 0  # slot tickets handed to this process so far
         self._stash: dict[int, int] = {}  # ordered mode: ticket -> slot that came early
         self._slot = -1  # the slot whose blocks are being handed out
@@ -108,7 +109,9 @@ class Queue:
 
         After the end every call returns ``QueueClosed`` again (the sentinel of multitables
         2.0.1, kept for its users); ``queue.iter()`` is the documented way to read a queue, and
-        ``multitables.Loader`` the one to feed a training loop. Blocks until a block is ready. Safe to call from several threads: each block goes to
+        ``multitables.Loader`` the one to feed a training loop.
+
+        Blocks until a block is ready. Safe to call from several threads: each block goes to
         exactly one caller. Raises the worker's exception if a read failed, and
         ``SubprocessException`` if a worker died.
         """
@@ -195,6 +198,8 @@ class Queue:
         # and now and then even while blocks keep coming (one dead worker among live ones).
         ring = self._ring
         while True:
+            if self._closed:  # by another thread: no block after close()
+                return -1
             slot = ring.full.pop(WAIT_SLICE, self._wake_batch())
             if slot >= 0 and time.monotonic() < self._next_check:
                 return slot
@@ -230,9 +235,10 @@ class Queue:
             raise
 
     def _view(self, slot: int, rows: slice) -> np.ndarray:
-        if self._closed:
-            raise QueueClosedException("the queue was closed; its blocks are gone")
-        return self._slots[slot][rows]
+        with self._refs_changed:  # close() empties the slots under this lock
+            if self._closed:
+                raise QueueClosedException("the queue was closed; its blocks are gone")
+            return self._slots[slot][rows]
 
     def _release(self, slot: int, owner: int | None) -> None:
         with self._refs_changed:
@@ -246,18 +252,24 @@ class Queue:
 
     def close(self) -> None:
         """Stop reading, free the shared memory and hand the workers back to the Streamer, where
-        they stand by for its next queue. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        they stand by for its next queue. Idempotent, and safe from any thread, also while
+        others wait in ``get()`` (they get ``QueueClosed``) or hold guards (their ``with``
+        raises ``QueueClosedException``). See NOTE [ Worker shutdown logic ], step (3)."""
+        with self._refs_changed:
+            if self._closed:
+                return
+            self._closed = True
+            self._refs_changed.notify_all()  # wakes a get() waiting for a free slot
         _LIVE_QUEUES.discard(self)
         if os.getpid() != self._owner:
             return  # in a forked copy of the owner (a DataLoader worker): not our stream
-        self._ring.stop()
-        self._pool.stop()
-        self._slots = []
-        self._stash.clear()
-        self._ring.close()
+        self._ring.stop()  # wakes a get() waiting for a full slot; it sees the queue closed
+        with self._lock:  # every get() has left: nobody indexes the slots any more
+            self._pool.stop()
+            with self._refs_changed:
+                self._slots = []
+            self._stash.clear()
+            self._ring.close()
 
     def __enter__(self) -> Queue:
         return self
@@ -309,8 +321,14 @@ class Streamer:
         self.file_kwargs = kw
         self.start_method = start_method
         self._queues: weakref.WeakSet[Queue] = weakref.WeakSet()
-        # Started by the first queue, kept for the next ones until close().
+        # Started by the first queue, kept for the next ones until close(). A forked copy (a
+        # DataLoader worker) starts its own: see workers._after_fork_in_child.
         self._workers = StandbyWorkers(start_method, "Streamer")
+
+    def __reduce__(self):
+        # A Streamer travels (to a spawned process, a Pool's task) as its arguments; the copy
+        # starts its own workers with its first queue.
+        return _rebuild_streamer, (self.filename, self.start_method, self.file_kwargs)
 
     def get_queue(
         self,
@@ -441,6 +459,10 @@ class Streamer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _rebuild_streamer(filename, start_method, file_kwargs) -> Streamer:
+    return Streamer(filename, start_method=start_method, **file_kwargs)
 
 
 class _Rows:

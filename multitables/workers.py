@@ -432,6 +432,7 @@ class StandbyWorkers:
         """Start ``job`` on ``n_procs`` workers, idle ones first, fresh ones for the rest."""
         if self._closed:
             raise ValueError(f"this {self.name} is closed")
+        self._reap_idle()
         crew: list[_Worker] = []
         try:
             while len(crew) < n_procs:
@@ -453,9 +454,17 @@ class StandbyWorkers:
             raise
         return Crew(self, crew)
 
+    def _reap_idle(self) -> None:
+        """Reap the idle workers that died (killed while standing by): left in the list, each
+        would linger as a zombie, one process more than asked for, until ``close``."""
+        with self._lock:
+            dead = [w for w in self._idle if not w.alive()]
+            self._idle = [w for w in self._idle if w.alive()]
+        for worker in dead:
+            worker.wait_or_kill(0)
+
     def _take_idle(self) -> _Worker | None:
-        """A live idle worker; those that died while idle are reaped on the way, so no dead
-        worker lingers (a zombie, and one process more than asked for) until ``close``."""
+        """A live idle worker, if any; one that died since ``_reap_idle`` is reaped here."""
         while True:
             with self._lock:
                 if not self._idle:
