@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import sys
 import time
-import zlib
 from collections.abc import Callable
 
 import common
@@ -26,6 +25,7 @@ import numpy as np
 
 import multitables
 from multitables import _measure as m
+from multitables.decode import inflate
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 TARGETS = {  # (reader, over, at least): the bars of the Streamer issue, per file
@@ -91,12 +91,6 @@ def consumer_rows(nbytes: int, row_shape: tuple[int, ...], dtype: np.dtype
     return run
 
 
-try:  # the fastest deflate decoder Python can call here (the one multitables uses), else zlib
-    from isal.isal_zlib import decompress as _inflate
-except ImportError:
-    _inflate = zlib.decompress
-
-
 def _unshuffle(buf: bytes, itemsize: int) -> bytes:
     """HDF5's shuffle filter stores byte j of every element together; put them back."""
     a = np.frombuffer(buf, np.uint8)
@@ -110,7 +104,7 @@ def _decoders(ds: h5py.Dataset) -> list[Callable[[bytes, int], bytes]] | str:
     for i in range(plist.get_nfilters()):
         code = plist.get_filter(i)[0]
         if code == h5py.h5z.FILTER_DEFLATE:
-            out.append(lambda b, n: _inflate(b))
+            out.append(inflate)  # the deflate decoder multitables uses (libdeflate first)
         elif code == h5py.h5z.FILTER_SHUFFLE:
             out.append(lambda b, n, s=ds.dtype.itemsize: _unshuffle(b, s))
         elif code == h5py.h5z.FILTER_LZF:
