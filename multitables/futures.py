@@ -59,7 +59,9 @@ class Request:
         if self._stage is None:
             raise RuntimeError("this request holds no stage")
         memory = self._stage.memory
-        while not memory.state.wait_while(PENDING, WAIT_SLICE, REQUEST_SPIN):
+        # See NOTE [ Worker shutdown logic ], step (3): wait in slices, check the workers between.
+        state = memory.state  # held here: a stage closed meanwhile stays mapped for this wait
+        while not state.wait_while(PENDING, WAIT_SLICE, REQUEST_SPIN):
             self._reader._check()
         if memory.state.load() == FAILED:
             exc = memory.errors.exception()

@@ -44,7 +44,7 @@ _LIVE_READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
 
 
 @atexit.register
-def _close_live_readers() -> None:
+def _close_live_readers() -> None:  # See NOTE [ Worker shutdown logic ], step (6).
     for reader in list(_LIVE_READERS):
         reader.close(wait=False)
 
@@ -82,7 +82,7 @@ class _RequestJob:
         self.stages: dict[int, StageMemory] = {}
 
     def next_task(self, parent_alive) -> tuple[int, ReadSpec] | None:
-        # See NOTE [ Worker shutdown logic ], step (2): block on the channel, check the parent.
+        # See NOTE [ Worker shutdown logic ], step (3): block on the channel, check the parent.
         while True:
             message = self.channel.receive(IDLE_CHECK)
             if message is TIMEOUT:
@@ -177,7 +177,7 @@ class Reader:
     def _forget_inherited(self) -> None:
         """No workers yet (they start with the first request). Also run in a forked child (a
         DataLoader worker, a Pool's), where the workers are the parent's: this copy starts its
-        own, and every stage is mapped anew in them."""
+        own, and every stage is mapped anew in them. See NOTE [ Worker shutdown logic ], (7)."""
         self._owner = os.getpid()
         self._workers: StandbyWorkers | None = None
         self._pool: Crew | None = None
@@ -276,8 +276,8 @@ class Reader:
         return request
 
     def _dispatch(self, stage: Stage, spec: ReadSpec) -> None:
-        """Send the read to the least busy worker. See NOTE [ Worker shutdown logic ]: the
-        Reader's side; every send is sliced and gives up once a worker dies or this closes."""
+        """Send the read to the least busy worker. See NOTE [ Worker shutdown logic ], step (3):
+        every send is sliced and gives up once a worker dies or this Reader closes."""
         with self._lock:
             self._check_open()
             if self._pool is None:
@@ -359,7 +359,7 @@ class Reader:
         """Stop the workers and free every stage. Idempotent; no worker outlives the call.
 
         With ``wait``, workers may finish the read they are doing (up to 2 s); without it, any
-        still busy after 0.2 s are killed. See NOTE [ Worker shutdown logic ], step (3).
+        still busy after 0.2 s are killed. See NOTE [ Worker shutdown logic ], steps (4), (5).
         """
         if self._closed:
             return

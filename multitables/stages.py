@@ -20,7 +20,8 @@ from .errors import QueueClosedException, SharedMemoryError
 from .shm import PAGE, SharedArena, round_up
 from .workers import CHECK_INTERVAL
 
-# Stage states: a worker moves PENDING to DONE or FAILED; the consumer moves them back to IDLE.
+# Stage states: the Reader moves IDLE to PENDING, a worker PENDING to DONE or FAILED, the
+# consumer DONE or FAILED back to IDLE. See NOTE [ Worker shutdown logic ], step (3).
 IDLE, PENDING, DONE, FAILED = 0, 1, 2, 3
 
 _META = 64  # int64 result metadata (row counts of variable-size results) at this offset
@@ -100,6 +101,8 @@ class Stage:
         self.owner = request
 
     def free(self) -> None:
+        """Ready for the next request: its result was taken. See NOTE [ Worker shutdown logic ],
+        step (3)."""
         self.owner = None
         if not self.closed:
             self.memory.state.set(IDLE)
@@ -136,7 +139,8 @@ class StagePool:
 
         The wait ends at once when a stage is freed or closed (``free``/``close`` notify); every
         CHECK_INTERVAL s it calls ``check`` (which raises if the Reader can no longer serve) and
-        raises if no other thread is left to free a stage. See NOTE [ Worker shutdown logic ].
+        raises if no other thread is left to free a stage. See NOTE [ Worker shutdown logic ],
+        step (3).
         """
         with self._cond:
             while True:

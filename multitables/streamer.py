@@ -32,7 +32,8 @@ __all__ = ["Guard", "Queue", "Streamer"]
 # A consumer that outpaces its workers sleeps until this many slots are filled (see _wake_batch).
 WAKE_BATCH = 2
 
-# Queues alive in this process, closed at interpreter exit. See NOTE [ Worker shutdown logic ].
+# Queues alive in this process, closed at interpreter exit. See NOTE [ Worker shutdown logic ],
+# step (6).
 _LIVE_QUEUES: weakref.WeakSet[Queue] = weakref.WeakSet()
 
 
@@ -254,7 +255,7 @@ class Queue:
         """Stop reading, free the shared memory and hand the workers back to the Streamer, where
         they stand by for its next queue. Idempotent, and safe from any thread, also while
         others wait in ``get()`` (they get ``QueueClosed``) or hold guards (their ``with``
-        raises ``QueueClosedException``). See NOTE [ Worker shutdown logic ], step (3)."""
+        raises ``QueueClosedException``). See NOTE [ Worker shutdown logic ], step (4)."""
         with self._refs_changed:
             if self._closed:
                 return
@@ -295,7 +296,7 @@ class Streamer:
         The HDF5 file. It is opened (read-only) when a queue or generator is made, so a missing
         file raises there, in the caller.
     start_method : {'fork', 'spawn', 'forkserver'}, optional
-        How workers start; fork on Linux by default.
+        How workers start; fork by default.
     **kw
         Passed to ``h5py.File`` in every worker (e.g. ``driver``, ``rdcc_nbytes``).
 

@@ -92,7 +92,8 @@ class StreamJob:
         self.slots = slot_arrays(plan, self.ring)
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
-        """A free slot and the ticket of the blocks to read into it; None when done."""
+        """A free slot and the ticket of the blocks to read into it; None when done. See NOTE
+        [ Worker shutdown logic ], steps (2) and (4)."""
         ring, end = self.ring, self.plan.n_slot_tickets
         while True:
             if end is not None and ring.tickets.load() >= end:

@@ -11,47 +11,61 @@ NOTE [ Worker shutdown logic ]
     front door (consumer)                          worker process (one per channel)
     ─────────────────────                          ────────────────────────────────
     StandbyWorkers.run(job, n) ──Channel: job───▶  (1) idle: blocks on its channel
-      (idle workers first, fresh ones started         (IDLE_CHECK s slices, parent check)
-       lazily, also from a daemonic process)       (2) maps the job's arenas (SCM_RIGHTS),
-                                                       opens the HDF5 file, runs tasks
+      idle workers first, fresh ones started      (2) maps the job's arenas, opens the file,
+      lazily (also from a daemonic process)            runs tasks, publishes with release stores
     ring jobs (Streamer, Loader):                      ring: free queue → slot → full queue
-      wait on the ring's futex words    ◀──────        Reader: "read" messages on the channel
-    Reader: send "read" (sliced sends),                publish results with release stores
+      wait on the ring's futex words    ◀──────    (3) Reader: "read" messages on the channel,
+    Reader: "read" down the channel    ───────▶        result in the stage, state word DONE
       wait on the stage's state word    ◀──────
-      every wait in WAIT_SLICE slices,             (3) end of job: ring stopped / ring done /
-      Crew.check() between them                        "end" message → closes the file,
-    end of job: ring.stop() or "end"   ────────▶       answers "done", back to (1)
-    Crew.stop(): "done" within JOIN_TIMEOUT  ◀────
-      → back to standby; else SIGKILL              (4) "stop", EOF on the channel (the parent's
-    StandbyWorkers.close(): "stop", join           end closed: it exited or died) or a dead
-      JOIN_TIMEOUT s, then SIGKILL                     parent found between slices → exit(0)
+    end of job: ring.stop() or "end"   ───────▶    (4) closes the file, answers "done",
+    Crew.stop(): "done" within JOIN_TIMEOUT ◀───        back to (1)
+      else SIGKILL
+    StandbyWorkers.close(): "stop"     ───────▶    (5) exit(0); also on EOF (the parent's end
+      join JOIN_TIMEOUT, then SIGKILL                  closed: it exited or died) or a dead
+                                                       parent seen between waits
 
-The Reader's side: a request claims a stage (``Stage.claim``; a pool's ``take`` waits, notified
-by ``free``/``close``, in CHECK_INTERVAL slices), ``Reader._dispatch`` moves its state word IDLE →
-PENDING and sends ("read", stage, spec, arena the first time) to the least busy worker; the worker
-moves it to DONE or FAILED (its exception in the stage's ``ErrorBox``) and counts the task done;
-the waiting ``get`` takes the result and moves the stage back to IDLE (``Stage.free``).
-
-Exit-hook order (atexit is last-in, first-out): multiprocessing.util's hook is registered first
-(imported below), so it runs last, after ``streamer._close_live_queues``, then
-``reader._close_live_readers`` and ``_end_live_standby`` have already stopped or killed every
-worker (its own joins would wait forever on a stopped one). In a daemonic process (a DataLoader
-worker) atexit does not run: multiprocessing's exit function terminates the workers, which are
-daemonic too, and a killed parent closes their channels.
+Steps:
+(1) Start and stand by (``StandbyWorkers.run``, ``_worker_main``, ``_next_job``): workers start
+    when a job first needs them and are kept between jobs; an idle worker blocks on its channel
+    in IDLE_CHECK slices, checking its parent between them.
+(2) A job (``_run_job``): the job arrives pickled, each ``SharedArena`` in it as a descriptor
+    (``Channel``); the worker opens the HDF5 file, serves tasks until the job's ``next_task``
+    returns None, and reports a failure in the job's ``ErrorBox``.
+(3) The Reader's requests: a request claims a stage (``Stage.claim``; ``StagePool.take`` waits,
+    woken by ``free``/``close``, checking the Reader every CHECK_INTERVAL). The stage's state
+    word goes IDLE → PENDING (``Reader._dispatch``, which sends ("read", stage, spec, its arena
+    the first time) to the least busy worker, in sliced sends that give up once the worker dies
+    or the Reader closes) → DONE or FAILED (the worker; its exception in the stage's ErrorBox) →
+    IDLE (``Request._release`` through ``Stage.free``, once the result is taken). A closed stage
+    is dropped in the workers that mapped it ("drop", at the next dispatch).
+(4) End of a job: the owner stops the ring (``Ring.stop``: stop word, queues closed, waiters
+    woken) or sends "end" (``Crew.end``, the Reader); each worker answers "done" and stands by
+    again; ``Crew.stop`` waits for the answers with one deadline (JOIN_TIMEOUT, or what the
+    caller gives) and kills the workers that did not answer.
+(5) End of the pool (``StandbyWorkers.close``, ``_end_all``): "stop" to every idle worker, one
+    join deadline for all, then SIGKILL. A crew still out ends its workers when it stops.
+(6) Exit hooks (atexit is last-in, first-out): multiprocessing.util's hook is registered first
+    (imported below) so it runs last; before it run ``streamer._close_live_queues``,
+    ``reader._close_live_readers`` and ``workers._end_live_standby``, which stop or kill every
+    worker (multiprocessing's own joins would wait forever on a stopped one). A daemonic
+    process (a DataLoader worker) runs no atexit hooks: multiprocessing's exit function
+    terminates our workers, which are daemonic too.
+(7) Fork: a child forked from the owner (``_after_fork_in_child``, ``Reader._forget_inherited``)
+    closes its copies of the parent's channel ends and forgets the parent's workers; its copies
+    start their own, and its ``close`` never touches the owner's.
 
 Guarantees:
 1. No hang if a worker dies: every wait and every send of the consumer is sliced (WAIT_SLICE),
    and ``Crew.check`` raises ``SubprocessException`` naming the worker, its pid and its exit code
    or signal; a closed front door ends a blocked send of another thread within a slice.
 2. No orphans if the consumer dies: a worker's channel ends in EOF once its parent's end is gone
-   (children forked from the parent close their copies of it: ``_after_fork_in_child``), and
-   workers check the parent's sentinel between slices; shared memory is a memfd, freed with the
-   last process.
+   (step 7), and workers check their parent between slices; shared memory is a memfd, freed
+   with the last process.
 3. Errors raised inside a worker are sent back (type, message, traceback text, where) through
    shared memory (``ErrorBox``) and re-raised in the consumer's thread where it waits.
-4. ``close``/``stop`` are idempotent and safe from ``__del__`` and at interpreter exit; copies in
-   a forked child never touch the owner's workers; workers ignore SIGINT, so Ctrl-C reaches only
-   the consumer, whose cleanup stops them; hung workers cost one JOIN_TIMEOUT in all.
+4. ``close``/``stop`` are idempotent and safe from ``__del__``, from another thread and at
+   interpreter exit; workers ignore SIGINT, so Ctrl-C reaches only the consumer, whose cleanup
+   stops them; hung workers cost one JOIN_TIMEOUT in all, not one each.
 """
 
 from __future__ import annotations
@@ -238,7 +252,7 @@ def _worker_main(channel: Channel, worker: int) -> None:
 
     The file is opened per job: an HDF5 file open in an idle worker would hold its lock, and no
     process could open the file for writing between two passes. See NOTE [ Worker shutdown
-    logic ], steps (1) to (4).
+    logic ], steps (1), (2), (4) and (5).
     """
     global _CHANNEL
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -284,7 +298,7 @@ def _parent_alive() -> Callable[[], bool]:
 
 
 def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool]) -> None:
-    """One job in one worker, for every front door. See NOTE [ Worker shutdown logic ], (2)-(3)."""
+    """One job in one worker, for every front door. See NOTE [ Worker shutdown logic ], (2)."""
     where = f"in {job.name} worker {worker} (pid {os.getpid()})"
     try:
         with contextlib.closing(OpenFile(job.filename, job.file_kwargs())) as source:
@@ -483,7 +497,8 @@ class StandbyWorkers:
         _end_all(workers, JOIN_TIMEOUT)
 
     def close(self) -> None:
-        """End the idle workers (a crew still out ends its own when it stops). Idempotent."""
+        """End the idle workers (a crew still out ends its own when it stops). Idempotent.
+        See NOTE [ Worker shutdown logic ], step (5)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -524,7 +539,8 @@ class Crew:
         self._workers[worker].send(message, check)
 
     def end(self) -> None:
-        """Tell workers that read their channel during the job (a Reader's) that it is over."""
+        """Tell workers that read their channel during the job (a Reader's) that it is over.
+        See NOTE [ Worker shutdown logic ], step (4)."""
         for worker in self._workers:
 
             def give_up() -> None:
@@ -536,7 +552,7 @@ class Crew:
     def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
         """Wait for each worker to finish the job (the owner has told them to), one deadline for
         all; those that did go back to standby, the others are killed. See NOTE [ Worker
-        shutdown logic ], step (3)."""
+        shutdown logic ], step (4)."""
         deadline = time.monotonic() + join_timeout
         done: list[_Worker] = []
         stuck: list[_Worker] = []
@@ -556,14 +572,14 @@ _LIVE_STANDBY: weakref.WeakSet[StandbyWorkers] = weakref.WeakSet()
 
 
 @atexit.register
-def _end_live_standby() -> None:
+def _end_live_standby() -> None:  # See NOTE [ Worker shutdown logic ], step (6).
     for standby in list(_LIVE_STANDBY):
         standby.close()
 
 
 def _after_fork_in_child() -> None:
     """A forked child (our worker, a DataLoader worker) closes its copies of the parent's channel
-    ends and forgets the parent's idle workers. See NOTE [ Worker shutdown logic ], guarantee 2."""
+    ends and forgets the parent's idle workers. See NOTE [ Worker shutdown logic ], step (7)."""
     for channel in list(_PARENT_ENDS):
         with contextlib.suppress(OSError):
             channel.close()
