@@ -570,12 +570,12 @@ class _Outputs:
 
     def gather(self, columns: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
         if self.copy:
-            return [np.take(column, index, axis=0) for column in columns]
+            return [_take(column, index) for column in columns]
         self.turn ^= 1
         self.poison(self.buffers[self.turn ^ 1])
         outs = [buffer[: len(index)] for buffer in self.buffers[self.turn]]
         for column, out in zip(columns, outs, strict=True):
-            np.take(column, index, axis=0, out=out)
+            _take(column, index, out)
         return outs
 
     @staticmethod
@@ -583,6 +583,17 @@ class _Outputs:
         """Make a lease that is over read as all bits set, rather than as other rows."""
         for array in arrays:
             array.view(np.uint8).fill(POISON)
+
+
+def _take(column: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``column[index]`` (into ``out``). np.take copies a strided input (a field of a table)
+    whole before it gathers: index that one instead."""
+    if column.flags.c_contiguous:
+        return np.take(column, index, axis=0, out=out)
+    if out is None:
+        return column[index]
+    out[...] = column[index]
+    return out
 
 
 # ------------------------------------------------------------------------------ columns and ranks

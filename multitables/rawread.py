@@ -65,6 +65,10 @@ class RawRows:
         self._gather(_row_numbers(sel.dims[0])[key[0].reshape(-1)], out)
         return True
 
+    def take(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out`` with whole rows ``rows`` (int64 row numbers in range, in any order)."""
+        self._gather(rows, out)
+
     def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         gather_rows(_file_map(self.fd, self.end, self._map), out.reshape(-1).view(np.uint8), rows,
                     self.chunk_offsets, self.chunk_rows, self.row_bytes)
