@@ -1,4 +1,5 @@
-"""Run every benchmark in turn with the same files and rounds: stream, hand-over, random access.
+"""Run every benchmark in turn with the same files and rounds: stream, hand-over, random access,
+shuffled training epochs (the Loader) and dask.
 
     python bench/run_all.py [--dir DIR] [--size-mb 1024] [--compressed-mb 256] [--rounds 5]
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+import bench_dask
 import bench_handover
+import bench_loader
 import bench_random
 import bench_stream
 import datafiles
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--compressed-mb", str(args.compressed_mb)]
     if args.no_torch:
         common.append("--no-torch")
-    for script in (bench_stream, bench_handover, bench_random):
+    for script in (bench_stream, bench_handover, bench_random, bench_loader, bench_dask):
         print(f"\n######## {script.__name__}\n", flush=True)
         script.main(common)
     return 0
