@@ -153,6 +153,12 @@ class Queue:
 
     def _next_slot(self) -> bool:
         """Move on to the next filled slot; False once the stream has ended."""
+        if os.getpid() != self._owner:  # the ring is the owner's: its blocks are not ours to take
+            raise RuntimeError(
+                f"this queue streams to process {self._owner}, not to its forked copy "
+                f"{os.getpid()}: make the queue in this process (a Streamer copied by fork or "
+                "pickle starts workers of its own)"
+            )
         if self._slot >= 0:
             self._release(self._slot, None)  # the reference kept while handing out its blocks
             self._slot = -1

@@ -227,3 +227,28 @@ def test_workers_of_a_daemonic_process_exit_when_it_is_killed(path):
         Child._kill_workers(alive)
         assert alive == [], (
             f"workers {alive} outlived their daemonic parent by {time.monotonic() - t0:.1f} s")
+
+
+def _get_inherited(queue, out) -> None:
+    try:
+        queue.get()
+    except RuntimeError as exc:
+        out.put(str(exc))
+    else:
+        out.put("no error")
+
+
+def test_a_queue_inherited_by_a_forked_child_names_the_fix_instead_of_taking_blocks(path):
+    with multitables.Streamer(path) as streamer:
+        with streamer.get_queue("x", n_procs=1, ordered=True, block_size=10) as queue:
+            ctx = multiprocessing.get_context("fork")
+            out = ctx.Queue()
+            child = ctx.Process(target=_get_inherited, args=(queue, out))
+            child.start()
+            message = out.get(timeout=30)
+            child.join(30)
+            assert "make the queue in this process" in message, message
+            with queue.get() as block:  # the child took nothing
+                np.testing.assert_array_equal(block, _truth()[:10])
+            out.close()
+            out.join_thread()
