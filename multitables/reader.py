@@ -32,6 +32,7 @@ from .workers import (
     END,
     IDLE_CHECK,
     JOIN_TIMEOUT,
+    STOP_GRACE,
     TIMEOUT,
     Crew,
     StandbyWorkers,
@@ -358,8 +359,9 @@ class Reader:
     def close(self, wait: bool = False) -> None:
         """Stop the workers and free every stage. Idempotent; no worker outlives the call.
 
-        With ``wait``, workers may finish the read they are doing (up to 2 s); without it, any
-        still busy after 0.2 s are killed. See NOTE [ Worker shutdown logic ], steps (4), (5).
+        With ``wait``, workers may finish the read they are doing (up to JOIN_TIMEOUT, 2 s);
+        without it, any still busy after STOP_GRACE (0.2 s) are killed. See NOTE [ Worker
+        shutdown logic ], steps (4), (5).
         """
         if self._closed:
             return
@@ -371,7 +373,7 @@ class Reader:
         try:
             if self._pool is not None:
                 self._pool.end()
-                self._pool.stop(join_timeout=2.0 if wait else 0.2)
+                self._pool.stop(join_timeout=JOIN_TIMEOUT if wait else STOP_GRACE)
                 self._pool = None
             if self._workers is not None:
                 self._workers.close()

@@ -96,6 +96,8 @@ WAIT_SLICE = 0.1
 CHECK_INTERVAL = 0.5
 # How long stopping waits for workers to finish on their own before killing them.
 JOIN_TIMEOUT = 2.0
+# How long a stop that does not wait (Reader.close(wait=False)) lets a worker end its read.
+STOP_GRACE = 0.2
 # An idle worker blocks on its channel (EOF tells it its parent is gone) and checks the parent's
 # sentinel this often besides, for the rare process that kept a copy of the parent's end.
 IDLE_CHECK = 1.0
@@ -328,15 +330,16 @@ def _start(proc) -> None:
     """
     config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
     with _START_LOCK:
-        daemonic = config.get("daemon", False)
+        missing = object()
+        daemonic = config.get("daemon", missing)
         config["daemon"] = False
         try:
             proc.start()
         finally:
-            if daemonic:
-                config["daemon"] = daemonic
+            if daemonic is missing:
+                del config["daemon"]
             else:
-                config.pop("daemon", None)
+                config["daemon"] = daemonic
 
 
 class _Worker:
@@ -451,18 +454,19 @@ class StandbyWorkers:
         try:
             while len(crew) < n_procs:
                 worker = self._take_idle()
+                fresh = worker is None
                 if worker is None:
                     with self._lock:
                         number, self._started = self._started, self._started + 1
                     worker = _Worker(self._ctx, self.name, number, self._niceness)
+                crew.append(worker)  # from here on ended with the crew if anything fails
+                try:
                     worker.send(job)
-                else:
-                    try:
-                        worker.send(job)
-                    except OSError:  # it died while idle: take another
-                        worker.wait_or_kill(0)
-                        continue
-                crew.append(worker)
+                except OSError:
+                    crew.pop().wait_or_kill(0)
+                    if fresh:
+                        raise
+                    # An idle one died since _reap_idle: take another.
         except BaseException:
             _end_all(crew, 0)
             raise

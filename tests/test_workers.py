@@ -58,6 +58,7 @@ def test_a_channel_carries_objects_and_arenas_of_any_size():
             b.receive(1)
     finally:
         arena.close()
+        a.close()
         b.close()
 
 
