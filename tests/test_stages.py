@@ -129,3 +129,33 @@ def test_vlen_one_element_over_raises_naming_both_sizes(stage_file, base):
         reader.request(ds[4:8], stage).get()
     three = reader.request(ds[4:7], stage).get()  # and the stage is free again
     np.testing.assert_array_equal(np.concatenate(list(three)), np.array([10, 10, 10], base))
+
+
+def test_a_taken_result_leaves_its_stage_idle(stage_file):
+    """The stage states of NOTE [ Worker shutdown logic ]: DONE or FAILED go back to IDLE once
+    the result (or the error) is taken."""
+    from multitables.stages import IDLE
+
+    reader, truth = stage_file
+    ds = reader.get_dataset("one")
+    stage = ds.create_stage(5)
+    assert stage.memory.state.load() == IDLE
+    np.testing.assert_array_equal(reader.request(ds[0:5], stage).get(), truth["one"][0:5])
+    assert stage.memory.state.load() == IDLE
+    with pytest.raises(multitables.SharedMemoryError):
+        reader.request(ds[0:6], stage).get()
+    assert stage.memory.state.load() == IDLE
+
+
+def test_a_pool_with_a_closed_stage_serves_from_the_others(stage_file):
+    reader, truth = stage_file
+    ds = reader.get_dataset("one")
+    pool = ds.create_stage_pool(5, 3)
+    pool.stages[0].close()
+    for i in range(4):  # each turn of the pool passes the closed stage
+        np.testing.assert_array_equal(reader.request(ds[i : i + 5], pool).get(),
+                                      truth["one"][i : i + 5])
+    for stage in pool.stages[1:]:
+        stage.close()
+    with pytest.raises(multitables.QueueClosedException, match="stage pool is closed"):
+        reader.request(ds[0:5], pool)
