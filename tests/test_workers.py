@@ -104,6 +104,26 @@ def test_a_worker_killed_while_standing_by_is_reaped_not_left_as_one_process_too
             np.testing.assert_array_equal(got, np.arange(20_000 * 8, dtype="<f4").reshape(-1, 8))
 
 
+def _sockets(pid: int) -> int:
+    fds = f"/proc/{pid}/fd"
+    return sum(os.readlink(f"{fds}/{fd}").startswith("socket:") for fd in os.listdir(fds))
+
+
+def test_a_worker_holds_only_its_own_end_of_its_channel(path):
+    """A worker forked after others must not keep their parent's ends open (nor its own parent
+    end): each worker's channel then ends in EOF as soon as the parent is gone."""
+    with multitables.Streamer(path) as stream, multitables.Reader(path, n_procs=2) as reader:
+        ds = reader.get_dataset("x")
+        reader.request(ds[3], ds.create_stage(1)).get()
+        with stream.get_queue("x", n_procs=2) as queue:
+            pids = [p.pid for p in reader._pool.procs + queue._pool.procs]
+            deadline = time.monotonic() + 5  # a worker just forked may not have run its hook
+            while (held := {pid: _sockets(pid) for pid in pids}) != dict.fromkeys(pids, 1):
+                assert time.monotonic() < deadline, f"sockets held by each worker: {held}"
+                time.sleep(0.05)
+            drain_rows(queue)
+
+
 def test_reader_workers_stand_by_at_the_callers_priority(path):
     with multitables.Reader(path, n_procs=2) as reader:
         ds = reader.get_dataset("x")
