@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,20 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SubprocessException
-from .loadjob import BATCHES, UNITS, LoadJob, LoadPlan, plan_units, regions, ring_for
+from .loadepoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
+from .loadjob import plan_units
 from .order import EpochOrder, plan_rank, worker_batches
-from .ring import CLOSED, Ring
+from .ring import Ring
 from .source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
-from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
+from .workers import StandbyWorkers
 
 __all__ = ["Loader"]
 
 # A default window holds at least this many units and about this many bytes of rows.
 WINDOW_UNITS = 16
 WINDOW_BYTES = 32 << 20
-# What a batch used after the next one was asked for reads as, with copy=False (NaN for floats).
-POISON = 0xFF
 STATE_VERSION = 1
 
 _LIVE_LOADERS: weakref.WeakSet[Loader] = weakref.WeakSet()
@@ -132,6 +129,9 @@ class Loader:
         self.n_procs = default_n_procs() if n_procs is None else check_positive_int(
             "n_procs", n_procs)
         self.rank, self.world_size = _rank_and_world(rank, world_size)
+        # A copy made by pickling (a spawned DataLoader worker) keeps this rank and these
+        # workers, whatever its own process would find.
+        self._args.update(rank=self.rank, world_size=self.world_size, n_procs=self.n_procs)
         self._kind, self._columns, self._infos = _resolve_columns(self.filename, columns, kw)
         self.n_rows = self._infos[0].shape[0]
         self._unfiltered = _unfiltered(self.filename, self._infos, kw)
@@ -148,10 +148,8 @@ class Loader:
         self.order(0)  # a bad seed raises here, not at the first epoch
         self._next_epoch: int = 0
         self._next_history: list[list[int]] = []
-        self._playing: tuple[int, Any, int] | None = None  # (epoch, plan, batches yielded)
-        self._workers: StandbyWorkers | None = None
-        self._idle_ring: Ring | None = None  # the last epoch's, kept for the next
-        self._owner = os.getpid()
+        self._playing: _Progress | None = None  # the epoch this process plays or played last
+        self._local = _Local(start_method)
         self._closed = False
         _LIVE_LOADERS.add(self)
 
@@ -169,7 +167,8 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Play ``epoch`` at the next iteration (from its start); later ones follow it."""
-        self._next_epoch = operator_index("epoch", epoch)
+        self.order(epoch)  # a bad epoch raises here
+        self._next_epoch = int(epoch)
         self._next_history = []
         self._playing = None
 
@@ -181,10 +180,11 @@ class Loader:
     # ---- resuming ----
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the next iteration resumes: right after the last batch yielded so far, or at
-        the start of the next epoch once one has ended. Plain JSON-serialisable data."""
+        """Where a Loader given this state resumes: right after the last batch yielded so far,
+        or at the start of the next epoch once one has ended (a plain next iteration of this
+        Loader starts the next epoch even after a ``break``). Plain JSON-serialisable data."""
         if self._playing is not None:
-            epoch, plan, done = self._playing
+            epoch, plan, done = self._playing.epoch, self._playing.plan, self._playing.done
             if done < plan.n_batches:
                 position = {"epoch": epoch, "history": plan.history_after(done)}
             else:
@@ -206,6 +206,9 @@ class Loader:
                     f"the state was taken from a Loader with {key}={state.get(key)!r}, this one "
                     f"has {key}={value!r}; resume with the same settings")
         history = [[int(w), int(k)] for w, k in state["history"]]
+        self.order(state["epoch"])  # a bad epoch raises here
+        plan_rank(self.n_rows, self.batch_size, self.world_size, self.rank,
+                  drop_last=self.drop_last, history=history)  # so does a bad history
         self._next_epoch, self._next_history = int(state["epoch"]), history
         self._playing = None
 
@@ -229,31 +232,36 @@ class Loader:
         plan = plan_rank(self.n_rows, self.batch_size, self.world_size, self.rank,
                          drop_last=self.drop_last, history=history)
         batches = worker_batches(plan.n_batches, n_workers, worker)
-        playing = [epoch, plan, batches.start]
+        progress = _Progress(epoch, plan, batches.start)
         if n_workers == 1:
-            self._playing = playing  # type: ignore[assignment]
-        return self._play(self.order(epoch), plan, batches, playing)
+            self._playing = progress
+        return self._play(self.order(epoch), plan, batches, progress)
 
-    def _play(self, order: EpochOrder, plan, batches: range, playing: list) -> Iterator[Any]:
+    def _play(self, order: EpochOrder, plan, batches: range,
+              progress: _Progress) -> Iterator[Any]:
         if not batches:
             return
         B = self.batch_size
         total = sum(stop - start for start, stop in plan.intervals())
         first, last = batches.start * B, min(batches.stop * B, total)
-        intervals = _cut(plan.intervals(), first, last)
+        intervals = cut(plan.intervals(), first, last)
+        local = self._here()
         if self._reads_batches():
-            epoch: _Reads = _BatchReads(self, order.rows_at(_arange(intervals)))
+            epoch: Reads = BatchReads(self, local, rows_of(order, intervals))
         else:
-            epoch = _UnitReads(self, order, _pieces(order, intervals), last - first)
+            epoch = UnitReads(self, local, order, pieces(order, intervals), last - first)
+        outputs = None
         try:
-            outputs = _Outputs(self, epoch.columns)
+            outputs = Outputs(self, epoch.columns)
             for k in batches:
                 self._check_open()
                 arrays = epoch.batch(k * B - first, min((k + 1) * B, total) - first, outputs)
-                playing[2] = k + 1
+                progress.done = k + 1
                 yield self._pack(arrays)
         finally:
             epoch.close()
+            if outputs is not None:
+                outputs.end()
 
     def _reads_batches(self) -> bool:
         """Whether to read each batch's rows from the file (unfiltered data: the page cache
@@ -268,15 +276,13 @@ class Loader:
             return tuple(arrays)
         return {column.name: a for column, a in zip(self._columns, arrays, strict=True)}
 
-    def _pool(self) -> StandbyWorkers:
-        """This process's workers: a forked copy of a Loader (a DataLoader worker) starts its own
-        and leaves its parent's alone."""
-        if os.getpid() != self._owner:
-            self._owner, self._workers, self._idle_ring = os.getpid(), None, None
+    def _here(self) -> _Local:
+        """What this Loader holds in this process: a forked copy (a DataLoader worker) starts
+        afresh and leaves its parent's workers and memory alone."""
+        if self._local.pid != os.getpid():
+            self._local = _Local(self.start_method)
             _LIVE_LOADERS.add(self)
-        if self._workers is None:
-            self._workers = StandbyWorkers(self.start_method, "Loader")
-        return self._workers
+        return self._local
 
     # ---- shutdown ----
 
@@ -290,12 +296,8 @@ class Loader:
             return
         self._closed = True
         _LIVE_LOADERS.discard(self)
-        if os.getpid() == self._owner:
-            if self._workers is not None:
-                self._workers.close()
-            if self._idle_ring is not None:
-                self._idle_ring.close()
-        self._workers = self._idle_ring = None
+        if self._local.pid == os.getpid():
+            self._local.close()
 
     def __enter__(self) -> Loader:
         return self
@@ -323,277 +325,54 @@ def _unpickle(args: dict[str, Any], state: dict[str, Any]) -> Loader:
     return loader
 
 
-def operator_index(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return int(value)
-
-
-# ------------------------------------------------------------------------------ one epoch's reads
-
-
 @dataclass
-class _Piece:
-    """Consecutive positions of the epoch that lie in one window: its units are read together."""
+class _Progress:
+    """An epoch being played: its plan and the batches of it yielded so far."""
 
-    start: int  # offset in this iterator's sequence of positions
-    stop: int
-    window: int
-    intervals: list[tuple[int, int]]  # epoch positions
-    units: np.ndarray  # units read for it, in ticket order
-    first_ticket: int = 0
-    flat: np.ndarray | None = None  # per position: its row's index in the regions, once read
+    epoch: int
+    plan: Any
+    done: int
 
 
-def _cut(intervals: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
-    """The positions at sequence offsets ``first:last`` of ``intervals``."""
-    out, at = [], 0
-    for start, stop in intervals:
-        lo, hi = max(first - at, 0), min(last - at, stop - start)
-        if lo < hi:
-            out.append((start + lo, start + hi))
-        at += stop - start
-    return out
+class _Local:
+    """What a Loader holds in one process: its workers, the last epoch's ring (kept for the
+    next, its memory reserved and mapped already) and the epochs being read. Made anew in a
+    forked copy: the parent's belong to the parent."""
 
+    def __init__(self, start_method: str | None):
+        self.pid = os.getpid()
+        self.start_method = start_method
+        self.workers: StandbyWorkers | None = None
+        self.idle_ring: Ring | None = None
+        self.reads: weakref.WeakSet[Reads] = weakref.WeakSet()
 
-def _pieces(order: EpochOrder, intervals: list[tuple[int, int]]) -> list[_Piece]:
-    """Split positions at window bounds; each piece reads the units its rows lie in."""
-    pieces: list[_Piece] = []
-    at = 0
-    for start, stop in intervals:
-        while start < stop:
-            w = order.window_of(start)
-            end = min(stop, order.window_bounds(w)[1])
-            if pieces and pieces[-1].window == w and pieces[-1].stop == at:
-                pieces[-1].intervals.append((start, end))
-                pieces[-1].stop += end - start
-            else:
-                pieces.append(_Piece(at, at + end - start, w, [(start, end)], np.empty(0)))
-            at += end - start
-            start = end
-    ticket = 0
-    for piece in pieces:
-        units = order.window_units(piece.window)
-        if piece.intervals != [order.window_bounds(piece.window)]:
-            rows = order.rows_at(_positions(piece))
-            units = units[np.isin(units, np.unique(rows // order.unit_rows))]
-        piece.units, piece.first_ticket = units, ticket
-        ticket += len(units)
-    return pieces
+    def pool(self) -> StandbyWorkers:
+        if self.workers is None:
+            self.workers = StandbyWorkers(self.start_method, "Loader")
+        return self.workers
 
+    def take_ring(self) -> Ring | None:
+        ring, self.idle_ring = self.idle_ring, None
+        return ring
 
-def _positions(piece: _Piece) -> np.ndarray:
-    return _arange(piece.intervals)
-
-
-def _arange(intervals: list[tuple[int, int]]) -> np.ndarray:
-    parts = [np.arange(a, b, dtype=np.int64) for a, b in intervals]
-    return np.concatenate(parts) if parts else np.empty(0, np.int64)
-
-
-def _slots_needed(pieces: list[_Piece], batch_size: int, n_positions: int) -> int:
-    """The most units the pieces of one batch hold at once: fewer slots could deadlock."""
-    most, i = 0, 0
-    for start in range(0, n_positions, batch_size):
-        stop = min(start + batch_size, n_positions)
-        while pieces[i].stop <= start:
-            i += 1
-        j, held = i, 0
-        while j < len(pieces) and pieces[j].start < stop:
-            held += len(pieces[j].units)
-            j += 1
-        most = max(most, held)
-    return most
-
-
-class _Reads:
-    """The reads of one iteration: a ring, the workers filling it, and the slots read so far.
-    See NOTE [ Worker shutdown logic ] in workers.py."""
-
-    def __init__(self, loader: Loader, kind: str, slot_rows: int, n_slots: int,
-                 units: np.ndarray | None = None, sequence: np.ndarray | None = None):
-        self.loader = loader
-        n_sequence = 0 if sequence is None else len(sequence)
-        idle, loader._idle_ring = loader._idle_ring, None
-        self.ring, offsets = ring_for(loader._infos, slot_rows, n_slots, n_sequence, idle)
-        if idle is not None and self.ring.arena is not idle.arena:
-            idle.close()
-        self.closed = False
-        try:
-            n_tickets = len(units) if units is not None else -(-n_sequence // slot_rows)
-            plan = LoadPlan(loader._infos, loader.file_kwargs, kind, slot_rows, n_tickets, units,
-                            n_sequence, self.ring.arena, self.ring.layout, offsets)
-            if sequence is not None:
-                plan.sequence()[:] = sequence
-            self.regions = regions(plan)
-            self.columns = [self.regions[c.dataset] if c.field is None
-                            else self.regions[c.dataset][c.field] for c in loader._columns]
-            self.crew = loader._pool().run(LoadJob(plan), loader.n_procs)
-        except BaseException:
-            self.ring.stop()
-            self.ring.close()
-            raise
-        self.slot_of: dict[int, int] = {}  # ticket -> slot, for tickets read and not yet freed
-        self.next_check = time.monotonic() + CHECK_INTERVAL
-
-    def batch(self, start: int, stop: int, outputs: _Outputs) -> list[np.ndarray]:
-        """The columns of the positions at sequence offsets ``start:stop``."""
-        raise NotImplementedError
-
-    def _wait_for(self, ticket: int) -> int:
-        """The slot that holds ``ticket``, once a worker has filled it."""
-        while ticket not in self.slot_of:
-            slot = self._pop()
-            self.slot_of[int(self.ring.headers[slot, 0])] = slot
-        return self.slot_of[ticket]
-
-    def _free(self, ticket: int) -> None:
-        self.ring.free.push(self.slot_of.pop(ticket))
-
-    def _pop(self) -> int:
-        # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
-        # and now and then even while slots keep coming (one dead worker among live ones).
-        ring = self.ring
-        while True:
-            slot = ring.full.pop(WAIT_SLICE)
-            if slot >= 0 and time.monotonic() < self.next_check:
-                return slot
-            if ring.errors.full():
-                raise ring.errors.exception()
-            if slot == CLOSED:
-                raise SubprocessException(f"the reads of {self.loader.filename} were stopped")
-            self.next_check = time.monotonic() + CHECK_INTERVAL
-            self.crew.check()
-            if slot >= 0:
-                return slot
+    def keep_ring(self, ring: Ring) -> bool:
+        """Keep ``ring`` for the next epoch; False if one is kept already (close it then)."""
+        if self.idle_ring is not None:
+            return False
+        self.idle_ring = ring
+        return True
 
     def close(self) -> None:
-        """Stop the reads and hand the workers back to the Loader; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        self.ring.stop()
-        self.crew.stop()
-        self.columns = self.regions = []
-        self.slot_of.clear()
-        if self.loader._closed or self.loader._idle_ring is not None:
-            self.ring.close()
-        else:
-            self.loader._idle_ring = self.ring  # for the next epoch
+        """Stop the epochs being read, end the workers, free the kept ring."""
+        for reads in list(self.reads):
+            reads.close()
+        if self.workers is not None:
+            self.workers.close()
+        if self.idle_ring is not None:
+            self.idle_ring.close()
+        self.workers = self.idle_ring = None
 
 
-class _UnitReads(_Reads):
-    """Units of a window read into slots; each batch gathered from the units it draws on."""
-
-    def __init__(self, loader: Loader, order: EpochOrder, pieces: list[_Piece],
-                 n_positions: int):
-        self.order, self.pieces, self.unit_rows = order, pieces, loader.unit_rows
-        units = np.concatenate([p.units for p in pieces]).astype(np.int64)
-        prefetch = max(2 * loader.n_procs, loader.window_units)
-        n_slots = min(len(units), prefetch
-                      + _slots_needed(pieces, loader.batch_size, n_positions))
-        super().__init__(loader, UNITS, self.unit_rows, n_slots, units=units)
-        self.ready = 0  # pieces before this one have their flat indices
-        self.done = 0  # pieces before this one are delivered and their slots freed
-
-    def batch(self, start: int, stop: int, outputs: _Outputs) -> list[np.ndarray]:
-        while self.ready < len(self.pieces) and self.pieces[self.ready].start < stop:
-            self._make_ready(self.pieces[self.ready])
-            self.ready += 1
-        parts = []
-        for piece in self.pieces[self.done : self.ready]:
-            if piece.start < stop and piece.stop > start:
-                assert piece.flat is not None
-                parts.append(piece.flat[max(start - piece.start, 0) : stop - piece.start])
-        index = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        arrays = outputs.gather(self.columns, index)
-        while self.done < self.ready and self.pieces[self.done].stop <= stop:
-            piece = self.pieces[self.done]
-            for ticket in range(piece.first_ticket, piece.first_ticket + len(piece.units)):
-                self._free(ticket)
-            piece.flat = None
-            self.done += 1
-        return arrays
-
-    def _make_ready(self, piece: _Piece) -> None:
-        """Wait for the units of ``piece``, then map each of its rows to its place in a region."""
-        tickets = range(piece.first_ticket, piece.first_ticket + len(piece.units))
-        slots = np.array([self._wait_for(t) for t in tickets], np.int64)
-        rows = self.order.rows_at(_positions(piece))
-        unit = rows // self.unit_rows
-        sorter = np.argsort(piece.units, kind="stable")
-        which = sorter[np.searchsorted(piece.units, unit, sorter=sorter)]
-        piece.flat = slots[which] * self.unit_rows + (rows - unit * self.unit_rows)
-
-
-class _BatchReads(_Reads):
-    """Each batch's rows read by a worker straight from the file into a slot, in batch order."""
-
-    def __init__(self, loader: Loader, sequence: np.ndarray):
-        self.batch_size = loader.batch_size
-        n_batches = -(-len(sequence) // self.batch_size)
-        n_slots = min(n_batches, 2 * loader.n_procs + 1)  # a lent slot leaves each worker two
-        super().__init__(loader, BATCHES, self.batch_size, n_slots, sequence=sequence)
-        self.lent: int | None = None  # copy=False: the ticket whose slot the caller holds
-
-    def batch(self, start: int, stop: int, outputs: _Outputs) -> list[np.ndarray]:
-        if self.lent is not None:
-            lent = self._span(self.slot_of[self.lent], self.batch_size)
-            outputs.poison([region[lent] for region in self.regions])
-            self._free(self.lent)
-            self.lent = None
-        ticket = start // self.batch_size
-        rows = self._span(self._wait_for(ticket), stop - start)
-        views = [column[rows] for column in self.columns]
-        if outputs.copy:
-            arrays = [view.copy() for view in views]
-            self._free(ticket)
-            return arrays
-        self.lent = ticket
-        return views
-
-    def _span(self, slot: int, n: int) -> slice:
-        return slice(slot * self.batch_size, slot * self.batch_size + n)
-
-
-class _Outputs:
-    """Where batches are gathered: new arrays (copy=True), or two buffers used in turn, the one
-    given out before poisoned when the next batch is asked for (copy=False)."""
-
-    def __init__(self, loader: Loader, columns: list[np.ndarray]):
-        self.copy = loader.copy
-        self.buffers: list[list[np.ndarray]] = []
-        self.turn = 0
-        if not self.copy:
-            shapes = [((loader.batch_size, *c.shape[1:]), c.dtype) for c in columns]
-            self.buffers = [[np.empty(s, d) for s, d in shapes] for _ in range(2)]
-
-    def gather(self, columns: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
-        if self.copy:
-            return [_take(column, index) for column in columns]
-        self.turn ^= 1
-        self.poison(self.buffers[self.turn ^ 1])
-        outs = [buffer[: len(index)] for buffer in self.buffers[self.turn]]
-        for column, out in zip(columns, outs, strict=True):
-            _take(column, index, out)
-        return outs
-
-    @staticmethod
-    def poison(arrays: list[np.ndarray]) -> None:
-        """Make a lease that is over read as all bits set, rather than as other rows."""
-        for array in arrays:
-            array.view(np.uint8).fill(POISON)
-
-
-def _take(column: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``column[index]`` (into ``out``). np.take copies a strided input (a field of a table)
-    whole before it gathers: index that one instead."""
-    if column.flags.c_contiguous:
-        return np.take(column, index, axis=0, out=out)
-    if out is None:
-        return column[index]
-    out[...] = column[index]
-    return out
 
 
 # ------------------------------------------------------------------------------ columns and ranks

@@ -186,7 +186,7 @@ class LoadJob:
         at = slot * self.plan.slot_rows
         n = len(key) if isinstance(key, np.ndarray) else key.stop - key.start
         for dataset, region, raw in zip(self.datasets, self.regions, self.raw, strict=True):
-            if raw is not None:
+            if raw is not None and isinstance(key, np.ndarray):
                 raw.take(key, region[at : at + n])
             else:
                 read_selection(dataset, translate((key,), dataset.shape), region[at : at + n])

@@ -463,3 +463,52 @@ def test_resume_either_way(raw_file, reads):
         resumed.load_state_dict(state)
         rest = epoch_rows(resumed)
     np.testing.assert_array_equal(np.concatenate(rest), np.concatenate(whole[6:]))
+
+
+def test_a_pickled_loader_keeps_its_rank(columns_file, monkeypatch):
+    """A copy made by pickling (a spawned DataLoader worker) plays the same shard, though its
+    process has no RANK or WORLD_SIZE to find."""
+    path, _ = columns_file
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = make(path, shuffle=True)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    with loader, pickle.loads(pickle.dumps(loader)) as copy:
+        assert (copy.rank, copy.world_size, copy.n_procs) == (1, 2, loader.n_procs)
+        assert len(copy) == len(loader)
+        np.testing.assert_array_equal(np.concatenate(epoch_rows(copy)),
+                                      np.concatenate(epoch_rows(loader)))
+
+
+def test_leases_end_with_the_epoch(raw_file, reads):
+    """The last batch of an epoch is poisoned when the epoch ends too, not left to read as the
+    next epoch's rows."""
+    path, _ = raw_file
+    with make(path, ["idx", "x"], 400, copy=False) as loader:
+        *_, (rows, x) = loader
+        assert (rows == -1).all() and np.isnan(x).all()
+
+
+def test_a_lent_field_is_contiguous(raw_file, reads):
+    """copy=False on a field of a table: a strided view cannot become a tensor; it is lent as
+    a contiguous buffer instead."""
+    path, truth = raw_file
+    with make(path, ["idx", "/t/b"], 50, copy=False, shuffle=True) as loader:
+        for rows, b in loader:
+            assert b.flags.c_contiguous
+            np.testing.assert_array_equal(b, truth["t"]["b"][rows])
+
+
+def test_close_ends_the_epoch_being_read(columns_file):
+    path, _ = columns_file
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    loader = make(path, ["idx", "x"], 10, shuffle=True)
+    it = iter(loader)
+    next(it)
+    assert len({p.pid for p in me.children()} - before) == 2
+    loader.close()
+    assert {p.pid for p in me.children() if p.status() != psutil.STATUS_ZOMBIE} <= before
+    with pytest.raises(ValueError, match="closed"):
+        next(it)

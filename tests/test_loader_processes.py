@@ -133,3 +133,42 @@ def test_a_forked_copy_starts_its_own_workers(path):
         assert there == here
         assert {p.pid for p in psutil.Process().children()} == workers
         assert _epoch_of(loader) == here  # epoch 0 again, on the parent's own workers
+
+
+def _rows_checked(loader) -> list[int]:
+    """The epoch's rows, each batch's x checked against its rows."""
+    rows = []
+    for idx, x in loader:
+        np.testing.assert_array_equal(x[:, 0], idx * 4.0)
+        rows += idx.tolist()
+    return rows
+
+
+def _play_into(loader, results):
+    results.put(_rows_checked(loader))
+
+
+def test_forked_children_inheriting_a_loader_use_memory_of_their_own(path):
+    """Children forked (not pickled: DataLoader workers under fork) from a process whose Loader
+    kept its last epoch's ring must not share that ring: each reads into its own."""
+    ctx = multiprocessing.get_context("fork")
+    with multitables.Loader(path, ["idx", "x"], 64, shuffle=True, n_procs=1) as loader:
+        _rows_checked(loader)  # the ring of epoch 0 is kept for the next
+        loader.set_epoch(1)
+        results = ctx.Queue()
+        children = [ctx.Process(target=_play_into, args=(loader, results)) for _ in range(2)]
+        for child in children:
+            child.start()
+        try:
+            got = [results.get(timeout=30) for _ in children]
+        finally:
+            for child in children:
+                child.join(10)
+                if child.exitcode is None:
+                    child.kill()
+                    child.join()
+        here = _rows_checked(loader)  # epoch 1 here too, on the parent's ring
+        assert got == [here, here]
+        assert sorted(here) == list(range(N))
+        results.close()
+        results.join_thread()

@@ -1,0 +1,323 @@
+"""The reads of one epoch of a ``Loader``, in the consumer: its ring, its workers, its batches.
+
+Internal module. Two ways, chosen by the Loader:
+
+- ``UnitReads`` (compressed data): workers read units of whole chunks in the order the epoch
+  needs them; the positions of the epoch are cut into pieces, one per window, and each batch is
+  gathered from the units its piece holds, which are freed when the piece is delivered.
+- ``BatchReads`` (unfiltered data): workers read each batch's rows straight from the file into a
+  slot, in batch order; the caller gets a copy of the slot, or the slot itself (``copy=False``).
+
+See NOTE [ Worker shutdown logic ] in workers.py for the waits and the shutdown.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import SubprocessException
+from .loadjob import BATCHES, UNITS, LoadJob, LoadPlan, regions, ring_for
+from .order import EpochOrder
+from .ring import CLOSED
+from .workers import CHECK_INTERVAL, WAIT_SLICE
+
+if TYPE_CHECKING:
+    from .loader import Loader, _Local
+
+# What a batch used after the next one was asked for reads as, with copy=False (NaN for floats).
+POISON = 0xFF
+
+
+@dataclass
+class Piece:
+    """Consecutive positions of the epoch that lie in one window: its units are read together."""
+
+    start: int  # offset in this iterator's sequence of positions
+    stop: int
+    window: int
+    intervals: list[tuple[int, int]]  # epoch positions
+    units: np.ndarray  # units read for it, in ticket order
+    first_ticket: int = 0
+    flat: np.ndarray | None = None  # per position: its row's index in the regions, once read
+
+
+def cut(intervals: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
+    """The positions at sequence offsets ``first:last`` of ``intervals``."""
+    out, at = [], 0
+    for start, stop in intervals:
+        lo, hi = max(first - at, 0), min(last - at, stop - start)
+        if lo < hi:
+            out.append((start + lo, start + hi))
+        at += stop - start
+    return out
+
+
+def pieces(order: EpochOrder, intervals: list[tuple[int, int]]) -> list[Piece]:
+    """Split positions at window bounds; each piece reads the units its rows lie in."""
+    pieces: list[Piece] = []
+    at = 0
+    for start, stop in intervals:
+        while start < stop:
+            w = order.window_of(start)
+            end = min(stop, order.window_bounds(w)[1])
+            if pieces and pieces[-1].window == w and pieces[-1].stop == at:
+                pieces[-1].intervals.append((start, end))
+                pieces[-1].stop += end - start
+            else:
+                pieces.append(Piece(at, at + end - start, w, [(start, end)], np.empty(0)))
+            at += end - start
+            start = end
+    ticket = 0
+    for piece in pieces:
+        units = order.window_units(piece.window)
+        if piece.intervals != [order.window_bounds(piece.window)]:
+            rows = rows_of(order, piece.intervals)
+            units = units[np.isin(units, np.unique(rows // order.unit_rows))]
+        piece.units, piece.first_ticket = units, ticket
+        ticket += len(units)
+    return pieces
+
+
+def rows_of(order: EpochOrder, intervals: list[tuple[int, int]]) -> np.ndarray:
+    """The file rows at the positions of ``intervals``, in order."""
+    parts = [order.rows(a, b) for a, b in intervals]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def _slots_needed(pieces: list[Piece], batch_size: int, n_positions: int) -> int:
+    """The most units the pieces of one batch hold at once: fewer slots could deadlock."""
+    most, i = 0, 0
+    for start in range(0, n_positions, batch_size):
+        stop = min(start + batch_size, n_positions)
+        while pieces[i].stop <= start:
+            i += 1
+        j, held = i, 0
+        while j < len(pieces) and pieces[j].start < stop:
+            held += len(pieces[j].units)
+            j += 1
+        most = max(most, held)
+    return most
+
+
+class Reads:
+    """The reads of one iteration: a ring, the workers filling it, and the slots read so far.
+    See NOTE [ Worker shutdown logic ] in workers.py."""
+
+    def __init__(self, loader: Loader, local: _Local, kind: str, slot_rows: int, n_slots: int,
+                 units: np.ndarray | None = None, sequence: np.ndarray | None = None):
+        self.loader, self.local = loader, local
+        n_sequence = 0 if sequence is None else len(sequence)
+        idle = local.take_ring()
+        self.ring, offsets = ring_for(loader._infos, slot_rows, n_slots, n_sequence, idle)
+        if idle is not None and self.ring.arena is not idle.arena:
+            idle.close()
+        self.closed = False
+        try:
+            n_tickets = len(units) if units is not None else -(-n_sequence // slot_rows)
+            plan = LoadPlan(loader._infos, loader.file_kwargs, kind, slot_rows, n_tickets, units,
+                            n_sequence, self.ring.arena, self.ring.layout, offsets)
+            if sequence is not None:
+                plan.sequence()[:] = sequence
+            self.regions = regions(plan)
+            self.columns = [self.regions[c.dataset] if c.field is None
+                            else self.regions[c.dataset][c.field] for c in loader._columns]
+            self.crew = local.pool().run(LoadJob(plan), loader.n_procs)
+        except BaseException:
+            self.ring.stop()
+            self.ring.close()
+            raise
+        self.slot_of: dict[int, int] = {}  # ticket -> slot, for tickets read and not yet freed
+        self.next_check = time.monotonic() + CHECK_INTERVAL
+        local.reads.add(self)  # closed with the Loader
+
+    def batch(self, start: int, stop: int, outputs: Outputs) -> list[np.ndarray]:
+        """The columns of the positions at sequence offsets ``start:stop``."""
+        raise NotImplementedError
+
+    def _wait_for(self, ticket: int) -> int:
+        """The slot that holds ``ticket``, once a worker has filled it."""
+        while ticket not in self.slot_of:
+            slot = self._pop()
+            self.slot_of[int(self.ring.headers[slot, 0])] = slot
+        return self.slot_of[ticket]
+
+    def _free(self, ticket: int) -> None:
+        self.ring.free.push(self.slot_of.pop(ticket))
+
+    def _pop(self) -> int:
+        # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
+        # and now and then even while slots keep coming (one dead worker among live ones).
+        ring = self.ring
+        while True:
+            slot = ring.full.pop(WAIT_SLICE)
+            if slot >= 0 and time.monotonic() < self.next_check:
+                return slot
+            if ring.errors.full():
+                raise ring.errors.exception()
+            if slot == CLOSED:
+                raise SubprocessException(f"the reads of {self.loader.filename} were stopped")
+            self.next_check = time.monotonic() + CHECK_INTERVAL
+            self.crew.check()
+            if slot >= 0:
+                return slot
+
+    def close(self) -> None:
+        """Stop the reads and hand the workers back to the Loader; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ring.stop()
+        self.crew.stop()
+        self.columns = self.regions = []
+        self.slot_of.clear()
+        if self.loader._closed or not self.local.keep_ring(self.ring):
+            self.ring.close()
+
+
+class UnitReads(Reads):
+    """Units of a window read into slots; each batch gathered from the units it draws on."""
+
+    def __init__(self, loader: Loader, local: _Local, order: EpochOrder, pieces: list[Piece],
+                 n_positions: int):
+        self.order, self.pieces, self.unit_rows = order, pieces, loader.unit_rows
+        units = np.concatenate([p.units for p in pieces]).astype(np.int64)
+        prefetch = max(2 * loader.n_procs, loader.window_units)
+        n_slots = min(len(units), prefetch
+                      + _slots_needed(pieces, loader.batch_size, n_positions))
+        super().__init__(loader, local, UNITS, self.unit_rows, n_slots, units=units)
+        self.ready = 0  # pieces before this one have their flat indices
+        self.done = 0  # pieces before this one are delivered and their slots freed
+
+    def batch(self, start: int, stop: int, outputs: Outputs) -> list[np.ndarray]:
+        while self.ready < len(self.pieces) and self.pieces[self.ready].start < stop:
+            self._make_ready(self.pieces[self.ready])
+            self.ready += 1
+        parts = []
+        for piece in self.pieces[self.done : self.ready]:
+            if piece.start < stop and piece.stop > start:
+                assert piece.flat is not None
+                parts.append(piece.flat[max(start - piece.start, 0) : stop - piece.start])
+        index = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        arrays = outputs.gather(self.columns, index)
+        while self.done < self.ready and self.pieces[self.done].stop <= stop:
+            piece = self.pieces[self.done]
+            for ticket in range(piece.first_ticket, piece.first_ticket + len(piece.units)):
+                self._free(ticket)
+            piece.flat = None
+            self.done += 1
+        return arrays
+
+    def _make_ready(self, piece: Piece) -> None:
+        """Wait for the units of ``piece``, then map each of its rows to its place in a region."""
+        tickets = range(piece.first_ticket, piece.first_ticket + len(piece.units))
+        slots = np.array([self._wait_for(t) for t in tickets], np.int64)
+        rows = rows_of(self.order, piece.intervals)
+        unit = rows // self.unit_rows
+        sorter = np.argsort(piece.units, kind="stable")
+        which = sorter[np.searchsorted(piece.units, unit, sorter=sorter)]
+        piece.flat = slots[which] * self.unit_rows + (rows - unit * self.unit_rows)
+
+
+class BatchReads(Reads):
+    """Each batch's rows read by a worker straight from the file into a slot, in batch order."""
+
+    def __init__(self, loader: Loader, local: _Local, sequence: np.ndarray):
+        self.batch_size = loader.batch_size
+        n_batches = -(-len(sequence) // self.batch_size)
+        n_slots = min(n_batches, 2 * loader.n_procs + 1)  # a lent slot leaves each worker two
+        super().__init__(loader, local, BATCHES, self.batch_size, n_slots, sequence=sequence)
+        self.lent: int | None = None  # copy=False: the ticket whose slot the caller holds
+
+    def batch(self, start: int, stop: int, outputs: Outputs) -> list[np.ndarray]:
+        self._end_lease()
+        ticket = start // self.batch_size
+        rows = self._span(self._wait_for(ticket), stop - start)
+        views = [column[rows] for column in self.columns]
+        if outputs.copy:
+            arrays = [view.copy() for view in views]
+            self._free(ticket)
+            return arrays
+        self.lent = ticket
+        return outputs.lend(views)
+
+    def _end_lease(self) -> None:
+        """The slot lent to the caller is poisoned, then goes back to the workers."""
+        if self.lent is not None:
+            lent = self._span(self.slot_of[self.lent], self.batch_size)
+            Outputs.poison([region[lent] for region in self.regions])
+            self._free(self.lent)
+            self.lent = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._end_lease()
+        super().close()
+
+    def _span(self, slot: int, n: int) -> slice:
+        return slice(slot * self.batch_size, slot * self.batch_size + n)
+
+
+class Outputs:
+    """Where batches are gathered: new arrays (copy=True), or two buffers used in turn, the one
+    given out before poisoned when the next batch is asked for (copy=False)."""
+
+    def __init__(self, loader: Loader, columns: list[np.ndarray]):
+        self.copy = loader.copy
+        self.buffers: list[list[np.ndarray]] = []
+        self.turn = 0
+        if not self.copy:
+            shapes = [((loader.batch_size, *c.shape[1:]), c.dtype) for c in columns]
+            self.buffers = [[np.empty(s, d) for s, d in shapes] for _ in range(2)]
+
+    def gather(self, columns: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:
+        if self.copy:
+            return [_take(column, index) for column in columns]
+        outs = self._next(len(index))
+        for column, out in zip(columns, outs, strict=True):
+            _take(column, index, out)
+        return outs
+
+    def lend(self, views: list[np.ndarray]) -> list[np.ndarray]:
+        """``views`` of a lent slot as they are, but those that are strided (a field of a
+        table), copied into a buffer: a tensor cannot be made of them."""
+        if all(view.flags.c_contiguous for view in views):
+            return views
+        outs = self._next(len(views[0]))
+        for i, view in enumerate(views):
+            if view.flags.c_contiguous:
+                outs[i] = view
+            else:
+                outs[i][...] = view
+        return outs
+
+    def _next(self, n: int) -> list[np.ndarray]:
+        """This batch's buffers; the last batch's are poisoned."""
+        self.turn ^= 1
+        self.poison(self.buffers[self.turn ^ 1])
+        return [buffer[:n] for buffer in self.buffers[self.turn]]
+
+    def end(self) -> None:
+        """The epoch is over: no buffer is lent any more."""
+        for buffers in self.buffers:
+            self.poison(buffers)
+
+    @staticmethod
+    def poison(arrays: list[np.ndarray]) -> None:
+        """Make a lease that is over read as all bits set, rather than as other rows."""
+        for array in arrays:
+            array.view(np.uint8).fill(POISON)
+
+
+def _take(column: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``column[index]`` (into ``out``). np.take copies a strided input (a field of a table)
+    whole before it gathers: index that one instead."""
+    if column.flags.c_contiguous:
+        return np.take(column, index, axis=0, out=out)
+    if out is None:
+        return column[index]
+    out[...] = column[index]
+    return out
