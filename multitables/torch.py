@@ -3,12 +3,14 @@
 Use it with ``DataLoader(dataset, batch_size=None)``: the batches are made here, by the Loader's
 own worker processes, so ``num_workers=0`` is the fast and resumable choice. With
 ``num_workers > 0`` the DataLoader's workers split each epoch between them (no row twice, none
-missing; each reads only its share of the chunks); call ``set_epoch`` before each epoch then, as
-with ``DistributedSampler``, since the workers play copies of this object.
+missing; each reads only its share of the chunks), and the epochs follow one another as without
+them: the workers play copies of this object, so the epoch to play lies in a few bytes of shared
+memory that every copy reads (``_Epochs``).
 """
 
 from __future__ import annotations
 
+import multiprocessing.context
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import loader as _loader
+from ._ringbuf import Counter
+from .shm import SharedArena
 from .source import default_n_procs
 
 __all__ = ["Loader"]
@@ -28,7 +32,9 @@ class Loader(IterableDataset):
     ``len``) as :class:`multitables.Loader`; batches are tensors, tuples or dicts of tensors that
     share memory with the arrays the Loader made (owned by the caller unless ``copy=False``).
     Columns must have dtypes torch has: name fields of a table as columns (``"/table/field"``)
-    rather than the table itself.
+    rather than the table itself. In DataLoader worker processes batches are always copies
+    (``copy=False`` would lend them only until the next, and the DataLoader sends them later),
+    and ``state_dict`` cannot see how far they got: resume mid-epoch with ``num_workers=0``.
 
     Examples
     --------
@@ -47,19 +53,29 @@ class Loader(IterableDataset):
         super().__init__()
         self._n_procs_given = kw.get("n_procs") is not None
         self.loader = _loader.Loader(filename, columns, batch_size, **kw)
-        for column, info in zip(self.loader._columns, _column_dtypes(self.loader), strict=True):
-            if info.names is not None:
+        for column in self.loader._columns:
+            dtype = self.loader._infos[column.dataset].field_dtype(column.field)
+            if dtype.names is not None:
                 raise TypeError(
-                    f"column {column.path!r} is a table ({info}); torch has no structured "
-                    f"dtype: name its fields as columns, e.g. '{column.path}/{info.names[0]}'")
+                    f"column {column.path!r} is a table ({dtype}); torch has no structured "
+                    f"dtype: name its fields as columns, e.g. '{column.path}/{dtype.names[0]}'")
+            if dtype.base.kind not in "biufc":
+                raise TypeError(f"column {column.path!r} holds {dtype.base}, which torch has no "
+                                "tensors of; read it with multitables.Loader")
+        self._epochs = _Epochs(self.loader._next_epoch)
 
     def __iter__(self):
         worker = get_worker_info()
         if worker is None:
+            self._epochs.played_here(self.loader._next_epoch)
             batches = self.loader._epoch_batches(0, 1)
         else:
             if not self._n_procs_given:  # the DataLoader's workers share the CPUs
                 self.loader.n_procs = max(1, default_n_procs() // worker.num_workers)
+            self.loader.copy = True  # the DataLoader sends batches on after asking for the next
+            epoch = self._epochs.for_worker(worker.num_workers)
+            if epoch != self.loader._next_epoch:
+                self.loader.set_epoch(epoch)
             batches = self.loader._epoch_batches(worker.id, worker.num_workers)
         for batch in batches:
             yield _tensors(batch)
@@ -69,12 +85,19 @@ class Loader(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
+        self._epochs.set(epoch)
 
     def state_dict(self) -> dict[str, Any]:
+        if self._epochs.played_in_workers():
+            raise RuntimeError(
+                "state_dict() cannot see the batches DataLoader workers played: resume "
+                "mid-epoch with num_workers=0 (the Loader's own processes read in parallel), "
+                "or call set_epoch() at epoch boundaries")
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
+        self._epochs.set(self.loader._next_epoch)
 
     def close(self) -> None:
         self.loader.close()
@@ -86,13 +109,61 @@ class Loader(IterableDataset):
         self.close()
 
 
-def _column_dtypes(loader: _loader.Loader) -> list[np.dtype]:
-    return [loader._infos[c.dataset].field_dtype(c.field) for c in loader._columns]
+class _Epochs:
+    """The epoch DataLoader workers play, shared by every copy of one ``Loader``.
+
+    Each worker takes a ticket when it starts an epoch (``num_workers`` tickets an epoch, with
+    or without persistent workers), so ticket ``t`` plays epoch ``base + t // num_workers``;
+    ``set`` (``set_epoch``, ``load_state_dict``, an epoch played in the main process) moves
+    ``base`` and starts the tickets again. The main process writes only between epochs.
+    """
+
+    def __init__(self, base: int):
+        self._arena = SharedArena(128, name="multitables-epochs")
+        self._map()
+        self.set(base)
+
+    def _map(self) -> None:
+        # Each word on a cache line of its own, as the ring's counters.
+        self._base = self._arena.ndarray((1,), np.int64, 0)
+        self._tickets = self._arena.ndarray((1,), np.int64, 64)
+
+    def set(self, base: int) -> None:
+        self._base[0], self._tickets[0] = base, 0
+
+    def played_here(self, epoch: int) -> None:
+        self.set(epoch + 1)
+
+    def played_in_workers(self) -> bool:
+        return bool(self._tickets[0])
+
+    def for_worker(self, num_workers: int) -> int:
+        ticket = Counter(self._arena.buffer, 64).fetch_add(1)
+        return int(self._base[0]) + ticket // num_workers
+
+    def __getstate__(self):
+        # The arena travels to a process being started (a spawned DataLoader worker); a plain
+        # pickle (a copy saved or sent elsewhere) starts sharing anew.
+        spawning = multiprocessing.context.get_spawning_popen() is not None
+        return {"arena": self._arena if spawning else None, "base": int(self._base[0])}
+
+    def __setstate__(self, state) -> None:
+        if state["arena"] is None:
+            self.__init__(state["base"])  # type: ignore[misc]
+        else:
+            self._arena = state["arena"]
+            self._map()
 
 
 def _tensors(batch: Any) -> Any:
     if isinstance(batch, dict):
-        return {name: torch.from_numpy(a) for name, a in batch.items()}
+        return {name: _tensor(a) for name, a in batch.items()}
     if isinstance(batch, tuple):
-        return tuple(torch.from_numpy(a) for a in batch)
-    return torch.from_numpy(batch)
+        return tuple(_tensor(a) for a in batch)
+    return _tensor(batch)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    if not array.dtype.isnative:  # torch has native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(array)

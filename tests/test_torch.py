@@ -24,6 +24,8 @@ def path(tmp_path_factory):
         f.create_dataset("idx", data=np.arange(N), chunks=(40,))
         f.create_dataset("x", data=sample((N, 3), "<f4"), chunks=(40, 3), compression="gzip")
         f.create_dataset("t", data=table, chunks=(64,))
+        f.create_dataset("big", data=np.arange(N, dtype=">f4"))
+        f.create_dataset("names", data=np.array([b"ab"] * N))
     return path
 
 
@@ -102,3 +104,50 @@ def test_state_dict_resumes_the_same_batches(path):
 def test_a_table_as_one_column_is_refused(path):
     with pytest.raises(TypeError, match="'/t/label'"):
         make(path, "/t")
+
+
+def batch_set(batches) -> list[tuple[int, ...]]:
+    """The batches as row tuples, in a canonical order: the same set whatever worker made each."""
+    return sorted(tuple(b["idx"].tolist()) for b in batches)
+
+
+def plain_batches(path, epoch, **kw):
+    with multitables.Loader(path, {"idx": "idx"}, 32, n_procs=1, **kw) as plain:
+        plain.set_epoch(epoch)
+        return sorted(tuple(b["idx"].tolist()) for b in plain)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_epochs_follow_one_another_in_dataloader_workers(path, persistent):
+    """Without set_epoch each DataLoader pass plays the next epoch, as without workers; with it,
+    the epoch chosen, even for persistent workers."""
+    with make(path, {"idx": "idx"}, shuffle=True, seed=3) as dataset:
+        loader = DataLoader(dataset, batch_size=None, num_workers=2,
+                            persistent_workers=persistent)
+        for epoch in range(3):
+            assert batch_set(loader) == plain_batches(path, epoch, shuffle=True, seed=3)
+        dataset.set_epoch(1)
+        assert batch_set(loader) == plain_batches(path, 1, shuffle=True, seed=3)
+        with pytest.raises(RuntimeError, match="num_workers=0"):
+            dataset.state_dict()
+        del loader  # persistent workers end with their DataLoader
+
+
+@pytest.mark.timeout(90)
+def test_copy_false_in_dataloader_workers_sends_whole_batches(path):
+    x = truth(path, "x")
+    with make(path, {"idx": "idx", "x": "x"}, shuffle=True, copy=False) as dataset:
+        batches = list(DataLoader(dataset, batch_size=None, num_workers=2))
+        for batch in batches:
+            np.testing.assert_array_equal(batch["x"].numpy(), x[batch["idx"].numpy()])
+        assert sorted(rows_of(batches).tolist()) == list(range(N))
+
+
+def test_columns_torch_cannot_hold(path):
+    with make(path, {"idx": "idx", "big": "big"}) as dataset:
+        batch = next(iter(DataLoader(dataset, batch_size=None)))
+        assert batch["big"].dtype == torch.float32
+        np.testing.assert_array_equal(batch["big"].numpy(), np.arange(32, dtype="f4"))
+    with pytest.raises(TypeError, match="'names' holds \\|S2"):
+        make(path, "names")
