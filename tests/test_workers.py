@@ -124,6 +124,34 @@ def test_a_worker_holds_only_its_own_end_of_its_channel(path):
             drain_rows(queue)
 
 
+def test_a_request_goes_to_a_worker_that_is_not_busy(path):
+    """One worker is stuck in a read (stopped): the next request goes to the other one."""
+    with multitables.Reader(path, n_procs=2) as reader:
+        ds = reader.get_dataset("x")
+        stages = [ds.create_stage(1) for _ in range(2)]
+        reader.request(ds[0], stages[0]).get()  # both workers start
+        time.sleep(0.2)  # worker 0 counts its task done after the result is out
+        stuck = reader._pool.procs[0].pid
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            for _ in range(3):  # until one goes to the stopped worker
+                pending = reader.request(ds[1], stages[0])
+                time.sleep(0.2)
+                if not pending.done():
+                    break
+                pending.get()
+            assert not pending.done()
+            served = reader.request(ds[2], stages[1])
+            deadline = time.monotonic() + 5
+            while not served.done():
+                assert time.monotonic() < deadline, "the request went to the busy worker"
+                time.sleep(0.01)
+            np.testing.assert_array_equal(served.get(), np.arange(16, 24))
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        np.testing.assert_array_equal(pending.get(), np.arange(8, 16))
+
+
 def test_reader_workers_stand_by_at_the_callers_priority(path):
     with multitables.Reader(path, n_procs=2) as reader:
         ds = reader.get_dataset("x")
