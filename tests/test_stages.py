@@ -159,3 +159,15 @@ def test_a_pool_with_a_closed_stage_serves_from_the_others(stage_file):
         stage.close()
     with pytest.raises(multitables.QueueClosedException, match="stage pool is closed"):
         reader.request(ds[0:5], pool)
+
+
+def test_each_failed_request_reports_its_own_error(stage_file):
+    """Errors found by the worker (a variable-length result is sized only once read) come back
+    one per request: the second failure on a stage is not the first one again."""
+    reader, _ = stage_file
+    ds = reader.get_dataset("vlen<i8")
+    stage = ds.create_stage(4)
+    with _too_small(stage.nbytes, 40 + 5 * 8):
+        reader.request(ds[4:8], stage).get()  # rows of 1, 1, 1, 2 elements
+    with _too_small(stage.nbytes, 40 + 8 * 8):
+        reader.request(ds[[7, 7, 7, 7]], stage).get()  # four rows of 2
