@@ -91,7 +91,8 @@ class Loader:
     copy : bool
         True: batches are arrays the caller owns. False: **batches are views of the Loader's
         buffers, valid only until the next batch is asked for**; after that a batch reads as
-        poison (all bits set: NaN for floats) until its buffer is reused. No allocation per batch.
+        poison (all bits set: NaN for floats) until its memory serves a later batch, two or more
+        batches on. No allocation per batch; on unfiltered data, no copy either.
     start_method : {'fork', 'spawn', 'forkserver'}, optional
         How workers start; fork by default.
     **kw
@@ -421,8 +422,10 @@ def _describe_column(filename: str, path: str, kw: dict[str, Any]):
         except (KeyError, TypeError):
             raise KeyError(f"no dataset {path!r} in {filename}") from None
         if not info.dtype.names or name not in info.dtype.names:
+            fields = f"its fields are {list(info.dtype.names)}" if info.dtype.names else (
+                f"it holds {info.dtype}, not a table")
             raise KeyError(f"no dataset {path!r} in {filename}, and {parent!r} has no field "
-                           f"{name!r}") from None
+                           f"{name!r}: {fields}") from None
         field = name
     if info.vlen_base is not None:
         raise TypeError(f"{info.path} in {filename} holds variable-length rows, which do not "

@@ -46,12 +46,15 @@ def plan_units(infos: list[DatasetInfo]) -> int:
     """Rows per unit: the least common multiple of the datasets' chunk rows (see module doc)."""
     n_rows = infos[0].shape[0]
     row_bytes = sum(max(info.row_bytes, 1) for info in infos)
-    chunk_rows = [info.chunks[0] for info in infos if info.chunks]
-    if not chunk_rows:
+    chunked = [info for info in infos if info.chunks]
+    if not chunked:
         return max(1, min(n_rows, CONTIGUOUS_UNIT_BYTES // row_bytes))
-    rows = math.lcm(*chunk_rows)
+    rows = math.lcm(*(info.chunks[0] for info in chunked))
     if rows * row_bytes > MAX_UNIT_BYTES or rows * MIN_UNITS > n_rows:
-        rows = max(chunk_rows)
+        # Whole chunks of the dataset that costs most to read (compressed, then the widest
+        # rows): the chunks of the others may be read twice, not those.
+        costly = max(chunked, key=lambda info: (info.compression is not None, info.row_bytes))
+        rows = costly.chunks[0]
     return max(1, min(rows, n_rows))
 
 

@@ -192,8 +192,11 @@ class EpochOrder:
             return pos.copy()
         windows = np.searchsorted(self._starts, pos, side="right") - 1
         out = np.empty_like(pos)
-        for w in np.unique(windows).tolist():
-            here = windows == w
+        # One pass per window over its own positions (grouped by a stable sort), not over all.
+        by_window = np.argsort(windows, kind="stable")
+        groups = np.flatnonzero(np.diff(windows[by_window])) + 1
+        for here in np.split(by_window, groups) if len(pos) else ():
+            w = int(windows[here[0]])
             out[here] = self._window_rows(w)[pos[here] - self._starts[w]]
         return out
 

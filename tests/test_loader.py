@@ -512,3 +512,32 @@ def test_close_ends_the_epoch_being_read(columns_file):
     assert {p.pid for p in me.children() if p.status() != psutil.STATUS_ZOMBIE} <= before
     with pytest.raises(ValueError, match="closed"):
         next(it)
+
+
+def test_units_follow_the_costly_chunks_when_the_lcm_is_too_large(tmp_path):
+    """Chunks of 1000 and 1024 rows have no common multiple short enough to shuffle: units are
+    the compressed images' chunks, so those decode once an epoch and only the cheap labels'
+    chunks are read twice."""
+    path = str(tmp_path / "lcm.h5")
+    n = 20_000
+    with h5py.File(path, "w") as f:
+        f.create_dataset("labels", data=np.arange(n), chunks=(1024,))
+        f.create_dataset("images", data=np.zeros((n, 8), "u1"), chunks=(1000, 8),
+                         compression="gzip")
+    with make(path, ["labels", "images"], 100, shuffle=True) as loader:
+        assert loader.unit_rows == 1000
+        rows = np.concatenate([labels for labels, _ in loader])
+        assert sorted(rows.tolist()) == list(range(n))
+
+
+def test_bad_epochs_are_refused_when_given(columns_file):
+    path, _ = columns_file
+    with make(path) as loader:
+        with pytest.raises(TypeError):
+            loader.set_epoch("1")
+        with pytest.raises(ValueError, match="epoch"):
+            loader.set_epoch(-1)
+        state = loader.state_dict()
+        state["history"] = [[2, 10_000]]
+        with pytest.raises(ValueError):
+            loader.load_state_dict(state)
