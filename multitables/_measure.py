@@ -306,6 +306,15 @@ def mt_queue(filename: str, path: str, n_procs: int, block_size: int | None, tic
     return (total, elapsed) if steady else total
 
 
+def mt_loader_epoch(loader: Any, tick: Tick = _noop) -> int:
+    """One epoch of a ``Loader`` (shuffled batches the caller owns, as training reads them)."""
+    total = 0
+    for batch in loader:
+        total += batch.nbytes
+        tick(batch.nbytes)
+    return total
+
+
 def mt_generator(filename: str, path: str, n_procs: int, block_size: int | None,
                  tick: Tick = _noop, streamer: Any = None, **gen_kw: Any) -> int:
     """multitables generator: one row (a copy) at a time, remainder included."""

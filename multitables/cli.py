@@ -19,8 +19,12 @@ import numpy as np
 
 from multitables import _advice
 from multitables import _measure as m
+from multitables.loader import Loader
 from multitables.source import get_dataset, open_file
 from multitables.streamer import Streamer
+
+# Rows per batch of the Loader's row in ``bench``: a common training batch.
+LOADER_BATCH = 256
 
 # -------------------------------------------------------------------------------- progress
 
@@ -216,6 +220,8 @@ def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds
     # Streamer each time, so starting and ending its workers is part of its pass.
     streamer = Streamer(filename)
     m.mt_queue(filename, path, n_procs, block, max_blocks=1, streamer=streamer)
+    # Training reads: shuffled batches of 256 rows, a new epoch each round, on one Loader.
+    loader = Loader(filename, path, LOADER_BATCH, shuffle=True, n_procs=n_procs)
     readers = {
         "h5py read_direct": lambda tick: m.h5py_read_direct(filename, path, block, tick),
         f"Streamer queue (n_procs={n_procs})":
@@ -224,8 +230,10 @@ def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds
             lambda tick: m.mt_queue(filename, path, n_procs, block, tick),
         f"Streamer generator (n_procs={n_procs})":
             lambda tick: m.mt_generator(filename, path, n_procs, block, tick, streamer=streamer),
+        f"Loader, shuffled epoch (n_procs={n_procs})":
+            lambda tick: m.mt_loader_epoch(loader, tick),
     }
-    with streamer:
+    with streamer, loader:
         report = _run(readers, dict.fromkeys(readers, nbytes), rounds, "h5py read_direct",
                       progress)
     facts = {"file": filename, "path": path, "shape": shape, "dtype": str(dtype),
@@ -271,7 +279,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{args.rounds} round(s), page cache warm, {_cores()} core(s)\n")
         print(report.table())
         print("(first pass: a new Streamer, its workers started and ended within the pass; the "
-              "other Streamer rows reuse one Streamer, as epochs do)\n")
+              "other Streamer rows reuse one Streamer, as epochs do; the Loader plays a new "
+              f"shuffled epoch of batches of {LOADER_BATCH} each round)\n")
     if args.json:
         m.dump_json(args.json, {"command": "bench", "results": [
             {**facts, "report": report.to_dict()} for report, facts in results]})

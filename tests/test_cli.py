@@ -108,7 +108,7 @@ def test_bench_sample_file(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for name in ("h5py read_direct", "Streamer queue (n_procs=1)", "Streamer queue, first pass",
-                 "Streamer generator (n_procs=1)"):
+                 "Streamer generator (n_procs=1)", "Loader, shuffled epoch (n_procs=1)"):
         line = next(line for line in lines if line.startswith(name))
         assert MBS.search(line), line
     assert "(sample, removed)" in out.stdout
@@ -120,9 +120,10 @@ def test_bench_sample_file(tmp_path):
     for result in results:
         readers = result["report"]["readers"]
         assert set(readers) == {"h5py read_direct", "Streamer queue (n_procs=1)",
-                                "Streamer queue, first pass", "Streamer generator (n_procs=1)"}
+                                "Streamer queue, first pass", "Streamer generator (n_procs=1)",
+                                "Loader, shuffled epoch (n_procs=1)"}
         assert all(r["median_mb_per_s"] > 0 for r in readers.values())
-        # Every reader delivered the whole dataset, remainder included.
+        # Every reader delivered the whole dataset, remainder included (the Loader: an epoch).
         assert {r["bytes"][0] for r in readers.values()} == {result["nbytes"]}
     assert not [p for p in os.listdir(tmp_path) if p != "out.json"]
 
