@@ -13,7 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from helpers import alive_after
+from helpers import alive_after, drain_rows
 
 import multitables
 
@@ -72,3 +72,30 @@ def test_a_hung_reader_dropped_without_close_is_collected(data_files):
     gc.collect()
     assert alive_after(pids, 1.5 * WAIT) == []
     assert time.monotonic() - t0 < 1.5 * WAIT + 1
+
+
+def test_streamer_close_with_hung_standby_workers_takes_one_timeout(data_files):
+    """Workers standing by between queues, then hung: closing the Streamer gives them
+    JOIN_TIMEOUT in all before killing them, not JOIN_TIMEOUT each."""
+    path, _, truth = data_files
+    join_timeout = multitables.workers.JOIN_TIMEOUT
+    before = _children()
+    stream = multitables.Streamer(path)
+    try:
+        with stream.get_queue("x", n_procs=N_PROCS, ordered=True, remainder=True) as queue:
+            np.testing.assert_array_equal(np.concatenate(drain_rows(queue)), truth["x"])
+        pids = sorted(_children() - before)  # standing by now, the queue closed
+        assert len(pids) == N_PROCS, pids
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        stream.close()
+        took = time.monotonic() - t0
+        assert alive_after(pids, 1) == [], "hung workers outlived close()"
+        assert took < 1.5 * join_timeout, (
+            f"Streamer.close() took {took:.2f} s for {len(pids)} hung standby workers")
+    finally:
+        for pid in _children() - before:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stream.close()
