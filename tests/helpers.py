@@ -210,6 +210,16 @@ def _mp_helpers() -> tuple[set[int], set[int]]:
     return {pid for pid in pids if pid is not None}, {fd for fd in fds if fd is not None}
 
 
+def _ours(shm_name: str) -> bool:
+    """Whether a /dev/shm name is this process's to answer for: named multitables*, and, when it
+    ends in a pid (the leak fixture's own test names its bait so), by this process or its parent,
+    not by another test run on the same machine."""
+    if not shm_name.startswith("multitables"):
+        return False
+    tail = shm_name.rpartition("-")[2]
+    return not tail.isdigit() or int(tail) in (os.getpid(), os.getppid())
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """What a test can leak, taken at one moment: child processes, open descriptors, the
@@ -228,7 +238,7 @@ class Resources:
             children=frozenset(p.pid for p in me.children(recursive=True)),
             fds=frozenset(open_fds()),
             maps=frozenset(memfd_maps()),
-            shm=frozenset(n for n in shm_entries() if n.startswith("multitables")),
+            shm=frozenset(n for n in shm_entries() if _ours(n)),
         )
 
 

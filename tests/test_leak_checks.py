@@ -228,3 +228,21 @@ def test_multiprocessings_own_helpers_are_no_leak():
         out, err, _ = child.finish(30)
     assert child.returncode == 0, err
     assert out.strip() == "[]", out
+
+
+def test_dev_shm_names_of_another_test_run_are_not_ours():
+    """The leak fixture's own test leaves bait named after its process: another run of the
+    suite on the machine, seeing it, must not take it for its own leak."""
+    other_pid = 1  # init: never this process or its parent
+    theirs = f"/dev/shm/multitables-test-leak-{other_pid}"
+    mine = f"/dev/shm/multitables-test-leak-{os.getpid()}"
+    before = Resources.now()
+    try:
+        for name in (theirs, mine):
+            open(name, "w").close()
+        assert leaks_since(before, SETTLE) == [
+            f"test left /dev/shm entries: ['{os.path.basename(mine)}']"]
+    finally:
+        for name in (theirs, mine):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
