@@ -9,6 +9,7 @@ never a SIGBUS in the middle of a read later.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import threading
@@ -46,8 +47,16 @@ class SharedArena:
         self._fd: int | None = fd
 
     def ndarray(self, shape, dtype, offset: int = 0) -> np.ndarray:
-        """A numpy view of the mapping (no copy)."""
-        return np.ndarray(shape, dtype=dtype, buffer=self.buffer, offset=offset)
+        """A numpy view of the mapping (no copy). It keeps the pages mapped while it lives, also
+        past ``close``: ``np.frombuffer`` holds the mmap's buffer (``np.ndarray(buffer=...)``
+        would not, and its view of unmapped pages would crash the process)."""
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if dtype.subdtype is not None:  # its dimensions extend the shape, as np.ndarray's do
+            dtype, sub = dtype.subdtype
+            shape += sub
+        count = math.prod(shape)
+        return np.frombuffer(self.buffer, dtype, count, offset).reshape(shape)
 
     @property
     def fd(self) -> int:
