@@ -105,8 +105,9 @@ def test_a_streamer_sent_to_a_pool_streams_there(path, method, mp_helpers):
         np.testing.assert_array_equal(np.array(got), _truth())
 
 
-def _use_inherited(reader, streamer, out) -> None:
-    rows = _rows_by_reader(reader, [9, 3])
+def _use_inherited(reader, streamer, stage, out) -> None:
+    ds = reader.get_dataset("x")
+    rows = reader.request(ds[[9, 3]], stage).get()  # a stage the parent's workers had mapped
     stream = _stream_task(streamer)
     out.put((rows.tolist(), stream, [p.pid for p in reader._pool.procs]))
     reader.close()
@@ -117,12 +118,15 @@ def test_a_reader_made_in_the_parent_works_in_a_forked_child(path):
     """Inherited, not pickled: the child's copy starts workers of its own (their channels are
     its own, so no 'received 0 items of ancdata')."""
     with multitables.Reader(path, n_procs=2) as reader, multitables.Streamer(path) as streamer:
-        _rows_by_reader(reader, [0])
+        ds = reader.get_dataset("x")
+        stage = ds.create_stage(2)
+        reader.request(ds[[0, 1]], stage).get()
+        reader.request(ds[[2, 3]], stage).get()  # mapped by both workers, most likely
         list(streamer.get_generator("x", n_procs=2))
         parents = [p.pid for p in reader._pool.procs]
         ctx = multiprocessing.get_context("fork")
         out = ctx.Queue()
-        child = ctx.Process(target=_use_inherited, args=(reader, streamer, out))
+        child = ctx.Process(target=_use_inherited, args=(reader, streamer, stage, out))
         child.start()
         rows, stream, theirs = out.get(timeout=60)
         child.join(30)
