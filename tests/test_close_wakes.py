@@ -10,6 +10,7 @@ import statistics
 import threading
 import time
 
+import psutil
 import pytest
 
 import multitables
@@ -24,9 +25,10 @@ def _wake_delay(path: str) -> float:
     thread had been blocked in, on a queue whose only worker is stopped."""
     # Blocks of a MiB (1024 rows of 1 KiB): one block per slot, so the slot taken below is the
     # only block there is until the worker fills another.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     queue = multitables.Streamer(path).get_queue("x", n_procs=1, cyclic=True, block_size=1024,
                                                  read_ahead=1)
-    pid = queue._pool.procs[0].pid
+    (pid,) = {p.pid for p in psutil.Process().children(recursive=True)} - before  # its worker
     with queue.get():  # the one slot is ours: the worker has none to fill
         os.kill(pid, signal.SIGSTOP)  # and when it has, it is stopped: the next get() sleeps
     returned: list[float] = []
