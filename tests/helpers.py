@@ -196,6 +196,14 @@ def memfd_maps() -> set[str]:
                 for line in f if MEMFD in line}
 
 
+def worker_pids() -> set[int]:
+    """The running children of this process but multiprocessing's own helpers: the workers a
+    test started (with those of earlier tests that still stand by)."""
+    helpers, _ = _mp_helpers()
+    return {p.pid for p in psutil.Process().children()
+            if p.pid not in helpers and not gone(p.pid)}
+
+
 def _mp_helpers() -> tuple[set[int], set[int]]:
     """The pids and descriptors of multiprocessing's own long-lived helpers (the resource
     tracker, the fork server): started by the first test that needs them (a spawn or forkserver

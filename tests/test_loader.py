@@ -10,9 +10,8 @@ import time
 
 import h5py
 import numpy as np
-import psutil
 import pytest
-from helpers import sample
+from helpers import sample, worker_pids
 
 import multitables
 from multitables.order import shuffle_quality
@@ -328,16 +327,15 @@ def test_pickled_loader_resumes_where_it_stood(columns_file):
 def test_breaking_out_hands_workers_back(columns_file):
     """An abandoned epoch stops its reads; the next epoch runs on the same workers."""
     path, _ = columns_file
-    me = psutil.Process()
     with make(path, batch_size=10, shuffle=True) as loader:
         for i, _ in enumerate(loader):
             if i == 3:
                 break
-        workers = {p.pid for p in me.children()}
+        workers = worker_pids()
         assert len(workers) == 2
         rows = np.concatenate(epoch_rows(loader))
         assert sorted(rows.tolist()) == list(range(N))
-        assert {p.pid for p in me.children()} == workers
+        assert worker_pids() == workers
 
 
 @pytest.mark.timeout(60)
@@ -346,12 +344,11 @@ def test_worker_killed_mid_epoch_raises(tmp_path):
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=sample((20_000, 64), "<f4"), chunks=(16, 64),
                          compression="gzip")
-    me = psutil.Process()
     with make(path, "x", 16, shuffle=True, window=64) as loader:
         it = iter(loader)
         next(it)
         # Both: a worker killed while the other reads on may leave nothing undone.
-        victims = [p.pid for p in me.children()]
+        victims = worker_pids()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -502,14 +499,13 @@ def test_a_lent_field_is_contiguous(raw_file, reads):
 
 def test_close_ends_the_epoch_being_read(columns_file):
     path, _ = columns_file
-    me = psutil.Process()
-    before = {p.pid for p in me.children()}
+    before = worker_pids()
     loader = make(path, ["idx", "x"], 10, shuffle=True)
     it = iter(loader)
     next(it)
-    assert len({p.pid for p in me.children()} - before) == 2
+    assert len(worker_pids() - before) == 2
     loader.close()
-    assert {p.pid for p in me.children() if p.status() != psutil.STATUS_ZOMBIE} <= before
+    assert worker_pids() <= before
     with pytest.raises(ValueError, match="closed"):
         next(it)
 

@@ -12,7 +12,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from helpers import Child, alive_after
+from helpers import Child, alive_after, worker_pids
 
 import multitables
 
@@ -121,17 +121,15 @@ def test_a_loader_sent_to_a_pool_plays_there(path, method):
 def test_a_forked_copy_starts_its_own_workers(path):
     """A child forked from a process whose Loader has workers plays with workers of its own,
     and leaves the parent's alone."""
-    import psutil
-
     with multitables.Loader(path, "idx", 64, shuffle=True, n_procs=1) as loader:
         here = _epoch_of(loader)  # the parent's workers now stand by
-        workers = {p.pid for p in psutil.Process().children()}
+        workers = worker_pids()
         loader.set_epoch(0)
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(1) as pool:
             there = pool.apply(_epoch_of, (loader,))
         assert there == here
-        assert {p.pid for p in psutil.Process().children()} == workers
+        assert worker_pids() == workers
         assert _epoch_of(loader) == here  # epoch 0 again, on the parent's own workers
 
 
