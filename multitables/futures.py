@@ -42,6 +42,10 @@ class Request:
         self._error: BaseException | None = None  # found before dispatch; raised by get()
         self._result: Any = None
         self._taken = False
+        # Who may take the result: the thread that asked, unless it was handed to a RequestPool
+        # (whose next() another thread may call). See StagePool.take.
+        self._maker = threading.get_ident()
+        self._shared = False
 
     def done(self) -> bool:
         """True once the worker has finished (or the request failed)."""
@@ -193,6 +197,7 @@ class RequestPool:
         self._cond = threading.Condition()
 
     def add(self, request: Request) -> None:
+        request._shared = True
         with self._cond:
             self._queue.append(request)
             self._cond.notify()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +125,11 @@ class Stage:
         return f"<Stage {self.shape} {self.dtype}, {self.nbytes} bytes>"
 
 
+# How long a pool waits for another thread to take a result when only requests this thread made
+# and kept hold its stages (see StagePool.take).
+LONE_WAIT = 5.0
+
+
 class StagePool:
     """``n`` stages used in turn: a request takes the next free one, waiting if all are busy."""
 
@@ -139,9 +145,12 @@ class StagePool:
 
         The wait ends at once when a stage is freed or closed (``free``/``close`` notify); every
         CHECK_INTERVAL s it calls ``check`` (which raises if the Reader can no longer serve) and
-        raises if no other thread is left to free a stage. See NOTE [ Worker shutdown logic ],
+        raises if only this thread could free a stage (every busy one serves a request it made
+        and kept, ``_only_this_thread_can_free``): at once when no other thread runs, else after
+        LONE_WAIT s without a stage freed. See NOTE [ Worker shutdown logic ],
         step (3).
         """
+        lone_since: float | None = None
         with self._cond:
             while True:
                 for i in range(len(self.stages)):
@@ -154,15 +163,30 @@ class StagePool:
                     raise QueueClosedException("the stage pool is closed")
                 if check is not None:
                     check()  # the Reader closed, a worker died: no stage will be freed
-                if threading.active_count() == 1:
-                    # Only another thread can free a stage (by taking a result), and there is
-                    # none: waiting would never end.
-                    raise RuntimeError(
-                        f"all {len(self.stages)} stages of the pool hold results that were not "
-                        "collected; call get() on a pending request first, or make a larger pool"
-                    )
+                if self._only_this_thread_can_free():
+                    # Only this thread could take a result: the wait cannot end, unless this
+                    # thread handed a request to another by hand (no RequestPool); give that
+                    # one LONE_WAIT s, none when no other thread runs at all.
+                    now = time.monotonic()
+                    lone_since = now if lone_since is None else lone_since
+                    if threading.active_count() == 1 or now - lone_since > LONE_WAIT:
+                        raise RuntimeError(
+                            f"all {len(self.stages)} stages of the pool hold results that were "
+                            "not collected; call get() on a pending request first, make a larger "
+                            "pool, or hand requests to other threads through a RequestPool")
+                else:
+                    lone_since = None
                 # free() and close() notify; the timeout only bounds the time between checks.
                 self._cond.wait(CHECK_INTERVAL)
+
+    def _only_this_thread_can_free(self) -> bool:
+        """Whether every busy stage serves a request this thread made and kept to itself (not
+        handed to a RequestPool): then only this thread, which is about to wait, could take a
+        result and free a stage, and the wait would never end."""
+        me = threading.get_ident()
+        return all(getattr(stage.owner, "_maker", None) == me
+                   and not getattr(stage.owner, "_shared", True)
+                   for stage in self.stages if not stage.closed)
 
     def notify(self) -> None:
         with self._cond:

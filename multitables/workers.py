@@ -283,7 +283,9 @@ def _next_job(channel: Channel, parent_alive: Callable[[], bool]) -> Job | None:
                 return None
         elif message == STOP:
             return None
-        elif message != END:  # an END that crossed a job's own end on the way is no news
+        elif message != END and not isinstance(message, tuple):
+            # An END that crossed a job's own end on the way is no news; nor are requests
+            # (tuples) sent to a job that has already ended: one that failed to open its file.
             return message
 
 

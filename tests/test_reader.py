@@ -313,14 +313,48 @@ def test_request_pool_with_a_loader_thread(reader, files):
     assert not thread.is_alive()
 
 
-def test_pool_exhausted_by_a_single_thread_raises(reader):
+def test_pool_exhausted_by_a_single_thread_raises(reader, monkeypatch):
     ds = reader.get_dataset("f4")
     pool = ds.create_stage_pool(1, 2)
-    held = [reader.request(ds[i], pool) for i in range(2)]
-    with pytest.raises(RuntimeError, match="all 2 stages of the pool"):
-        reader.request(ds[3], pool)
-    held[0].get()
-    reader.request(ds[3], pool).get()
+    # Other threads alive (a library's, say) do not take this thread's results: no wait for
+    # ever, but LONE_WAIT s for a request this thread may have handed over by hand.
+    monkeypatch.setattr(multitables.stages, "LONE_WAIT", 0.5)
+    stop = threading.Event()
+    bystander = threading.Thread(target=stop.wait)
+    bystander.start()
+    try:
+        held = [reader.request(ds[i], pool) for i in range(2)]
+        with pytest.raises(RuntimeError, match="all 2 stages of the pool"):
+            reader.request(ds[3], pool)
+        held[0].get()
+        reader.request(ds[3], pool).get()
+    finally:
+        stop.set()
+        bystander.join()
+
+
+def test_pool_exhausted_by_a_producer_waits_for_its_consumer(reader, files):
+    """Requests handed to a RequestPool may be taken by another thread: the producer waits for
+    it to free a stage instead of raising."""
+    ds = reader.get_dataset("f4")
+    truth = files[2]["f4"]
+    pool = ds.create_stage_pool(1, 2)
+    requests = multitables.RequestPool()
+    got = []
+
+    def consumer():
+        for _ in range(6):
+            got.append(requests.next(timeout=20).get())
+
+    thread = threading.Thread(target=consumer)
+    for i in range(2):
+        requests.add(reader.request(ds[i], pool))
+    thread.start()
+    for i in range(2, 6):  # the pool is full: each request waits for the consumer
+        requests.add(reader.request(ds[i], pool))
+    thread.join(20)
+    assert not thread.is_alive()
+    np.testing.assert_array_equal(np.array(got), truth[:6])
 
 
 def test_close_and_use_after_close(files):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from helpers import N_ROWS, alive_after, drain_rows, sample, write_h5py
+from helpers import N_ROWS, _mp_helpers, alive_after, drain_rows, sample, write_h5py
 
 import multitables
 from multitables.shm import SharedArena
@@ -29,7 +29,10 @@ def path(tmp_path_factory):
 
 
 def _children_with_zombies() -> set[int]:
-    return {p.pid for p in psutil.Process().children()}
+    """This process's children, zombies included, but multiprocessing's long-lived helpers
+    (a resource tracker an earlier spawn test started)."""
+    helpers, _ = _mp_helpers()
+    return {p.pid for p in psutil.Process().children()} - helpers
 
 
 # ---- the channel ----------------------------------------------------------------------------
