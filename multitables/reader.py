@@ -191,7 +191,15 @@ class Reader:
         self._lock = threading.RLock()
         self._dropped: list[tuple[int, tuple[int, ...]]] = []
         for stage in list(self._stages.values()):
+            # The stage's pages are shared with the process it was made in (and with every
+            # other child forked from it): this copy gets pages of its own, or two processes
+            # would read into the same ones.
+            if stage.on_close is not None:
+                stage.on_close.detach()  # the parent's pages are the parent's to free
+            stage.memory = StageMemory.create(stage.nbytes)
             stage.sent_to.clear()
+            stage.on_close = weakref.finalize(
+                stage, _forget_stage, weakref.ref(self), stage.id, stage.sent_to, stage.memory)
 
     def __reduce__(self):
         # A Reader travels (to a spawned process, a Pool's task) as its arguments; the copy

@@ -256,3 +256,39 @@ def test_a_queue_inherited_by_a_forked_child_names_the_fix_instead_of_taking_blo
                 np.testing.assert_array_equal(block, _truth()[:10])
             out.close()
             out.join_thread()
+
+
+def _read_many(reader, stage, seed, out) -> None:
+    ds = reader.get_dataset("x")
+    rng = np.random.default_rng(seed)
+    wrong = 0
+    for _ in range(200):
+        rows = rng.integers(0, ROWS, 2)
+        wrong += not np.array_equal(reader.request(ds[rows], stage).get(), _truth()[rows])
+    out.put(wrong)
+    reader.close()
+
+
+def test_forked_children_read_an_inherited_stage_into_pages_of_their_own(path):
+    """Two children forked from a process whose Reader made a stage (DataLoader workers under
+    fork) each use that stage: each must read into memory of its own, not the parent's pages,
+    which they would share."""
+    with multitables.Reader(path, n_procs=1) as reader:
+        ds = reader.get_dataset("x")
+        stage = ds.create_stage(2)
+        reader.request(ds[[0, 1]], stage).get()
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        children = [ctx.Process(target=_read_many, args=(reader, stage, seed, out))
+                    for seed in range(2)]
+        for child in children:
+            child.start()
+        try:
+            wrong = [out.get(timeout=60) for _ in children]
+        finally:
+            for child in children:
+                child.join(30)
+        assert wrong == [0, 0]
+        np.testing.assert_array_equal(reader.request(ds[[5, 7]], stage).get(), _truth()[[5, 7]])
+        out.close()
+        out.join_thread()
