@@ -228,9 +228,11 @@ class BatchReads(Reads):
     def __init__(self, loader: Loader, local: _Local, sequence: np.ndarray):
         self.batch_size = loader.batch_size
         n_batches = -(-len(sequence) // self.batch_size)
-        n_slots = min(n_batches, 2 * loader.n_procs + 1)  # a lent slot leaves each worker two
+        # Lent and poisoned slots (copy=False) leave each worker two.
+        n_slots = min(n_batches, 2 * loader.n_procs + 2)
         super().__init__(loader, local, BATCHES, self.batch_size, n_slots, sequence=sequence)
         self.lent: int | None = None  # copy=False: the ticket whose slot the caller holds
+        self.poisoned: int | None = None  # the one lent before, poisoned, kept one batch more
 
     def batch(self, start: int, stop: int, outputs: Outputs) -> list[np.ndarray]:
         self._end_lease()
@@ -245,12 +247,16 @@ class BatchReads(Reads):
         return outputs.lend(views)
 
     def _end_lease(self) -> None:
-        """The slot lent to the caller is poisoned, then goes back to the workers."""
+        """The slot lent to the caller is poisoned and kept for one more batch (so a late use
+        reads poison, not the rows a worker writes next); the one poisoned before goes back to
+        the workers."""
+        if self.poisoned is not None:
+            self._free(self.poisoned)
+            self.poisoned = None
         if self.lent is not None:
             lent = self._span(self.slot_of[self.lent], self.batch_size)
             Outputs.poison([region[lent] for region in self.regions])
-            self._free(self.lent)
-            self.lent = None
+            self.lent, self.poisoned = None, self.lent
 
     def close(self) -> None:
         if not self.closed:

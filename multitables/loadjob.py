@@ -46,15 +46,16 @@ def plan_units(infos: list[DatasetInfo]) -> int:
     """Rows per unit: the least common multiple of the datasets' chunk rows (see module doc)."""
     n_rows = infos[0].shape[0]
     row_bytes = sum(max(info.row_bytes, 1) for info in infos)
-    chunked = [info for info in infos if info.chunks]
-    if not chunked:
+    chunk_rows = {info.path: info.chunks[0] for info in infos if info.chunks}
+    if not chunk_rows:
         return max(1, min(n_rows, CONTIGUOUS_UNIT_BYTES // row_bytes))
-    rows = math.lcm(*(info.chunks[0] for info in chunked))
+    rows = math.lcm(*chunk_rows.values())
     if rows * row_bytes > MAX_UNIT_BYTES or rows * MIN_UNITS > n_rows:
         # Whole chunks of the dataset that costs most to read (compressed, then the widest
         # rows): the chunks of the others may be read twice, not those.
-        costly = max(chunked, key=lambda info: (info.compression is not None, info.row_bytes))
-        rows = costly.chunks[0]
+        costly = max((info for info in infos if info.path in chunk_rows),
+                     key=lambda info: (info.compression is not None, info.row_bytes))
+        rows = chunk_rows[costly.path]
     return max(1, min(rows, n_rows))
 
 

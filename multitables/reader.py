@@ -194,7 +194,7 @@ class Reader:
             # The stage's pages are shared with the process it was made in (and with every
             # other child forked from it): this copy gets pages of its own, or two processes
             # would read into the same ones.
-            if stage.on_close is not None:
+            if isinstance(stage.on_close, weakref.finalize):
                 stage.on_close.detach()  # the parent's pages are the parent's to free
             stage.memory = StageMemory.create(stage.nbytes)
             stage.sent_to.clear()

@@ -26,11 +26,13 @@ __all__ = ["Loader"]
 
 
 class Loader(IterableDataset):
-    """``multitables.Loader(filename, columns, batch_size, **kw)`` yielding tensors.
+    """``multitables.Loader(filename, columns, batch_size, ...)`` yielding tensors.
 
-    Same arguments and methods (``set_epoch``, ``state_dict``, ``load_state_dict``, ``close``,
-    ``len``) as :class:`multitables.Loader`; batches are tensors, tuples or dicts of tensors that
-    share memory with the arrays the Loader made (owned by the caller unless ``copy=False``).
+    Same arguments and methods (``set_epoch``, ``state_dict``, ``load_state_dict``, ``order``,
+    ``close``, ``len``) as :class:`multitables.Loader`, whose docstring says what each argument
+    does; ``loader`` is the :class:`multitables.Loader` underneath. Batches are tensors,
+    tuples or dicts of tensors that share memory with the arrays the Loader made (owned by the
+    caller unless ``copy=False``).
     Columns must have dtypes torch has: name fields of a table as columns (``"/table/field"``)
     rather than the table itself. In DataLoader worker processes batches are always copies
     (``copy=False`` would lend them only until the next, and the DataLoader sends them later),
@@ -49,10 +51,17 @@ class Loader(IterableDataset):
     >>> dataset.close()
     """
 
-    def __init__(self, filename, columns, batch_size: int, **kw):
+    def __init__(self, filename, columns, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, window: int | None = None, drop_last: bool = False,
+                 rank: int | None = None, world_size: int | None = None,
+                 n_procs: int | None = None, copy: bool = True, start_method: str | None = None,
+                 **kw):
         super().__init__()
-        self._n_procs_given = kw.get("n_procs") is not None
-        self.loader = _loader.Loader(filename, columns, batch_size, **kw)
+        self._n_procs_given = n_procs is not None
+        self.loader = _loader.Loader(
+            filename, columns, batch_size, shuffle=shuffle, seed=seed, window=window,
+            drop_last=drop_last, rank=rank, world_size=world_size, n_procs=n_procs, copy=copy,
+            start_method=start_method, **kw)
         for column in self.loader._columns:
             dtype = self.loader._infos[column.dataset].field_dtype(column.field)
             if dtype.names is not None:
@@ -81,13 +90,25 @@ class Loader(IterableDataset):
             yield _tensors(batch)
 
     def __len__(self) -> int:
+        """Batches this rank yields in an epoch (the same on every rank)."""
         return len(self.loader)
 
+    def __repr__(self) -> str:
+        return repr(self.loader).replace("<Loader", "<multitables.torch.Loader", 1)
+
+    def order(self, epoch: int):
+        """The order of ``epoch``'s rows: see :meth:`multitables.Loader.order`."""
+        return self.loader.order(epoch)
+
     def set_epoch(self, epoch: int) -> None:
+        """Play ``epoch`` at the next iteration (DataLoader workers included); later ones
+        follow it."""
         self.loader.set_epoch(epoch)
         self._epochs.set(epoch)
 
     def state_dict(self) -> dict[str, Any]:
+        """Where a Loader given this state resumes (see :meth:`multitables.Loader.state_dict`).
+        Raises once DataLoader workers have played: it cannot see how far they got."""
         if self._epochs.played_in_workers():
             raise RuntimeError(
                 "state_dict() cannot see the batches DataLoader workers played: resume "
@@ -96,10 +117,12 @@ class Loader(IterableDataset):
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state``: see :meth:`multitables.Loader.load_state_dict`."""
         self.loader.load_state_dict(state)
         self._epochs.set(self.loader._next_epoch)
 
     def close(self) -> None:
+        """End the worker processes and free the shared memory. Idempotent."""
         self.loader.close()
 
     def __enter__(self) -> Loader:
