@@ -237,7 +237,7 @@ def check_first_batch(loader: multitables.Loader, s: Setup) -> None:
     rows = loader.order(0).rows(0, BATCH)
     loader.set_epoch(0)
     it = iter(loader)
-    batch = next(it)
+    batch = {name: np.array(column) for name, column in next(it).items()}  # a lease ends below
     it.close()  # hands the workers back
     sorter = np.argsort(rows)
     with h5py.File(s.filename, "r") as f:
@@ -305,6 +305,29 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
     return report(name, s, block, results, quality, new_first, args)
 
 
+def gather_rate(row_bytes: int, seconds: float = 0.5) -> float:
+    """Bytes per second one core gathers batches of BATCH random rows (``np.take`` into a new
+    array) from a window in memory: the copy a shuffled batch costs its consumer at least."""
+    region = np.ones(((64 << 20) // row_bytes, row_bytes), np.uint8)
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(3):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            np.take(region, rng.integers(0, len(region), BATCH), axis=0)
+            n += 1
+        rates.append(n * BATCH * row_bytes / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def decode_bound(queue_bytes_per_s: float, gather_bytes_per_s: float) -> float:
+    """The most a shuffled epoch can reach, as a ratio to the queue, when the queue's workers
+    keep every core busy decoding: the same decoding, plus one gather of every byte by the
+    consumer on the same cores. Per byte, N / queue + 1 / gather core-seconds."""
+    n = N_PROCS
+    return n / (n + queue_bytes_per_s / gather_bytes_per_s)
+
+
 def report(name: str, s: Setup, block: int, results: Results,
            quality: dict[str, tuple[float, float]], new_first: list[float],
            args: argparse.Namespace) -> dict:
@@ -349,6 +372,17 @@ def report(name: str, s: Setup, block: int, results: Results,
     print(m.format_table(rows))
     print(f"a new Loader's first batch (workers started, file opened): "
           f"{statistics.median(new_first) * 1e3:.0f} ms median")
+    bound = None
+    with h5py.File(s.filename, "r") as f:
+        compressed = f[s.queue_path].compression is not None
+    if compressed:  # the queue's workers are decode-bound
+        gather = gather_rate(s.row_bytes)
+        queue_mb = results.median_rate(QUEUE) * s.queue_row_bytes
+        bound = decode_bound(queue_mb, gather)
+        loader = results.median_ratio(DEFAULT, QUEUE)
+        print(f"limit: consumer gather {gather / 1e6:,.0f} MB/s on one core; bound on "
+              f"{N_PROCS} cores (the queue's decoding plus that gather of every byte): "
+              f"{bound:.2f}x queue; {DEFAULT} reaches {loader / bound:.0%} of it")
     lines = [m.check(f"{reader} / {over}", results.median_ratio(reader, over), target)
              for reader, over, target in TARGETS.get(name, [])
              if reader in results.passes and over in results.passes]
@@ -357,7 +391,8 @@ def report(name: str, s: Setup, block: int, results: Results,
     return {"filename": s.filename, "columns": s.columns, "rows": s.n_rows,
             "row_bytes": s.row_bytes, "chunk_rows": s.chunk_rows, "unit_rows": unit_rows,
             "window_rows": window, "queue_block_size": block, "batch_size": BATCH,
-            "new_loader_first_batch_s": new_first, "readers": out}
+            "new_loader_first_batch_s": new_first, "decode_bound_over_queue": bound,
+            "readers": out}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .loadepoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
-from .loadjob import plan_units
+from .loadjob import costliest_chunk_rows, plan_units
 from .order import EpochOrder, plan_rank, worker_batches
 from .ring import Ring
 from .source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
@@ -27,8 +27,9 @@ from .workers import StandbyWorkers
 
 __all__ = ["Loader"]
 
-# A default window holds at least this many units and about this many bytes of rows.
-WINDOW_UNITS = 16
+# A default window holds at least this many chunks (of the costliest dataset, which a unit may
+# hold several of) and about this many bytes of rows.
+WINDOW_CHUNKS = 16
 WINDOW_BYTES = 32 << 20
 STATE_VERSION = 1
 
@@ -74,7 +75,7 @@ class Loader:
         Seed of the shuffle: the same (seed, epoch) gives the same order on every machine.
     window : int, optional
         Rows mixed together by the shuffle, rounded up to whole units. The default holds at least
-        16 units and about 32 MiB of rows. A window of the whole dataset (``window >= n_rows``)
+        16 chunks and about 32 MiB of rows. A window of the whole dataset (``window >= n_rows``)
         is a uniform shuffle. Unfiltered data is not held in memory: each batch's rows are read
         straight from the file, whatever the window. Compressed data is decoded a window of
         units at a time, so memory holds about two windows (a uniform shuffle: all of it).
@@ -141,7 +142,10 @@ class Loader:
         if window is None:
             row_bytes = sum(max(info.row_bytes, 1) for info in self._infos)
             by_bytes = -(-WINDOW_BYTES // (self.unit_rows * row_bytes))
-            self.window_units = min(n_units, max(WINDOW_UNITS, by_bytes))
+            # A unit may span several chunks: count the mixing in chunks, not units.
+            chunk_rows = min(costliest_chunk_rows(self._infos) or self.unit_rows, self.unit_rows)
+            by_chunks = -(-WINDOW_CHUNKS * chunk_rows // self.unit_rows)
+            self.window_units = min(n_units, max(by_chunks, by_bytes))
         else:
             window = check_positive_int("window", window)
             self.window_units = min(n_units, -(-window // self.unit_rows))

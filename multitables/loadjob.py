@@ -51,12 +51,18 @@ def plan_units(infos: list[DatasetInfo]) -> int:
         return max(1, min(n_rows, CONTIGUOUS_UNIT_BYTES // row_bytes))
     rows = math.lcm(*chunk_rows.values())
     if rows * row_bytes > MAX_UNIT_BYTES or rows * MIN_UNITS > n_rows:
-        # Whole chunks of the dataset that costs most to read (compressed, then the widest
-        # rows): the chunks of the others may be read twice, not those.
-        costly = max((info for info in infos if info.path in chunk_rows),
-                     key=lambda info: (info.compression is not None, info.row_bytes))
-        rows = chunk_rows[costly.path]
+        # Whole chunks of the dataset that costs most to read: the chunks of the others may be
+        # read twice, not those.
+        rows = costliest_chunk_rows(infos) or max(chunk_rows.values())
     return max(1, min(rows, n_rows))
+
+
+def costliest_chunk_rows(infos: list[DatasetInfo]) -> int | None:
+    """Rows per chunk of the chunked dataset that costs most to read (compressed first, then
+    the widest rows): the chunks that matter for reading once and for mixing well."""
+    chunked = [(info.compression is not None, info.row_bytes, info.chunks[0])
+               for info in infos if info.chunks]
+    return max(chunked)[2] if chunked else None
 
 
 UNITS, BATCHES = "units", "batches"
