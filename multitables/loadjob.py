@@ -19,6 +19,7 @@ then, for batches, the row numbers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,24 @@ def _emptied(ring: Ring) -> Ring:
     return Ring(ring.arena, ring.layout, create=True)
 
 
+# In a worker: the arena of the last epoch, as mapped then. A Loader reuses its ring from one
+# epoch to the next; mapping it anew would fault every page of it in again (tens of thousands of
+# faults an epoch), so the worker keeps its mapping while the same memory comes back.
+_LAST_ARENA: tuple[tuple[int, int], SharedArena] | None = None
+
+
+def _mapped_before(arena: SharedArena) -> SharedArena:
+    """``arena``, or this process's earlier mapping of the same memory (then ``arena`` closes)."""
+    global _LAST_ARENA
+    st = os.fstat(arena.fd)
+    identity = (st.st_dev, st.st_ino)
+    if _LAST_ARENA is not None and _LAST_ARENA[0] == identity:
+        arena.close()
+        return _LAST_ARENA[1]
+    _LAST_ARENA = identity, arena
+    return arena
+
+
 def regions(plan: LoadPlan) -> list[np.ndarray]:
     """Each dataset's region as an array of ``n_slots * slot_rows`` rows."""
     rows = plan.layout.n_slots * plan.slot_rows
@@ -163,6 +182,7 @@ class LoadJob:
 
     def attach(self, source: OpenFile, worker: int) -> None:
         rawread.keep_maps()  # the rows of the next epochs lie in the same pages
+        self.plan.arena = _mapped_before(self.plan.arena)
         self.ring = Ring(self.plan.arena, self.plan.layout)
         self.datasets = [source.dataset(info.path) for info in self.plan.infos]
         self.regions = regions(self.plan)

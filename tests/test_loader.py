@@ -537,3 +537,23 @@ def test_bad_epochs_are_refused_when_given(columns_file):
         state["history"] = [[2, 10_000]]
         with pytest.raises(ValueError):
             loader.load_state_dict(state)
+
+
+def test_a_worker_keeps_its_mapping_of_a_reused_ring(monkeypatch):
+    """The ring of the last epoch comes back to a worker as a new descriptor of the same memory:
+    the worker keeps the mapping it had (its pages faulted in already), and a new ring replaces
+    it."""
+    from multitables import loadjob
+    from multitables.shm import SharedArena
+
+    monkeypatch.setattr(loadjob, "_LAST_ARENA", None)
+    first = SharedArena(1 << 16)
+    first.buffer[:4] = b"ring"
+    again = SharedArena(1 << 16, _fd=os.dup(first.fd))  # as a job brings it to a worker
+    assert loadjob._mapped_before(first) is first
+    assert loadjob._mapped_before(again) is first
+    assert again._fd is None  # the duplicate was closed
+    other = SharedArena(1 << 16)
+    assert loadjob._mapped_before(other) is other
+    first.close()
+    other.close()
