@@ -28,7 +28,7 @@ import numpy as np
 from . import rawread
 from ._indexing import translate
 from .hyperslab import read_selection
-from .ring import CLOSED, TIMEOUT, Ring, RingLayout
+from .ring import Ring, RingLayout
 from .shm import SharedArena, round_up
 from .source import DatasetInfo, OpenFile
 from .workers import WAIT_SLICE
@@ -193,22 +193,7 @@ class LoadJob:
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket to read into it; None when done."""
-        ring, end = self.ring, self.plan.n_tickets
-        while True:
-            if ring.tickets.load() >= end:
-                return None
-            slot = ring.free.pop(WAIT_SLICE)
-            if slot == TIMEOUT:
-                if ring.stopped or not parent_alive():
-                    return None
-                continue
-            if slot == CLOSED or ring.stopped:
-                return None
-            ticket = ring.tickets.fetch_add(1)
-            if ticket >= end:
-                ring.free.push(slot)
-                return None
-            return slot, ticket
+        return self.ring.take_ticket(self.plan.n_tickets, WAIT_SLICE, parent_alive)
 
     def run(self, task: tuple[int, int]) -> None:
         slot, ticket = task

@@ -11,6 +11,8 @@ the counter with one atomic add, so no process assigns work to another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ._ringbuf import CLOSED, TIMEOUT, Counter, SlotQueue, Word
@@ -67,6 +69,27 @@ class Ring:
     @property
     def stopped(self) -> bool:
         return self.stop_word.load() != 0
+
+    def take_ticket(self, end: int | None, wait_slice: float,
+                    parent_alive: Callable[[], bool]) -> tuple[int, int] | None:
+        """A worker's next task: a free slot and the next ticket (what to read into it), or
+        None once every ticket below ``end`` is taken (None: endless), the ring stops or the
+        parent is gone. Waits in slices of ``wait_slice`` s, checking between them."""
+        while True:
+            if end is not None and self.tickets.load() >= end:
+                return None  # every ticket is taken: exit now, while the consumer finishes
+            slot = self.free.pop(wait_slice)
+            if slot == TIMEOUT:
+                if self.stopped or not parent_alive():
+                    return None
+                continue
+            if slot == CLOSED or self.stopped:
+                return None
+            ticket = self.tickets.fetch_add(1)
+            if end is not None and ticket >= end:
+                self.free.push(slot)
+                return None
+            return slot, ticket
 
     def stop(self) -> None:
         """Tell every worker to finish and wake every waiter. See NOTE [ Worker shutdown logic ]."""

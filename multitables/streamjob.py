@@ -13,7 +13,7 @@ import numpy as np
 
 from ._indexing import translate
 from .hyperslab import read_selection
-from .ring import CLOSED, TIMEOUT, Ring, RingLayout
+from .ring import Ring, RingLayout
 from .shm import SharedArena
 from .source import DatasetInfo, OpenFile
 from .workers import WAIT_SLICE
@@ -94,22 +94,7 @@ class StreamJob:
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket of the blocks to read into it; None when done. See NOTE
         [ Worker shutdown logic ], steps (2) and (4)."""
-        ring, end = self.ring, self.plan.n_slot_tickets
-        while True:
-            if end is not None and ring.tickets.load() >= end:
-                return None  # every slot is taken: exit now, while the consumer finishes
-            slot = ring.free.pop(WAIT_SLICE)
-            if slot == TIMEOUT:
-                if ring.stopped or not parent_alive():
-                    return None
-                continue
-            if slot == CLOSED or ring.stopped:
-                return None
-            ticket = ring.tickets.fetch_add(1)
-            if end is not None and ticket >= end:
-                ring.free.push(slot)
-                return None
-            return slot, ticket
+        return self.ring.take_ticket(self.plan.n_slot_tickets, WAIT_SLICE, parent_alive)
 
     def run(self, task: tuple[int, int]) -> None:
         slot, ticket = task
