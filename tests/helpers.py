@@ -196,6 +196,29 @@ def memfd_maps() -> set[str]:
                 for line in f if MEMFD in line}
 
 
+def forked_results(target, args_list, timeout: float = 60) -> list:
+    """Run ``target(*args, results)`` in one forked child per ``args`` (what they inherit is not
+    pickled: a DataLoader's workers under fork), at once; what each puts in ``results``, in
+    the order they come. Children that outlive ``timeout`` are killed and fail the test."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    children = [ctx.Process(target=target, args=(*args, results)) for args in args_list]
+    for child in children:
+        child.start()
+    try:
+        return [results.get(timeout=timeout) for _ in children]
+    finally:
+        for child in children:
+            child.join(10)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+        results.close()
+        results.join_thread()
+
+
 def worker_pids() -> set[int]:
     """The running children of this process but multiprocessing's own helpers: the workers a
     test started (with those of earlier tests that still stand by)."""

@@ -12,7 +12,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from helpers import Child, alive_after, worker_pids
+from helpers import Child, alive_after, forked_results, worker_pids
 
 import multitables
 
@@ -149,24 +149,10 @@ def _play_into(loader, results):
 def test_forked_children_inheriting_a_loader_use_memory_of_their_own(path):
     """Children forked (not pickled: DataLoader workers under fork) from a process whose Loader
     kept its last epoch's ring must not share that ring: each reads into its own."""
-    ctx = multiprocessing.get_context("fork")
     with multitables.Loader(path, ["idx", "x"], 64, shuffle=True, n_procs=1) as loader:
         _rows_checked(loader)  # the ring of epoch 0 is kept for the next
         loader.set_epoch(1)
-        results = ctx.Queue()
-        children = [ctx.Process(target=_play_into, args=(loader, results)) for _ in range(2)]
-        for child in children:
-            child.start()
-        try:
-            got = [results.get(timeout=30) for _ in children]
-        finally:
-            for child in children:
-                child.join(10)
-                if child.exitcode is None:
-                    child.kill()
-                    child.join()
+        got = forked_results(_play_into, [(loader,), (loader,)], timeout=30)
         here = _rows_checked(loader)  # epoch 1 here too, on the parent's ring
         assert got == [here, here]
         assert sorted(here) == list(range(N))
-        results.close()
-        results.join_thread()

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import Child, alive_after, write_h5py
+from helpers import Child, alive_after, forked_results, write_h5py
 
 import multitables
 
@@ -277,18 +277,6 @@ def test_forked_children_read_an_inherited_stage_into_pages_of_their_own(path):
         ds = reader.get_dataset("x")
         stage = ds.create_stage(2)
         reader.request(ds[[0, 1]], stage).get()
-        ctx = multiprocessing.get_context("fork")
-        out = ctx.Queue()
-        children = [ctx.Process(target=_read_many, args=(reader, stage, seed, out))
-                    for seed in range(2)]
-        for child in children:
-            child.start()
-        try:
-            wrong = [out.get(timeout=60) for _ in children]
-        finally:
-            for child in children:
-                child.join(30)
+        wrong = forked_results(_read_many, [(reader, stage, seed) for seed in range(2)])
         assert wrong == [0, 0]
         np.testing.assert_array_equal(reader.request(ds[[5, 7]], stage).get(), _truth()[[5, 7]])
-        out.close()
-        out.join_thread()
