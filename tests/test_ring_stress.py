@@ -52,6 +52,11 @@ def test_consumer_never_sees_a_value_before_it_is_written():
     last = stops = 0
     wrong: list[tuple[int, int]] = []  # (expected, got)
     try:
+        # Let it start (a new process stopped every few microseconds may never get through its
+        # start-up), then stop it again and again.
+        started = time.monotonic()
+        while len(q) == 0 and time.monotonic() - started < 10:
+            time.sleep(0.001)
         deadline = time.monotonic() + SECONDS
         while time.monotonic() < deadline and len(wrong) < 10:
             # Stop it where it is (a signal interrupts it between any two instructions), take
@@ -64,6 +69,9 @@ def test_consumer_never_sees_a_value_before_it_is_written():
                     wrong.append((last + 1, item))
                 last = item
             os.kill(producer.pid, signal.SIGCONT)
+            resumed = time.perf_counter()
+            while time.perf_counter() - resumed < 20e-6:  # a few pushes before the next stop
+                pass
     finally:
         producer.kill()
         producer.join(10)
