@@ -108,8 +108,14 @@ def test_a_worker_killed_while_standing_by_is_reaped_not_left_as_one_process_too
 
 
 def _sockets(pid: int) -> int:
-    fds = f"/proc/{pid}/fd"
-    return sum(os.readlink(f"{fds}/{fd}").startswith("socket:") for fd in os.listdir(fds))
+    """Sockets ``pid`` holds open; a descriptor closed while they are counted is none."""
+    fds, count = f"/proc/{pid}/fd", 0
+    for fd in os.listdir(fds):
+        try:
+            count += os.readlink(f"{fds}/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass  # closed since the listing (the worker opens and closes its file)
+    return count
 
 
 def test_a_worker_holds_only_its_own_end_of_its_channel(path):
