@@ -379,6 +379,49 @@ def test_translate_matches_numpy(data):
     check_translate(arr, key)
 
 
+def same_plan(a: Selection, b: Selection) -> bool:
+    def entry(e):
+        return e if isinstance(e, tuple) else ("array", e.dtype, e.tolist())
+
+    def key(k):
+        return None if k is None else [(x.dtype, x.shape, x.tolist()) for x in k]
+
+    return (a.shape, [entry(e) for e in a.dims], a.read_shape, a.result_shape, a.points) == (
+        b.shape, [entry(e) for e in b.dims], b.read_shape, b.result_shape, b.points
+    ) and key(a.local_key) == key(b.local_key)
+
+
+@SETTINGS
+@given(st.data())
+def test_row_array_keys_plan_as_the_general_code(data):
+    """One 1-D index array (a random batch) has its own quick translation: it must give numpy's
+    result, and the very plan of the general code, for sorted, shuffled, repeated, negative,
+    progression and out-of-range rows, as arrays of any integer type, lists and 1-tuples."""
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9))
+    n = shape[0]
+    rows = data.draw(st.lists(st.integers(-n - 2, n + 1), min_size=1, max_size=12))
+    if data.draw(st.booleans(), label="a progression"):
+        start, step = data.draw(st.integers(0, n - 1)), data.draw(st.integers(1, 3))
+        rows = list(range(start, n, step))
+    dtype = data.draw(st.sampled_from([np.int64, np.int32, np.int8, np.uint16, np.intp]))
+    if np.issubdtype(dtype, np.unsignedinteger) or dtype == np.int8:
+        rows = [r for r in rows if 0 <= r <= 127] or [0]
+    form = data.draw(st.sampled_from(["array", "list", "tuple"]))
+    array = np.array(rows, dtype)
+    key = {"array": array, "list": rows, "tuple": (array,)}[form]
+    arr = np.arange(int(np.prod(shape))).reshape(shape)
+    sel = check_translate(arr, key)
+    if sel is not None:
+        assert same_plan(sel, _indexing._translate(key, shape))
+
+
+def test_row_array_translation_copies_the_key():
+    rows = np.array([5, 1, 4])
+    sel = translate(rows, (10, 2))
+    rows[:] = 0
+    assert sel.dims[0].tolist() == [1, 4, 5] and sel.local_key[0].tolist() == [2, 0, 1]
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_translate_point_plans_match_numpy(data):
