@@ -1,14 +1,16 @@
-"""Random access: batches of 64 random rows, and the round trip of a one-row request.
+"""Random access: a training loop's run of 64-row random batches, and one-row round trips.
 
-    python bench/bench_random.py [--files f32 table] [--batches 128] [--in-flight 4] [--rounds 5]
+    python bench/bench_random.py [--files f32 table] [--batches 2000] [--in-flight 4] [--rounds 3]
 
 Readers, all reading the same seeded batches, each timed from its first batch received (so file
-opening and worker start-up are left out):
+opening and worker start-up are left out), each run from a freshly read page cache:
   - h5py fancy indexing ``ds[np.sort(idx)]`` with the default chunk cache (1 MiB: each row of a
-    1 MiB chunk costs the whole chunk) and with the cache off (``rdcc_nbytes=0``);
+    1 MiB chunk costs the whole chunk) and with the cache off (``rdcc_nbytes=0``), over the first
+    --h5py-batches batches (each batch costs h5py the same, and its default cache is slow);
   - a PyTorch DataLoader, 2 workers, the batches as its batch sampler (rows come back sorted);
-  - the multitables Reader: a stage pool and a RequestPool keeping --in-flight requests queued,
-    keys left unsorted (the Reader restores the caller's order; h5py cannot).
+  - the multitables Reader with each --n-procs: a stage pool and a RequestPool keeping
+    --in-flight requests queued, keys left unsorted (the Reader restores the caller's order;
+    h5py cannot), over all --batches batches.
 Then the median round trip of a one-row request (request, then get) in microseconds, beside h5py's
 ``ds[i:i + 1]``.
 """
@@ -16,6 +18,8 @@ Then the median round trip of a one-row request (request, then get) in microseco
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
 import sys
 import time
@@ -30,10 +34,14 @@ import multitables
 from multitables import _measure as m
 
 BATCH = 64
+# Reader n_procs=2 over h5py with its chunk cache off, by file: a uniform 64-row batch of 4 KiB
+# rows costs h5py a chunk lookup and a read per row; the Reader gathers them from mapped pages.
+RDCC0_TARGET = {"f32": 20, "table": 5}
 
 
 def h5py_batches(filename: str, path: str, batches: list[np.ndarray],
                  **file_kw) -> tuple[int, float]:
+    m.warm_page_cache(filename)
     with h5py.File(filename, "r", **file_kw) as f:
         ds = f[path]
         total, t0 = 0, 0.0
@@ -47,7 +55,9 @@ def h5py_batches(filename: str, path: str, batches: list[np.ndarray],
 
 
 def mt_batches(filename: str, path: str, batches: list[np.ndarray], n_procs: int,
-               in_flight: int) -> tuple[int, float]:
+               in_flight: int, cpu: list | None = None) -> tuple[int, float]:
+    """The Reader's run; appends (consumer, workers) CPU seconds per batch to ``cpu``."""
+    m.warm_page_cache(filename)
     reader = multitables.Reader(filename, n_procs=n_procs)
     try:
         ds = reader.get_dataset(path)
@@ -60,6 +70,8 @@ def mt_batches(filename: str, path: str, batches: list[np.ndarray], n_procs: int
             expected = f[path][order][np.searchsorted(order, batches[0])]
         if not np.array_equal(first, expected):
             raise AssertionError(f"{filename}: Reader rows differ from h5py's")
+        pids = [proc.pid for proc in reader._pool.procs]  # type: ignore[union-attr]
+        c0, w0 = time.thread_time(), sum(map(cpu_seconds, pids))
         t0 = time.perf_counter()
         total = pending = 0
         for idx in batches[1:]:
@@ -70,15 +82,48 @@ def mt_batches(filename: str, path: str, batches: list[np.ndarray], n_procs: int
             pending += 1
         for _ in range(pending):
             total += reqs.next().get().nbytes
-        return total, time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if cpu is not None:
+            n = len(batches) - 1
+            cpu.append(((time.thread_time() - c0) / n, (sum(map(cpu_seconds, pids)) - w0) / n))
+        return total, elapsed
     finally:
         reader.close(wait=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` so far (nanoseconds in /proc/PID/schedstat)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: int,
+              cores: int) -> dict[str, float]:
+    """The most batches a second ``cores`` cores allow, from the CPU a batch costs the caller
+    and one worker doing only their work: a run with n_procs=1 and no spinning (neither waits
+    for the other by watching memory; each sleeps instead), measured per batch. Each batch
+    costs C of the caller's thread and W of a worker's, so with any number of workers at most
+    cores / (C + W) batches a second, and never more than 1 / C."""
+    from multitables import futures, reader
+
+    spins = reader.WORKER_SPIN, futures.REQUEST_SPIN
+    reader.WORKER_SPIN = futures.REQUEST_SPIN = 0.0  # before the workers fork
+    try:
+        cpu: list = []
+        nbytes, secs = mt_batches(filename, path, batches, 1, in_flight, cpu)
+    finally:
+        reader.WORKER_SPIN, futures.REQUEST_SPIN = spins
+    c, w = cpu[0]
+    per_batch = nbytes / (len(batches) - 1)
+    return {"caller_us": c * 1e6, "worker_us": w * 1e6,
+            "bound_MBps": min(cores / (c + w), 1 / c) * per_batch / 1e6}
 
 
 def round_trips(filename: str, path: str, rows: np.ndarray, n_procs: int,
                 has_reader: bool = True) -> dict[str, float]:
     """Median and 90th percentile of one-row round trips, in microseconds, Reader and h5py."""
     out: dict[str, float] = {}
+    m.warm_page_cache(filename)
     if has_reader:
         reader = multitables.Reader(filename, n_procs=n_procs)
         try:
@@ -112,44 +157,66 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
             np.prod(f[path].shape[1:]))
     rng = np.random.default_rng(args.seed)
     batches = [rng.choice(n, BATCH, replace=False) for _ in range(args.batches + 1)]
+    few = batches[:args.h5py_batches + 1]
     readers: dict[str, Callable] = {
-        "h5py default cache": lambda: h5py_batches(filename, path, batches),
-        "h5py rdcc_nbytes=0": lambda: h5py_batches(filename, path, batches, rdcc_nbytes=0),
+        "h5py default cache": lambda: h5py_batches(filename, path, few),
+        "h5py rdcc_nbytes=0": lambda: h5py_batches(filename, path, few, rdcc_nbytes=0),
     }
     if torch is not None:
-        readers["torch DataLoader w=2"] = lambda: common.torch_random(filename, path, batches, 2)
-    mt = f"mt Reader n_procs={args.n_procs}"
+        def torch_batches():
+            m.warm_page_cache(filename)
+            return common.torch_random(filename, path, few, 2)
+
+        readers["torch DataLoader w=2"] = torch_batches
     has_reader = hasattr(multitables, "Reader")
-    if has_reader:
-        readers[mt] = lambda: mt_batches(filename, path, batches, args.n_procs, args.in_flight)
+    mts = {p: f"mt Reader n_procs={p}" for p in args.n_procs} if has_reader else {}
+    for procs, label in mts.items():
+        readers[label] = functools.partial(mt_batches, filename, path, batches, procs,
+                                           args.in_flight)
     report = m.run_rounds(readers, args.rounds, baseline="h5py default cache")
-    trips = round_trips(filename, path, rng.integers(0, n, args.trips + 50), args.n_procs,
+    cores = len(os.sched_getaffinity(0))
+    bound = cpu_bound(filename, path, batches, args.in_flight, cores) if has_reader else {}
+    trips = round_trips(filename, path, rng.integers(0, n, args.trips + 50), max(args.n_procs),
                         has_reader)
     print(f"\n== {name}: {datafiles.SPECS[name].what}\n   {n} rows of {row_bytes} bytes, chunks "
-          f"{chunks}; {args.batches} batches of {BATCH} rows, {args.in_flight} requests in "
-          f"flight, {args.rounds} rounds")
+          f"{chunks}; {args.batches} batches of {BATCH} rows (h5py and torch: "
+          f"{len(few) - 1}), {args.in_flight} requests in flight, {args.rounds} rounds")
     print(report.table())
     print("one-row round trip (us): " + ", ".join(f"{k} {v:.1f}" for k, v in trips.items()))
     if not has_reader:
         print("multitables.Reader is not available in this build: its figures are missing")
-    else:
-        print("targets (median of per-round ratios):")
-        print(m.check(f"{mt} / h5py default cache", report.median_ratio(mt), 10))
-        print(m.check(f"{mt} / h5py rdcc_nbytes=0", report.median_ratio(mt, "h5py rdcc_nbytes=0"),
-                      1.5))
-        print(m.check("one-row round trip, median", trips["mt Reader median_us"], 50,
-                      at_least=False, unit=" us"))
+        return {}
+    print("targets (median of per-round ratios):")
+    best = mts[max(args.n_procs)]
+    print(m.check(f"{best} / h5py default cache", report.median_ratio(best), 10))
+    print(m.check(f"{best} / h5py rdcc_nbytes=0", report.median_ratio(best, "h5py rdcc_nbytes=0"),
+                  RDCC0_TARGET.get(name, 1.5)))
+    print(f"CPU per batch without spinning: the caller {bound['caller_us']:.1f} us, a worker "
+          f"{bound['worker_us']:.1f} us; {cores} cores serve at most "
+          f"{bound['bound_MBps']:,.0f} MB/s, whatever n_procs")
+    for label in mts.values():
+        print(f"  {label}: {report.median(label) / bound['bound_MBps']:.2f}x that bound")
+    if 1 in mts and len(mts) > 1:
+        print(m.check(f"{best} / {mts[1]}", report.median_ratio(best, mts[1]), 1.3))
+        print(f"     (the bound over {mts[1]}: "
+              f"{bound['bound_MBps'] / report.median(mts[1]):.2f}x)")
+    print(m.check("one-row round trip, median", trips["mt Reader median_us"], 50,
+                  at_least=False, unit=" us"))
     return {"rows": n, "chunks": chunks, "row_bytes": row_bytes, "round_trip_us": trips,
-            "report": report.to_dict()}
+            "cpu_bound": bound, "report": report.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_arguments(p, rounds=5)
+    common.add_arguments(p, rounds=3)
     p.add_argument("--files", nargs="+", choices=list(datafiles.SPECS), default=["f32", "table"])
-    p.add_argument("--batches", type=int, default=128, help="timed batches per run (default 128)")
+    p.add_argument("--batches", type=int, default=2000,
+                   help="timed batches per Reader run (default 2000)")
+    p.add_argument("--h5py-batches", type=int, default=250,
+                   help="timed batches per h5py and torch run (default 250)")
     p.add_argument("--in-flight", type=int, default=4, help="Reader requests queued (default 4)")
-    p.add_argument("--n-procs", type=int, default=2, help="Reader workers (default 2)")
+    p.add_argument("--n-procs", type=int, nargs="+", default=[1, 2],
+                   help="Reader workers, one run each (default 1 2)")
     p.add_argument("--trips", type=int, default=2000, help="one-row round trips (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -13,6 +13,7 @@ cdef extern from *:
     #include <errno.h>
     #include <limits.h>
     #include <linux/futex.h>
+    #include <sched.h>
     #include <stdint.h>
     #include <sys/syscall.h>
     #include <time.h>
@@ -147,10 +148,22 @@ cdef extern from *:
        its peers are alive. Items already queued are delivered even after close(); MT_CLOSED only
        once the queue is closed and empty. No spin first: an item takes a worker a whole slot's
        read to make, and a spinning consumer takes the core a worker needs (on 2 cores, a
-       200-pause spin per pop cost a Blosc stream 4% and a 16-row hand-over 8%). An empty queue
-       is slept on until `want` items are queued: pushers wake the sleeper only then. */
-    static int mt_queue_pop(mt_queue *q, int64_t *out, double timeout, uint32_t want) {
+       200-pause spin per pop cost a Blosc stream 4% and a 16-row hand-over 8%), unless the
+       caller asks for `spin` seconds of it. An empty queue is slept on until `want` items are
+       queued: pushers wake the sleeper only then. */
+    static int mt_queue_pop(mt_queue *q, int64_t *out, double timeout, uint32_t want,
+                            double spin) {
         if (mt_queue_try_pop(q, out) == MT_OK) return MT_OK;
+        if (spin > 0) {
+            double until = mt_now() + spin;
+            do {
+                for (int i = 0; i < 64; i++) {
+                    if (mt_queue_size(q) > 0 && mt_queue_try_pop(q, out) == MT_OK) return MT_OK;
+                    mt_pause();
+                }
+                sched_yield();  /* the pusher may be waiting for this very CPU */
+            } while (mt_now() < until && !__atomic_load_n(&q->closed, __ATOMIC_ACQUIRE));
+        }
         double deadline = mt_now() + timeout;
         for (;;) {
             __atomic_store_n(&q->want, want, __ATOMIC_SEQ_CST);
@@ -201,6 +214,7 @@ cdef extern from *:
                     if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value) return 1;
                     mt_pause();
                 }
+                sched_yield();  /* the peer may be waiting for this very CPU */
             } while (mt_now() < until);
         }
         double deadline = mt_now() + timeout;
@@ -211,6 +225,7 @@ cdef extern from *:
             mt_futex_wait(word, value, left);
         }
     }
+
     """
     ctypedef struct mt_queue:
         pass
@@ -218,7 +233,8 @@ cdef extern from *:
     void mt_queue_init(mt_queue *q, uint64_t capacity) nogil
     int mt_queue_push(mt_queue *q, int64_t value) nogil
     int mt_queue_try_pop(mt_queue *q, int64_t *out) nogil
-    int mt_queue_pop(mt_queue *q, int64_t *out, double timeout, uint32_t want) nogil
+    int mt_queue_pop(mt_queue *q, int64_t *out, double timeout, uint32_t want,
+                     double spin) nogil
     void mt_queue_close(mt_queue *q) nogil
     int64_t mt_queue_size(mt_queue *q) nogil
     void mt_futex_wake(uint32_t *addr) nogil
@@ -292,20 +308,21 @@ cdef class SlotQueue:
         cdef int64_t out
         return out if mt_queue_try_pop(self.q, &out) == MT_OK else TIMEOUT
 
-    def pop(self, double timeout, uint32_t want=1):
+    def pop(self, double timeout, uint32_t want=1, double spin=0.0):
         """An item, TIMEOUT after ``timeout`` seconds, or CLOSED once closed and drained.
 
-        When the queue is empty, sleep until ``want`` items are queued (or it closes): a
-        consumer that keeps up with its producers then wakes once per ``want`` items. The queue
-        holds one ``want`` for all its sleepers (the last one's), so ask for more than 1 only
-        where one process and thread pops at a time.
+        When the queue is empty, watch it for ``spin`` seconds (for items due within
+        microseconds), then sleep until ``want`` items are queued (or it closes): a consumer
+        that keeps up with its producers then wakes once per ``want`` items. The queue holds one
+        ``want`` for all its sleepers (the last one's), so ask for more than 1 only where one
+        process and thread pops at a time.
         """
         cdef int64_t out = -1
         cdef int r
         if want < 1:
             raise ValueError(f"want is at least 1, got {want}")
         with nogil:
-            r = mt_queue_pop(self.q, &out, timeout, want)
+            r = mt_queue_pop(self.q, &out, timeout, want, spin)
         return out if r == MT_OK else r
 
     def close(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import threading
 import time
 import weakref
@@ -11,7 +12,8 @@ from typing import Any
 
 import h5py
 
-from ._ringbuf import Counter
+from ._ringbuf import CLOSED, Counter, SlotQueue, Word
+from ._ringbuf import TIMEOUT as TIMEOUT_ITEM
 from .errbox import ErrorBox
 from .errors import QueueClosedException, SubprocessException
 from .futures import Request
@@ -51,15 +53,35 @@ def _close_live_readers() -> None:  # See NOTE [ Worker shutdown logic ], step (
 
 
 _ERROR_BYTES = 1 << 16
+# Control memory: which worker is watching its queue (see WORKER_SPIN), then per worker the
+# count of requests it finished and its queue of work, then an ErrorBox.
+_SPINNER = 0
+_WORKERS = 64
+_DONE = 64
+_QUEUE_ITEMS = 1024  # a caller with more requests pending on one worker waits for room
+_PER_WORKER = _DONE + SlotQueue.nbytes(_QUEUE_ITEMS)
+# Items of a worker's queue: a request written in stage ``item - 1``, or NOTICE: a message waits
+# on the worker's channel (a stage to map or drop, a request too large for its stage's header).
+NOTICE = 0
+# A worker that finished a request watches its queue this long before sleeping: a caller's next
+# request often follows within tens of microseconds, and waking a sleeping process costs ~40 us
+# on a virtual machine, as much as serving a one-row request. One worker at a time watches (the
+# caller hands it the next request): several would take the cores that the caller and the busy
+# workers need.
+WORKER_SPIN = 100e-6
+QUEUE_FULL_WAIT = 1e-4
 
 
 class _RequestJob:
-    """The worker side of a Reader: serve the requests that come down this worker's channel.
+    """The worker side of a Reader: serve the requests of this worker's queue.
 
-    Messages: ("read", stage id, spec, the stage's arena the first time this worker serves it),
-    ("drop", stage id) once a stage is closed, END when the Reader closes. Control memory: one
-    completed-task counter per worker (the caller sends new work to the least busy worker), then
-    an ``ErrorBox`` for failures of a worker itself. See NOTE [ Worker shutdown logic ] in
+    Control memory: the watching worker (see WORKER_SPIN); per worker, the count of requests it
+    finished (the caller sends new work to the watching worker when it is idle, else to the
+    least busy one) and its queue (``NOTICE`` or a stage whose header holds the request); then
+    an ``ErrorBox`` for failures of a worker itself. Channel messages, one per NOTICE:
+    ("map", stage id, arena) before a worker's first request on a stage, ("drop", stage id) once
+    a stage is closed, ("read", stage id, spec) for a request too large for the stage's header.
+    The Reader closes the queues when it closes. See NOTE [ Worker shutdown logic ] in
     workers.py.
     """
 
@@ -79,37 +101,70 @@ class _RequestJob:
     def attach(self, source: OpenFile, worker: int) -> None:
         self.source = source
         self.channel = parent_channel()
-        self.done = Counter(self.control.buffer, 64 * worker)
+        at = _WORKERS + _PER_WORKER * worker
+        self.done = Counter(self.control.buffer, at)
+        self.queue = SlotQueue(self.control.buffer, at + _DONE, _QUEUE_ITEMS)
+        self.spinner = Word(self.control.buffer, _SPINNER)
+        self.me = worker + 1  # as the spinner word names it
         self.stages: dict[int, StageMemory] = {}
 
-    def next_task(self, parent_alive) -> tuple[int, ReadSpec] | None:
-        # See NOTE [ Worker shutdown logic ], step (3): block on the channel, check the parent.
+    def next_task(self, parent_alive) -> tuple[int, ReadSpec | None] | None:
+        """(stage id, the request, or None when it lies in the stage), or None at the end.
+        See NOTE [ Worker shutdown logic ], step (3): sleep on the queue, check the parent."""
         while True:
-            message = self.channel.receive(IDLE_CHECK)
-            if message is TIMEOUT:
+            item = self.queue.try_pop()
+            if item == TIMEOUT_ITEM and self.spinner.compare_exchange(0, self.me):
+                try:
+                    item = self.queue.pop(0.0, 1, WORKER_SPIN)
+                finally:
+                    self.spinner.set(0)
+            if item == TIMEOUT_ITEM:
+                item = self.queue.pop(IDLE_CHECK)
+            if item == TIMEOUT_ITEM:
                 if not parent_alive():
                     return None
-            elif message == END:
+            elif item == CLOSED:
                 return None
-            elif message[0] == "read":
-                _, stage_id, spec, arena = message
-                if arena is not None:
-                    self.stages[stage_id] = StageMemory(arena)
-                return stage_id, spec
-            elif message[0] == "drop":
-                memory = self.stages.pop(message[1], None)
-                if memory is not None:
-                    memory.close()
+            elif item != NOTICE:
+                return item - 1, None
+            else:
+                task = self._take_message()
+                if task is not END:
+                    if task is not None:
+                        return task
+                else:
+                    return None
 
-    def run(self, task: tuple[int, ReadSpec]) -> None:
+    def _take_message(self):
+        """Act on the channel message a NOTICE announced: a task, None, or END."""
+        message = self.channel.receive(JOIN_TIMEOUT)  # it was sent before its notice
+        if message is TIMEOUT:
+            raise RuntimeError("a notice came without its message")
+        if message == END:
+            return END
+        if message[0] == "map":
+            self.stages[message[1]] = StageMemory(message[2])
+        elif message[0] == "drop":
+            memory = self.stages.pop(message[1], None)
+            if memory is not None:
+                memory.close()
+        elif message[0] == "read":
+            return message[1], message[2]
+        return None
+
+    def run(self, task: tuple[int, ReadSpec | None]) -> None:
         stage_id, spec = task
         memory = self.stages[stage_id]
+        if spec is None:
+            spec = pickle.loads(memory.request())
         execute(spec, self.source.dataset(spec.path), memory)
         memory.state.store(DONE)
         self.done.fetch_add(1)
 
-    def describe(self, task: tuple[int, ReadSpec]) -> str:
-        spec = task[1]
+    def describe(self, task: tuple[int, ReadSpec | None]) -> str:
+        stage_id, spec = task
+        if spec is None:
+            return f"reading the request of stage {stage_id} in {self.filename}"
         field = f" field {spec.field!r}" if spec.field else ""
         return f"reading {spec.path}{field} ({spec.kind}, result {spec.shape}) in {self.filename}"
 
@@ -124,7 +179,11 @@ class _RequestJob:
         return True
 
     def fail(self, exc: BaseException, where: str) -> None:
-        ErrorBox(self.control.buffer, 64 * self.n_procs, _ERROR_BYTES).put(exc, where)
+        ErrorBox(self.control.buffer, _errors_at(self.n_procs), _ERROR_BYTES).put(exc, where)
+
+
+def _errors_at(n_procs: int) -> int:
+    return _WORKERS + _PER_WORKER * n_procs
 
 
 class Reader:
@@ -185,6 +244,8 @@ class Reader:
         self._control: SharedArena | None = None
         self._errors: ErrorBox | None = None
         self._done: list[Counter] = []
+        self._queues: list[SlotQueue] = []
+        self._spinner: Word | None = None
         self._sent: list[int] = []
         self._next_check = 0.0
         # Reentrant: a failure found while dispatching closes the Reader in the same thread.
@@ -285,32 +346,42 @@ class Reader:
         return request
 
     def _dispatch(self, stage: Stage, spec: ReadSpec) -> None:
-        """Send the read to the least busy worker. See NOTE [ Worker shutdown logic ], step (3):
-        every send is sliced and gives up once a worker dies or this Reader closes."""
+        """Hand the read to the least busy worker: written into the stage's header, the stage
+        pushed onto the worker's queue. See NOTE [ Worker shutdown logic ], step (3): every send
+        and push waits in slices and gives up once a worker dies or this Reader closes."""
+        message = pickle.dumps(spec, pickle.HIGHEST_PROTOCOL)
         with self._lock:
             self._check_open()
             if self._pool is None:
                 self._pool = self._start()
             elif time.monotonic() > self._next_check:
                 self._check()  # a dead worker among live ones never times a wait out
-            pool = self._pool
             busy = [sent - done.load() for sent, done in zip(self._sent, self._done, strict=True)]
-            worker = busy.index(min(busy))
+            watching = self._spinner.load() - 1 if self._spinner is not None else -1
+            worker = watching if watching >= 0 and not busy[watching] else busy.index(min(busy))
             while self._dropped:
                 stage_id, workers = self._dropped.pop()
                 for w in workers:
-                    self._send(pool, w, ("drop", stage_id))
-            arena = None if worker in stage.sent_to else stage.memory.arena
+                    self._tell(w, ("drop", stage_id))
+            if worker not in stage.sent_to:
+                self._tell(worker, ("map", stage.id, stage.memory.arena))
+                stage.sent_to.add(worker)
             stage.memory.state.set(PENDING)
-            self._sent[worker] += 1
             try:
-                self._send(pool, worker, ("read", stage.id, spec, arena))
+                if stage.memory.put_request(message):
+                    self._push(worker, stage.id + 1)
+                else:
+                    self._tell(worker, ("read", stage.id, spec))
             except BaseException:
                 stage.memory.state.set(IDLE)
                 raise
-            stage.sent_to.add(worker)
+            self._sent[worker] += 1
 
-    def _send(self, pool: Crew, worker: int, message) -> None:
+    def _tell(self, worker: int, message) -> None:
+        """Send ``message`` down the worker's channel, and the NOTICE that announces it."""
+        pool = self._pool
+        assert pool is not None
+
         def check() -> None:  # between the slices of a send the worker does not take
             self._check_open()
             pool.check()
@@ -323,13 +394,29 @@ class Reader:
         except OSError:
             self._check()  # a dead worker closed its end: say which one
             raise
+        self._push(worker, NOTICE)
+
+    def _push(self, worker: int, item: int) -> None:
+        """Queue ``item`` for ``worker``; a full queue (1,024 items pending) is waited on."""
+        queue = self._queues[worker]
+        while True:
+            try:
+                queue.push(item)
+                return
+            except OverflowError:
+                self._check()
+                time.sleep(QUEUE_FULL_WAIT)
 
     def _start(self) -> Crew:
         """Lend ``n_procs`` workers, started now or standing by, to this Reader's one job."""
         n = self.n_procs
-        self._control = SharedArena(64 * n + _ERROR_BYTES, name="multitables-reader")
-        self._done = [Counter(self._control.buffer, 64 * i) for i in range(n)]
-        self._errors = ErrorBox(self._control.buffer, 64 * n, _ERROR_BYTES)
+        self._control = SharedArena(_errors_at(n) + _ERROR_BYTES, name="multitables-reader")
+        buffer = self._control.buffer
+        at = [_WORKERS + _PER_WORKER * i for i in range(n)]
+        self._spinner = Word(buffer, _SPINNER)
+        self._done = [Counter(buffer, a) for a in at]
+        self._queues = [SlotQueue(buffer, a + _DONE, _QUEUE_ITEMS, True) for a in at]
+        self._errors = ErrorBox(buffer, _errors_at(n), _ERROR_BYTES)
         self._sent = [0] * n
         if self._workers is None:
             self._workers = StandbyWorkers(self.start_method, "Reader", niceness=0)
@@ -380,6 +467,8 @@ class Reader:
         locked = self._lock.acquire(timeout=2 * JOIN_TIMEOUT)
         try:
             if self._pool is not None:
+                for worker in range(self.n_procs):
+                    self._queues[worker].close()  # the worker ends its job once it is drained
                 self._pool.end()
                 self._pool.stop(join_timeout=JOIN_TIMEOUT if wait else STOP_GRACE)
                 self._pool = None
@@ -388,7 +477,8 @@ class Reader:
                 self._workers = None
             if self._control is not None:
                 # Drop the views first: a mapping with views left lives as long as this object.
-                self._done, self._errors = [], None
+                self._done, self._queues, self._errors = [], [], None
+                self._spinner = None
                 self._control.close()
         finally:
             if locked:

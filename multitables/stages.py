@@ -1,13 +1,15 @@
 """Stages: areas of shared memory that hold the result of one Reader request at a time.
 
-A stage is one ``SharedArena``: a header page (a state word that workers publish to, a few int64
-of result metadata, an ``ErrorBox``) and then the data. Workers receive the stage's descriptor the
-first time they serve a request on it, so stages can be made at any time.
+A stage is one ``SharedArena``: a header (a state word that workers publish to, a few int64 of
+result metadata, an ``ErrorBox``, the request being served, pickled) and then the data. Workers
+receive the stage's descriptor the first time they serve a request on it, so stages can be made
+at any time.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +31,12 @@ _META = 64  # int64 result metadata (row counts of variable-size results) at thi
 _N_META = 8
 _ERRORS = 128
 _ERROR_BYTES = 16 << 10
-_DATA = round_up(_ERRORS + _ERROR_BYTES, PAGE)
+# The request, pickled, behind its length: most fit (a 64-row batch takes ~1.2 KB); a larger one
+# travels down the worker's channel instead.
+_REQUEST = _ERRORS + _ERROR_BYTES
+_REQUEST_BYTES = 48 << 10
+_LENGTH = struct.Struct("<Q")
+_DATA = round_up(_REQUEST + _REQUEST_BYTES, PAGE)
 
 
 def check_fits(capacity: int, nbytes: int, shape, dtype) -> None:
@@ -59,6 +66,21 @@ class StageMemory:
         """A view of the data area as ``shape`` and ``dtype``; the caller checked that it fits."""
         return self.arena.ndarray(shape, dtype, _DATA)
 
+    def put_request(self, message: bytes) -> bool:
+        """Write a pickled request for the worker to take; False when it does not fit."""
+        end = _REQUEST + _LENGTH.size + len(message)
+        if end > _REQUEST + _REQUEST_BYTES:
+            return False
+        buffer = self.arena.buffer
+        _LENGTH.pack_into(buffer, _REQUEST, len(message))
+        buffer[_REQUEST + _LENGTH.size : end] = message
+        return True
+
+    def request(self) -> bytes:
+        """The pickled request that ``put_request`` wrote (in the worker)."""
+        (size,) = _LENGTH.unpack_from(self.arena.buffer, _REQUEST)
+        start = _REQUEST + _LENGTH.size
+        return self.arena.buffer[start : start + size]
 
     def close(self) -> None:
         """Drop the descriptor and this object's views; the pages go with the last object using

@@ -79,6 +79,7 @@ def check_translate(arr: np.ndarray, key) -> Selection | None:
     got = apply_plan(arr, sel)
     assert got.shape == np.shape(expected)
     np.testing.assert_array_equal(got, expected)
+    assert same_plan(pickle.loads(pickle.dumps(sel)), sel)  # as workers receive it
     return sel
 
 
@@ -381,14 +382,17 @@ def test_translate_matches_numpy(data):
 
 def same_plan(a: Selection, b: Selection) -> bool:
     def entry(e):
-        return e if isinstance(e, tuple) else ("array", e.dtype, e.tolist())
+        if isinstance(e, np.ndarray):
+            return ("array", e.dtype, e.shape, e.tolist())
+        return e
 
     def key(k):
-        return None if k is None else [(x.dtype, x.shape, x.tolist()) for x in k]
+        return None if k is None else [entry(x) for x in k]
 
-    return (a.shape, [entry(e) for e in a.dims], a.read_shape, a.result_shape, a.points) == (
-        b.shape, [entry(e) for e in b.dims], b.read_shape, b.result_shape, b.points
-    ) and key(a.local_key) == key(b.local_key)
+    return (a.shape, key(a.dims), a.read_shape, a.result_shape, entry(a.points), a.point_dims,
+            a.point_axis) == (b.shape, key(b.dims), b.read_shape, b.result_shape,
+                              entry(b.points), b.point_dims, b.point_axis) and key(
+        a.local_key) == key(b.local_key)
 
 
 @SETTINGS
