@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import os
 import pickle
 import threading
@@ -69,6 +70,9 @@ NOTICE = 0
 # caller hands it the next request): several would take the cores that the caller and the busy
 # workers need.
 WORKER_SPIN = 100e-6
+# A sleeping worker is woken for a request once the awake ones have each had a request pending
+# this long.
+WAKE_AFTER = 1e-3
 QUEUE_FULL_WAIT = 1e-4
 
 
@@ -128,18 +132,20 @@ class _RequestJob:
             elif item != NOTICE:
                 return item - 1, None
             else:
-                task = self._take_message()
+                task = self._take_message(parent_alive)
                 if task is not END:
                     if task is not None:
                         return task
                 else:
                     return None
 
-    def _take_message(self):
+    def _take_message(self, parent_alive):
         """Act on the channel message a NOTICE announced: a task, None, or END."""
-        message = self.channel.receive(JOIN_TIMEOUT)  # it was sent before its notice
-        if message is TIMEOUT:
-            raise RuntimeError("a notice came without its message")
+        # The notice goes first (a message of several packets fills the socket until read), so
+        # the message may still be on its way; END comes instead if its send failed.
+        while (message := self.channel.receive(IDLE_CHECK)) is TIMEOUT:
+            if not parent_alive():
+                return END
         if message == END:
             return END
         if message[0] == "map":
@@ -246,7 +252,8 @@ class Reader:
         self._done: list[Counter] = []
         self._queues: list[SlotQueue] = []
         self._spinner: Word | None = None
-        self._sent: list[int] = []
+        self._sent_at: list[collections.deque[float]] = []
+        self._finished: list[int] = []
         self._next_check = 0.0
         # Reentrant: a failure found while dispatching closes the Reader in the same thread.
         self._lock = threading.RLock()
@@ -356,9 +363,7 @@ class Reader:
                 self._pool = self._start()
             elif time.monotonic() > self._next_check:
                 self._check()  # a dead worker among live ones never times a wait out
-            busy = [sent - done.load() for sent, done in zip(self._sent, self._done, strict=True)]
-            watching = self._spinner.load() - 1 if self._spinner is not None else -1
-            worker = watching if watching >= 0 and not busy[watching] else busy.index(min(busy))
+            worker = self._pick_worker()
             while self._dropped:
                 stage_id, workers = self._dropped.pop()
                 for w in workers:
@@ -375,12 +380,34 @@ class Reader:
             except BaseException:
                 stage.memory.state.set(IDLE)
                 raise
-            self._sent[worker] += 1
+            self._sent_at[worker].append(time.monotonic())
+
+    def _pick_worker(self) -> int:
+        """The worker for the next request: an awake one (it has requests pending, or it is
+        watching its queue), unless the oldest it has pending was sent WAKE_AFTER ago (a slow
+        read: the next request should not wait behind it); then the least busy. Waking a sleeping worker costs both processes tens of
+        microseconds, and on a machine whose cores the caller and one worker keep busy a second
+        worker only takes CPU from them: it is woken when the awake ones fall behind."""
+        busy = []
+        for w, done in enumerate(self._done):
+            sent_at, finished = self._sent_at[w], done.load()
+            for _ in range(finished - self._finished[w]):
+                sent_at.popleft()
+            self._finished[w] = finished
+            busy.append(len(sent_at))
+        watching = self._spinner.load() - 1 if self._spinner is not None else -1
+        awake = [w for w, pending in enumerate(busy) if pending or w == watching]
+        if awake:
+            worker = min(awake, key=busy.__getitem__)
+            if not busy[worker] or time.monotonic() - self._sent_at[worker][0] < WAKE_AFTER:
+                return worker
+        return busy.index(min(busy))
 
     def _tell(self, worker: int, message) -> None:
-        """Send ``message`` down the worker's channel, and the NOTICE that announces it."""
+        """Announce ``message`` with a NOTICE, and send it down the worker's channel."""
         pool = self._pool
         assert pool is not None
+        self._push(worker, NOTICE)
 
         def check() -> None:  # between the slices of a send the worker does not take
             self._check_open()
@@ -394,7 +421,6 @@ class Reader:
         except OSError:
             self._check()  # a dead worker closed its end: say which one
             raise
-        self._push(worker, NOTICE)
 
     def _push(self, worker: int, item: int) -> None:
         """Queue ``item`` for ``worker``; a full queue (1,024 items pending) is waited on."""
@@ -417,7 +443,8 @@ class Reader:
         self._done = [Counter(buffer, a) for a in at]
         self._queues = [SlotQueue(buffer, a + _DONE, _QUEUE_ITEMS, True) for a in at]
         self._errors = ErrorBox(buffer, _errors_at(n), _ERROR_BYTES)
-        self._sent = [0] * n
+        self._sent_at = [collections.deque() for _ in range(n)]  # of each request pending
+        self._finished = [0] * n  # each worker's count of finished requests, last seen
         if self._workers is None:
             self._workers = StandbyWorkers(self.start_method, "Reader", niceness=0)
         job = _RequestJob(self.filename, self.file_kwargs, n, self._control)

@@ -435,3 +435,57 @@ def test_allow_pickle_is_off_unless_asked_for(files):
         assert reader.allow_pickle is False
     with multitables.Reader(files[1], n_procs=1, allow_pickle=True) as reader:
         assert reader.allow_pickle is True
+
+
+def test_a_request_too_large_for_its_stage_header_travels_down_the_channel(tmp_path):
+    """A key of many unsorted rows pickles to more than a stage's request area: it is sent down
+    the worker's channel instead, and reads the same."""
+    from multitables import stages
+
+    truth = sample((60_000,), "<i4")
+    write_h5py(tmp_path / "rows.h5", "x", truth, chunks=(1000,))
+    rows = np.random.default_rng(1).permutation(60_000)[:20_000]
+    with multitables.Reader(tmp_path / "rows.h5", n_procs=1) as reader:
+        ds = reader.get_dataset("x")
+        key = ds[rows]
+        assert len(pickle.dumps(key._spec())) > stages._REQUEST_BYTES
+        stage = ds.create_stage(len(rows))
+        np.testing.assert_array_equal(reader.request(key, stage).get(), truth[rows])
+        np.testing.assert_array_equal(reader.request(ds[rows[:5]], stage).get(), truth[rows[:5]])
+
+
+def test_requests_beyond_a_full_worker_queue_wait_for_room(files, monkeypatch):
+    """More requests pending on a worker than its queue holds: the caller waits for the worker
+    to take some, and every result is right."""
+    from multitables import reader as reader_module
+
+    monkeypatch.setattr(reader_module, "_QUEUE_ITEMS", 4)
+    monkeypatch.setattr(reader_module, "_PER_WORKER",
+                        reader_module._DONE + reader_module.SlotQueue.nbytes(4))
+    truth = files[2]["f4"]
+    with multitables.Reader(files[0], n_procs=1) as reader:
+        ds = reader.get_dataset("f4")
+        stages = [ds.create_stage(3) for _ in range(12)]
+        requests = [reader.request(ds[[i, 0, i]], stage) for i, stage in enumerate(stages)]
+        for i, request in enumerate(requests):
+            np.testing.assert_array_equal(request.get(), truth[[i, 0, i]])
+
+
+def test_a_second_worker_is_woken_when_the_first_falls_behind(tmp_path):
+    """Slow requests (64 rows, each decoding a compressed chunk) queue up on the awake worker;
+    once the older of two has waited WAKE_AFTER, the next go to the sleeping one: both serve."""
+    truth = sample((4096, 256), "<f8")
+    write_h5py(tmp_path / "slow.h5", "x", truth, chunks=(64, 256), compression="gzip")
+    keys = [np.random.default_rng(i).choice(4096, 64, replace=False) for i in range(24)]
+    with multitables.Reader(tmp_path / "slow.h5", n_procs=2) as reader:
+        ds = reader.get_dataset("x")
+        pool = ds.create_stage_pool(64, 6)
+        pending: list = []
+        for key in keys:
+            if len(pending) == 5:
+                done_key, request = pending.pop(0)
+                np.testing.assert_array_equal(request.get(), truth[done_key])
+            pending.append((key, reader.request(ds[key], pool)))
+        for done_key, request in pending:
+            np.testing.assert_array_equal(request.get(), truth[done_key])
+        assert all(reader._finished), reader._finished
