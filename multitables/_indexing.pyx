@@ -302,19 +302,40 @@ def translate(key, shape):
     (slice(None, None, -1), array([1, 0, 1]))
     """
     cdef tuple shp = tuple([operator.index(s) for s in shape])
-    rows = _row_array(key)
-    if rows is not None and shp:
-        sel = _rows_selection(shp, rows)
-        if sel is not None:
-            return sel
+    if shp:
+        first = (<tuple>key)[0] if type(key) is tuple and len(<tuple>key) == 1 else key
+        if type(first) is slice:
+            return _slice_selection(shp, first)
+        rows = _row_array(first)
+        if rows is not None:
+            sel = _rows_selection(shp, rows)
+            if sel is not None:
+                return sel
     return _translate(key, shp)
+
+
+cdef Selection _slice_selection(tuple shp, slice key):
+    """``translate`` of one slice on the first dimension (a block of rows), as the general code
+    plans it."""
+    start, stop, step = key.indices(shp[0])
+    count = len(range(start, stop, step))
+    rest = shp[1:]
+    if count == 0:
+        dim = (0, 1, 0)
+    elif count == 1:
+        dim = (start, 1, 1)
+    elif step > 0:
+        dim = (start, step, count)
+    else:
+        dim = (start + (count - 1) * step, -step, count)
+    local = None if step > 0 or count < 2 or 0 in rest else (slice(None, None, -1),)
+    return Selection(shp, (dim,) + tuple([(0, 1, s) for s in rest]), (dim[2],) + rest,
+                     (count,) + rest, local)
 
 
 cdef object _row_array(object key):
     """``key`` as a 1-D array of row numbers, when it is one index array (a random batch, the
     commonest key by far) of signed (or narrow unsigned) integers; else None."""
-    if type(key) is tuple and len(<tuple>key) == 1:
-        key = (<tuple>key)[0]
     if type(key) is list:
         key = np.asarray(key)
     if not isinstance(key, np.ndarray) or key.ndim != 1 or not key.shape[0]:

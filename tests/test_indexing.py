@@ -419,6 +419,20 @@ def test_row_array_keys_plan_as_the_general_code(data):
         assert same_plan(sel, _indexing._translate(key, shape))
 
 
+@SETTINGS
+@given(st.data())
+def test_one_slice_plans_as_the_general_code(data):
+    """One slice (a block of rows) has its own quick translation too."""
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=9))
+    bound = st.none() | st.integers(-12, 12)
+    key = slice(data.draw(bound), data.draw(bound), data.draw(st.none() | st.integers(-4, 4)))
+    key = key if data.draw(st.booleans()) else (key,)
+    arr = np.arange(int(np.prod(shape))).reshape(shape)
+    sel = check_translate(arr, key)
+    if sel is not None:
+        assert same_plan(sel, _indexing._translate(key, shape))
+
+
 def test_row_array_translation_copies_the_key():
     rows = np.array([5, 1, 4])
     sel = translate(rows, (10, 2))
