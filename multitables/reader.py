@@ -80,9 +80,9 @@ class _RequestJob:
     """The worker side of a Reader: serve the requests of this worker's queue.
 
     Control memory: the watching worker (see WORKER_SPIN); per worker, the count of requests it
-    finished (the caller sends new work to the watching worker when it is idle, else to the
-    least busy one) and its queue (``NOTICE`` or a stage whose header holds the request); then
-    an ``ErrorBox`` for failures of a worker itself. Channel messages, one per NOTICE:
+    finished (the caller prefers awake workers, ``Reader._pick_worker``) and its queue
+    (``NOTICE`` or a stage whose header holds the request); then an ``ErrorBox`` for failures
+    of a worker itself. Channel messages, one per NOTICE:
     ("map", stage id, arena) before a worker's first request on a stage, ("drop", stage id) once
     a stage is closed, ("read", stage id, spec) for a request too large for the stage's header.
     The Reader closes the queues when it closes. See NOTE [ Worker shutdown logic ] in
@@ -133,11 +133,10 @@ class _RequestJob:
                 return item - 1, None
             else:
                 task = self._take_message(parent_alive)
-                if task is not END:
-                    if task is not None:
-                        return task
-                else:
+                if task is END:
                     return None
+                if task is not None:
+                    return task
 
     def _take_message(self, parent_alive):
         """Act on the channel message a NOTICE announced: a task, None, or END."""
@@ -353,9 +352,9 @@ class Reader:
         return request
 
     def _dispatch(self, stage: Stage, spec: ReadSpec) -> None:
-        """Hand the read to the least busy worker: written into the stage's header, the stage
-        pushed onto the worker's queue. See NOTE [ Worker shutdown logic ], step (3): every send
-        and push waits in slices and gives up once a worker dies or this Reader closes."""
+        """Hand the read to a worker (``_pick_worker``): written into the stage's header, the
+        stage pushed onto the worker's queue. See NOTE [ Worker shutdown logic ], step (3): every
+        send and push waits in slices and gives up once a worker dies or this Reader closes."""
         message = pickle.dumps(spec, pickle.HIGHEST_PROTOCOL)
         with self._lock:
             self._check_open()
@@ -385,9 +384,10 @@ class Reader:
     def _pick_worker(self) -> int:
         """The worker for the next request: an awake one (it has requests pending, or it is
         watching its queue), unless the oldest it has pending was sent WAKE_AFTER ago (a slow
-        read: the next request should not wait behind it); then the least busy. Waking a sleeping worker costs both processes tens of
-        microseconds, and on a machine whose cores the caller and one worker keep busy a second
-        worker only takes CPU from them: it is woken when the awake ones fall behind."""
+        read: the next request should not wait behind it); then the least busy. Waking a
+        sleeping worker costs both processes tens of microseconds, and on a machine whose cores
+        the caller and one worker keep busy a second worker only takes CPU from them: it is
+        woken when the awake ones fall behind."""
         busy = []
         for w, done in enumerate(self._done):
             sent_at, finished = self._sent_at[w], done.load()

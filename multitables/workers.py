@@ -14,8 +14,9 @@ NOTE [ Worker shutdown logic ]
       idle workers first, fresh ones started      (2) maps the job's arenas, opens the file,
       lazily (also from a daemonic process)            runs tasks, publishes with release stores
     ring jobs (Streamer, Loader):                      ring: free queue → slot → full queue
-      wait on the ring's futex words    ◀──────    (3) Reader: "read" messages on the channel,
-    Reader: "read" down the channel    ───────▶        result in the stage, state word DONE
+      wait on the ring's futex words    ◀──────    (3) Reader: stages from its queue, the
+    Reader: request in the stage,      ───────▶        request in the stage's header, result
+      stage onto a worker's queue                      in the stage, state word DONE
       wait on the stage's state word    ◀──────
     end of job: ring.stop() or "end"   ───────▶    (4) closes the file, answers "done",
     Crew.stop(): "done" within JOIN_TIMEOUT ◀───        back to (1)
@@ -33,15 +34,18 @@ Steps:
     returns None, and reports a failure in the job's ``ErrorBox``.
 (3) The Reader's requests: a request claims a stage (``Stage.claim``; ``StagePool.take`` waits,
     woken by ``free``/``close``, checking the Reader every CHECK_INTERVAL). The stage's state
-    word goes IDLE → PENDING (``Reader._dispatch``, which sends ("read", stage, spec, its arena
-    the first time) to the least busy worker, in sliced sends that give up once the worker dies
-    or the Reader closes) → DONE or FAILED (the worker; its exception in the stage's ErrorBox) →
-    IDLE (``Request._release`` through ``Stage.free``, once the result is taken). A closed stage
-    is dropped in the workers that mapped it ("drop", at the next dispatch).
+    word goes IDLE → PENDING (``Reader._dispatch``: the request pickled into the stage's header
+    and the stage pushed onto a worker's queue in shared memory; the stage's arena goes down the
+    worker's channel before its first request there, announced on the queue; a full queue and
+    every send wait in slices that give up once the worker dies or the Reader closes) → DONE or
+    FAILED (the worker; its exception in the stage's ErrorBox) → IDLE (``Request._release``
+    through ``Stage.free``, once the result is taken). A closed stage is dropped in the workers
+    that mapped it ("drop", at the next dispatch). An idle worker sleeps on its queue in
+    IDLE_CHECK slices, checking its parent; the Reader closes the queues when it closes.
 (4) End of a job: the owner stops the ring (``Ring.stop``: stop word, queues closed, waiters
-    woken) or sends "end" (``Crew.end``, the Reader); each worker answers "done" and stands by
-    again; ``Crew.stop`` waits for the answers with one deadline (JOIN_TIMEOUT, or what the
-    caller gives) and kills the workers that did not answer.
+    woken) or closes its workers' queues and sends "end" (``Crew.end``, the Reader); each worker
+    answers "done" and stands by again; ``Crew.stop`` waits for the answers with one deadline
+    (JOIN_TIMEOUT, or what the caller gives) and kills the workers that did not answer.
 (5) End of the pool (``StandbyWorkers.close``, ``_end_all``): "stop" to every idle worker, one
     join deadline for all, then SIGKILL. A crew still out ends its workers when it stops.
 (6) Exit hooks (atexit is last-in, first-out): multiprocessing.util's hook is registered first
