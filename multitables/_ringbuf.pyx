@@ -196,6 +196,7 @@ cdef extern from *:
                                            __ATOMIC_ACQUIRE);
     }
     static inline uint64_t mt_load64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void mt_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline uint64_t mt_fetch_add64(uint64_t *p, uint64_t n) {
         return __atomic_fetch_add(p, n, __ATOMIC_ACQ_REL);
     }
@@ -243,6 +244,7 @@ cdef extern from *:
     void mt_store32(uint32_t *p, uint32_t v) nogil
     bint mt_cas32(uint32_t *p, uint32_t expected, uint32_t desired) nogil
     uint64_t mt_load64(uint64_t *p) nogil
+    void mt_store64(uint64_t *p, uint64_t v) nogil
     uint64_t mt_fetch_add64(uint64_t *p, uint64_t n) nogil
 
 # Results of pop(): a slot number (>= 0), or one of these.
@@ -386,3 +388,6 @@ cdef class Counter:
 
     def load(self):
         return mt_load64(self.p)
+
+    def store(self, uint64_t value):
+        mt_store64(self.p, value)

@@ -17,7 +17,10 @@ from ._indexing import translate
 from .chain import Chain
 from .readspec import ARRAY, SORTED, VLEN, WHERE, ReadSpec
 from .source import DatasetInfo, check_positive_int
-from .stages import Stage, StagePool
+from .stages import MAX_PARTS, Stage, StagePool
+
+# A request is split over several workers when each part gets at least this much.
+SPLIT_BYTES = 2 << 20
 
 if TYPE_CHECKING:
     from .reader import Reader
@@ -97,6 +100,43 @@ class DatasetProxy:
     def _spec(self) -> ReadSpec:
         """The request this proxy describes: its whole data when no key was given."""
         return ReadSpec(ARRAY, self.path, self.field, self._selection, self.shape, self.dtype)
+
+    def _parts(self, n: int) -> list[ReadSpec] | None:
+        """The request as up to ``n`` requests for consecutive rows of the result, each at
+        least SPLIT_BYTES, for as many workers; None when it is smaller or its key is not one
+        slice of step 1 or one index array (the result's rows then are not the key's)."""
+        rows = self.shape[0] if self.shape else 0
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        k = min(n, rows, MAX_PARTS, nbytes // SPLIT_BYTES)
+        if k < 2 or len(self.keys) != 1 or self._chain is not None:
+            return None
+        key = self.keys[0]
+        if isinstance(key, tuple):
+            if len(key) != 1:
+                return None
+            key = key[0]
+        if self.info.field_dtype(self.field).shape:
+            return None  # a subarray field: its dimensions follow the rows' (see _read_array)
+        if isinstance(key, slice):
+            start, _, step = key.indices(self.info.shape[0])
+            if step != 1:
+                return None
+
+            def part_key(a: int, b: int) -> Any:
+                return slice(start + a, start + b)
+        else:
+            array = np.asarray(key) if isinstance(key, (list, np.ndarray)) else None
+            if array is None or array.ndim != 1 or array.dtype.kind not in "iu":
+                return None
+
+            def part_key(a: int, b: int) -> Any:
+                return array[a:b]
+
+        row_bytes = nbytes // rows
+        edges = [rows * i // k for i in range(k + 1)]
+        return [ReadSpec(ARRAY, self.path, self.field, translate(part_key(a, b), self.info.shape),
+                         (b - a, *self.shape[1:]), self.dtype, at=a * row_bytes)
+                for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
     # ---- stages ----
 

@@ -19,7 +19,7 @@ from .errbox import ErrorBox
 from .errors import QueueClosedException, SubprocessException
 from .futures import Request
 from .proxies import DatasetProxy, make_proxy
-from .readspec import ReadSpec, execute
+from .readspec import ARRAY, ReadSpec, execute
 from .shm import SharedArena
 from .source import (
     OpenFile,
@@ -29,7 +29,7 @@ from .source import (
     get_dataset,
     open_file,
 )
-from .stages import DONE, FAILED, IDLE, PENDING, Stage, StageMemory, StagePool
+from .stages import DONE, FAILED, IDLE, MAX_PARTS, PENDING, Stage, StageMemory, StagePool
 from .workers import (
     CHECK_INTERVAL,
     END,
@@ -110,10 +110,12 @@ class _RequestJob:
         self.queue = SlotQueue(self.control.buffer, at + _DONE, _QUEUE_ITEMS)
         self.spinner = Word(self.control.buffer, _SPINNER)
         self.me = worker + 1  # as the spinner word names it
+        self.worker = worker
         self.stages: dict[int, StageMemory] = {}
 
-    def next_task(self, parent_alive) -> tuple[int, ReadSpec | None] | None:
-        """(stage id, the request, or None when it lies in the stage), or None at the end.
+    def next_task(self, parent_alive) -> Task | None:
+        """(stage id, part, parts, the request or None when it lies in the stage), or None at
+        the end.
         See NOTE [ Worker shutdown logic ], step (3): sleep on the queue, check the parent."""
         while True:
             item = self.queue.try_pop()
@@ -130,7 +132,7 @@ class _RequestJob:
             elif item == CLOSED:
                 return None
             elif item != NOTICE:
-                return item - 1, None
+                return _decode_item(item)
             else:
                 task = self._take_message(parent_alive)
                 if task is END:
@@ -154,31 +156,54 @@ class _RequestJob:
             if memory is not None:
                 memory.close()
         elif message[0] == "read":
-            return message[1], message[2]
+            _, stage_id, spec, part, parts = message
+            return stage_id, part, parts, spec
         return None
 
-    def run(self, task: tuple[int, ReadSpec | None]) -> None:
-        stage_id, spec = task
+    def run(self, task: Task) -> None:
+        stage_id, part, parts, spec = task
         memory = self.stages[stage_id]
+        if parts > 1:
+            self._run_part(task, memory)
+            return
         if spec is None:
             spec = pickle.loads(memory.request())
         execute(spec, self.source.dataset(spec.path), memory)
         memory.state.store(DONE)
         self.done.fetch_add(1)
 
-    def describe(self, task: tuple[int, ReadSpec | None]) -> str:
-        stage_id, spec = task
-        if spec is None:
-            return f"reading the request of stage {stage_id} in {self.filename}"
-        field = f" field {spec.field!r}" if spec.field else ""
-        return f"reading {spec.path}{field} ({spec.kind}, result {spec.shape}) in {self.filename}"
+    def _run_part(self, task: Task, memory: StageMemory) -> None:
+        """One part of a split request. The last part to finish publishes DONE, or FAILED with
+        the first failed part's error: until then the stage's data is still being written."""
+        stage_id, part, parts, spec = task
+        try:
+            if spec is None:
+                spec = pickle.loads(memory.request(part, parts))
+            execute(spec, self.source.dataset(spec.path), memory)
+        except Exception as exc:
+            if memory.parts_failed.fetch_add(1) == 0:
+                where = f"in Reader worker {self.worker} (pid {os.getpid()}), "
+                memory.errors.put(exc, where + self.describe((stage_id, part, parts, spec)))
+        finally:
+            self.done.fetch_add(1)
+            if memory.parts_done.fetch_add(1) + 1 == parts:
+                memory.state.store(FAILED if memory.parts_failed.load() else DONE)
 
-    def task_failed(self, task, exc: BaseException, where: str) -> bool:
+    def describe(self, task: Task) -> str:
+        stage_id, part, parts, spec = task
+        of = f" (part {part + 1} of {parts})" if parts > 1 else ""
+        if spec is None:
+            return f"reading the request of stage {stage_id}{of} in {self.filename}"
+        field = f" field {spec.field!r}" if spec.field else ""
+        return (f"reading {spec.path}{field} ({spec.kind}, result {spec.shape}){of} in "
+                f"{self.filename}")
+
+    def task_failed(self, task: Task, exc: BaseException, where: str) -> bool:
         memory = self.stages.get(task[0])
         if memory is None:
             self.fail(exc, where)
             return False
-        memory.errors.put(exc, where)
+        memory.errors.put(exc, where)  # a part's failures are its own (_run_part)
         memory.state.store(FAILED)
         self.done.fetch_add(1)
         return True
@@ -189,6 +214,22 @@ class _RequestJob:
 
 def _errors_at(n_procs: int) -> int:
     return _WORKERS + _PER_WORKER * n_procs
+
+
+# A task of a worker: stage id, part, parts (1: the whole request), the request (None: it lies
+# in the stage's header).
+Task = tuple[int, int, int, "ReadSpec | None"]
+
+
+def _encode_item(stage_id: int, part: int, parts: int) -> int:
+    """A worker queue's item for part ``part`` of ``parts`` of the request in a stage."""
+    return (stage_id * MAX_PARTS + part) * MAX_PARTS + parts - 1 + 1
+
+
+def _decode_item(item: int) -> Task:
+    rest, parts = divmod(item - 1, MAX_PARTS)
+    stage_id, part = divmod(rest, MAX_PARTS)
+    return stage_id, part, parts + 1, None
 
 
 class Reader:
@@ -317,10 +358,13 @@ class Reader:
         a whole proxy for all of it), or what ``where``/``read_sorted`` return.
         """
         self._check_open()
+        parts = None
         if isinstance(key, DatasetProxy):
             if key._reader is not self:
                 raise ValueError(f"{key!r} belongs to another Reader")
             spec = key._spec()
+            if spec.kind == ARRAY:
+                parts = key._parts(self.n_procs)  # a large read: over several workers
         elif isinstance(key, ReadSpec):
             spec = key
         else:
@@ -344,50 +388,58 @@ class Reader:
             claimed.free()
             return request
         try:
-            self._dispatch(claimed, spec)
+            self._dispatch(claimed, parts or [spec])
         except BaseException:
             claimed.free()
             raise
         request._stage = claimed
         return request
 
-    def _dispatch(self, stage: Stage, spec: ReadSpec) -> None:
-        """Hand the read to a worker (``_pick_worker``): written into the stage's header, the
-        stage pushed onto the worker's queue. See NOTE [ Worker shutdown logic ], step (3): every
-        send and push waits in slices and gives up once a worker dies or this Reader closes."""
-        message = pickle.dumps(spec, pickle.HIGHEST_PROTOCOL)
+    def _dispatch(self, stage: Stage, specs: list[ReadSpec]) -> None:
+        """Hand the read (or its parts, one per worker) to workers: written into the stage's
+        header, the stage pushed onto the worker's queue (``_pick_worker``). See NOTE [ Worker
+        shutdown logic ], step (3): every send and push waits in slices and gives up once a
+        worker dies or this Reader closes."""
+        messages = [pickle.dumps(spec, pickle.HIGHEST_PROTOCOL) for spec in specs]
+        parts = len(specs)
         with self._lock:
             self._check_open()
             if self._pool is None:
                 self._pool = self._start()
             elif time.monotonic() > self._next_check:
                 self._check()  # a dead worker among live ones never times a wait out
-            worker = self._pick_worker()
+            busy = self._pending()
+            if parts == 1:
+                workers = [self._pick_worker(busy)]
+            else:
+                workers = sorted(range(self.n_procs), key=busy.__getitem__)[:parts]
+                stage.memory.parts_done.store(0)
+                stage.memory.parts_failed.store(0)
             while self._dropped:
-                stage_id, workers = self._dropped.pop()
-                for w in workers:
+                stage_id, holders = self._dropped.pop()
+                for w in holders:
                     self._tell(w, ("drop", stage_id))
-            if worker not in stage.sent_to:
-                self._tell(worker, ("map", stage.id, stage.memory.arena))
-                stage.sent_to.add(worker)
+            for worker in workers:
+                if worker not in stage.sent_to:
+                    self._tell(worker, ("map", stage.id, stage.memory.arena))
+                    stage.sent_to.add(worker)
             stage.memory.state.set(PENDING)
+            part = 0
             try:
-                if stage.memory.put_request(message):
-                    self._push(worker, stage.id + 1)
-                else:
-                    self._tell(worker, ("read", stage.id, spec))
+                for part, (worker, spec, message) in enumerate(
+                        zip(workers, specs, messages, strict=True)):
+                    if stage.memory.put_request(message, part, parts):
+                        self._push(worker, _encode_item(stage.id, part, parts))
+                    else:
+                        self._tell(worker, ("read", stage.id, spec, part, parts))
+                    self._sent_at[worker].append(time.monotonic())
             except BaseException:
-                stage.memory.state.set(IDLE)
+                if part == 0:  # no worker has any of it: the stage is free again
+                    stage.memory.state.set(IDLE)
                 raise
-            self._sent_at[worker].append(time.monotonic())
 
-    def _pick_worker(self) -> int:
-        """The worker for the next request: an awake one (it has requests pending, or it is
-        watching its queue), unless the oldest it has pending was sent WAKE_AFTER ago (a slow
-        read: the next request should not wait behind it); then the least busy. Waking a
-        sleeping worker costs both processes tens of microseconds, and on a machine whose cores
-        the caller and one worker keep busy a second worker only takes CPU from them: it is
-        woken when the awake ones fall behind."""
+    def _pending(self) -> list[int]:
+        """The requests each worker has not finished."""
         busy = []
         for w, done in enumerate(self._done):
             sent_at, finished = self._sent_at[w], done.load()
@@ -395,6 +447,15 @@ class Reader:
                 sent_at.popleft()
             self._finished[w] = finished
             busy.append(len(sent_at))
+        return busy
+
+    def _pick_worker(self, busy: list[int]) -> int:
+        """The worker for the next request: an awake one (it has requests pending, or it is
+        watching its queue), unless the oldest it has pending was sent WAKE_AFTER ago (a slow
+        read: the next request should not wait behind it); then the least busy. Waking a
+        sleeping worker costs both processes tens of microseconds, and on a machine whose cores
+        the caller and one worker keep busy a second worker only takes CPU from them: it is
+        woken when the awake ones fall behind."""
         watching = self._spinner.load() - 1 if self._spinner is not None else -1
         awake = [w for w, pending in enumerate(busy) if pending or w == watching]
         if awake:

@@ -34,12 +34,12 @@ class ReadSpec:
     """
 
     __slots__ = ("kind", "path", "field", "selection", "shape", "dtype", "params", "pseudo_atom",
-                 "allow_pickle")
+                 "allow_pickle", "at")
     dtype: np.dtype  # None only on the wire, until ``execute`` fills it in
 
     def __init__(self, kind: str, path: str, field: str | None, selection: Selection | None,
                  shape: tuple[int, ...], dtype: np.dtype | None, params: tuple = (),
-                 pseudo_atom: str | None = None, allow_pickle: bool = False):
+                 pseudo_atom: str | None = None, allow_pickle: bool = False, at: int = 0):
         self.kind = kind
         self.path = path
         self.field = field
@@ -49,12 +49,13 @@ class ReadSpec:
         self.params = params
         self.pseudo_atom = pseudo_atom  # VLEN: how PyTables encoded the rows
         self.allow_pickle = allow_pickle  # VLEN of objects: whether the caller trusts the file
+        self.at = at  # ARRAY: where the result starts in the stage's data (a part of a request)
         if pseudo_atom == "object" and not allow_pickle:
             raise pickle_refused(path)
 
     def __reduce__(self):
         return ReadSpec, (self.kind, self.path, self.field, self.selection, self.shape, None,
-                          self.params, self.pseudo_atom, self.allow_pickle)
+                          self.params, self.pseudo_atom, self.allow_pickle, self.at)
 
     @property
     def nbytes(self) -> int:
@@ -111,7 +112,7 @@ def _selection(spec: ReadSpec) -> Selection:
 
 
 def _read_array(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
-    out = memory.data(spec.shape, spec.dtype)
+    out = memory.data(spec.shape, spec.dtype, spec.at)
     sel = _selection(spec)
     field_shape = dataset.dtype[spec.field].shape if spec.field else ()
     if not field_shape:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._ringbuf import Word
+from ._ringbuf import Counter, Word
 from .errbox import ErrorBox
 from .errors import QueueClosedException, SharedMemoryError
 from .shm import PAGE, SharedArena, round_up
@@ -29,12 +29,17 @@ IDLE, PENDING, DONE, FAILED = 0, 1, 2, 3
 
 _META = 64  # int64 result metadata (row counts of variable-size results) at this offset
 _N_META = 8
-_ERRORS = 128
+# A request split into parts, each read by another worker: the parts finished, and the failed
+# ones (the first records its error); the last part to finish publishes the state.
+_PARTS_DONE = 128
+_PARTS_FAILED = 192
+_ERRORS = 256
 _ERROR_BYTES = 16 << 10
 # The request, pickled, behind its length: most fit (a 64-row batch takes ~1.2 KB); a larger one
-# travels down the worker's channel instead.
+# travels down the worker's channel instead. The parts of a split request share the area.
 _REQUEST = _ERRORS + _ERROR_BYTES
 _REQUEST_BYTES = 48 << 10
+MAX_PARTS = 16
 _LENGTH = struct.Struct("<Q")
 _DATA = round_up(_REQUEST + _REQUEST_BYTES, PAGE)
 
@@ -56,31 +61,36 @@ class StageMemory:
         self.capacity = arena.nbytes - _DATA
         self.state = Word(arena.buffer, 0)
         self.meta = arena.ndarray((_N_META,), np.int64, _META)
+        self.parts_done = Counter(arena.buffer, _PARTS_DONE)
+        self.parts_failed = Counter(arena.buffer, _PARTS_FAILED)
         self.errors = ErrorBox(arena.buffer, _ERRORS, _ERROR_BYTES)
 
     @classmethod
     def create(cls, capacity: int) -> StageMemory:
         return cls(SharedArena(_DATA + capacity, name="multitables-stage"))
 
-    def data(self, shape, dtype) -> np.ndarray:
-        """A view of the data area as ``shape`` and ``dtype``; the caller checked that it fits."""
-        return self.arena.ndarray(shape, dtype, _DATA)
+    def data(self, shape, dtype, at: int = 0) -> np.ndarray:
+        """A view of the data area, from byte ``at``, as ``shape`` and ``dtype``; the caller
+        checked that it fits."""
+        return self.arena.ndarray(shape, dtype, _DATA + at)
 
-    def put_request(self, message: bytes) -> bool:
-        """Write a pickled request for the worker to take; False when it does not fit."""
-        end = _REQUEST + _LENGTH.size + len(message)
-        if end > _REQUEST + _REQUEST_BYTES:
+    def put_request(self, message: bytes, part: int = 0, parts: int = 1) -> bool:
+        """Write a pickled request (or part ``part`` of ``parts``) for a worker to take; False
+        when it does not fit its share of the area."""
+        start = _REQUEST + part * (_REQUEST_BYTES // parts)
+        end = start + _LENGTH.size + len(message)
+        if end > start + _REQUEST_BYTES // parts:
             return False
         buffer = self.arena.buffer
-        _LENGTH.pack_into(buffer, _REQUEST, len(message))
-        buffer[_REQUEST + _LENGTH.size : end] = message
+        _LENGTH.pack_into(buffer, start, len(message))
+        buffer[start + _LENGTH.size : end] = message
         return True
 
-    def request(self) -> bytes:
+    def request(self, part: int = 0, parts: int = 1) -> bytes:
         """The pickled request that ``put_request`` wrote (in the worker)."""
-        (size,) = _LENGTH.unpack_from(self.arena.buffer, _REQUEST)
-        start = _REQUEST + _LENGTH.size
-        return self.arena.buffer[start : start + size]
+        start = _REQUEST + part * (_REQUEST_BYTES // parts)
+        (size,) = _LENGTH.unpack_from(self.arena.buffer, start)
+        return self.arena.buffer[start + _LENGTH.size : start + _LENGTH.size + size]
 
     def close(self) -> None:
         """Drop the descriptor and this object's views; the pages go with the last object using

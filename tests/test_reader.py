@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 
 import h5py
 import numpy as np
@@ -489,3 +490,55 @@ def test_a_second_worker_is_woken_when_the_first_falls_behind(tmp_path):
         for done_key, request in pending:
             np.testing.assert_array_equal(request.get(), truth[done_key])
         assert all(reader._finished), reader._finished
+
+
+@pytest.fixture
+def small_split(monkeypatch):
+    from multitables import proxies
+
+    monkeypatch.setattr(proxies, "SPLIT_BYTES", 64)
+
+
+def test_large_requests_are_split_over_the_workers(files, small_split):
+    """A read of one slice or one index array, large enough, goes to every worker in parts of
+    consecutive result rows, and reads as one: arrays, a compressed dataset, a table's field."""
+    arrays, tables_path, truth = files
+    keys = [np.s_[3:90], np.s_[-80:], np.s_[::1], np.array([7, 3, 96, 3, -1, 50] * 9),
+            list(range(95, 5, -2))]
+    for path, expected, field in [("f4", truth["f4"], None), ("gzip", truth["gzip"], None),
+                                  ("table", truth["table"]["score"], "score")]:
+        with multitables.Reader(tables_path if field else arrays, n_procs=3) as reader:
+            ds = reader.get_dataset(path if not field else "/table")
+            ds = ds[field] if field else ds
+            stage = ds.create_stage(N_ROWS)
+            for key in keys:
+                proxy = ds[key]
+                assert len(proxy._parts(3) or []) in (2, 3), (path, key)
+                np.testing.assert_array_equal(reader.request(proxy, stage).get(), expected[key])
+            assert all(reader._finished), reader._finished
+
+
+def test_a_failed_part_fails_the_request_once_every_part_is_done(files, small_split,
+                                                                 monkeypatch):
+    """One part's error is raised by get(), after the other parts have finished writing: the
+    stage then serves the next request with nothing of the failed one left in it."""
+    from multitables import reader as reader_module
+
+    execute = reader_module.execute
+
+    def failing_execute(spec, dataset, memory):
+        if spec.at:
+            raise OSError("a bad chunk")
+        time.sleep(0.2)  # the other part fails long before this one is done
+        execute(spec, dataset, memory)
+
+    monkeypatch.setattr(reader_module, "execute", failing_execute)  # before the workers fork
+    truth = files[2]["f4"]
+    with multitables.Reader(files[0], n_procs=2) as reader:
+        ds = reader.get_dataset("f4")
+        stage = ds.create_stage(N_ROWS)
+        with pytest.raises(OSError, match="a bad chunk") as info:
+            reader.request(ds[0:N_ROWS], stage).get()
+        assert "part 2 of 2" in str(info.value)
+        assert sum(done.load() for done in reader._done) == 2  # both parts were done
+        np.testing.assert_array_equal(reader.request(ds[5:6], stage).get(), truth[5:6])
