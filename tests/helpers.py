@@ -316,6 +316,10 @@ def leaks_since(before: Resources, settle: float = 5.0) -> list[str]:
     return messages
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child(subprocess.Popen):
     """A child Python running ``code`` (argv[1:] = args) in the repository, its stdout and
     stderr piped: the way to run anything that could crash or hang the test process itself (a
@@ -328,6 +332,9 @@ class Child(subprocess.Popen):
 
     def __init__(self, code: str, *args, **popen_kwargs):
         popen_kwargs.setdefault("cwd", REPO)
+        # Ctrl-C as a terminal sends it: a test run started in the background by a shell
+        # without job control ignores SIGINT, and a child would inherit that and never see it.
+        popen_kwargs.setdefault("preexec_fn", _default_sigint)
         super().__init__(
             [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs,
