@@ -7,7 +7,8 @@ HDF5 for unfiltered data, ISA-L/Blosc decoders for compressed chunks), straight 
 array. The graph holds no h5py object: a task is the file name, the dataset path, the h5py
 options and a row range, so it pickles small and computes on any process that sees the file,
 such as the workers of a dask.distributed cluster on a shared file system. Each process keeps the
-files its tasks opened in a small cache: reopened after a fork, closed at exit. Threads of one
+files its tasks opened in a small cache (reopened after a fork, closed at exit), and the memory of
+dropped blocks for the next ones. Threads of one
 process take turns on a compressed dataset, so for those one-thread worker processes are the
 fast configuration.
 
@@ -37,6 +38,7 @@ import contextlib
 import math
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -146,7 +148,7 @@ class _BlockSource:
             dataset = entry.source.dataset(self.path)
             sel = translate((slice(start, stop),), dataset.shape)
             shape, dtype = result_layout(sel, dataset.dtype, self.field)
-            out = np.empty(shape, dtype)
+            out = _new_block(shape, dtype)
             # Whole rows of unfiltered data are preads into ``out`` (rawread) that threads may
             # do at once; the other paths keep per-dataset state, and threads take turns there.
             alone = self.field is None and out.size > 0 and RawRows.of(dataset) is not None
@@ -163,6 +165,48 @@ class _BlockSource:
 def _read_block(source: _BlockSource, index: tuple[slice, ...]) -> np.ndarray:
     """The task of one block: ``index`` is the block's slices, whole along every axis but 0."""
     return source.read(index[0].start, index[0].stop)
+
+
+# ------------------------------------------------------------------------------ block memory
+# A new block of 128 MiB costs the kernel 32,768 pages to map and zero before a byte is read into
+# it, about what reading it costs; and dask drops each block once the tasks that use it are done.
+# So a block's memory goes back to this process's pool when the last array viewing it goes, and
+# the next block of that size takes it, its pages already mapped. Blocks under _MIN_POOLED come
+# from malloc, which reuses memory of that size by itself.
+_MIN_POOLED = 1 << 20
+_POOL_BYTES = 512 << 20  # free memory the pool keeps at most
+_free: dict[int, list[np.ndarray]] = {}
+_free_bytes = 0
+_pool_lock = threading.Lock()
+
+
+def _new_block(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array for a block, on pooled memory when it is large."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _MIN_POOLED:
+        return np.empty(shape, dtype)
+    global _free_bytes
+    with _pool_lock:
+        free = _free.get(nbytes)
+        memory = free.pop() if free else None
+        if memory is not None:
+            _free_bytes -= nbytes
+    if memory is None:
+        memory = np.empty(nbytes, np.uint8)
+    # Through a memoryview, so that every view of the block keeps ``owner`` alive (numpy points a
+    # view at the nearest array that owns its data, or whose base is no array): ``owner`` goes,
+    # and the memory back to the pool, with the last of them.
+    owner = np.frombuffer(memory.data, dtype)
+    weakref.finalize(owner, _give_back, memory)
+    return owner.reshape(shape)
+
+
+def _give_back(memory: np.ndarray) -> None:
+    global _free_bytes
+    with _pool_lock:
+        if _free_bytes + memory.nbytes <= _POOL_BYTES:
+            _free.setdefault(memory.nbytes, []).append(memory)
+            _free_bytes += memory.nbytes
 
 
 # ------------------------------------------------------------------------------ per-process cache
@@ -234,11 +278,12 @@ def close_files() -> None:
 def _after_fork_in_child() -> None:
     # The parent still reads through the files it had open. Closing the child's copies would
     # also drop the parent's lock on them (one open file description), so they are kept, unused.
-    global _cache_lock
+    global _cache_lock, _pool_lock
     _inherited.extend(_cache.values())
     _cache.clear()
     _locks.clear()
     _cache_lock = threading.Lock()  # another thread may have held it at the fork
+    _pool_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

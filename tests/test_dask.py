@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
@@ -304,3 +305,46 @@ def test_multitables_imports_without_dask():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=50)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# -------------------------------------------------------------------------------- block memory
+
+
+def test_block_memory_is_reused_only_once_no_view_of_it_is_left(h5file, monkeypatch):
+    """Blocks' memory goes back to the process's pool when the last array viewing it goes, and a
+    block of the same size takes it: a view kept of an earlier block keeps its values."""
+    monkeypatch.setattr(mdask, "_MIN_POOLED", 1)
+    monkeypatch.setattr(mdask, "_free", {})
+    monkeypatch.setattr(mdask, "_free_bytes", 0)
+    f8 = np.dtype("f8")
+    block = mdask._new_block((CHUNK, COLS), f8)
+    block[...] = 1
+    kept = block[::3]  # a view: the block's memory must stay its own
+    del block
+    gc.collect()
+    assert not mdask._free
+    other = mdask._new_block((CHUNK, COLS), f8)
+    other[...] = 2
+    assert (kept == 1).all()
+    del kept
+    gc.collect()
+    assert mdask._free_bytes == CHUNK * COLS * 8
+    again = mdask._new_block((CHUNK, COLS), f8)  # takes the memory back
+    assert mdask._free_bytes == 0 and again.flags.writeable and again.shape == (CHUNK, COLS)
+    # Tasks run one after another in one process reuse their blocks' memory: values stay right.
+    filename, truth = h5file
+    x = mdask.from_hdf5(filename, "raw", chunks=CHUNK)
+    for _ in range(2):
+        assert_same((x * 2).sum(axis=1).compute(scheduler="synchronous"),
+                    (truth["raw"] * 2).sum(axis=1))
+
+
+def test_block_memory_kept_free_is_bounded(monkeypatch):
+    monkeypatch.setattr(mdask, "_MIN_POOLED", 1)
+    monkeypatch.setattr(mdask, "_free", {})
+    monkeypatch.setattr(mdask, "_free_bytes", 0)
+    monkeypatch.setattr(mdask, "_POOL_BYTES", 2 * CHUNK * COLS * 8)
+    blocks = [mdask._new_block((CHUNK, COLS), np.dtype("f8")) for _ in range(5)]
+    del blocks
+    gc.collect()
+    assert mdask._free_bytes == 2 * CHUNK * COLS * 8 and len(mdask._free[CHUNK * COLS * 8]) == 2
