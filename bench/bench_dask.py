@@ -7,8 +7,8 @@ both arrays (``from_hdf5``'s default: whole chunks of about dask's ``array.chunk
 ``distributed.LocalCluster`` of 2 one-thread worker processes and on dask's threaded scheduler,
 round-robin over the rounds. The ratios that matter are each multitables reader over the h5py
 reader on the same scheduler; ``limit: fresh blocks`` is the same blocks made in new memory without
-reading anything, summed the same way: no reader that returns new blocks can beat it. See
-bench/README.md.
+reading anything, summed the same way: no reader that returns blocks in new memory can beat it
+(``from_hdf5`` reuses the memory of blocks dask dropped, so it can). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace,
     def threads(arr) -> Callable[[], int]:
         return lambda: (arr.sum().compute(scheduler="threads", num_workers=CORES), nbytes)[1]
 
-    # The floor of any reader that returns new blocks: the same blocks made by filling fresh
-    # memory (page faults and one write pass) instead of reading, then summed the same way.
+    # The floor of any reader that returns blocks in new memory: the same blocks made by filling
+    # fresh memory (page faults and one write pass) instead of reading, summed the same way.
     # (da.ones would not do: its blocks are broadcast views of one element.)
     ones = da.map_blocks(_fresh_block, chunks=x.chunks, dtype=x.dtype,
                          meta=np.empty((0,) * x.ndim, x.dtype))
