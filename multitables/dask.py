@@ -174,7 +174,7 @@ def _read_block(source: _BlockSource, index: tuple[slice, ...]) -> np.ndarray:
 # the next block of that size takes it, its pages already mapped. Blocks under _MIN_POOLED come
 # from malloc, which reuses memory of that size by itself.
 _MIN_POOLED = 1 << 20
-_POOL_BYTES = 512 << 20  # free memory the pool keeps at most
+_POOL_BYTES = 256 << 20  # free memory the pool keeps at most: two default blocks
 _free: dict[int, list[np.ndarray]] = {}
 _free_bytes = 0
 _pool_lock = threading.Lock()
