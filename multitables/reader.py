@@ -115,8 +115,8 @@ class _RequestJob:
 
     def next_task(self, parent_alive) -> Task | None:
         """(stage id, part, parts, the request or None when it lies in the stage), or None at
-        the end.
-        See NOTE [ Worker shutdown logic ], step (3): sleep on the queue, check the parent."""
+        the end. See NOTE [ Worker shutdown logic ], step (3): sleep on the queue, check the
+        parent."""
         while True:
             item = self.queue.try_pop()
             if item == TIMEOUT_ITEM and self.spinner.compare_exchange(0, self.me):
@@ -223,7 +223,7 @@ Task = tuple[int, int, int, "ReadSpec | None"]
 
 def _encode_item(stage_id: int, part: int, parts: int) -> int:
     """A worker queue's item for part ``part`` of ``parts`` of the request in a stage."""
-    return (stage_id * MAX_PARTS + part) * MAX_PARTS + parts - 1 + 1
+    return (stage_id * MAX_PARTS + part) * MAX_PARTS + (parts - 1) + 1  # 0 is NOTICE
 
 
 def _decode_item(item: int) -> Task:
