@@ -44,6 +44,12 @@ _LENGTH = struct.Struct("<Q")
 _DATA = round_up(_REQUEST + _REQUEST_BYTES, PAGE)
 
 
+def _request_area(part: int, parts: int) -> tuple[int, int]:
+    """Where part ``part`` of a request in ``parts`` parts lies in the header, and its room."""
+    room = _REQUEST_BYTES // parts
+    return _REQUEST + part * room, room
+
+
 def check_fits(capacity: int, nbytes: int, shape, dtype) -> None:
     """``SharedMemoryError`` naming both sizes when a result does not fit a stage."""
     if nbytes > capacity:
@@ -77,20 +83,20 @@ class StageMemory:
     def put_request(self, message: bytes, part: int = 0, parts: int = 1) -> bool:
         """Write a pickled request (or part ``part`` of ``parts``) for a worker to take; False
         when it does not fit its share of the area."""
-        start = _REQUEST + part * (_REQUEST_BYTES // parts)
-        end = start + _LENGTH.size + len(message)
-        if end > start + _REQUEST_BYTES // parts:
+        start, room = _request_area(part, parts)
+        if _LENGTH.size + len(message) > room:
             return False
-        buffer = self.arena.buffer
-        _LENGTH.pack_into(buffer, start, len(message))
-        buffer[start + _LENGTH.size : end] = message
+        _LENGTH.pack_into(self.arena.buffer, start, len(message))
+        start += _LENGTH.size
+        self.arena.buffer[start : start + len(message)] = message
         return True
 
     def request(self, part: int = 0, parts: int = 1) -> bytes:
         """The pickled request that ``put_request`` wrote (in the worker)."""
-        start = _REQUEST + part * (_REQUEST_BYTES // parts)
+        start, _ = _request_area(part, parts)
         (size,) = _LENGTH.unpack_from(self.arena.buffer, start)
-        return self.arena.buffer[start + _LENGTH.size : start + _LENGTH.size + size]
+        start += _LENGTH.size
+        return self.arena.buffer[start : start + size]
 
     def close(self) -> None:
         """Drop the descriptor and this object's views; the pages go with the last object using
