@@ -40,6 +40,7 @@ from .workers import (
     Crew,
     StandbyWorkers,
     parent_channel,
+    worker_place,
 )
 
 __all__ = ["Reader"]
@@ -182,7 +183,7 @@ class _RequestJob:
             execute(spec, self.source.dataset(spec.path), memory)
         except Exception as exc:
             if memory.parts_failed.fetch_add(1) == 0:
-                where = f"in Reader worker {self.worker} (pid {os.getpid()}), "
+                where = f"{worker_place(self.name, self.worker)}, "
                 memory.errors.put(exc, where + self.describe((stage_id, part, parts, spec)))
         finally:
             self.done.fetch_add(1)

@@ -305,9 +305,14 @@ def _parent_alive() -> Callable[[], bool]:
     return parent.is_alive
 
 
+def worker_place(name: str, worker: int) -> str:
+    """Where an error in this worker process happened, as its report names it."""
+    return f"in {name} worker {worker} (pid {os.getpid()})"
+
+
 def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool]) -> None:
     """One job in one worker, for every front door. See NOTE [ Worker shutdown logic ], (2)."""
-    where = f"in {job.name} worker {worker} (pid {os.getpid()})"
+    where = worker_place(job.name, worker)
     try:
         with contextlib.closing(OpenFile(job.filename, job.file_kwargs())) as source:
             job.attach(source, worker)
