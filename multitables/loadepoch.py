@@ -217,8 +217,7 @@ class UnitReads(Reads):
         slots = np.array([self._wait_for(t) for t in tickets], np.int64)
         rows = rows_of(self.order, piece.intervals)
         unit = rows // self.unit_rows
-        sorter = np.argsort(piece.units, kind="stable")
-        which = sorter[np.searchsorted(piece.units, unit, sorter=sorter)]
+        which = np.searchsorted(piece.units, unit)  # window_units are sorted
         piece.flat = slots[which] * self.unit_rows + (rows - unit * self.unit_rows)
 
 

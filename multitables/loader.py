@@ -20,7 +20,7 @@ import numpy as np
 
 from .loadepoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
 from .loadjob import costliest_chunk_rows, plan_units
-from .order import EpochOrder, plan_rank, worker_batches
+from .order import EpochOrder, check_epoch, plan_rank, worker_batches
 from .ring import Ring
 from .source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
 from .workers import StandbyWorkers
@@ -172,8 +172,7 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Play ``epoch`` at the next iteration (from its start); later ones follow it."""
-        self.order(epoch)  # a bad epoch raises here
-        self._next_epoch = int(epoch)
+        self._next_epoch = check_epoch(epoch)  # a bad epoch raises here
         self._next_history = []
         self._playing = None
 
@@ -211,10 +210,10 @@ class Loader:
                     f"the state was taken from a Loader with {key}={state.get(key)!r}, this one "
                     f"has {key}={value!r}; resume with the same settings")
         history = [[int(w), int(k)] for w, k in state["history"]]
-        self.order(state["epoch"])  # a bad epoch raises here
+        epoch = check_epoch(state["epoch"])  # a bad epoch raises here
         plan_rank(self.n_rows, self.batch_size, self.world_size, self.rank,
                   drop_last=self.drop_last, history=history)  # so does a bad history
-        self._next_epoch, self._next_history = int(state["epoch"]), history
+        self._next_epoch, self._next_history = epoch, history
         self._playing = None
 
     def _config(self) -> dict[str, Any]:
@@ -376,8 +375,6 @@ class _Local:
         if self.idle_ring is not None:
             self.idle_ring.close()
         self.workers = self.idle_ring = None
-
-
 
 
 # ------------------------------------------------------------------------------ columns and ranks

@@ -47,14 +47,16 @@ def plan_units(infos: list[DatasetInfo]) -> int:
     """Rows per unit: the least common multiple of the datasets' chunk rows (see module doc)."""
     n_rows = infos[0].shape[0]
     row_bytes = sum(max(info.row_bytes, 1) for info in infos)
-    chunk_rows = {info.path: info.chunks[0] for info in infos if info.chunks}
+    chunk_rows = [info.chunks[0] for info in infos if info.chunks]
     if not chunk_rows:
         return max(1, min(n_rows, CONTIGUOUS_UNIT_BYTES // row_bytes))
-    rows = math.lcm(*chunk_rows.values())
+    rows = math.lcm(*chunk_rows)
     if rows * row_bytes > MAX_UNIT_BYTES or rows * MIN_UNITS > n_rows:
         # Whole chunks of the dataset that costs most to read: the chunks of the others may be
         # read twice, not those.
-        rows = costliest_chunk_rows(infos) or max(chunk_rows.values())
+        costliest = costliest_chunk_rows(infos)
+        assert costliest is not None  # some dataset is chunked
+        rows = costliest
     return max(1, min(rows, n_rows))
 
 

@@ -22,6 +22,11 @@ Interval = tuple[int, int]
 _UNITS, _WINDOW = 1, 2
 
 
+def check_epoch(epoch: object) -> int:
+    """``epoch`` as an int in [0, 2**32) (the seed mixes 32 bits of it); raises otherwise."""
+    return _count("epoch", epoch, 0, 2**32)
+
+
 def _count(name: str, value: object, low: int, high: int | None = None) -> int:
     """``value`` as an int in ``[low, high)``; ValueError/TypeError naming ``name`` otherwise."""
     number = operator.index(value)  # type: ignore[arg-type]
@@ -105,7 +110,7 @@ class EpochOrder:
         self.units_per_window = _count("window_units", window_units, 1)
         self.shuffle = bool(shuffle)
         self.seed = _count("seed", seed, 0, 2**64)
-        self.epoch = _count("epoch", epoch, 0, 2**32)
+        self.epoch = check_epoch(epoch)
         self.n_units = -(-self.n_rows // self.unit_rows)
         self.n_windows = -(-self.n_units // self.units_per_window)
         if self.shuffle:
