@@ -291,6 +291,8 @@ def _deflate_codec(nbytes: int, name: str | None = None) -> Codec:
             raise MemoryError("libdeflate could not allocate a decompressor")
 
         def into_place(raw, into):
+            if into.nbytes != nbytes or not into.flags.c_contiguous:  # C writes nbytes there
+                raise _Undecodable("declined: a destination not of the chunk's size and layout")
             src = np.frombuffer(raw, np.uint8)
             # No actual-size pointer: libdeflate then insists on exactly nbytes.
             result = lib.libdeflate_zlib_decompress(decompressor, src.ctypes.data, src.nbytes,

@@ -388,14 +388,19 @@ class _Worker:
 
         self.channel.send(message, check_both)
 
-    def ask_to_end(self) -> None:
-        """Send STOP if it goes at once (a stopped worker with a full channel will be killed)."""
+    def post(self, message: Any) -> None:
+        """Send ``message`` if it goes at once: a stopped worker with a full channel, or a dead
+        one, is killed or reaped by whoever ends it, not waited for here."""
 
         def give_up() -> None:
             raise TimeoutError
 
         with contextlib.suppress(OSError):
-            self.channel.send(STOP, give_up)
+            self.channel.send(message, give_up)
+
+    def ask_to_end(self) -> None:
+        """Send STOP if it goes at once."""
+        self.post(STOP)
 
     def wait_done(self, deadline: float) -> bool:
         """Wait until ``deadline`` (monotonic) for DONE; False if it died or did not answer."""
@@ -487,8 +492,11 @@ class StandbyWorkers:
         """Reap the idle workers that died (killed while standing by): left in the list, each
         would linger as a zombie, one process more than asked for, until ``close``."""
         with self._lock:
-            dead = [w for w in self._idle if not w.alive()]
-            self._idle = [w for w in self._idle if w.alive()]
+            live: list[_Worker] = []
+            dead: list[_Worker] = []
+            for worker in self._idle:  # one look each: one that dies now is in one list only
+                (live if worker.alive() else dead).append(worker)
+            self._idle = live
         for worker in dead:
             worker.wait_or_kill(0)
 
@@ -557,12 +565,7 @@ class Crew:
         """Tell workers that read their channel during the job (a Reader's) that it is over.
         See NOTE [ Worker shutdown logic ], step (4)."""
         for worker in self._workers:
-
-            def give_up() -> None:
-                raise TimeoutError
-
-            with contextlib.suppress(OSError):
-                worker.channel.send(END, give_up)
+            worker.post(END)
 
     def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
         """Wait for each worker to finish the job (the owner has told them to), one deadline for

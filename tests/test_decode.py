@@ -581,3 +581,21 @@ def test_an_unknown_multitables_deflate_is_refused():
                          text=True, env=dict(os.environ, MULTITABLES_DEFLATE="gzip"), timeout=60)
     assert out.returncode != 0
     assert "MULTITABLES_DEFLATE='gzip': expected one of" in out.stderr
+
+
+def test_libdeflate_declines_a_destination_of_another_size():
+    """libdeflate's C call writes a whole chunk at the destination's address: a smaller or
+    strided destination is declined (HDF5 then reads the chunk), never written past."""
+    if decode._c_libdeflate is None:
+        pytest.skip("libdeflate's C library is not installed")  # the `fast` extra brings it
+    import zlib
+
+    chunk = np.arange(256, dtype="<i4")
+    raw = zlib.compress(chunk.tobytes())
+    into_place = decode._deflate_codec(chunk.nbytes, "libdeflate")
+    np.testing.assert_array_equal(into_place(raw, np.empty(chunk.nbytes, np.uint8)).view("<i4"),
+                                  chunk)
+    for into in (np.zeros(chunk.nbytes // 2, np.uint8), np.zeros(2 * chunk.nbytes, np.uint8)[::2]):
+        with pytest.raises(decode._Undecodable):
+            into_place(raw, into)
+        assert not into.any()
