@@ -203,7 +203,7 @@ cdef tuple _dim_plan(object a):
         u = flat
         pos = None
     else:
-        u, pos = np.unique(flat, return_inverse=True)
+        u, pos = _unique_positions(flat)
         pos = pos.reshape(a.shape)
     if u.shape[0] == 1:
         return (int(u[0]), 1, 1), np.zeros(a.shape, np.intp)
@@ -216,6 +216,27 @@ cdef tuple _dim_plan(object a):
     if pos is None:
         pos = np.arange(u.shape[0]).reshape(a.shape)
     return u, pos
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef tuple _unique_positions(const int64_t[::1] flat):
+    """``np.unique(flat, return_inverse=True)`` in one sort and a C loop: numpy's costs tens of
+    microseconds on a 64-row batch."""
+    cdef Py_ssize_t i, k = -1, n = flat.shape[0]
+    cdef int64_t v
+    cdef int64_t[::1] order = np.argsort(flat).astype(np.int64, copy=False)
+    unique_array = np.empty(n, np.int64)
+    pos_array = np.empty(n, np.intp)
+    cdef int64_t[::1] unique = unique_array
+    cdef Py_ssize_t[::1] pos = pos_array
+    for i in range(n):
+        v = flat[order[i]]
+        if k < 0 or v != unique[k]:
+            k += 1
+            unique[k] = v
+        pos[order[i]] = k
+    return unique_array[:k + 1], pos_array
 
 
 cdef list _parse(object key, Py_ssize_t ndim):
@@ -350,13 +371,16 @@ cdef object _row_array(object key):
 @cython.wraparound(False)
 cdef Selection _rows_selection(tuple shp, object key):
     """``translate`` of one 1-D index array on the first dimension, as the general code plans
-    it (``_dim_plan`` and an identity check), in a few C loops: the general code spends tens of
-    microseconds in numpy calls on a 64-row batch. None when an index is out of bounds (the
-    general code raises numpy's error)."""
+    it, without its parser: the bounds checked and negative rows turned in one C loop, then the
+    general ``_dim_plan``. None when the general code must do it: an index out of bounds (it
+    raises numpy's error) or an empty result (it plans those alike)."""
     cdef int64_t[::1] a = np.array(key, dtype=np.int64)  # a copy: the caller may reuse theirs
-    cdef Py_ssize_t i, k, n = a.shape[0]
-    cdef int64_t size = shp[0], v, step
+    cdef Py_ssize_t i, n = a.shape[0]
+    cdef int64_t size = shp[0], v
     cdef bint increasing = True
+    rest = shp[1:]
+    if 0 in rest:
+        return None
     for i in range(n):
         v = a[i]
         if v < 0:
@@ -368,42 +392,10 @@ cdef Selection _rows_selection(tuple shp, object key):
             return None
         if i and v <= a[i - 1]:
             increasing = False
-    rest = shp[1:]
-    full = tuple([(0, 1, s) for s in rest])
-    result_shape = (n,) + rest
-    flat = np.asarray(a)
-    if increasing:
-        step = _progression_step(a) if n > 1 else 1
-        if n == 1:
-            dim = (int(a[0]), 1, 1)
-        elif step:
-            dim = (int(a[0]), int(step), n)
-        else:
-            dim = flat
-        return Selection(shp, (dim,) + full, (n,) + rest, result_shape, None)
-    # Sorted unique values, and each index's position among them.
-    cdef int64_t[::1] order = np.argsort(flat).astype(np.int64, copy=False)
-    cdef int64_t[::1] unique = np.empty(n, np.int64)
-    pos_array = np.empty(n, np.intp)
-    cdef Py_ssize_t[::1] pos = pos_array
-    k = -1
-    for i in range(n):
-        v = a[order[i]]
-        if k < 0 or v != unique[k]:
-            k += 1
-            unique[k] = v
-        pos[order[i]] = k
-    count = k + 1
-    u = np.asarray(unique)[:count]
-    if count == 1:
-        dim = (int(unique[0]), 1, 1)
-    else:
-        step = _progression_step(unique[:count])
-        if step:
-            dim = (int(unique[0]), int(step), count)
-        else:
-            dim = u
-    return Selection(shp, (dim,) + full, (count,) + rest, result_shape, (pos_array,))
+    dim, pos = _dim_plan(np.asarray(a))
+    # Rows in increasing order are the box as it is read (the general code's _is_identity).
+    return Selection(shp, (dim,) + tuple([(0, 1, s) for s in rest]), (_count(dim),) + rest,
+                     (n,) + rest, None if increasing else (pos,))
 
 
 def _translate(key, tuple shp):

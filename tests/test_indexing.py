@@ -402,6 +402,7 @@ def test_row_array_keys_plan_as_the_general_code(data):
     result, and the very plan of the general code, for sorted, shuffled, repeated, negative,
     progression and out-of-range rows, as arrays of any integer type, lists and 1-tuples."""
     shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9))
+    shape = shape[:1] + tuple(data.draw(st.sampled_from([s, 0])) for s in shape[1:])  # empty rows
     n = shape[0]
     rows = data.draw(st.lists(st.integers(-n - 2, n + 1), min_size=1, max_size=12))
     if data.draw(st.booleans(), label="a progression"):
