@@ -220,12 +220,14 @@ cdef tuple _dim_plan(object a):
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef tuple _unique_positions(const int64_t[::1] flat):
-    """``np.unique(flat, return_inverse=True)`` in one sort and a C loop: numpy's costs tens of
-    microseconds on a 64-row batch."""
+cdef tuple _unique_positions(object flat_array):
+    """``np.unique(flat_array, return_inverse=True)`` (a 1-D int64 array) in one sort and a C
+    loop: numpy's costs tens of microseconds on a 64-row batch."""
+    cdef const int64_t[::1] flat = flat_array
     cdef Py_ssize_t i, k = -1, n = flat.shape[0]
     cdef int64_t v
-    cdef int64_t[::1] order = np.argsort(flat).astype(np.int64, copy=False)
+    # argsort of the array itself: given a memoryview, numpy converts it first, slowly
+    cdef int64_t[::1] order = flat_array.argsort().astype(np.int64, copy=False)
     unique_array = np.empty(n, np.int64)
     pos_array = np.empty(n, np.intp)
     cdef int64_t[::1] unique = unique_array
@@ -374,7 +376,8 @@ cdef Selection _rows_selection(tuple shp, object key):
     it, without its parser: the bounds checked and negative rows turned in one C loop, then the
     general ``_dim_plan``. None when the general code must do it: an index out of bounds (it
     raises numpy's error) or an empty result (it plans those alike)."""
-    cdef int64_t[::1] a = np.array(key, dtype=np.int64)  # a copy: the caller may reuse theirs
+    rows = np.array(key, dtype=np.int64)  # a copy: the caller may reuse theirs
+    cdef int64_t[::1] a = rows
     cdef Py_ssize_t i, n = a.shape[0]
     cdef int64_t size = shp[0], v
     cdef bint increasing = True
@@ -392,7 +395,7 @@ cdef Selection _rows_selection(tuple shp, object key):
             return None
         if i and v <= a[i - 1]:
             increasing = False
-    dim, pos = _dim_plan(np.asarray(a))
+    dim, pos = _dim_plan(rows)
     # Rows in increasing order are the box as it is read (the general code's _is_identity).
     return Selection(shp, (dim,) + tuple([(0, 1, s) for s in rest]), (_count(dim),) + rest,
                      (n,) + rest, None if increasing else (pos,))
