@@ -9,10 +9,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .lending import LEND_MIN
 from .readspec import ReadSpec, copy_result, result_view
 from .stages import FAILED, PENDING, Stage
 from .workers import WAIT_SLICE
@@ -81,9 +83,14 @@ class Request:
             stage.free()
 
     def get(self) -> Any:
-        """Wait, then return a copy of the result."""
+        """Wait, then return the result as an array of its own (a copy, or for a large result
+        the stage's memory itself, the stage taking other memory; see lending.py)."""
         try:
-            return copy_result(self._wait())
+            value = self._wait()
+            if (isinstance(value, np.ndarray) and value.nbytes >= LEND_MIN
+                    and value.dtype != object and self._stage is not None):
+                return self._reader._hand_over(self._stage, value)
+            return copy_result(value)
         finally:
             self._release()
 
@@ -193,21 +200,39 @@ class RequestPool:
     waiting until one is there. Thread-safe."""
 
     def __init__(self):
+        # A deque's appends and pops are atomic: the condition is taken only to wait, and to
+        # wake a waiting thread (``_waiting`` counts them, raised before they look).
         self._queue: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
+        self._waiting = 0
 
     def add(self, request: Request) -> None:
         request._shared = True
-        with self._cond:
-            self._queue.append(request)
-            self._cond.notify()
+        self._queue.append(request)
+        if self._waiting:
+            with self._cond:
+                self._cond.notify()
 
     def next(self, timeout: float | None = None) -> Request:
         """The oldest request added; waits for one (``TimeoutError`` after ``timeout`` s)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._queue, timeout):
-                raise TimeoutError(f"no request was added within {timeout} s")
+        try:
             return self._queue.popleft()
+        except IndexError:
+            pass
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if not self._cond.wait_for(lambda: self._queue, left):
+                        raise TimeoutError(f"no request was added within {timeout} s")
+                    try:
+                        return self._queue.popleft()
+                    except IndexError:  # another thread took it first
+                        continue
+            finally:
+                self._waiting -= 1
 
     def __len__(self) -> int:
         return len(self._queue)

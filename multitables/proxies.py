@@ -105,10 +105,13 @@ class DatasetProxy:
         """The request as up to ``n`` requests for consecutive rows of the result, each at
         least SPLIT_BYTES, for as many workers; None when it is smaller or its key is not one
         slice of step 1 or one index array (the result's rows then are not the key's)."""
-        rows = self.shape[0] if self.shape else 0
-        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        shape = self._selection.result_shape
+        nbytes = math.prod(shape) * self._dtype.itemsize
+        if n < 2 or nbytes < 2 * SPLIT_BYTES or len(self.keys) != 1 or self._chain is not None:
+            return None  # the commonest case: asked first, in as few steps as it takes
+        rows = shape[0] if shape else 0
         k = min(n, rows, MAX_PARTS, nbytes // SPLIT_BYTES)
-        if k < 2 or len(self.keys) != 1 or self._chain is not None:
+        if k < 2:
             return None
         key = self.keys[0]
         if isinstance(key, tuple):

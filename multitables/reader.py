@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import os
-import pickle
 import threading
 import time
 import weakref
 from typing import Any
 
 import h5py
+import numpy as np
 
 from ._ringbuf import CLOSED, Counter, SlotQueue, Word
 from ._ringbuf import TIMEOUT as TIMEOUT_ITEM
 from .errbox import ErrorBox
 from .errors import QueueClosedException, SubprocessException
 from .futures import Request
+from .lending import lend
 from .proxies import DatasetProxy, make_proxy
-from .readspec import ARRAY, ReadSpec, execute
+from .readspec import ARRAY, ReadSpec, execute, from_wire, to_wire
 from .shm import SharedArena
 from .source import (
     OpenFile,
@@ -75,6 +77,9 @@ WORKER_SPIN = 100e-6
 # this long.
 WAKE_AFTER = 1e-3
 QUEUE_FULL_WAIT = 1e-4
+# Memory that came back from results, kept for stages of its size (see Reader._keep_spare).
+MAX_SPARES = 8
+MAX_SPARE_BYTES = 256 << 20
 
 
 class _RequestJob:
@@ -82,10 +87,10 @@ class _RequestJob:
 
     Control memory: the watching worker (see WORKER_SPIN); per worker, the count of requests it
     finished (the caller prefers awake workers, ``Reader._pick_worker``) and its queue
-    (``NOTICE`` or a stage whose header holds the request); then an ``ErrorBox`` for failures
-    of a worker itself. Channel messages, one per NOTICE:
-    ("map", stage id, arena) before a worker's first request on a stage, ("drop", stage id) once
-    a stage is closed, ("read", stage id, spec) for a request too large for the stage's header.
+    (``NOTICE`` or the stage memory whose header holds the request); then an ``ErrorBox`` for
+    failures of a worker itself. Channel messages, one per NOTICE: ("map", memory id, arena)
+    before a worker's first request on a stage's memory, ("drop", memory id) once it is freed,
+    ("read", memory id, spec) for a request too large for the header.
     The Reader closes the queues when it closes. See NOTE [ Worker shutdown logic ] in
     workers.py.
     """
@@ -112,10 +117,10 @@ class _RequestJob:
         self.spinner = Word(self.control.buffer, _SPINNER)
         self.me = worker + 1  # as the spinner word names it
         self.worker = worker
-        self.stages: dict[int, StageMemory] = {}
+        self.memories: dict[int, StageMemory] = {}
 
     def next_task(self, parent_alive) -> Task | None:
-        """(stage id, part, parts, the request or None when it lies in the stage), or None at
+        """(memory id, part, parts, the request or None when it lies in the header), or None at
         the end. See NOTE [ Worker shutdown logic ], step (3): sleep on the queue, check the
         parent."""
         while True:
@@ -151,24 +156,24 @@ class _RequestJob:
         if message == END:
             return END
         if message[0] == "map":
-            self.stages[message[1]] = StageMemory(message[2])
+            self.memories[message[1]] = StageMemory(message[2])
         elif message[0] == "drop":
-            memory = self.stages.pop(message[1], None)
+            memory = self.memories.pop(message[1], None)
             if memory is not None:
                 memory.close()
         elif message[0] == "read":
-            _, stage_id, spec, part, parts = message
-            return stage_id, part, parts, spec
+            _, memory_id, spec, part, parts = message
+            return memory_id, part, parts, spec
         return None
 
     def run(self, task: Task) -> None:
-        stage_id, part, parts, spec = task
-        memory = self.stages[stage_id]
+        memory_id, part, parts, spec = task
+        memory = self.memories[memory_id]
         if parts > 1:
             self._run_part(task, memory)
             return
         if spec is None:
-            spec = pickle.loads(memory.request())
+            spec = from_wire(memory.request())
         execute(spec, self.source.dataset(spec.path), memory)
         memory.state.store(DONE)
         self.done.fetch_add(1)
@@ -176,31 +181,31 @@ class _RequestJob:
     def _run_part(self, task: Task, memory: StageMemory) -> None:
         """One part of a split request. The last part to finish publishes DONE, or FAILED with
         the first failed part's error: until then the stage's data is still being written."""
-        stage_id, part, parts, spec = task
+        memory_id, part, parts, spec = task
         try:
             if spec is None:
-                spec = pickle.loads(memory.request(part, parts))
+                spec = from_wire(memory.request(part, parts))
             execute(spec, self.source.dataset(spec.path), memory)
         except Exception as exc:
             if memory.parts_failed.fetch_add(1) == 0:
                 where = f"{worker_place(self.name, self.worker)}, "
-                memory.errors.put(exc, where + self.describe((stage_id, part, parts, spec)))
+                memory.errors.put(exc, where + self.describe((memory_id, part, parts, spec)))
         finally:
             self.done.fetch_add(1)
             if memory.parts_done.fetch_add(1) + 1 == parts:
                 memory.state.store(FAILED if memory.parts_failed.load() else DONE)
 
     def describe(self, task: Task) -> str:
-        stage_id, part, parts, spec = task
+        memory_id, part, parts, spec = task
         of = f" (part {part + 1} of {parts})" if parts > 1 else ""
         if spec is None:
-            return f"reading the request of stage {stage_id}{of} in {self.filename}"
+            return f"reading the request in stage memory {memory_id}{of} in {self.filename}"
         field = f" field {spec.field!r}" if spec.field else ""
         return (f"reading {spec.path}{field} ({spec.kind}, result {spec.shape}){of} in "
                 f"{self.filename}")
 
     def task_failed(self, task: Task, exc: BaseException, where: str) -> bool:
-        memory = self.stages.get(task[0])
+        memory = self.memories.get(task[0])
         if memory is None:
             self.fail(exc, where)
             return False
@@ -217,20 +222,20 @@ def _errors_at(n_procs: int) -> int:
     return _WORKERS + _PER_WORKER * n_procs
 
 
-# A task of a worker: stage id, part, parts (1: the whole request), the request (None: it lies
-# in the stage's header).
+# A task of a worker: stage memory id, part, parts (1: the whole request), the request (None: it
+# lies in the memory's header).
 Task = tuple[int, int, int, "ReadSpec | None"]
 
 
-def _encode_item(stage_id: int, part: int, parts: int) -> int:
-    """A worker queue's item for part ``part`` of ``parts`` of the request in a stage."""
-    return (stage_id * MAX_PARTS + part) * MAX_PARTS + (parts - 1) + 1  # 0 is NOTICE
+def _encode_item(memory_id: int, part: int, parts: int) -> int:
+    """A worker queue's item for part ``part`` of ``parts`` of the request in a stage memory."""
+    return (memory_id * MAX_PARTS + part) * MAX_PARTS + (parts - 1) + 1  # 0 is NOTICE
 
 
 def _decode_item(item: int) -> Task:
     rest, parts = divmod(item - 1, MAX_PARTS)
-    stage_id, part = divmod(rest, MAX_PARTS)
-    return stage_id, part, parts + 1, None
+    memory_id, part = divmod(rest, MAX_PARTS)
+    return memory_id, part, parts + 1, None
 
 
 class Reader:
@@ -274,9 +279,10 @@ class Reader:
         self.allow_pickle = bool(allow_pickle)
         self.file_kwargs = kw
         self.start_method = start_method
-        # Stages alive; those closed or dropped are unmapped by the workers at the next dispatch.
+        # Stages alive; the memory of those closed or dropped is unmapped by the workers at the
+        # next dispatch.
         self._stages: weakref.WeakValueDictionary[int, Stage] = weakref.WeakValueDictionary()
-        self._stage_ids = iter(range(1 << 62))
+        self._ids = iter(range(1 << 50))  # of stages and of their memories
         self._closed = False
         self._forget_inherited()
         _LIVE_READERS.add(self)
@@ -299,16 +305,21 @@ class Reader:
         # Reentrant: a failure found while dispatching closes the Reader in the same thread.
         self._lock = threading.RLock()
         self._dropped: list[tuple[int, tuple[int, ...]]] = []
+        # Memory of stages that came back from results (see lending.py), by size; results give
+        # it back from any thread (their finalizers) through ``_returned``.
+        old_spares = [m for spares in getattr(self, "_spares", {}).values() for m in spares]
+        old_spares += getattr(self, "_returned", ())
+        self._spares: dict[int, list[StageMemory]] = {}
+        self._spare_bytes = 0
+        self._returned: collections.deque[StageMemory] = collections.deque()
+        # The parent's pages are shared with the process they were made in (and with every
+        # other child forked from it): this copy gets pages of its own, or two processes would
+        # read into the same ones; the parent's are the parent's to free.
+        for memory in old_spares:
+            _disown(memory)
         for stage in list(self._stages.values()):
-            # The stage's pages are shared with the process it was made in (and with every
-            # other child forked from it): this copy gets pages of its own, or two processes
-            # would read into the same ones.
-            if isinstance(stage.on_close, weakref.finalize):
-                stage.on_close.detach()  # the parent's pages are the parent's to free
-            stage.memory = StageMemory.create(stage.nbytes)
-            stage.sent_to.clear()
-            stage.on_close = weakref.finalize(
-                stage, _forget_stage, weakref.ref(self), stage.id, stage.sent_to, stage.memory)
+            _disown(stage.memory)
+            stage.memory = self._adopt(StageMemory.create(stage.nbytes))
 
     def __reduce__(self):
         # A Reader travels (to a spawned process, a Pool's task) as its arguments; the copy
@@ -325,12 +336,52 @@ class Reader:
 
     def _register(self, stage: Stage) -> Stage:
         self._check_open()
-        stage.id = next(self._stage_ids)
+        stage.id = next(self._ids)
         self._stages[stage.id] = stage
-        stage.on_close = weakref.finalize(
-            stage, _forget_stage, weakref.ref(self), stage.id, stage.sent_to, stage.memory
-        )
+        self._adopt(stage.memory)
         return stage
+
+    def _adopt(self, memory: StageMemory) -> StageMemory:
+        """Number a stage's memory for the workers, and free it everywhere when it goes."""
+        memory.id = next(self._ids)
+        memory.forget = weakref.finalize(memory, _forget_memory, weakref.ref(self), memory.id,
+                                         memory.sent_to, memory.arena)
+        return memory
+
+    # ---- results handed over with their memory (see lending.py) ----
+
+    def _hand_over(self, stage: Stage, view: np.ndarray) -> np.ndarray:
+        """``view``, the result in ``stage``, as an array of its own: the stage's memory goes
+        with it, and the stage takes spare memory (or new) for its next request."""
+        with self._lock:
+            memory = stage.memory
+            stage.memory = self._spare_memory(stage.nbytes)
+        return lend(view, memory, functools.partial(_take_back, weakref.ref(self)))
+
+    def _spare_memory(self, capacity: int) -> StageMemory:
+        """Memory for a stage of ``capacity`` bytes: spare when there is some, else new."""
+        while self._returned:
+            self._keep_spare(self._returned.popleft())
+        spares = self._spares.get(capacity)
+        if spares:
+            self._spare_bytes -= capacity
+            memory = spares.pop()
+            memory.state.set(IDLE)
+            return memory
+        return self._adopt(StageMemory.create(capacity))
+
+    def _keep_spare(self, memory: StageMemory) -> None:
+        """Keep memory that came back from a result for the next stage of its size, up to
+        MAX_SPARES of a size and MAX_SPARE_BYTES in all (one of each size always); free it
+        otherwise."""
+        capacity = memory.capacity
+        spares = self._spares.setdefault(capacity, [])
+        if self._closed or len(spares) >= MAX_SPARES or (
+                spares and self._spare_bytes + capacity > MAX_SPARE_BYTES):
+            memory.discard()
+            return
+        spares.append(memory)
+        self._spare_bytes += capacity
 
     def _check_csi(self, path: str, column: str) -> None:
         with open_file(self.filename, self.file_kwargs) as file:
@@ -401,7 +452,7 @@ class Reader:
         header, the stage pushed onto the worker's queue (``_pick_worker``). See NOTE [ Worker
         shutdown logic ], step (3): every send and push waits in slices and gives up once a
         worker dies or this Reader closes."""
-        messages = [pickle.dumps(spec, pickle.HIGHEST_PROTOCOL) for spec in specs]
+        messages = [to_wire(spec) for spec in specs]
         parts = len(specs)
         with self._lock:
             self._check_open()
@@ -409,34 +460,37 @@ class Reader:
                 self._pool = self._start()
             elif time.monotonic() > self._next_check:
                 self._check()  # a dead worker among live ones never times a wait out
-            busy = self._pending()
+            several = self.n_procs > 1  # else there is no choice to make, nor to keep track of
             if parts == 1:
-                workers = [self._pick_worker(busy)]
+                workers = [self._pick_worker(self._pending())] if several else [0]
             else:
+                busy = self._pending()
                 workers = sorted(range(self.n_procs), key=busy.__getitem__)[:parts]
                 stage.memory.parts_done.store(0)
                 stage.memory.parts_failed.store(0)
             while self._dropped:
-                stage_id, holders = self._dropped.pop()
+                memory_id, holders = self._dropped.pop()
                 for w in holders:
-                    self._tell(w, ("drop", stage_id))
+                    self._tell(w, ("drop", memory_id))
+            memory = stage.memory
             for worker in workers:
-                if worker not in stage.sent_to:
-                    self._tell(worker, ("map", stage.id, stage.memory.arena))
-                    stage.sent_to.add(worker)
-            stage.memory.state.set(PENDING)
+                if worker not in memory.sent_to:
+                    self._tell(worker, ("map", memory.id, memory.arena))
+                    memory.sent_to.add(worker)
+            memory.state.set(PENDING)
             part = 0
             try:
                 for part, (worker, spec, message) in enumerate(
                         zip(workers, specs, messages, strict=True)):
-                    if stage.memory.put_request(message, part, parts):
-                        self._push(worker, _encode_item(stage.id, part, parts))
+                    if memory.put_request(message, part, parts):
+                        self._push(worker, _encode_item(memory.id, part, parts))
                     else:
-                        self._tell(worker, ("read", stage.id, spec, part, parts))
-                    self._sent_at[worker].append(time.monotonic())
+                        self._tell(worker, ("read", memory.id, spec, part, parts))
+                    if several:
+                        self._sent_at[worker].append(time.monotonic())
             except BaseException:
                 if part == 0:  # no worker has any of it: the stage is free again
-                    stage.memory.state.set(IDLE)
+                    memory.state.set(IDLE)
                 raise
 
     def _pending(self) -> list[int]:
@@ -575,6 +629,12 @@ class Reader:
         for stage in list(self._stages.values()):
             stage.close()
         self._stages.clear()
+        for spares in self._spares.values():
+            for memory in spares:
+                memory.discard()
+        self._spares.clear()
+        while self._returned:
+            self._returned.popleft().discard()
 
     def stop(self) -> None:
         """Close without waiting for the workers to finish their current reads."""
@@ -604,9 +664,27 @@ def _forget_inherited_readers() -> None:
 os.register_at_fork(after_in_child=_forget_inherited_readers)
 
 
-def _forget_stage(reader_ref, stage_id: int, sent_to: set[int], memory: StageMemory) -> None:
-    """A stage was closed or collected: free its memory here, and in the workers that mapped it."""
-    memory.close()
+def _forget_memory(reader_ref, memory_id: int, sent_to: set[int], arena: SharedArena) -> None:
+    """A stage's memory was discarded or collected: free it here, and in the workers that mapped
+    it."""
+    arena.close()
     reader = reader_ref()
     if reader is not None and not reader._closed and sent_to:
-        reader._dropped.append((stage_id, tuple(sent_to)))
+        reader._dropped.append((memory_id, tuple(sent_to)))
+
+
+def _take_back(reader_ref, memory: StageMemory) -> None:
+    """A result handed over with ``memory`` went (in any thread): the Reader may reuse it."""
+    reader = reader_ref()
+    if reader is None or reader._closed:
+        memory.discard()
+    else:
+        reader._returned.append(memory)  # taken in hand under the Reader's lock
+
+
+def _disown(memory: StageMemory) -> None:
+    """In a forked child: unmap the parent's stage memory here only (the parent frees it)."""
+    if isinstance(memory.forget, weakref.finalize):
+        memory.forget.detach()
+    memory.forget = None
+    memory.close()

@@ -7,6 +7,7 @@ the Cython core); ``execute`` runs in a worker and writes the result into the st
 
 from __future__ import annotations
 
+import marshal
 import math
 import pickle
 from typing import Any
@@ -64,6 +65,49 @@ class ReadSpec:
         if self.kind in (VLEN, WHERE):
             return 0
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+# ---- on the wire ---------------------------------------------------------------------------
+
+# A request travels to its worker in the stage's header as bytes. The commonest, rows of an
+# array by a slice or an index array, goes as a tuple of plain values (marshal) behind this tag:
+# pickling the objects (ReadSpec, Selection, numpy arrays) costs both sides several times more.
+_PLAIN = b"M"
+
+
+def to_wire(spec: ReadSpec) -> bytes:
+    """``spec`` as bytes for ``from_wire`` (in a worker of the same build)."""
+    sel = spec.selection
+    if spec.kind == ARRAY and sel is not None and sel.points is None:
+        dims = tuple([e if type(e) is tuple else _wire_array(e, np.int64) for e in sel.dims])
+        lkey = sel.local_key
+        order = None if lkey is None or len(lkey) != 1 else _wire_array(lkey[0], np.intp)
+        if None not in dims and (order is not None or lkey is None):
+            try:
+                return _PLAIN + marshal.dumps((spec.path, spec.field, spec.shape, spec.at,
+                                               sel.shape, dims, sel.read_shape, sel.result_shape,
+                                               order))
+            except ValueError:  # a value marshal does not take (a numpy integer): pickle it
+                pass
+    return pickle.dumps(spec, pickle.HIGHEST_PROTOCOL)
+
+
+def _wire_array(a: Any, dtype: type) -> bytes | None:
+    """A 1-D array of ``dtype`` as its bytes; None for anything else."""
+    if type(a) is np.ndarray and a.ndim == 1 and a.dtype == dtype:
+        return a.tobytes()
+    return None
+
+
+def from_wire(data: bytes) -> ReadSpec:
+    if data[:1] != _PLAIN:
+        return pickle.loads(data)
+    path, field, shape, at, dshape, dims, read_shape, result_shape, lkey = marshal.loads(data[1:])
+    dims = tuple([e if type(e) is tuple else np.frombuffer(e, np.int64) for e in dims])
+    if lkey is not None:
+        lkey = (np.frombuffer(lkey, np.intp),)  # read-only, as unpickled plans are
+    return ReadSpec(ARRAY, path, field, Selection(dshape, dims, read_shape, result_shape, lkey),
+                    shape, None, at=at)
 
 
 def pickle_refused(path: str) -> ValueError:

@@ -9,6 +9,7 @@ never a SIGBUS in the middle of a read later.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
 import os
@@ -58,6 +59,19 @@ class SharedArena:
         count = math.prod(shape)
         return np.frombuffer(self.buffer, dtype, count, offset).reshape(shape)
 
+    def make_private(self) -> None:
+        """From now on, this process's writes to the mapping stay its own, as writes to its own
+        memory would (copy on write: pages it has not written still show the shared ones). For a
+        forked child holding a view of memory its parent keeps using. Without effect when closed
+        or when the kernel refuses."""
+        if self._fd is None or self.buffer.closed:
+            return
+        anchor = ctypes.c_char.from_buffer(self.buffer)
+        address = ctypes.addressof(anchor)
+        del anchor  # an exported buffer would keep the mmap from closing
+        _libc.mmap(address, self.nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                   mmap.MAP_PRIVATE | _MAP_FIXED, self._fd, 0)
+
     @property
     def fd(self) -> int:
         """The memfd, to send to a worker (``multiprocessing.reduction.send_handle``)."""
@@ -88,6 +102,13 @@ class SharedArena:
             fds.append(self._fd)
             return _received, (len(fds) - 1, self.nbytes)
         return _rebuild, (self.nbytes, reduction.DupFd(self._fd))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_MAP_FIXED = 0x10  # replaces the mapping at that address in one step: no gap to race into
 
 
 def _rebuild(nbytes: int, dup) -> SharedArena:

@@ -1,7 +1,7 @@
 """Stages: areas of shared memory that hold the result of one Reader request at a time.
 
 A stage is one ``SharedArena``: a header (a state word that workers publish to, a few int64 of
-result metadata, an ``ErrorBox``, the request being served, pickled) and then the data. Workers
+result metadata, an ``ErrorBox``, the request being served, as bytes) and then the data. Workers
 receive the stage's descriptor the first time they serve a request on it, so stages can be made
 at any time.
 """
@@ -35,8 +35,8 @@ _PARTS_DONE = 128
 _PARTS_FAILED = 192
 _ERRORS = 256
 _ERROR_BYTES = 16 << 10
-# The request, pickled, behind its length: most fit (a 64-row batch takes ~1.2 KB); a larger one
-# travels down the worker's channel instead. The parts of a split request share the area.
+# The request (readspec.to_wire) behind its length: most fit (a 64-row batch takes ~1.1 KB); a
+# larger one travels down the worker's channel instead. The parts of a split request share the area.
 _REQUEST = _ERRORS + _ERROR_BYTES
 _REQUEST_BYTES = 48 << 10
 MAX_PARTS = 16
@@ -64,6 +64,10 @@ class StageMemory:
 
     def __init__(self, arena: SharedArena):
         self.arena = arena
+        self.id = -1  # the Reader's number for it, as its workers know it
+        self.sent_to: set[int] = set()  # workers that have mapped it
+        # Set by the Reader: frees it here and in the workers that mapped it (a finalizer).
+        self.forget: Callable[[], Any] | None = None
         self.capacity = arena.nbytes - _DATA
         self.state = Word(arena.buffer, 0)
         self.meta = arena.ndarray((_N_META,), np.int64, _META)
@@ -81,7 +85,7 @@ class StageMemory:
         return self.arena.ndarray(shape, dtype, _DATA + at)
 
     def put_request(self, message: bytes, part: int = 0, parts: int = 1) -> bool:
-        """Write a pickled request (or part ``part`` of ``parts``) for a worker to take; False
+        """Write a request's bytes (or part ``part`` of ``parts``) for a worker to take; False
         when it does not fit its share of the area."""
         start, room = _request_area(part, parts)
         if _LENGTH.size + len(message) > room:
@@ -92,7 +96,7 @@ class StageMemory:
         return True
 
     def request(self, part: int = 0, parts: int = 1) -> bytes:
-        """The pickled request that ``put_request`` wrote (in the worker)."""
+        """The request's bytes that ``put_request`` wrote (in the worker)."""
         start, _ = _request_area(part, parts)
         (size,) = _LENGTH.unpack_from(self.arena.buffer, start)
         start += _LENGTH.size
@@ -104,9 +108,18 @@ class StageMemory:
         self.meta = None  # type: ignore[assignment]
         self.arena.close()
 
+    def discard(self) -> None:
+        """Free it here, and in the workers that mapped it. Idempotent."""
+        if self.forget is not None:
+            self.forget()
+        else:
+            self.close()
+
 
 class Stage:
     """Shared memory for the result of one request at a time; made by ``create_stage``.
+
+    Its ``memory`` changes when ``get()`` hands a large result over with it (see lending.py).
 
     Attributes
     ----------
@@ -122,8 +135,6 @@ class Stage:
         self.owner: object | None = None  # the request it serves, while it serves one
         self.closed = False
         self.id = -1  # the Reader's number for it
-        self.sent_to: set[int] = set()  # workers that have mapped it
-        self.on_close: Callable[[], Any] | None = None  # set by the Reader: unmaps it everywhere
         self.pool: StagePool | None = None  # the pool it belongs to, if any
 
     def check_fits(self, nbytes: int, shape, dtype) -> None:
@@ -152,10 +163,7 @@ class Stage:
         """Free this stage's shared memory, here and in the workers. Idempotent."""
         if not self.closed:
             self.closed = True
-            if self.on_close is not None:
-                self.on_close()
-            else:
-                self.memory.close()
+            self.memory.discard()
             if self.pool is not None:
                 self.pool.notify()
 
@@ -175,6 +183,7 @@ class StagePool:
         self.stages = stages
         self._turn = 0
         self._cond = threading.Condition()
+        self._waiting = 0  # threads in take() (raised before they look): free() wakes them
         for stage in stages:
             stage.pool = self
 
@@ -188,34 +197,41 @@ class StagePool:
         LONE_WAIT s without a stage freed. See NOTE [ Worker shutdown logic ],
         step (3).
         """
-        lone_since: float | None = None
         with self._cond:
-            while True:
-                for i in range(len(self.stages)):
-                    stage = self.stages[(self._turn + i) % len(self.stages)]
-                    if stage.owner is None and not stage.closed:
-                        self._turn = (self._turn + i + 1) % len(self.stages)
-                        stage.claim(request)
-                        return stage
-                if all(stage.closed for stage in self.stages):
-                    raise QueueClosedException("the stage pool is closed")
-                if check is not None:
-                    check()  # the Reader closed, a worker died: no stage will be freed
-                if self._only_this_thread_can_free():
-                    # Only this thread could take a result: the wait cannot end, unless this
-                    # thread handed a request to another by hand (no RequestPool); give that
-                    # one LONE_WAIT s, none when no other thread runs at all.
-                    now = time.monotonic()
-                    lone_since = now if lone_since is None else lone_since
-                    if threading.active_count() == 1 or now - lone_since > LONE_WAIT:
-                        raise RuntimeError(
-                            f"all {len(self.stages)} stages of the pool hold results that were "
-                            "not collected; call get() on a pending request first, make a larger "
-                            "pool, or hand requests to other threads through a RequestPool")
-                else:
-                    lone_since = None
-                # free() and close() notify; the timeout only bounds the time between checks.
-                self._cond.wait(CHECK_INTERVAL)
+            self._waiting += 1  # before looking: a stage freed after the look wakes this wait
+            try:
+                return self._claim_or_wait(request, check)
+            finally:
+                self._waiting -= 1
+
+    def _claim_or_wait(self, request: object, check: Callable[[], None] | None) -> Stage:
+        lone_since: float | None = None
+        while True:
+            for i in range(len(self.stages)):
+                stage = self.stages[(self._turn + i) % len(self.stages)]
+                if stage.owner is None and not stage.closed:
+                    self._turn = (self._turn + i + 1) % len(self.stages)
+                    stage.claim(request)
+                    return stage
+            if all(stage.closed for stage in self.stages):
+                raise QueueClosedException("the stage pool is closed")
+            if check is not None:
+                check()  # the Reader closed, a worker died: no stage will be freed
+            if self._only_this_thread_can_free():
+                # Only this thread could take a result: the wait cannot end, unless this
+                # thread handed a request to another by hand (no RequestPool); give that
+                # one LONE_WAIT s, none when no other thread runs at all.
+                now = time.monotonic()
+                lone_since = now if lone_since is None else lone_since
+                if threading.active_count() == 1 or now - lone_since > LONE_WAIT:
+                    raise RuntimeError(
+                        f"all {len(self.stages)} stages of the pool hold results that were "
+                        "not collected; call get() on a pending request first, make a larger "
+                        "pool, or hand requests to other threads through a RequestPool")
+            else:
+                lone_since = None
+            # free() and close() notify; the timeout only bounds the time between checks.
+            self._cond.wait(CHECK_INTERVAL)
 
     def _only_this_thread_can_free(self) -> bool:
         """Whether every busy stage serves a request this thread made and kept to itself (not
@@ -227,8 +243,9 @@ class StagePool:
                    for stage in self.stages if not stage.closed)
 
     def notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+        if self._waiting:
+            with self._cond:
+                self._cond.notify_all()
 
     def close(self) -> None:
         for stage in self.stages:

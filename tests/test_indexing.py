@@ -20,6 +20,7 @@ from multitables import _indexing, hyperslab
 from multitables._indexing import Selection, translate
 from multitables._rows import runs
 from multitables.hyperslab import field_dtype, read_selection, result_layout
+from multitables.readspec import ARRAY, ReadSpec, from_wire, to_wire
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -80,7 +81,26 @@ def check_translate(arr: np.ndarray, key) -> Selection | None:
     assert got.shape == np.shape(expected)
     np.testing.assert_array_equal(got, expected)
     assert same_plan(pickle.loads(pickle.dumps(sel)), sel)  # as workers receive it
+    assert same_plan(through_the_wire(sel), sel)
     return sel
+
+
+def through_the_wire(sel: Selection) -> Selection:
+    """``sel`` as a worker takes it from a request's bytes (readspec.to_wire)."""
+    spec = ReadSpec(ARRAY, "/x", None, sel, sel.result_shape, np.dtype("f4"), at=8)
+    back = from_wire(to_wire(spec))
+    assert (back.kind, back.path, back.shape, back.at) == (ARRAY, "/x", sel.result_shape, 8)
+    return back.selection
+
+
+def test_batches_of_rows_travel_without_pickle():
+    for key in (np.array([9, 2, 5]), [3, 4, 8], slice(2, 9), slice(None, None, -1)):
+        sel = translate(key, (10, 3))
+        spec = ReadSpec(ARRAY, "/x", "field", sel, sel.result_shape, np.dtype("f4"))
+        data = to_wire(spec)
+        assert data[:1] == b"M" or isinstance(key, slice) and key.step == -1, key
+        back = from_wire(data)
+        assert same_plan(back.selection, sel) and back.field == "field"
 
 
 @contextlib.contextmanager

@@ -1,0 +1,77 @@
+"""Results handed over with their stage's memory: ``Request.get()`` without a copy.
+
+Internal module. Copying a large result out of its stage costs the caller about as much as a
+worker's read of it (the bytes were just written on another core). So ``get()`` lends the stage's
+memory to the result instead, and the stage takes other memory for its next request. The memory
+comes back (``on_return``) when the last array viewing it goes, to be read into again.
+
+A forked child shares the memory of results lent before the fork. So that neither process sees
+the other's later writes, as with memory of its own: the parent never reads into such memory
+again (it is closed when its result goes), and the child maps it copy-on-write.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+
+from .stages import StageMemory
+
+# Smaller results are copied: the copy costs less than lending (a finalizer, a memory swap).
+LEND_MIN = 64 << 10
+
+
+class _Loan:
+    __slots__ = ("memory", "on_return", "forked")
+
+    def __init__(self, memory: StageMemory, on_return: Callable[[StageMemory], None]):
+        self.memory = memory
+        self.on_return = on_return
+        self.forked = False  # shared with a child process: not to be read into again
+
+
+_loans: dict[int, _Loan] = {}
+_numbers = itertools.count()
+
+
+def lend(view: np.ndarray, memory: StageMemory,
+         on_return: Callable[[StageMemory], None]) -> np.ndarray:
+    """``view`` (C-contiguous, in ``memory``) as an array whose last view gives ``memory`` to
+    ``on_return``; nothing reads into ``memory`` until then."""
+    # Through a memoryview, so that every view of the result keeps ``owner`` alive (numpy points
+    # a view at the nearest array whose base is no array).
+    owner = np.frombuffer(view.reshape(-1).view(np.uint8).data, np.uint8)
+    number = next(_numbers)
+    _loans[number] = _Loan(memory, on_return)
+    weakref.finalize(owner, _returned, number)
+    return owner.view(view.dtype).reshape(view.shape)
+
+
+def _returned(number: int) -> None:
+    loan = _loans.pop(number)
+    if loan.forked:
+        loan.memory.discard()  # a child may still view it
+    else:
+        loan.on_return(loan.memory)
+
+
+def on_loan() -> int:
+    """How many results hold lent memory in this process."""
+    return len(_loans)
+
+
+def _before_fork() -> None:
+    for loan in list(_loans.values()):
+        loan.forked = True
+
+
+def _after_fork_in_child() -> None:
+    for loan in list(_loans.values()):
+        loan.memory.arena.make_private()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -1,0 +1,139 @@
+"""Large results of ``Request.get()`` handed over with their stage's memory: never read into again
+while any view of them lives, reused after, private to each process across fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+import pytest
+from helpers import sample, write_h5py
+
+import multitables
+from multitables import lending
+from multitables import reader as reader_module
+
+pytestmark = pytest.mark.timeout(60)
+
+ROWS, BATCH = 1000, 64  # a batch of 4 KiB rows: 256 KiB, handed over rather than copied
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lending") / "wide.h5"
+    truth = write_h5py(path, "x", sample((ROWS, 1024), "<f4"), chunks=(16, 1024))
+    return str(path), truth
+
+
+@pytest.fixture
+def reader(wide):
+    with multitables.Reader(wide[0], n_procs=2) as r:
+        yield r
+
+
+def batches(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.choice(ROWS, BATCH, replace=False) for _ in range(n)]
+
+
+def test_a_result_keeps_its_values_while_its_stage_serves_other_requests(reader, wide):
+    ds = reader.get_dataset("x")
+    stage = ds.create_stage(BATCH)
+    first, *others = batches(6)
+    loans = lending.on_loan()
+    result = reader.request(ds[first], stage).get()
+    assert lending.on_loan() == loans + 1  # handed over, not copied
+    assert result.flags.writeable and result.shape == (BATCH, 1024)
+    for idx in others:
+        np.testing.assert_array_equal(reader.request(ds[idx], stage).get(), wide[1][idx])
+    np.testing.assert_array_equal(result, wide[1][first])
+    view = result[3:5]
+    del result
+    for idx in others:
+        reader.request(ds[idx], stage).get()
+    np.testing.assert_array_equal(view, wide[1][first][3:5])  # a view holds the memory too
+
+
+def test_memory_comes_back_when_the_result_goes(reader, wide):
+    ds = reader.get_dataset("x")
+    pool = ds.create_stage_pool(BATCH, 2)
+    memories = set()
+    for idx in batches(40):
+        request = reader.request(ds[idx], pool)
+        memories.add(request._stage.memory.id)
+        result = request.get()
+        np.testing.assert_array_equal(result, wide[1][idx])
+        del result
+    # Two stages, and each result went before the next request: the memory of each came back.
+    assert len(memories) <= 4
+
+
+def test_results_kept_are_never_read_into(reader, wide):
+    ds = reader.get_dataset("x")
+    pool = ds.create_stage_pool(BATCH, 2)
+    keys = batches(30, seed=1)
+    kept = [reader.request(ds[idx], pool).get() for idx in keys]
+    for idx, result in zip(keys, kept, strict=True):
+        np.testing.assert_array_equal(result, wide[1][idx])
+    del kept
+    assert sum(len(m) for m in reader._spares.values()) == 0  # taken in hand at the next request
+    reader.request(ds[keys[0]], pool).get()
+    assert sum(len(m) for m in reader._spares.values()) <= reader_module.MAX_SPARES
+
+
+def test_small_results_are_copied(reader, wide):
+    ds = reader.get_dataset("x")
+    stage = ds.create_stage(BATCH)
+    memory = stage.memory
+    loans = lending.on_loan()
+    result = reader.request(ds[[5, 2]], stage).get()  # 8 KiB
+    assert stage.memory is memory and lending.on_loan() == loans
+    np.testing.assert_array_equal(result, wide[1][[5, 2]])
+
+
+def test_results_outlive_their_reader(wide):
+    with multitables.Reader(wide[0], n_procs=1) as r:
+        ds = r.get_dataset("x")
+        result = r.request(ds[10:10 + BATCH], ds.create_stage(BATCH)).get()
+    np.testing.assert_array_equal(result, wide[1][10:10 + BATCH])
+    result += 1  # still its own memory; freed when it goes (the leak check follows the test)
+    del result
+
+
+def _in_child(mode, result, go, answers):
+    if mode == "write":
+        result[...] = -1
+        answers.put((mode, True))
+    else:
+        answers.put((mode, go.wait(30) and result.copy()))
+
+
+def test_a_forked_child_and_its_parent_keep_their_own_results(reader, wide):
+    ds = reader.get_dataset("x")
+    stage = ds.create_stage(BATCH)
+    first, *others = batches(11, seed=2)
+    result = reader.request(ds[first], stage).get()
+    ctx = multiprocessing.get_context("fork")
+    go, answers = ctx.Event(), ctx.Queue()
+    children = [ctx.Process(target=_in_child, args=(mode, result, go, answers))
+                for mode in ("write", "keep")]
+    for child in children:
+        child.start()
+    try:
+        assert answers.get(timeout=30) == ("write", True)
+        np.testing.assert_array_equal(result, wide[1][first])  # the child's writes are its own
+        del result
+        for idx in others:  # the memory went to a child: the parent must not read into it again
+            np.testing.assert_array_equal(reader.request(ds[idx], stage).get(), wide[1][idx])
+        go.set()
+        mode, kept = answers.get(timeout=30)
+        assert mode == "keep"
+        np.testing.assert_array_equal(kept, wide[1][first])
+    finally:
+        for child in children:
+            child.join(10)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+        answers.close()
+        answers.join_thread()
