@@ -119,7 +119,7 @@ def pickle_refused(path: str) -> ValueError:
     )
 
 
-def _element_dtype(spec: ReadSpec, dataset: h5py.Dataset) -> np.dtype:
+def element_dtype(spec: ReadSpec, dataset: h5py.Dataset) -> np.dtype:
     """What ``spec.dtype`` is in the caller, from the dataset (see ``ReadSpec``)."""
     if spec.kind == VLEN:
         base = h5py.check_vlen_dtype(dataset.dtype)
@@ -135,7 +135,7 @@ def _element_dtype(spec: ReadSpec, dataset: h5py.Dataset) -> np.dtype:
 def execute(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> None:
     """Read ``spec`` from ``dataset`` into the stage; metadata goes to ``memory.meta``."""
     if spec.dtype is None:
-        spec.dtype = _element_dtype(spec, dataset)
+        spec.dtype = element_dtype(spec, dataset)
     if spec.kind == ARRAY:
         _read_array(spec, dataset, memory)
     elif spec.kind == VLEN:
