@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .lending import LEND_MIN
+from .lending import lendable
 from .readspec import ReadSpec, copy_result, result_view
 from .stages import FAILED, PENDING, Stage
 from .workers import WAIT_SLICE
@@ -87,9 +87,10 @@ class Request:
         the stage's memory itself, the stage taking other memory; see lending.py)."""
         try:
             value = self._wait()
-            if (isinstance(value, np.ndarray) and value.nbytes >= LEND_MIN
-                    and value.dtype != object and self._stage is not None):
-                return self._reader._hand_over(self._stage, value)
+            stage = self._stage
+            if stage is not None and isinstance(value, np.ndarray) and lendable(
+                    value.nbytes, stage.nbytes) and value.dtype != object:
+                return self._reader._hand_over(stage, value)
             return copy_result(value)
         finally:
             self._release()

@@ -25,6 +25,12 @@ from .stages import StageMemory
 LEND_MIN = 64 << 10
 
 
+def lendable(nbytes: int, capacity: int) -> bool:
+    """Whether a result of ``nbytes`` in a stage of ``capacity`` bytes is lent, not copied: it is
+    large, and fills at least half its stage (a result kept holds all of its stage's memory)."""
+    return nbytes >= LEND_MIN and 2 * nbytes >= capacity
+
+
 class _Loan:
     __slots__ = ("memory", "on_return", "forked")
 

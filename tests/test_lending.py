@@ -137,3 +137,17 @@ def test_a_forked_child_and_its_parent_keep_their_own_results(reader, wide):
                 child.join()
         answers.close()
         answers.join_thread()
+
+
+def test_a_result_filling_little_of_its_stage_is_copied(reader, wide):
+    ds = reader.get_dataset("x")
+    stage = ds.create_stage(ROWS)  # 4 MB: a kept 256 KiB result must not hold all of it
+    memory = stage.memory
+    loans = lending.on_loan()
+    idx = batches(1, seed=3)[0]
+    result = reader.request(ds[idx], stage).get()
+    assert stage.memory is memory and lending.on_loan() == loans
+    np.testing.assert_array_equal(result, wide[1][idx])
+    whole = reader.request(ds[:], stage).get()
+    assert stage.memory is not memory and lending.on_loan() == loans + 1
+    np.testing.assert_array_equal(whole, wide[1])
