@@ -10,9 +10,12 @@ opening and worker start-up are left out), each run from a freshly read page cac
   - a PyTorch DataLoader, 2 workers, the batches as its batch sampler (rows come back sorted);
   - the multitables Reader with each --n-procs: a stage pool and a RequestPool keeping
     --in-flight requests queued, keys left unsorted (the Reader restores the caller's order;
-    h5py cannot), over all --batches batches.
-Then the median round trip of a one-row request (request, then get) in microseconds, beside h5py's
-``ds[i:i + 1]``.
+    h5py cannot), over all --batches batches, after --warm-batches other batches (a training
+    loop's steady state: each worker maps the file for itself, and a first touch of a page
+    costs it a page fault).
+Then the CPU a batch costs the caller and a worker, and the bounds those allow; what a process
+wake-up costs here; the median round trip of a one-row request (request, then get) in
+microseconds, beside h5py's ``ds[i:i + 1]``.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ def h5py_batches(filename: str, path: str, batches: list[np.ndarray],
 
 
 def mt_batches(filename: str, path: str, batches: list[np.ndarray], n_procs: int,
-               in_flight: int, cpu: list | None = None) -> tuple[int, float]:
-    """The Reader's run; appends (consumer, workers) CPU seconds per batch to ``cpu``."""
-    m.warm_page_cache(filename)
+               in_flight: int, warm: list[np.ndarray]) -> tuple[int, float]:
+    """The Reader's run, timed after the ``warm`` batches: a training loop's steady state, where
+    every worker has mapped the pages of the file it reads (a first touch of a page costs a
+    worker a page fault, and each worker maps the file for itself)."""
     reader = multitables.Reader(filename, n_procs=n_procs)
     try:
         ds = reader.get_dataset(path)
@@ -70,65 +74,82 @@ def mt_batches(filename: str, path: str, batches: list[np.ndarray], n_procs: int
             expected = f[path][order][np.searchsorted(order, batches[0])]
         if not np.array_equal(first, expected):
             raise AssertionError(f"{filename}: Reader rows differ from h5py's")
-        pids = [proc.pid for proc in reader._pool.procs]  # type: ignore[union-attr]
-        c0, w0 = time.thread_time(), sum(map(cpu_seconds, pids))
+        pipeline(reader, ds, pool, reqs, warm, in_flight)
+        m.warm_page_cache(filename)
         t0 = time.perf_counter()
-        total = pending = 0
-        for idx in batches[1:]:
-            if pending == in_flight:
-                total += reqs.next().get().nbytes
-                pending -= 1
-            reqs.add(reader.request(ds[idx], pool))
-            pending += 1
-        for _ in range(pending):
-            total += reqs.next().get().nbytes
+        total = pipeline(reader, ds, pool, reqs, batches[1:], in_flight)
         elapsed = time.perf_counter() - t0
-        if cpu is not None:
-            n = len(batches) - 1
-            cpu.append(((time.thread_time() - c0) / n, (sum(map(cpu_seconds, pids)) - w0) / n))
         return total, elapsed
     finally:
         reader.close(wait=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of process ``pid`` so far (nanoseconds in /proc/PID/schedstat)."""
-    with open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[0]) / 1e9
+def pipeline(reader, ds, pool, reqs, batches: list[np.ndarray], in_flight: int) -> int:
+    """Request ``batches`` keeping ``in_flight`` queued, taking each result; the bytes taken."""
+    total = pending = 0
+    for idx in batches:
+        if pending == in_flight:
+            total += reqs.next().get().nbytes
+            pending -= 1
+        reqs.add(reader.request(ds[idx], pool))
+        pending += 1
+    for _ in range(pending):
+        total += reqs.next().get().nbytes
+    return total
+
+
+def wake_up_us(rounds: int = 500) -> float:
+    """What waking a sleeping process costs here, in microseconds: the median time from a store
+    to a futex that another process sleeps on to that process's answer (what the caller waits
+    when it hands a request to a sleeping worker)."""
+    import multiprocessing
+
+    from multitables._ringbuf import Word
+    from multitables.shm import SharedArena
+
+    arena = SharedArena(64)
+    word = Word(arena.buffer, 0)
+
+    def echo() -> None:
+        for i in range(rounds):
+            word.wait_while(2 * i, 5.0)
+            word.store(2 * i + 2)
+
+    child = multiprocessing.get_context("fork").Process(target=echo)
+    child.start()
+    times = []
+    try:
+        for i in range(rounds):
+            time.sleep(1e-3)  # long past the echoing process's spin: it sleeps
+            t0 = time.perf_counter()
+            word.store(2 * i + 1)
+            if not word.wait_while(2 * i + 1, 5.0, 1.0):  # this side watches: no wake-up here
+                raise RuntimeError("the echoing process did not answer")
+            times.append(time.perf_counter() - t0)
+    finally:
+        child.join(10)
+        if child.exitcode is None:
+            child.kill()
+        arena.close()  # unmapped with the word, its last view
+    return statistics.median(times) * 1e6
 
 
 def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: int,
               cores: int) -> dict[str, float]:
     """The most batches a second this machine's cores allow, from the CPU a batch costs.
 
-    C, the caller's work per batch: its thread's CPU in a Reader run with n_procs=1 less all the
-    time it spent waiting for results (spinning or asleep: counting sleep as spin makes C
-    smaller than it is). W, a worker's work per batch: ``execute`` of the same requests in this
-    process, without messages. Any number of workers then serve at most min(1/C, n/W,
-    cores/(C + W)) batches a second; both C and W err small, so the bound errs high.
+    C, the caller's work per batch: its thread's CPU in a run of the same loop whose requests
+    are done as they are handed over (each stage marked done where a worker would be told of
+    it), so it never waits. W, a worker's work per batch: ``execute`` of the same requests in
+    this process, without messages, once the file's pages are mapped. Any number of workers
+    then serve at most min(1/C, n/W, cores/(C + W)) batches a second; both C and W err small
+    (warm caches, no hand-over), so the bound errs high.
     """
-    from multitables.futures import Request
     from multitables.readspec import execute
     from multitables.stages import StageMemory
 
-    waited = [0.0]
-    wait = Request._wait
-
-    def timed_wait(self):
-        t0 = time.perf_counter()
-        try:
-            return wait(self)
-        finally:
-            waited[0] += time.perf_counter() - t0
-
-    Request._wait = timed_wait  # type: ignore[method-assign]
-    try:
-        cpu: list = []
-        nbytes, _ = mt_batches(filename, path, batches, 1, in_flight, cpu)
-    finally:
-        Request._wait = wait  # type: ignore[method-assign]
+    c = caller_seconds(filename, path, batches[1:], in_flight)
     n = len(batches) - 1
-    c = max(cpu[0][0] - waited[0] / n, 1e-9)
     reader = multitables.Reader(filename, n_procs=1)  # its proxies describe; no worker starts
     try:
         ds = reader.get_dataset(path)
@@ -137,6 +158,8 @@ def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: in
         m.warm_page_cache(filename)
         with h5py.File(filename, "r", rdcc_nbytes=32 << 20) as f:
             dataset = f[path]
+            for spec in specs:  # once to map the pages, as the Reader runs are warmed
+                execute(spec, dataset, memory)
             t0 = time.thread_time()
             for spec in specs:
                 execute(spec, dataset, memory)
@@ -144,10 +167,41 @@ def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: in
         memory.close()
     finally:
         reader.close()
-    per_batch = nbytes / n
+    per_batch = specs[0].nbytes
     return {"caller_us": c * 1e6, "worker_us": w * 1e6,
             "bound_1_MBps": min(1 / c, 1 / w, cores / (c + w)) * per_batch / 1e6,
             "bound_2_MBps": min(1 / c, 2 / w, cores / (c + w)) * per_batch / 1e6}
+
+
+def caller_seconds(filename: str, path: str, batches: list[np.ndarray], in_flight: int) -> float:
+    """The caller's CPU seconds per batch of ``pipeline`` when workers are done at once."""
+    from multitables import reader as reader_module
+    from multitables.stages import DONE
+
+    reader = multitables.Reader(filename, n_procs=1)
+    push = reader_module.Reader._push
+    try:
+        ds = reader.get_dataset(path)
+        pool = ds.create_stage_pool(BATCH, in_flight + 1)
+        reqs = multitables.RequestPool()
+        reader.request(ds[batches[0]], pool).get()  # the worker is up
+
+        def done_at_once(self, worker: int, item: int) -> None:
+            if item == reader_module.NOTICE:  # a message for the worker: it still gets those
+                return push(self, worker, item)
+            memory_id = reader_module._decode_item(item)[0]
+            for stage in pool.stages:
+                if stage.memory.id == memory_id:
+                    stage.memory.state.set(DONE)
+
+        reader_module.Reader._push = done_at_once  # type: ignore[method-assign]
+        pipeline(reader, ds, pool, reqs, batches, in_flight)  # stages get their spare memory
+        t0 = time.thread_time()
+        pipeline(reader, ds, pool, reqs, batches, in_flight)
+        return (time.thread_time() - t0) / len(batches)
+    finally:
+        reader_module.Reader._push = push  # type: ignore[method-assign]
+        reader.close(wait=True)
 
 
 def round_trips(filename: str, path: str, rows: np.ndarray, n_procs: int,
@@ -188,6 +242,7 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
             np.prod(f[path].shape[1:]))
     rng = np.random.default_rng(args.seed)
     batches = [rng.choice(n, BATCH, replace=False) for _ in range(args.batches + 1)]
+    warm = [rng.choice(n, BATCH, replace=False) for _ in range(args.warm_batches)]
     few = batches[:args.h5py_batches + 1]
     readers: dict[str, Callable] = {
         "h5py default cache": lambda: h5py_batches(filename, path, few),
@@ -203,10 +258,11 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
     mts = {p: f"mt Reader n_procs={p}" for p in args.n_procs} if has_reader else {}
     for procs, label in mts.items():
         readers[label] = functools.partial(mt_batches, filename, path, batches, procs,
-                                           args.in_flight)
+                                           args.in_flight, warm)
     report = m.run_rounds(readers, args.rounds, baseline="h5py default cache")
     cores = len(os.sched_getaffinity(0))
     bound = cpu_bound(filename, path, batches, args.in_flight, cores) if has_reader else {}
+    wake_us = wake_up_us()
     trips = round_trips(filename, path, rng.integers(0, n, args.trips + 50), max(args.n_procs),
                         has_reader)
     print(f"\n== {name}: {datafiles.SPECS[name].what}\n   {n} rows of {row_bytes} bytes, chunks "
@@ -231,10 +287,12 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
         ceiling = bound["bound_2_MBps"] / bound["bound_1_MBps"]
         print(f"     (bounds: n_procs=2 at most {ceiling:.2f}x n_procs=1 at its bound, "
               f"{bound['bound_2_MBps'] / report.median(mts[1]):.2f}x {mts[1]} as measured)")
+    print(f"a process waking another costs {wake_us:.1f} us here (futex ping-pong, median); a "
+          f"second worker pays off when a batch costs a worker well over that")
     print(m.check("one-row round trip, median", trips["mt Reader median_us"], 50,
                   at_least=False, unit=" us"))
     return {"rows": n, "chunks": chunks, "row_bytes": row_bytes, "round_trip_us": trips,
-            "cpu_bound": bound, "report": report.to_dict()}
+            "cpu_bound": bound, "wake_up_us": wake_us, "report": report.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed batches per Reader run (default 2000)")
     p.add_argument("--h5py-batches", type=int, default=250,
                    help="timed batches per h5py and torch run (default 250)")
+    p.add_argument("--warm-batches", type=int, default=2000,
+                   help="batches each Reader run serves before it is timed (default 2000)")
     p.add_argument("--in-flight", type=int, default=4, help="Reader requests queued (default 4)")
     p.add_argument("--n-procs", type=int, nargs="+", default=[1, 2],
                    help="Reader workers, one run each (default 1 2)")
