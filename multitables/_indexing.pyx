@@ -127,6 +127,42 @@ cdef class Selection:
                 f"local_key={'None' if self.local_key is None else '...'})")
 
 
+    def plain(self):
+        """The plan as a tuple of ints, tuples and bytes (for ``marshal``), or None when it has
+        points or index arrays other than 1-D int64 sets and one 1-D order: see ``from_plain``.
+        Spelled out here because a request's plan crosses to a worker with every request."""
+        cdef list dims = []
+        if self.points is not None:
+            return None
+        for e in self.dims:
+            if type(e) is tuple:
+                dims.append(e)
+            elif _is_1d(e, np.int64):
+                dims.append((<object>e).tobytes())
+            else:
+                return None
+        order = None
+        lkey = self.local_key
+        if lkey is not None:
+            if len(<tuple>lkey) != 1 or not _is_1d((<tuple>lkey)[0], np.intp):
+                return None
+            order = (<tuple>lkey)[0].tobytes()
+        return (self.shape, tuple(dims), self.read_shape, self.result_shape, order)
+
+
+cdef bint _is_1d(object a, object dtype):
+    return type(a) is np.ndarray and (<object>a).ndim == 1 and (<object>a).dtype == dtype
+
+
+def from_plain(tuple plain):
+    """The ``Selection`` that ``Selection.plain`` spelled out (index arrays read-only)."""
+    shape, dims, read_shape, result_shape, order = plain
+    return Selection(shape, tuple([e if type(e) is tuple else np.frombuffer(e, np.int64)
+                                   for e in dims]),
+                     read_shape, result_shape,
+                     None if order is None else (np.frombuffer(order, np.intp),))
+
+
 _PACKED = "multitables._indexing.array"
 
 

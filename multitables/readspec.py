@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._indexing import Selection, translate
+from ._indexing import Selection, from_plain, translate
 from .hyperslab import read_selection
 from .stages import StageMemory, check_fits
 
@@ -78,36 +78,20 @@ _PLAIN = b"M"
 def to_wire(spec: ReadSpec) -> bytes:
     """``spec`` as bytes for ``from_wire`` (in a worker of the same build)."""
     sel = spec.selection
-    if spec.kind == ARRAY and sel is not None and sel.points is None:
-        dims = tuple([e if type(e) is tuple else _wire_array(e, np.int64) for e in sel.dims])
-        lkey = sel.local_key
-        order = None if lkey is None or len(lkey) != 1 else _wire_array(lkey[0], np.intp)
-        if None not in dims and (order is not None or lkey is None):
-            try:
-                return _PLAIN + marshal.dumps((spec.path, spec.field, spec.shape, spec.at,
-                                               sel.shape, dims, sel.read_shape, sel.result_shape,
-                                               order))
-            except ValueError:  # a value marshal does not take (a numpy integer): pickle it
-                pass
+    plain = sel.plain() if spec.kind == ARRAY and sel is not None else None
+    if plain is not None:
+        try:
+            return _PLAIN + marshal.dumps((spec.path, spec.field, spec.shape, spec.at, plain))
+        except ValueError:  # a value marshal does not take (a numpy integer): pickle it
+            pass
     return pickle.dumps(spec, pickle.HIGHEST_PROTOCOL)
-
-
-def _wire_array(a: Any, dtype: type) -> bytes | None:
-    """A 1-D array of ``dtype`` as its bytes; None for anything else."""
-    if type(a) is np.ndarray and a.ndim == 1 and a.dtype == dtype:
-        return a.tobytes()
-    return None
 
 
 def from_wire(data: bytes) -> ReadSpec:
     if data[:1] != _PLAIN:
         return pickle.loads(data)
-    path, field, shape, at, dshape, dims, read_shape, result_shape, lkey = marshal.loads(data[1:])
-    dims = tuple([e if type(e) is tuple else np.frombuffer(e, np.int64) for e in dims])
-    if lkey is not None:
-        lkey = (np.frombuffer(lkey, np.intp),)  # read-only, as unpickled plans are
-    return ReadSpec(ARRAY, path, field, Selection(dshape, dims, read_shape, result_shape, lkey),
-                    shape, None, at=at)
+    path, field, shape, at, plain = marshal.loads(data[1:])
+    return ReadSpec(ARRAY, path, field, from_plain(plain), shape, None, at=at)
 
 
 def pickle_refused(path: str) -> ValueError:
