@@ -6,6 +6,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("multitables._ringbuf", ["multitables/_ringbuf.pyx"]),
+    Extension("multitables._lent", ["multitables/_lent.pyx"]),
     Extension(
         "multitables._indexing",
         ["multitables/_indexing.pyx"],

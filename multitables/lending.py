@@ -12,13 +12,14 @@ again (it is closed when its result goes), and the child maps it copy-on-write.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-import weakref
 from collections.abc import Callable
 
 import numpy as np
 
+from ._lent import Lent
 from .stages import StageMemory
 
 # Smaller results are copied: the copy costs less than lending (a finalizer, a memory swap).
@@ -48,13 +49,10 @@ def lend(view: np.ndarray, memory: StageMemory,
          on_return: Callable[[StageMemory], None]) -> np.ndarray:
     """``view`` (C-contiguous, in ``memory``) as an array whose last view gives ``memory`` to
     ``on_return``; nothing reads into ``memory`` until then."""
-    # Through a memoryview, so that every view of the result keeps ``owner`` alive (numpy points
-    # a view at the nearest array whose base is no array).
-    owner = np.frombuffer(view.reshape(-1).view(np.uint8).data, np.uint8)
     number = next(_numbers)
     _loans[number] = _Loan(memory, on_return)
-    weakref.finalize(owner, _returned, number)
-    return owner.view(view.dtype).reshape(view.shape)
+    owner = Lent(view.reshape(-1).view(np.uint8), functools.partial(_returned, number))
+    return np.frombuffer(owner, view.dtype).reshape(view.shape)
 
 
 def _returned(number: int) -> None:
