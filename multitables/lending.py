@@ -52,7 +52,8 @@ def lend(view: np.ndarray, memory: StageMemory,
     number = next(_numbers)
     _loans[number] = _Loan(memory, on_return)
     owner = Lent(view.reshape(-1).view(np.uint8), functools.partial(_returned, number))
-    return np.frombuffer(owner, view.dtype).reshape(view.shape)
+    # numpy's stubs name concrete buffer types only; a Lent exports one
+    return np.frombuffer(owner, view.dtype).reshape(view.shape)  # type: ignore[call-overload]
 
 
 def _returned(number: int) -> None:
