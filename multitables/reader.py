@@ -374,7 +374,11 @@ class Reader:
     def _spare_memory(self, capacity: int) -> StageMemory:
         """Memory for a stage of ``capacity`` bytes: spare when there is some, else new."""
         while self._returned:
-            self._keep_spare(self._returned.popleft())
+            memory = self._returned.popleft()
+            if memory.capacity == capacity:  # a training loop's: the last batch's memory
+                memory.state.set(IDLE)
+                return memory
+            self._keep_spare(memory)
         spares = self._spares.get(capacity)
         if spares:
             self._spare_bytes -= capacity
