@@ -306,7 +306,9 @@ def copy_result(value: Any) -> Any:
     """A copy of a result that owns its memory (rows of object arrays copied too)."""
     if isinstance(value, np.ndarray):
         if value.ndim == 0:
-            return value[()]  # numpy gives scalars for keys that pick one element
+            # numpy gives scalars for keys that pick one element; a record's (np.void) views
+            # its array, so it is taken from a copy
+            return value.copy()[()]
         if value.dtype == object:
             out = np.empty(value.shape, object)
             for i, row in np.ndenumerate(value):

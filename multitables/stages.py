@@ -153,9 +153,11 @@ class Stage:
     def free(self) -> None:
         """Ready for the next request: its result was taken. See NOTE [ Worker shutdown logic ],
         step (3)."""
-        self.owner = None
         if not self.closed:
+            # Before the stage is offered: a request that claims it next sets PENDING, which an
+            # IDLE stored after that would overwrite (its get() would not wait for the worker).
             self.memory.state.set(IDLE)
+        self.owner = None
         if self.pool is not None:
             self.pool.notify()  # a request may be waiting for a stage of the pool
 

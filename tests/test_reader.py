@@ -542,3 +542,38 @@ def test_a_failed_part_fails_the_request_once_every_part_is_done(files, small_sp
         assert "part 2 of 2" in str(info.value)
         assert sum(done.load() for done in reader._done) == 2  # both parts were done
         np.testing.assert_array_equal(reader.request(ds[5:6], stage).get(), truth[5:6])
+
+
+def test_a_record_taken_by_get_is_its_own(treader, files):
+    rows = files[2]["table"]
+    table = treader.get_dataset("/table")
+    stage = table.create_stage(1)
+    record = treader.request(table[3], stage).get()
+    assert isinstance(record, np.void)
+    treader.request(table[5], stage).get()  # the next result lands where the first lay
+    assert record == rows[3]
+
+
+def test_a_freed_stage_is_idle_before_another_request_can_claim_it(reader):
+    # Freed the other way round, a request claiming the stage in between (another thread) would
+    # have its PENDING overwritten by IDLE, and its get() return before the worker wrote.
+    stage = reader.get_dataset("f4").create_stage(2)
+    stage.claim(object())
+    stage.memory.state.set(multitables.stages.DONE)
+    seen = []
+    state = stage.memory.state
+
+    class Watch:
+        def set(self, value):
+            seen.append((value, stage.owner is None))
+            state.set(value)
+
+        def __getattr__(self, name):
+            return getattr(state, name)
+
+    stage.memory.state = Watch()
+    try:
+        stage.free()
+    finally:
+        stage.memory.state = state
+    assert seen == [(multitables.stages.IDLE, False)]
