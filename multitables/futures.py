@@ -88,8 +88,8 @@ class Request:
         try:
             value = self._wait()
             stage = self._stage
-            if stage is not None and isinstance(value, np.ndarray) and lendable(
-                    value.nbytes, stage.nbytes) and value.dtype != object:
+            if (stage is not None and isinstance(value, np.ndarray) and value.ndim
+                    and lendable(value.nbytes, stage.nbytes) and value.dtype != object):
                 return self._reader._hand_over(stage, value)
             return copy_result(value)
         finally:

@@ -5,9 +5,13 @@ worker's read of it (the bytes were just written on another core). So ``get()`` 
 memory to the result instead, and the stage takes other memory for its next request. The memory
 comes back (``on_return``) when the last array viewing it goes, to be read into again.
 
-A forked child shares the memory of results lent before the fork. So that neither process sees
-the other's later writes, as with memory of its own: the parent never reads into such memory
-again (it is closed when its result goes), and the child maps it copy-on-write.
+A forked child would share the memory of results lent before the fork. So that each process's
+writes stay its own, as with memory of its own, the parent maps that memory copy-on-write just
+before the fork (fork then copies it on write, as any private memory) and never reads into it
+again: it is freed when its result goes.
+
+At most MAX_LOANS results hold lent memory at once (each holds two descriptors: a result kept
+by the thousand must not run the process out of them); later ones are copies until some go.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from .stages import StageMemory
 
 # Smaller results are copied: the copy costs less than lending (a finalizer, a memory swap).
 LEND_MIN = 64 << 10
+MAX_LOANS = 64
 
 
 def lendable(nbytes: int, capacity: int) -> bool:
     """Whether a result of ``nbytes`` in a stage of ``capacity`` bytes is lent, not copied: it is
-    large, and fills at least half its stage (a result kept holds all of its stage's memory)."""
-    return nbytes >= LEND_MIN and 2 * nbytes >= capacity
+    large, fills at least half its stage (a result kept holds all of its stage's memory), and
+    fewer than MAX_LOANS results hold lent memory."""
+    return nbytes >= LEND_MIN and 2 * nbytes >= capacity and len(_loans) < MAX_LOANS
 
 
 class _Loan:
@@ -71,12 +77,9 @@ def on_loan() -> int:
 
 def _before_fork() -> None:
     for loan in list(_loans.values()):
-        loan.forked = True
+        if not loan.forked:
+            loan.forked = True
+            loan.memory.arena.make_private()
 
 
-def _after_fork_in_child() -> None:
-    for loan in list(_loans.values()):
-        loan.memory.arena.make_private()
-
-
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork)

@@ -368,6 +368,8 @@ class Reader:
         with it, and the stage takes spare memory (or new) for its next request."""
         with self._lock:
             memory = stage.memory
+            if self._closed or stage.closed or memory.arena.closed:
+                return view.copy()  # closed meanwhile: the memory is not this Reader's to lend
             stage.memory = self._spare_memory(stage.nbytes)
         return lend(view, memory, functools.partial(_take_back, weakref.ref(self)))
 
@@ -375,7 +377,7 @@ class Reader:
         """Memory for a stage of ``capacity`` bytes: spare when there is some, else new."""
         while self._returned:
             memory = self._returned.popleft()
-            if memory.capacity == capacity:  # a training loop's: the last batch's memory
+            if memory.capacity == capacity and not memory.arena.closed:  # a training loop's
                 memory.state.set(IDLE)
                 return memory
             self._keep_spare(memory)
@@ -393,7 +395,7 @@ class Reader:
         otherwise."""
         capacity = memory.capacity
         spares = self._spares.setdefault(capacity, [])
-        if self._closed or len(spares) >= MAX_SPARES or (
+        if self._closed or memory.arena.closed or len(spares) >= MAX_SPARES or (
                 spares and self._spare_bytes + capacity > MAX_SPARE_BYTES):
             memory.discard()
             return
@@ -693,8 +695,8 @@ def _forget_memory(reader_ref, memory_id: int, sent_to: set[int], arena: SharedA
 def _take_back(reader_ref, memory: StageMemory) -> None:
     """A result handed over with ``memory`` went (in any thread): the Reader may reuse it."""
     reader = reader_ref()
-    if reader is None or reader._closed:
-        memory.discard()
+    if reader is None or reader._closed or len(reader._returned) >= MAX_SPARES:
+        memory.discard()  # an idle Reader keeps no more than it would keep spare
     else:
         reader._returned.append(memory)  # taken in hand under the Reader's lock
 

@@ -59,18 +59,23 @@ class SharedArena:
         count = math.prod(shape)
         return np.frombuffer(self.buffer, dtype, count, offset).reshape(shape)
 
-    def make_private(self) -> None:
-        """From now on, this process's writes to the mapping stay its own, as writes to its own
-        memory would (copy on write: pages it has not written still show the shared ones). For a
-        forked child holding a view of memory its parent keeps using. Without effect when closed
-        or when the kernel refuses."""
+    def make_private(self) -> bool:
+        """Map the same pages copy-on-write in place, views and all: from now on this process's
+        writes stay its own, and a forked child's copy is its own as for any private memory.
+        Pages not yet written show the shared ones, so nothing may write them through another
+        mapping afterwards. False when closed, or when the kernel refused."""
         if self._fd is None or self.buffer.closed:
-            return
+            return False
         anchor = ctypes.c_char.from_buffer(self.buffer)
         address = ctypes.addressof(anchor)
         del anchor  # an exported buffer would keep the mmap from closing
-        _libc.mmap(address, self.nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
-                   mmap.MAP_PRIVATE | _MAP_FIXED, self._fd, 0)
+        got = _libc.mmap(address, self.nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | _MAP_FIXED, self._fd, 0)
+        return got == address
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
 
     @property
     def fd(self) -> int:

@@ -104,8 +104,18 @@ def _in_child(mode, result, go, answers):
     if mode == "write":
         result[...] = -1
         answers.put((mode, True))
-    else:
+    elif mode == "keep":
         answers.put((mode, go.wait(30) and result.copy()))
+    else:  # "nested": a grandchild sees what its parent wrote before it forked
+        result[1, 0] = -777
+        grandchild = multiprocessing.get_context("fork").Process(
+            target=_in_grandchild, args=(result, answers))
+        grandchild.start()
+        grandchild.join(30)
+
+
+def _in_grandchild(result, answers):
+    answers.put(("nested", float(result[1, 0])))
 
 
 def test_a_forked_child_and_its_parent_keep_their_own_results(reader, wide):
@@ -116,12 +126,15 @@ def test_a_forked_child_and_its_parent_keep_their_own_results(reader, wide):
     ctx = multiprocessing.get_context("fork")
     go, answers = ctx.Event(), ctx.Queue()
     children = [ctx.Process(target=_in_child, args=(mode, result, go, answers))
-                for mode in ("write", "keep")]
+                for mode in ("write", "keep", "nested")]
     for child in children:
         child.start()
     try:
-        assert answers.get(timeout=30) == ("write", True)
-        np.testing.assert_array_equal(result, wide[1][first])  # the child's writes are its own
+        got = dict(answers.get(timeout=30) for _ in range(2))
+        assert got == {"write": True, "nested": -777.0}
+        np.testing.assert_array_equal(result, wide[1][first])  # the children's writes are theirs
+        result += 1  # and the parent's are its own
+        np.testing.assert_array_equal(result, wide[1][first] + 1)
         del result
         for idx in others:  # the memory went to a child: the parent must not read into it again
             np.testing.assert_array_equal(reader.request(ds[idx], stage).get(), wide[1][idx])
@@ -139,6 +152,38 @@ def test_a_forked_child_and_its_parent_keep_their_own_results(reader, wide):
         answers.join_thread()
 
 
+def test_results_beyond_the_loan_limit_are_copies(reader, wide, monkeypatch):
+    monkeypatch.setattr(lending, "MAX_LOANS", 3)
+    monkeypatch.setattr(reader_module, "MAX_SPARES", 1)
+    ds = reader.get_dataset("x")
+    pool = ds.create_stage_pool(BATCH, 2)
+    keys = batches(6, seed=4)
+    loans = lending.on_loan()
+    kept = [reader.request(ds[idx], pool).get() for idx in keys]
+    assert lending.on_loan() == 3
+    for idx, result in zip(keys, kept, strict=True):
+        np.testing.assert_array_equal(result, wide[1][idx])
+    del kept
+    assert lending.on_loan() == loans == 0
+    # An idle Reader keeps no more of it than it would keep spare.
+    assert len(reader._returned) == 1
+
+
+def test_a_stage_closed_while_its_request_is_pending_lends_nothing(reader, wide):
+    ds = reader.get_dataset("x")
+    stage = ds.create_stage(BATCH)
+    first, *others = batches(5, seed=5)
+    request = reader.request(ds[first], stage)
+    stage.close()
+    loans = lending.on_loan()
+    result = request.get()
+    assert lending.on_loan() == loans  # a copy: the closed stage's memory is gone from workers
+    np.testing.assert_array_equal(result, wide[1][first])
+    pool = ds.create_stage_pool(BATCH, 2)
+    for idx in others:
+        np.testing.assert_array_equal(reader.request(ds[idx], pool).get(), wide[1][idx])
+
+
 def test_a_result_filling_little_of_its_stage_is_copied(reader, wide):
     ds = reader.get_dataset("x")
     stage = ds.create_stage(ROWS)  # 4 MB: a kept 256 KiB result must not hold all of it
@@ -151,3 +196,18 @@ def test_a_result_filling_little_of_its_stage_is_copied(reader, wide):
     whole = reader.request(ds[:], stage).get()
     assert stage.memory is not memory and lending.on_loan() == loans + 1
     np.testing.assert_array_equal(whole, wide[1])
+
+
+def test_a_large_record_comes_back_as_numpy_gives_it(tmp_path):
+    records = np.zeros(4, [("a", "<f8", (9000,)), ("b", "<i4")])  # 72 KB a record
+    records["a"] = sample((4, 9000), "<f8")
+    records["b"] = [7, 8, 9, 10]
+    path = tmp_path / "records.h5"
+    write_h5py(path, "r", records)
+    with multitables.Reader(path, n_procs=1) as r:
+        ds = r.get_dataset("r")
+        stage = ds.create_stage(1)
+        record = r.request(ds[2], stage).get()
+        assert type(record) is type(records[2])  # np.void, as numpy and a copy give
+        r.request(ds[3], stage).get()
+        assert record == records[2]
