@@ -26,7 +26,7 @@ import numpy as np
 from ._lent import Lent
 from .stages import StageMemory
 
-# Smaller results are copied: the copy costs less than lending (a finalizer, a memory swap).
+# Smaller results are copied: the copy costs less than lending (an owner, a memory swap).
 LEND_MIN = 64 << 10
 MAX_LOANS = 64
 

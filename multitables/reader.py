@@ -318,8 +318,8 @@ class Reader:
         # Reentrant: a failure found while dispatching closes the Reader in the same thread.
         self._lock = threading.RLock()
         self._dropped: list[tuple[int, tuple[int, ...]]] = []
-        # Memory of stages that came back from results (see lending.py), by size; results give
-        # it back from any thread (their finalizers) through ``_returned``.
+        # Memory of stages that came back from results (see lending.py), by size; a result gives
+        # it back through ``_returned`` in whatever thread drops its last view.
         old_spares = [m for spares in getattr(self, "_spares", {}).values() for m in spares]
         old_spares += getattr(self, "_returned", ())
         self._spares: dict[int, list[StageMemory]] = {}
