@@ -210,13 +210,18 @@ def forked_results(target, args_list, timeout: float = 60) -> list:
     try:
         return [results.get(timeout=timeout) for _ in children]
     finally:
-        for child in children:
-            child.join(10)
-            if child.exitcode is None:
-                child.kill()
-                child.join()
-        results.close()
-        results.join_thread()
+        end_children(children, results)
+
+
+def end_children(children, queue) -> None:
+    """Join forked ``children`` (killing any left after 10 s) and close their ``queue``."""
+    for child in children:
+        child.join(10)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+    queue.close()
+    queue.join_thread()
 
 
 def worker_pids() -> set[int]:

@@ -7,7 +7,7 @@ import multiprocessing
 
 import numpy as np
 import pytest
-from helpers import sample, write_h5py
+from helpers import end_children, sample, write_h5py
 
 import multitables
 from multitables import lending
@@ -143,13 +143,7 @@ def test_a_forked_child_and_its_parent_keep_their_own_results(reader, wide):
         assert mode == "keep"
         np.testing.assert_array_equal(kept, wide[1][first])
     finally:
-        for child in children:
-            child.join(10)
-            if child.exitcode is None:
-                child.kill()
-                child.join()
-        answers.close()
-        answers.join_thread()
+        end_children(children, answers)
 
 
 def test_results_beyond_the_loan_limit_are_copies(reader, wide, monkeypatch):
