@@ -641,3 +641,12 @@ def test_string_and_enum_datasets_read_after_same_layout_ones(tmp_path):
             out = np.empty(sel.result_shape, ds.dtype)
             hyperslab.read_selection(ds, sel, out)
             np.testing.assert_array_equal(out, ds[()])
+
+
+def test_index_arrays_either_side_of_the_small_sort():
+    # Up to _SMALL_SORT rows sort by insertion in C, longer ones by numpy's argsort.
+    arr = np.arange(300 * 2).reshape(300, 2)
+    rng = np.random.default_rng(5)
+    for n in (127, 128, 129, 500):
+        check_translate(arr, rng.integers(-300, 300, n))  # repeats and negative rows
+        check_translate(arr, (rng.permutation(300)[:min(n, 300)], 1))
