@@ -151,3 +151,13 @@ def test_columns_torch_cannot_hold(path):
         np.testing.assert_array_equal(batch["big"].numpy(), np.arange(32, dtype="f4"))
     with pytest.raises(TypeError, match="'names' holds \\|S2"):
         make(path, "names")
+
+
+def test_the_torch_loader_takes_the_loaders_arguments():
+    # It spells them out again (so help() shows them): the two must not drift apart.
+    import inspect
+
+    import multitables
+
+    assert inspect.signature(multitables.torch.Loader.__init__) == inspect.signature(
+        multitables.Loader.__init__)
