@@ -60,6 +60,23 @@ cdef extern from *:
         return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
     }
 
+    /* Watch ready(ctx) for `spin` seconds, yielding the CPU every 64 pauses (the peer may be
+       waiting for this very CPU). Returns 1 once ready() says 1; 0 when the time is up or
+       ready() says -1 (nothing will come: stop watching). */
+    typedef int (*mt_ready_fn)(void *ctx);
+    static int mt_spin(double spin, mt_ready_fn ready, void *ctx) {
+        double until = mt_now() + spin;
+        do {
+            for (int i = 0; i < 64; i++) {
+                int r = ready(ctx);
+                if (r) return r > 0;
+                mt_pause();
+            }
+            sched_yield();
+        } while (mt_now() < until);
+        return 0;
+    }
+
     /* The Python side lays queues out with this header size (_HEADER_BYTES). */
     _Static_assert(sizeof(mt_queue) == 192, "mt_queue header must be 192 bytes");
 
@@ -151,19 +168,18 @@ cdef extern from *:
        200-pause spin per pop cost a Blosc stream 4% and a 16-row hand-over 8%), unless the
        caller asks for `spin` seconds of it. An empty queue is slept on until `want` items are
        queued: pushers wake the sleeper only then. */
+    typedef struct { mt_queue *q; int64_t *out; } mt_pop_watch;
+    static int mt_popped(void *ctx) {
+        mt_pop_watch *w = (mt_pop_watch *)ctx;
+        if (mt_queue_size(w->q) > 0 && mt_queue_try_pop(w->q, w->out) == MT_OK) return 1;
+        return __atomic_load_n(&w->q->closed, __ATOMIC_ACQUIRE) ? -1 : 0;
+    }
+
     static int mt_queue_pop(mt_queue *q, int64_t *out, double timeout, uint32_t want,
                             double spin) {
         if (mt_queue_try_pop(q, out) == MT_OK) return MT_OK;
-        if (spin > 0) {
-            double until = mt_now() + spin;
-            do {
-                for (int i = 0; i < 64; i++) {
-                    if (mt_queue_size(q) > 0 && mt_queue_try_pop(q, out) == MT_OK) return MT_OK;
-                    mt_pause();
-                }
-                sched_yield();  /* the pusher may be waiting for this very CPU */
-            } while (mt_now() < until && !__atomic_load_n(&q->closed, __ATOMIC_ACQUIRE));
-        }
+        mt_pop_watch watch = {q, out};
+        if (spin > 0 && mt_spin(spin, mt_popped, &watch)) return MT_OK;
         double deadline = mt_now() + timeout;
         for (;;) {
             __atomic_store_n(&q->want, want, __ATOMIC_SEQ_CST);
@@ -203,21 +219,19 @@ cdef extern from *:
 
     /* Wait while *word == value; returns 1 once it differs, 0 on timeout. Spins `spin` seconds
        first: a peer expected within microseconds is cheaper to watch than to be woken by. */
+    typedef struct { uint32_t *word; uint32_t value; } mt_word_watch;
+    static int mt_word_changed(void *ctx) {
+        mt_word_watch *w = (mt_word_watch *)ctx;
+        return __atomic_load_n(w->word, __ATOMIC_ACQUIRE) != w->value;
+    }
+
     static int mt_word_wait_while(uint32_t *word, uint32_t value, double timeout, double spin) {
         for (int i = 0; i < MT_SPINS; i++) {
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value) return 1;
             mt_pause();
         }
-        if (spin > 0) {
-            double until = mt_now() + spin;
-            do {
-                for (int i = 0; i < 64; i++) {
-                    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value) return 1;
-                    mt_pause();
-                }
-                sched_yield();  /* the peer may be waiting for this very CPU */
-            } while (mt_now() < until);
-        }
+        mt_word_watch watch = {word, value};
+        if (spin > 0 && mt_spin(spin, mt_word_changed, &watch)) return 1;
         double deadline = mt_now() + timeout;
         for (;;) {
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value) return 1;
