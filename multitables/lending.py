@@ -76,8 +76,10 @@ def on_loan() -> int:
 
 
 def _before_fork() -> None:
-    for loan in list(_loans.values()):
-        if not loan.forked:
+    # make_private is a foreign call, which lets other threads run and lend meanwhile: go round
+    # until every loan is marked (the fork itself holds the interpreter's lock throughout).
+    while unmarked := [loan for loan in list(_loans.values()) if not loan.forked]:
+        for loan in unmarked:
             loan.forked = True
             loan.memory.arena.make_private()
 

@@ -205,3 +205,23 @@ def test_a_large_record_comes_back_as_numpy_gives_it(tmp_path):
         assert type(record) is type(records[2])  # np.void, as numpy and a copy give
         r.request(ds[3], stage).get()
         assert record == records[2]
+
+
+def test_a_result_lent_by_another_thread_during_the_fork_hook_is_marked_too(reader, monkeypatch):
+    # Remapping a loan is a foreign call, during which another thread may lend a result: the
+    # hook must not fork with that one shared (the child would see the parent's later reads).
+    ds = reader.get_dataset("x")
+    pool = ds.create_stage_pool(BATCH, 2)
+    first, second = batches(2, seed=6)
+    kept = [reader.request(ds[first], pool).get()]
+    make_private = multitables.shm.SharedArena.make_private
+
+    def while_another_thread_lends(arena):
+        if len(kept) == 1:
+            kept.append(reader.request(ds[second], pool).get())
+        return make_private(arena)
+
+    monkeypatch.setattr(multitables.shm.SharedArena, "make_private", while_another_thread_lends)
+    lending._before_fork()
+    assert len(kept) == 2 and lending.on_loan() == 2
+    assert all(loan.forked for loan in lending._loans.values())
