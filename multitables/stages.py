@@ -194,9 +194,9 @@ class StagePool:
 
         The wait ends at once when a stage is freed or closed (``free``/``close`` notify); every
         CHECK_INTERVAL s it calls ``check`` (which raises if the Reader can no longer serve) and
-        raises if only this thread could free a stage (every busy one serves a request it made
-        and kept, ``_only_this_thread_can_free``): at once when no other thread runs, else after
-        LONE_WAIT s without a stage freed. See NOTE [ Worker shutdown logic ],
+        raises if no other thread runs (nothing could free a stage, whoever holds the requests),
+        or after LONE_WAIT s without a stage freed if only this thread could free one (every
+        busy one serves a request it made and kept, ``_only_this_thread_can_free``). See NOTE [ Worker shutdown logic ],
         step (3).
         """
         with self._cond:
@@ -219,13 +219,19 @@ class StagePool:
                 raise QueueClosedException("the stage pool is closed")
             if check is not None:
                 check()  # the Reader closed, a worker died: no stage will be freed
+            if threading.active_count() == 1:
+                raise RuntimeError(
+                    f"all {len(self.stages)} stages of the pool hold results that were not "
+                    "collected, and no other thread runs that could take one; call get() on a "
+                    "pending request (RequestPool.next().get()) before making another, or make "
+                    "a larger pool")
             if self._only_this_thread_can_free():
                 # Only this thread could take a result: the wait cannot end, unless this
                 # thread handed a request to another by hand (no RequestPool); give that
-                # one LONE_WAIT s, none when no other thread runs at all.
+                # one LONE_WAIT s.
                 now = time.monotonic()
                 lone_since = now if lone_since is None else lone_since
-                if threading.active_count() == 1 or now - lone_since > LONE_WAIT:
+                if now - lone_since > LONE_WAIT:
                     raise RuntimeError(
                         f"all {len(self.stages)} stages of the pool hold results that were "
                         "not collected; call get() on a pending request first, make a larger "

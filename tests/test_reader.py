@@ -577,3 +577,18 @@ def test_a_freed_stage_is_idle_before_another_request_can_claim_it(reader):
     finally:
         stage.memory.state = state
     assert seen == [(multitables.stages.IDLE, False)]
+
+
+def test_a_request_pool_filled_past_its_stages_by_a_lone_thread_raises(reader, monkeypatch):
+    # Requests in a RequestPool may be taken by another thread; with none running, nothing can
+    # free a stage, and the wait would never end.
+    monkeypatch.setattr(multitables.stages.threading, "active_count", lambda: 1)
+    ds = reader.get_dataset("f4")
+    pool = ds.create_stage_pool(1, 2)
+    pending = multitables.RequestPool()
+    for i in range(2):
+        pending.add(reader.request(ds[i], pool))
+    with pytest.raises(RuntimeError, match="no other thread runs"):
+        reader.request(ds[3], pool)
+    pending.next().get()
+    pending.add(reader.request(ds[3], pool))
