@@ -13,8 +13,9 @@ from typing import Any
 RANDOM_AMPLIFICATION = 16
 # Streaming pays a fixed cost per chunk (an HDF5 lookup, a decode call): below this, it shows.
 TINY_CHUNK_BYTES = 64 << 10
-# The chunk sizes suggested: for random access (a little more than a row costs little), and for
-# streaming (what a default block holds).
+# The chunk sizes suggested: for random access at most this much, and fewer rows than the warning
+# takes (a random row then decodes a few rows, not a whole chunk of many); for streaming, what a
+# default block holds.
 RANDOM_CHUNK_BYTES = 64 << 10
 STREAM_CHUNK_BYTES = 1 << 20
 
@@ -40,7 +41,8 @@ def layout_warnings(filename: str, entry: dict[str, Any]) -> list[str]:
         chunk_bytes = entry["dtype"].itemsize * math.prod(chunks)
         rows_per_chunk = chunks[0]
         if entry["filters"] != "none" and rows_per_chunk >= RANDOM_AMPLIFICATION:
-            rows = _rows_for(RANDOM_CHUNK_BYTES, row_bytes, shape[0])
+            rows = max(1, min(RANDOM_AMPLIFICATION // 2, rows_per_chunk // 2,
+                              _rows_for(RANDOM_CHUNK_BYTES, row_bytes, shape[0])))
             found.append(
                 f"{path}: random access decodes a whole chunk per row: {chunk_bytes:,} bytes "
                 f"for a row of {row_bytes:,} ({rows_per_chunk} rows per chunk). For random "

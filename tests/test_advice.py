@@ -18,8 +18,17 @@ def entry(shape, chunks, filters="gzip(4)", dtype="f4", block_size=None, remaind
 def test_compressed_chunks_of_many_rows_warn_for_random_access():
     (line,) = layout_warnings("f.h5", entry((4000, 1024), (256, 1024)))
     assert "1,048,576 bytes for a row of 4,096 (256 rows per chunk)" in line
-    # 64 KiB chunks suggested: 16 rows of 4 KiB.
-    assert line.endswith("h5repack -l /x:CHUNK=16x1024 f.h5 rechunked.h5")
+    # Chunks of 8 rows of 4 KiB suggested: too few rows to warn again.
+    assert line.endswith("h5repack -l /x:CHUNK=8x1024 f.h5 rechunked.h5")
+
+
+@pytest.mark.parametrize("shape, chunks", [((4000, 256), (16, 256)), ((4000, 1024), (16, 1024)),
+                                           ((100, 1 << 18), (32, 1 << 18)), ((50, 4), (40, 4))])
+def test_the_layout_suggested_for_random_access_takes_the_warning_away(shape, chunks):
+    line = layout_warnings("f.h5", entry(shape, chunks))[0]
+    suggested = tuple(int(n) for n in line.split("CHUNK=")[1].split()[0].split("x"))
+    assert suggested[0] < chunks[0] and suggested[1:] == shape[1:]
+    assert not any("random access" in w for w in layout_warnings("f.h5", entry(shape, suggested)))
 
 
 def test_uncompressed_chunks_read_rows_straight_from_the_file_and_do_not_warn():
