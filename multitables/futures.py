@@ -32,9 +32,10 @@ REQUEST_SPIN = 50e-6
 class Request:
     """A future: the result of one request, being read into its stage by a worker.
 
-    Get the result once, with one of ``get`` (a copy), ``get_direct(fn)``, ``get_unsafe()`` or
-    ``get_proxy()``; then the stage is free for the next request. A worker's exception (say an
-    ``IndexError``) is raised again by these calls, with the worker's traceback in its message.
+    Get the result once, with one of ``get`` (an array of its own), ``get_direct(fn)``,
+    ``get_unsafe()`` or ``get_proxy()``; then the stage is free for the next request. A
+    worker's exception (say an ``IndexError``) is raised again by these calls, with the
+    worker's traceback in its message.
     """
 
     def __init__(self, reader: Reader, spec: ReadSpec):

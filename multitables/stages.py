@@ -172,6 +172,12 @@ class Stage:
     def __repr__(self) -> str:
         return f"<Stage {self.shape} {self.dtype}, {self.nbytes} bytes>"
 
+    def __reduce__(self):
+        raise TypeError(
+            f"{self.label} is shared memory of this process's Reader and does not pickle (a "
+            "Reader does, as its arguments): make stages where they are used, e.g. in a "
+            "DataLoader worker (worker_init_fn, or on first use in the Dataset)")
+
 
 # How long a pool waits for another thread to take a result when only requests this thread made
 # and kept hold its stages (see StagePool.take).
@@ -196,8 +202,8 @@ class StagePool:
         CHECK_INTERVAL s it calls ``check`` (which raises if the Reader can no longer serve) and
         raises if no other thread runs (nothing could free a stage, whoever holds the requests),
         or after LONE_WAIT s without a stage freed if only this thread could free one (every
-        busy one serves a request it made and kept, ``_only_this_thread_can_free``). See NOTE [ Worker shutdown logic ],
-        step (3).
+        busy one serves a request it made and kept, ``_only_this_thread_can_free``). See NOTE
+        [ Worker shutdown logic ], step (3).
         """
         with self._cond:
             self._waiting += 1  # before looking: a stage freed after the look wakes this wait
@@ -258,6 +264,9 @@ class StagePool:
     def close(self) -> None:
         for stage in self.stages:
             stage.close()
+
+    def __reduce__(self):
+        return self.stages[0].__reduce__()  # says why it does not pickle
 
     @property
     def nbytes(self) -> int:

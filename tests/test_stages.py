@@ -171,3 +171,13 @@ def test_each_failed_request_reports_its_own_error(stage_file):
         reader.request(ds[4:8], stage).get()  # rows of 1, 1, 1, 2 elements
     with _too_small(stage.nbytes, 40 + 8 * 8):
         reader.request(ds[[7, 7, 7, 7]], stage).get()  # four rows of 2
+
+
+def test_stages_say_why_they_do_not_pickle(stage_data):
+    import pickle
+
+    with multitables.Reader(stage_data[0], n_procs=1) as reader:
+        ds = reader.get_dataset("one")
+        for stage in (ds.create_stage(4), ds.create_stage_pool(4, 2)):
+            with pytest.raises(TypeError, match="does not pickle.*make stages where they are used"):
+                pickle.dumps(stage)
