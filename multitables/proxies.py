@@ -145,10 +145,13 @@ class DatasetProxy:
 
     def create_stage(self, shape) -> Stage:
         """Shared memory for results up to ``shape`` (an int or a partial tuple of the dataset's
-        shape, completed from it) of this dataset's dtype.
+        shape, completed from it) of this dataset's dtype; of a field's, when this proxy selects
+        one (a subarray field's dimensions follow the rows', as in its results).
         """
-        full = _complete_shape(shape, self.info.shape, self.path)
-        return self._reader._register(Stage(full, self.info.dtype, f"stage of {self.path}"))
+        dtype = self.info.field_dtype(self.field)
+        full = _complete_shape(shape, self.info.shape + dtype.shape, self.path)
+        label = f"stage of {self.path}" + (f"[{self.field!r}]" if self.field else "")
+        return self._reader._register(Stage(full, dtype.base, label))
 
     def create_stage_pool(self, shape, n: int) -> StagePool:
         """``n`` stages of ``shape``, used in turn by ``reader.request``."""

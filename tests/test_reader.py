@@ -592,3 +592,17 @@ def test_a_request_pool_filled_past_its_stages_by_a_lone_thread_raises(reader, m
         reader.request(ds[3], pool)
     pending.next().get()
     pending.add(reader.request(ds[3], pool))
+
+
+def test_a_fields_stage_holds_the_field(treader, files):
+    rows = files[2]["table"]
+    table = treader.get_dataset("/table")
+    assert table.create_stage(8).nbytes == 8 * rows.dtype.itemsize  # whole rows
+    score = table["score"].create_stage(8)
+    assert score.nbytes == 8 * 4 and score.dtype == np.dtype("<f4")
+    image = table["image"]  # a subarray field: (4, 4) of u1 per row
+    for shape in (8, (8, 4, 4)):
+        stage = image.create_stage(shape)
+        assert stage.shape == (8, 4, 4) and stage.nbytes == 8 * 16
+        got = treader.request(image[[5, 1, 5]], stage).get()
+        np.testing.assert_array_equal(got, rows["image"][[5, 1, 5]])
