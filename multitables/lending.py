@@ -56,8 +56,8 @@ def lend(view: np.ndarray, memory: StageMemory,
     """``view`` (C-contiguous, in ``memory``) as an array whose last view gives ``memory`` to
     ``on_return``; nothing reads into ``memory`` until then."""
     number = next(_numbers)
-    _loans[number] = _Loan(memory, on_return)
     owner = Lent(view.reshape(-1).view(np.uint8), functools.partial(_returned, number))
+    _loans[number] = _Loan(memory, on_return)  # after the owner: if that fails, nothing is lent
     # numpy's stubs name concrete buffer types only; a Lent exports one
     return np.frombuffer(owner, view.dtype).reshape(view.shape)  # type: ignore[call-overload]
 
