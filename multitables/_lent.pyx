@@ -1,10 +1,12 @@
 # cython: language_level=3, embedsignature=True
-"""The owner of a lent result's memory (internal; see lending.py).
+"""The owner of memory handed out as arrays (internal): a Reader's lent results (lending.py),
+dask blocks from a pool (dask.py).
 
 numpy points every view of an array at the nearest base that is not an array. A ``Lent`` is
-that base for a lent result: it exports the result's bytes through the buffer protocol, keeps
-the stage's mapping exported while it lives, and calls ``on_last()`` when the last view goes.
-(A ``weakref.finalize`` on an owner array did the same at several times the cost.)
+that base: it exports the bytes of ``raw`` (a writable contiguous uint8 array) through the
+buffer protocol, keeps ``raw`` alive while it lives, and calls ``on_last()`` when the last view
+goes, so the memory can be used again. (A ``weakref.finalize`` on an owner array did the same at
+several times the cost.)
 """
 
 from cpython.buffer cimport PyBUF_FORMAT
@@ -13,7 +15,7 @@ cdef char *_FORMAT = "B"
 
 
 cdef class Lent:
-    cdef object raw        # the result's bytes, a uint8 array viewing the stage's mapping
+    cdef object raw        # the bytes handed out (a stage's mapping, a pooled block)
     cdef object on_last
     cdef char *data
     cdef Py_ssize_t shape[1]

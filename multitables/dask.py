@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import math
 import os
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +51,7 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from ._indexing import translate
+from ._lent import Lent
 from .hyperslab import read_selection, result_layout
 from .rawread import RawRows
 from .source import DatasetInfo, OpenFile, check_positive_int, describe
@@ -193,12 +194,9 @@ def _new_block(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
             _free_bytes -= nbytes
     if memory is None:
         memory = np.empty(nbytes, np.uint8)
-    # Through a memoryview, so that every view of the block keeps ``owner`` alive (numpy points a
-    # view at the nearest array that owns its data, or whose base is no array): ``owner`` goes,
-    # and the memory back to the pool, with the last of them.
-    owner = np.frombuffer(memory.data, dtype)
-    weakref.finalize(owner, _give_back, memory)
-    return owner.reshape(shape)
+    # The memory goes back to the pool with the last view of the block (see _lent.pyx).
+    owner = Lent(memory, functools.partial(_give_back, memory))
+    return np.frombuffer(owner, dtype).reshape(shape)  # type: ignore[call-overload]
 
 
 def _give_back(memory: np.ndarray) -> None:
