@@ -133,7 +133,6 @@ cdef class Selection:
                 f"result_shape={self.result_shape}, {mode}, "
                 f"local_key={'None' if self.local_key is None else '...'})")
 
-
     def plain(self):
         """The plan as a tuple of ints, tuples and bytes (for ``marshal``), or None when it has
         points or index arrays other than 1-D int64 sets and one 1-D order: see ``from_plain``.

@@ -64,8 +64,9 @@ _WORKERS = 64
 _DONE = 64
 _QUEUE_ITEMS = 1024  # a caller with more requests pending on one worker waits for room
 _PER_WORKER = _DONE + SlotQueue.nbytes(_QUEUE_ITEMS)
-# Items of a worker's queue: a request written in stage ``item - 1``, or NOTICE: a message waits
-# on the worker's channel (a stage to map or drop, a request too large for its stage's header).
+# Items of a worker's queue: a request (or a part of one) written in a stage memory's header
+# (``_encode_item``), or NOTICE: a message waits on the worker's channel (a stage memory to map
+# or drop, a request too large for the header).
 NOTICE = 0
 # A worker that finished a request watches its queue this long before sleeping: a caller's next
 # request often follows within tens of microseconds, and waking a sleeping process costs ~40 us

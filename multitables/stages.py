@@ -226,11 +226,10 @@ class StagePool:
             if check is not None:
                 check()  # the Reader closed, a worker died: no stage will be freed
             if threading.active_count() == 1:
-                raise RuntimeError(
-                    f"all {len(self.stages)} stages of the pool hold results that were not "
-                    "collected, and no other thread runs that could take one; call get() on a "
-                    "pending request (RequestPool.next().get()) before making another, or make "
-                    "a larger pool")
+                raise self._exhausted(
+                    "no other thread runs that could take one: call get() on a pending "
+                    "request (RequestPool.next().get()) before making another, or make a larger "
+                    "pool")
             if self._only_this_thread_can_free():
                 # Only this thread could take a result: the wait cannot end, unless this
                 # thread handed a request to another by hand (no RequestPool); give that
@@ -238,14 +237,17 @@ class StagePool:
                 now = time.monotonic()
                 lone_since = now if lone_since is None else lone_since
                 if now - lone_since > LONE_WAIT:
-                    raise RuntimeError(
-                        f"all {len(self.stages)} stages of the pool hold results that were "
-                        "not collected; call get() on a pending request first, make a larger "
-                        "pool, or hand requests to other threads through a RequestPool")
+                    raise self._exhausted(
+                        "call get() on a pending request first, make a larger pool, or hand "
+                        "requests to other threads through a RequestPool")
             else:
                 lone_since = None
             # free() and close() notify; the timeout only bounds the time between checks.
             self._cond.wait(CHECK_INTERVAL)
+
+    def _exhausted(self, advice: str) -> RuntimeError:
+        return RuntimeError(f"all {len(self.stages)} stages of the pool hold results that were "
+                            f"not collected; {advice}")
 
     def _only_this_thread_can_free(self) -> bool:
         """Whether every busy stage serves a request this thread made and kept to itself (not
