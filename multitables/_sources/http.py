@@ -1,0 +1,62 @@
+"""An HTTP(S) URL as a byte source: ranged GETs with ``If-Match`` on the ETag pinned at open."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import urllib3
+
+from .base import Source
+from .options import Location, StorageOptions, parse_location, storage_options
+from .transport import Pin, Transport
+
+
+class HTTPSource(Source):
+    """An object behind an HTTP(S) URL. One GET of its first byte at open pins its size and
+    ETag (or Last-Modified); every later GET asks ``If-Match`` and checks the answer, so a
+    replaced object raises ``ObjectChangedError`` naming the URL.
+
+    ``storage_options``: ``headers`` (sent with every request), ``timeout``, ``retries``;
+    user:password in the URL becomes Basic authentication. Redirects are followed (up to 5).
+    """
+
+    remote = True
+
+    def __init__(self, location: Location | str, options: StorageOptions | dict | None = None,
+                 *, pin: Pin | None = None, maxsize: int = 10) -> None:
+        super().__init__()
+        if not isinstance(location, Location):
+            location = parse_location(location)
+        if location.scheme not in ("http", "https"):
+            raise ValueError(f"HTTPSource needs an http(s) URL, not {location.display!r}")
+        self.location, self.options = location, storage_options(options)
+        self.url = location.display
+        self.transport = Transport(self.options.timeout, self.options.retries, self.stats,
+                                   maxsize=maxsize)
+        headers = dict(self.options.headers)
+        if location.basic_auth:
+            headers.update(urllib3.make_headers(basic_auth=location.basic_auth))
+        self._headers = headers
+        if pin is None:
+            pin = self.transport.probe(location.url, headers, self.url)
+        self.pin = pin
+        self.size, self.etag = pin.size, pin.etag
+
+    @property
+    def identity(self) -> tuple:
+        return (self.url, self.size, self.etag or f"last-modified:{self.pin.last_modified}")
+
+    def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
+        self.transport.get_range(self.location.url, offset, segments, self.pin, self.url,
+                                 headers=self._headers)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __reduce__(self) -> tuple:
+        # The pin travels, not the connections: the worker's first GET checks the version.
+        return (_pinned, (self.location, self.options, self.pin, self.transport.maxsize))
+
+
+def _pinned(location: Location, options: StorageOptions, pin: Pin, maxsize: int) -> HTTPSource:
+    return HTTPSource(location, options, pin=pin, maxsize=maxsize)
