@@ -384,7 +384,9 @@ def deadline_of(timeout: float, nbytes: int) -> float:
 
 
 def transport_failure(e: BaseException) -> Retry:
-    timeout = isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError))
+    # urllib3's NewConnectionError (refused, no route, DNS) derives from its TimeoutError.
+    timeout = isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError)) and \
+        not isinstance(e, urllib3.exceptions.NewConnectionError)
     reason = "timed out" if timeout else scrub(f"{type(e).__name__}: {e}")
     return Retry(reason, timeout=timeout)
 

@@ -193,8 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv._stopping.wait(STALL_LIMIT)
             self.close_connection = True
             return
-        if knobs.latency:
-            time.sleep(knobs.latency)
+        if knobs.latency and srv._stopping.wait(knobs.latency):
+            self.close_connection = True
+            return
         name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path.lstrip("/"))
         path = srv.root / name
         rng = self.headers.get("Range", "")
@@ -278,5 +279,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self.owner.counts["bytes sent"] += len(piece)
             if rate:
                 ahead = sent / rate - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
+                if ahead > 0 and self.owner._stopping.wait(ahead):
+                    self.close_connection = True
+                    return

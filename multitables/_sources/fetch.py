@@ -1,0 +1,215 @@
+"""The worker-side parallel range reader: many (offset, size, destination) requests of one source
+become few GETs (neighbours merged, large ranges split), several in flight, each writing its
+bytes straight into the destinations."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from .base import Source, as_writable
+
+DEFAULT_MERGE_GAP = 64 << 10
+DEFAULT_SPLIT_SIZE = 8 << 20
+DEFAULT_IN_FLIGHT = 8
+
+
+@dataclasses.dataclass
+class Get:
+    """One request to the source: fill ``segments`` from ``offset`` on. ``scatter`` is set for
+    a merged range whose parts overlap: the body goes to one scratch buffer and is copied out
+    to (view, position in the body) pairs."""
+
+    offset: int
+    segments: list[memoryview]
+    scatter: list[tuple[memoryview, int]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+
+def plan(requests: Iterable[tuple[int, memoryview]], merge_gap: int, split_size: int) -> list[Get]:
+    """The GETs that fill every (offset, view) of ``requests``: sorted by offset, neighbours
+    closer than ``merge_gap`` bytes share one GET as long as it stays within ``split_size``
+    (the bytes between them land in a scratch buffer and are dropped), and one range larger
+    than ``split_size`` is cut into GETs of ``split_size``, each into its own slice of the
+    destination.
+
+    >>> views = [memoryview(bytearray(n)) for n in (10, 10, 30)]
+    >>> [(g.offset, g.nbytes) for g in plan(zip((0, 15, 1000), views), 8, 1 << 20)]
+    [(0, 25), (1000, 30)]
+    >>> [(g.offset, g.nbytes) for g in plan([(0, memoryview(bytearray(25)))], 8, 10)]
+    [(0, 10), (10, 10), (20, 5)]
+    """
+    todo = sorted(((off, v) for off, v in requests if v.nbytes), key=lambda r: r[0])
+    gets: list[Get] = []
+    i = 0
+    while i < len(todo):
+        start, first = todo[i]
+        if first.nbytes > split_size:
+            for a in range(0, first.nbytes, split_size):
+                gets.append(Get(start + a, [first[a:a + split_size]]))
+            i += 1
+            continue
+        group = [todo[i]]
+        end = start + first.nbytes
+        i += 1
+        while i < len(todo):
+            off, v = todo[i]
+            new_end = max(end, off + v.nbytes)
+            if off - end > merge_gap or new_end - start > split_size:
+                break
+            group.append(todo[i])
+            end = new_end
+            i += 1
+        gets.append(_merged(group, start, end))
+    return gets
+
+
+def _merged(group: list[tuple[int, memoryview]], start: int, end: int) -> Get:
+    overlapping = any(group[k][0] < group[k - 1][0] + group[k - 1][1].nbytes
+                      for k in range(1, len(group)))
+    if overlapping:
+        # Rare (the same bytes wanted twice): one scratch body, copied to each destination.
+        body = memoryview(bytearray(end - start))
+        return Get(start, [body], [(v, off - start) for off, v in group])
+    gaps = [group[k][0] - (group[k - 1][0] + group[k - 1][1].nbytes)
+            for k in range(1, len(group))]
+    scratch = memoryview(bytearray(max(gaps, default=0)))
+    segments = [group[0][1]]
+    for gap, (_, v) in zip(gaps, group[1:], strict=True):
+        if gap:
+            segments.append(scratch[:gap])  # the same scratch for every gap: it is dropped
+        segments.append(v)
+    return Get(start, segments)
+
+
+class Fetcher:
+    """Reads many ranges of ``source`` at once: ``fetch([(offset, size, dest), ...])`` returns
+    when every destination holds its bytes, or raises the first error once no GET is still
+    writing into a destination.
+
+    For a network source, up to ``max_in_flight`` GETs run at a time on a small thread pool
+    made in the process that calls ``fetch`` (a forked child makes its own, as it makes its
+    own connections). A local source reads inline (``preadv`` of merged neighbours).
+
+    ``cache`` (a :class:`~multitables._sources.cache.ByteCache`) is asked first for each
+    request, and given what was fetched. ``stats`` of the source count requests, bytes fetched
+    and needed, retries and latencies; ``cache_hits``/``cache_bytes`` count what the cache gave.
+    """
+
+    def __init__(self, source: Source, *, max_in_flight: int | None = None,
+                 merge_gap: int | None = None, split_size: int | None = None,
+                 cache: Any = None) -> None:
+        remote = source.remote
+        self.source = source
+        self.max_in_flight = max_in_flight or (DEFAULT_IN_FLIGHT if remote else 1)
+        self.merge_gap = (DEFAULT_MERGE_GAP if remote else 0) if merge_gap is None else merge_gap
+        self.split_size = split_size or (DEFAULT_SPLIT_SIZE if remote else 1 << 62)
+        if self.max_in_flight < 1 or self.merge_gap < 0 or self.split_size < 1:
+            raise ValueError("max_in_flight and split_size must be >= 1, merge_gap >= 0")
+        self.cache = cache
+        self.cache_hits = self.cache_bytes = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        _live.add(self)
+
+    def fetch(self, requests: Iterable[tuple[int, int, Any]]) -> None:
+        """Fill each ``dest`` (a writable buffer of at least ``size`` bytes) with the ``size``
+        bytes at ``offset``."""
+        todo: list[tuple[int, memoryview]] = []
+        needed = 0
+        for offset, size, dest in requests:
+            view = as_writable(dest)
+            if view.nbytes < size:
+                raise ValueError(f"destination of {view.nbytes} bytes for {size} bytes at "
+                                 f"{offset}")
+            self.source.check_range(offset, size)
+            needed += size
+            view = view[:size]
+            if self.cache is not None and size and \
+                    self.cache.get_into(self.source.identity, offset, view):
+                self.cache_hits += 1
+                self.cache_bytes += size
+                continue
+            todo.append((offset, view))
+        self.source.stats.add(needed=needed)
+        gets = plan(todo, self.merge_gap, self.split_size)
+        if len(gets) <= 1 or self.max_in_flight == 1:
+            for g in gets:
+                self._run(g)
+        else:
+            self._run_parallel(gets)
+        if self.cache is not None:
+            for offset, view in todo:
+                self.cache.put(self.source.identity, offset, view)
+
+    def _run(self, g: Get) -> None:
+        self.source.read_segments(g.offset, g.segments)
+        if g.scatter is not None:
+            body = g.segments[0]
+            for view, at in g.scatter:
+                view[:] = body[at:at + view.nbytes]
+
+    def _run_parallel(self, gets: list[Get]) -> None:
+        pool = self._executor()
+        # Largest first, so that one big GET does not start last and finish alone.
+        futures = [pool.submit(self._run, g) for g in sorted(gets, key=lambda g: -g.nbytes)]
+        error: BaseException | None = None
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others
+                if error is None:
+                    error = e
+                    for other in futures:
+                        other.cancel()
+        # Every future is done or cancelled here: no thread still writes into a destination.
+        if error is not None:
+            raise error
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.max_in_flight, thread_name_prefix="multitables-fetch")
+                self._pid = os.getpid()
+            return self._pool
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = None  # its threads stayed in the parent
+
+    def close(self) -> None:
+        """Stop the thread pool (idempotent); the source stays open."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_live: weakref.WeakSet[Fetcher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for f in list(_live):
+        f._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,192 @@
+"""HTTPSource against our range server: the right bytes, faults retried, typed errors at once,
+never a hang, and no secret in any message."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import random
+import time
+
+import pytest
+from conftest import BLOB_NAME
+from multitables._sources import (
+    ObjectChangedError,
+    SourceTimeoutError,
+    TransferError,
+    open_source,
+)
+from multitables._sources import transport as transport_module
+from multitables._sources.http import HTTPSource
+
+SECRET = "hunter2-never-shown"
+
+
+def ranges(size, n, seed=0, longest=200_000):
+    rng = random.Random(seed)
+    for _ in range(n):
+        length = rng.randint(1, longest)
+        offset = rng.randint(0, size - length)
+        yield offset, length
+
+
+def test_reads_equal_the_bytes(http, blob):
+    with open_source(http.url(BLOB_NAME)) as src:
+        assert isinstance(src, HTTPSource)
+        assert (src.size, src.etag) == (len(blob), http.etag(BLOB_NAME))
+        assert src.stats.requests == 1  # the open: one GET of the first byte
+        for offset, length in ranges(len(blob), 20):
+            assert src.read(offset, length) == blob[offset:offset + length]
+        assert src.stats.requests == 21 and src.stats.retries == 0
+        assert all(m == "GET" and r.startswith("bytes=") for m, _, r, _ in http.log)
+
+
+def test_pickle_makes_no_request_and_pins(http, blob):
+    src = open_source(http.url(BLOB_NAME))
+    clone = pickle.loads(pickle.dumps(src))
+    assert http.counts["requests"] == 1
+    assert clone.read(10, 5) == blob[10:15] and clone.etag == src.etag
+    assert http.counts["requests"] == 2
+    src.close(), clone.close()
+
+
+def test_faults_give_identical_bytes(http_factory, blob):
+    srv = http_factory(p503=0.1, preset=0.05, pshort=0.05, pignore_range=0.05, seed=3)
+    with open_source(srv.url(BLOB_NAME), {"retries": 12, "timeout": 5}) as src:
+        for offset, length in ranges(len(blob), 60, seed=1):
+            assert src.read(offset, length) == blob[offset:offset + length]
+        assert src.stats.retries > 0
+    for fault in ("fault 503", "fault reset", "fault short", "fault ignore range"):
+        assert srv.counts[fault] > 0, (fault, srv.counts)
+
+
+def test_404_and_403_at_once(http):
+    with pytest.raises(FileNotFoundError, match=r"HTTP 404.*/missing\.h5") as e:
+        open_source(http.url("missing.h5"), {"retries": 5})
+    assert e.value.filename == http.url("missing.h5")
+    http.forbidden.add(BLOB_NAME)
+    with pytest.raises(PermissionError, match=r"HTTP 403.*blob\.bin"):
+        open_source(http.url(BLOB_NAME), {"retries": 5})
+    assert http.counts["requests"] == 2  # no retries
+
+
+def test_403_after_open_at_once(http):
+    src = open_source(http.url(BLOB_NAME), {"retries": 5})
+    http.forbidden.add(BLOB_NAME)
+    with pytest.raises(PermissionError):
+        src.read(0, 10)
+    assert http.counts["requests"] == 2
+    src.close()
+
+
+@pytest.mark.parametrize("when", ["open", "read"])
+def test_stalled_server_raises_within_the_timeout(http_factory, when):
+    srv = http_factory(stall=when == "open")
+    options = {"timeout": 0.3, "retries": 2}
+    t0 = time.monotonic()
+    with pytest.raises(SourceTimeoutError, match=r"No answer within 0\.3 s \(3 attempts") as e:
+        src = open_source(srv.url(BLOB_NAME), options)
+        srv.knobs.stall = True
+        t0 = time.monotonic()
+        try:
+            src.read(0, 1000)
+        finally:
+            src.close()
+    elapsed = time.monotonic() - t0
+    assert isinstance(e.value, TimeoutError)
+    assert 0.3 * 3 * 0.9 <= elapsed < 0.3 * 3 + 1.0, elapsed
+
+
+def test_trickling_server_raises(http_factory, monkeypatch):
+    monkeypatch.setattr(transport_module, "PIECE", 1 << 10)
+    srv = http_factory(bandwidth=20_000)  # 100 KB take 5 s; each 1 KiB piece has 0.05 s
+    with open_source(srv.url(BLOB_NAME), {"timeout": 0.02, "retries": 1}) as src:
+        t0 = time.monotonic()
+        with pytest.raises(SourceTimeoutError):
+            src.read(0, 100_000)
+        assert time.monotonic() - t0 < 3
+
+
+def test_dead_server_raises_after_retries(http):
+    url = http.url(BLOB_NAME)
+    src = open_source(url, {"timeout": 1, "retries": 2})
+    http.stop()
+    t0 = time.monotonic()
+    with pytest.raises(TransferError, match=r"after 3 attempts: .*(Connection|refused)"):
+        src.read(0, 10)
+    assert time.monotonic() - t0 < 3
+    src.close()
+
+
+def test_replaced_object_raises(http, blob):
+    src = open_source(http.url(BLOB_NAME))
+    assert src.read(0, 10) == blob[:10]
+    http.replace(BLOB_NAME, blob[::-1])
+    with pytest.raises(ObjectChangedError, match=r"blob\.bin was replaced .*HTTP 412"):
+        src.read(0, 10)
+    src.close()
+
+
+def test_replaced_object_without_if_match_raises(http, blob):
+    src = open_source(http.url(BLOB_NAME))
+    src.pin.etag = "W/" + src.pin.etag  # a weak ETag is compared, not sent as If-Match
+    http.replace(BLOB_NAME, blob[::-1])
+    with pytest.raises(ObjectChangedError, match="ETag W/.* at open"):
+        src.read(0, 10)
+    src.close()
+
+
+def test_range_ignored_on_a_big_object(http_factory, monkeypatch, blob):
+    srv = http_factory(pignore_range=1.0)
+    with open_source(srv.url(BLOB_NAME), {"retries": 1}) as src:
+        assert src.read(len(blob) - 5, 5) == blob[-5:]  # small enough: the slice is taken
+        monkeypatch.setattr(transport_module, "WHOLE_OBJECT_LIMIT", 1 << 20)
+        with pytest.raises(TransferError, match="the server ignored Range"):
+            src.read(0, 5)
+
+
+def test_latency_and_bandwidth_knobs(http_factory, blob):
+    srv = http_factory(latency=0.05, bandwidth=2_000_000)
+    with open_source(srv.url(BLOB_NAME)) as src:
+        t0 = time.monotonic()
+        assert src.read(0, 200_000) == blob[:200_000]
+        assert time.monotonic() - t0 >= 0.05 + 0.1 * 0.9
+        assert src.stats.percentile(50) >= 0.05
+
+
+def test_no_secret_in_errors_or_reprs(http):
+    base = http.url("missing.h5").replace("http://", f"http://user:{SECRET}@")
+    url = f"{base}?X-Amz-Signature={SECRET}"
+    options = {"headers": {"Authorization": f"Bearer {SECRET}"}, "retries": 0}
+    with pytest.raises(FileNotFoundError) as e:
+        open_source(url, options)
+    http.stop()
+    with pytest.raises(TransferError) as e2:
+        open_source(url, options)
+    for text in (str(e.value), repr(e.value), str(e2.value), repr(e2.value),
+                 repr(e2.value.__cause__), repr(e2.value.__context__)):
+        assert SECRET not in text and "user" not in text, text
+
+
+def _child_reads(src, conn):
+    inherited = src.transport._manager
+    conn.send((src.read(1000, 100), src.transport.manager() is not inherited,
+               src.transport._pid))
+    src.close()
+
+
+def test_fork_makes_its_own_connections(http, blob):
+    import os
+    src = open_source(http.url(BLOB_NAME))
+    assert src.read(0, 10) == blob[:10]
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    p = ctx.Process(target=_child_reads, args=(src, there))
+    p.start()
+    assert here.poll(10), "the child did not answer"
+    data, fresh, pid = here.recv()
+    p.join(10)
+    here.close(), there.close()
+    assert data == blob[1000:1100] and fresh and pid == p.pid != os.getpid()
+    assert src.read(5, 5) == blob[5:10]  # the parent's pool still works
+    src.close()
