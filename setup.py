@@ -5,17 +5,17 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
-    Extension("multitables._ringbuf", ["multitables/_ringbuf.pyx"]),
-    Extension("multitables._lent", ["multitables/_lent.pyx"]),
+    Extension("multitables._engine._ringbuf", ["multitables/_engine/_ringbuf.pyx"]),
+    Extension("multitables._engine._lent", ["multitables/_engine/_lent.pyx"]),
     Extension(
-        "multitables._indexing",
-        ["multitables/_indexing.pyx"],
+        "multitables._keys._indexing",
+        ["multitables/_keys/_indexing.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     ),
     Extension(
-        "multitables._rows",
-        ["multitables/_rows.pyx"],
+        "multitables._hdf5._rows",
+        ["multitables/_hdf5/_rows.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     ),

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 import multitables.dask as mdask
-from multitables import _measure as m
+from multitables._tools import measure as m
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MT_CLUSTER, H5_CLUSTER = "mt from_hdf5, cluster 2x1", "dask from_array(h5py), cluster 2x1"

@@ -18,7 +18,7 @@ import common
 import datafiles
 import h5py
 
-from multitables import _measure as m
+from multitables._tools import measure as m
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ cache directory: the Loader reads the columns of one file), and ``table`` (the P
 its three fields as the Loader's columns). Samples/s counts rows of every column; the queue
 streams the image dataset alone on ``img_gzip``. Shuffle quality, per batch: distinct chunks (of
 the largest column) and the fraction of consecutive rows that are neighbours in the file
-(``multitables.order.shuffle_quality``). See bench/README.md.
+(``multitables._loader.order.shuffle_quality``). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import h5py
 import numpy as np
 
 import multitables
-from multitables import _measure as m
-from multitables.order import shuffle_quality
+from multitables._loader.order import shuffle_quality
+from multitables._tools import measure as m
 
 BATCH = 256
 N_PROCS = 2

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 import multitables
-from multitables import _measure as m
+from multitables._tools import measure as m
 
 BATCH = 64
 # Reader n_procs=2 over h5py with its chunk cache off, by file: a uniform 64-row batch of 4 KiB
@@ -104,8 +104,8 @@ def wake_up_us(rounds: int = 500) -> float:
     when it hands a request to a sleeping worker)."""
     import multiprocessing
 
-    from multitables._ringbuf import Word
-    from multitables.shm import SharedArena
+    from multitables._engine._ringbuf import Word
+    from multitables._engine.shm import SharedArena
 
     arena = SharedArena(64)
     word = Word(arena.buffer, 0)
@@ -145,8 +145,8 @@ def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: in
     then serve at most min(1/C, n/W, cores/(C + W)) batches a second; both C and W err small
     (warm caches, no hand-over), so the bound errs high.
     """
-    from multitables.readspec import execute
-    from multitables.stages import StageMemory
+    from multitables._reader.readspec import execute
+    from multitables._reader.stages import StageMemory
 
     c = caller_seconds(filename, path, batches[1:], in_flight)
     n = len(batches) - 1
@@ -176,7 +176,7 @@ def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: in
 def caller_seconds(filename: str, path: str, batches: list[np.ndarray], in_flight: int) -> float:
     """The caller's CPU seconds per batch of ``pipeline`` when workers are done at once."""
     from multitables import reader as reader_module
-    from multitables.stages import DONE
+    from multitables._reader.stages import DONE
 
     reader = multitables.Reader(filename, n_procs=1)
     push = reader_module.Reader._push

@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 
 import multitables
-from multitables import _measure as m
-from multitables.decode import inflate
+from multitables._hdf5.decode import inflate
+from multitables._tools import measure as m
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 TARGETS = {  # (reader, over, at least): the bars of the Streamer issue, per file

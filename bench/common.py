@@ -13,7 +13,7 @@ import datafiles
 import h5py
 import numpy as np
 
-from multitables import _measure as m
+from multitables._tools import measure as m
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from multitables import _measure as m
+from multitables._tools import measure as m
 
 VERSION = 1
 DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "multitables-bench")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p.add_argument("--only", nargs="+", choices=list(SPECS), default=list(SPECS))
     args = p.parse_args(argv)
-    from multitables.cli import cmd_info
+    from multitables._tools.cli import cmd_info
 
     files = prepare(args.only, args.dir, args.size_mb, compressed_mb(args), warm=False,
                     log=lambda s: print(s, file=sys.stderr))

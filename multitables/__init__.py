@@ -12,16 +12,16 @@ if not _sys.platform.startswith("linux"):
         f"multitables runs on Linux only (its workers wait on futexes and share memfd memory); "
         f"this is {_sys.platform}")
 
+from ._reader.futures import Request, RequestPool
+from ._reader.stages import Stage, StagePool
 from .errors import (  # noqa: E402
     QueueClosed,
     QueueClosedException,
     SharedMemoryError,
     SubprocessException,
 )
-from .futures import Request, RequestPool
 from .loader import Loader
 from .reader import Reader
-from .stages import Stage, StagePool
 from .streamer import Guard, Queue, Streamer
 
 __version__ = "3.0.0.dev0"

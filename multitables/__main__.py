@@ -1,6 +1,6 @@
 """Run the multitables command line: ``python -m multitables {info,bench,tune}``."""
 
-from multitables.cli import main
+from multitables._tools.cli import main
 
 __all__ = ["main"]
 

@@ -2,9 +2,9 @@
 
 ``from_hdf5(filename, path)`` checks the dataset in the caller and returns a ``dask.array.Array``
 with one block per run of whole HDF5 chunks along the first axis. Each task reads its rows with
-:func:`multitables.hyperslab.read_selection`, the code the Streamer's workers run (``pread`` past
-HDF5 for unfiltered data, ISA-L/Blosc decoders for compressed chunks), straight into the block's
-array. The graph holds no h5py object: a task is the file name, the dataset path, the h5py
+:func:`multitables._hdf5.hyperslab.read_selection`, the code the Streamer's workers run (``pread``
+past HDF5 for unfiltered data, ISA-L/Blosc decoders for compressed chunks), straight into the
+block's array. The graph holds no h5py object: a task is the file name, the dataset path, the h5py
 options and a row range, so it pickles small and computes on any process that sees the file,
 such as the workers of a dask.distributed cluster on a shared file system. Each process keeps the
 files its tasks opened in a small cache (reopened after a fork, closed at exit), and the memory of
@@ -50,11 +50,11 @@ from dask.array.core import graph_from_arraylike
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
-from ._indexing import translate
-from ._lent import Lent
-from .hyperslab import read_selection, result_layout
-from .rawread import RawRows
-from .source import DatasetInfo, OpenFile, check_positive_int, describe
+from ._engine._lent import Lent
+from ._hdf5.hyperslab import read_selection, result_layout
+from ._hdf5.rawread import RawRows
+from ._hdf5.source import DatasetInfo, OpenFile, check_positive_int, describe
+from ._keys._indexing import translate
 
 __all__ = ["close_files", "from_hdf5"]
 

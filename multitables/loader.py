@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from .loadepoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
-from .loadjob import costliest_chunk_rows, plan_units
-from .order import EpochOrder, check_epoch, plan_rank, worker_batches
-from .ring import Ring
-from .source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
-from .workers import StandbyWorkers
+from ._engine.ring import Ring
+from ._engine.workers import StandbyWorkers
+from ._hdf5.source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
+from ._loader.epoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
+from ._loader.job import costliest_chunk_rows, plan_units
+from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
 
 __all__ = ["Loader"]
 

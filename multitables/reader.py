@@ -14,25 +14,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._ringbuf import CLOSED, Counter, SlotQueue, Word
-from ._ringbuf import TIMEOUT as TIMEOUT_ITEM
-from .errbox import ErrorBox
-from .errors import QueueClosedException, SubprocessException
-from .futures import Request
-from .lending import lend
-from .proxies import DatasetProxy, make_proxy
-from .readspec import ARRAY, ReadSpec, element_dtype, execute, from_wire, to_wire
-from .shm import SharedArena
-from .source import (
-    OpenFile,
-    check_positive_int,
-    default_n_procs,
-    describe,
-    get_dataset,
-    open_file,
-)
-from .stages import DONE, FAILED, IDLE, MAX_PARTS, PENDING, Stage, StageMemory, StagePool
-from .workers import (
+from ._engine._ringbuf import CLOSED, Counter, SlotQueue, Word
+from ._engine._ringbuf import TIMEOUT as TIMEOUT_ITEM
+from ._engine.errbox import ErrorBox
+from ._engine.shm import SharedArena
+from ._engine.workers import (
     CHECK_INTERVAL,
     END,
     IDLE_CHECK,
@@ -44,6 +30,20 @@ from .workers import (
     parent_channel,
     worker_place,
 )
+from ._hdf5.source import (
+    OpenFile,
+    check_positive_int,
+    default_n_procs,
+    describe,
+    get_dataset,
+    open_file,
+)
+from ._reader.futures import Request
+from ._reader.lending import lend
+from ._reader.proxies import DatasetProxy, make_proxy
+from ._reader.readspec import ARRAY, ReadSpec, element_dtype, execute, from_wire, to_wire
+from ._reader.stages import DONE, FAILED, IDLE, MAX_PARTS, PENDING, Stage, StageMemory, StagePool
+from .errors import QueueClosedException, SubprocessException
 
 __all__ = ["Reader"]
 

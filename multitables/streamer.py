@@ -13,10 +13,9 @@ import weakref
 
 import numpy as np
 
-from . import streamjob
-from .errors import QueueClosed, QueueClosedException, SubprocessException
-from .ring import CLOSED, Ring
-from .source import (
+from ._engine.ring import CLOSED, Ring
+from ._engine.workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
+from ._hdf5.source import (
     check_positive_int,
     default_block_size,
     default_n_procs,
@@ -24,8 +23,9 @@ from .source import (
     get_dataset,
     open_file,
 )
-from .streamjob import StreamJob, StreamPlan, slot_arrays
-from .workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
+from ._streamer import job as streamjob
+from ._streamer.job import StreamJob, StreamPlan, slot_arrays
+from .errors import QueueClosed, QueueClosedException, SubprocessException
 
 __all__ = ["Guard", "Queue", "Streamer"]
 

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import loader as _loader
-from ._ringbuf import Counter
-from .shm import SharedArena
-from .source import default_n_procs
+from ._engine._ringbuf import Counter
+from ._engine.shm import SharedArena
+from ._hdf5.source import default_n_procs
 
 __all__ = ["Loader"]
 

@@ -1,11 +1,12 @@
-"""What the command line advises (multitables._advice), as functions of stored or measured facts."""
+"""What the command line advises (multitables._tools.advice), as functions of stored or measured
+facts."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from multitables._advice import break_even_bytes, calls, layout_warnings, verdict
+from multitables._tools.advice import break_even_bytes, calls, layout_warnings, verdict
 
 
 def entry(shape, chunks, filters="gzip(4)", dtype="f4", block_size=None, remainder=0):

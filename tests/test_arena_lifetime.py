@@ -12,8 +12,8 @@ import pytest
 from helpers import Child
 
 import multitables
-import multitables.shm as shm
-from multitables.shm import SharedArena
+import multitables._engine.shm as shm
+from multitables._engine.shm import SharedArena
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +46,7 @@ def test_close_is_idempotent_and_a_closed_arena_is_not_sent():
 
 _VIEW_AFTER_CLOSE = """
     import numpy as np
-    from multitables.shm import SharedArena
+    from multitables._engine.shm import SharedArena
     arena = SharedArena(4096)
     view = arena.ndarray((16,), np.int64)
     view[:] = np.arange(16)

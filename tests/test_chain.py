@@ -1,5 +1,5 @@
-"""Chained keys (multitables.chain): ``arr[Chain.of(shape).index(k1).index(k2).key()]`` must be
-``arr[k1][k2]``, and a key numpy refuses must raise numpy's exception at that key."""
+"""Chained keys (multitables._keys.chain): ``arr[Chain.of(shape).index(k1).index(k2).key()]``
+must be ``arr[k1][k2]``, and a key numpy refuses must raise numpy's exception at that key."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from multitables.chain import Chain
+from multitables._keys.chain import Chain
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multitables import decode
-from multitables._indexing import translate
-from multitables.decode import ChunkDecoder
-from multitables.hyperslab import read_selection
+from multitables._hdf5 import decode
+from multitables._hdf5.decode import ChunkDecoder
+from multitables._hdf5.hyperslab import read_selection
+from multitables._keys._indexing import translate
 
 try:
     import hdf5plugin
@@ -333,7 +333,7 @@ def test_blosc2_frames_whose_codecs_read_their_metadata(writable, params):
 def test_cache_does_not_keep_datasets(writable):
     import gc
 
-    from multitables import decode
+    from multitables._hdf5 import decode
 
     ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), compression="gzip")
     assert ChunkDecoder.of(ds) is not None
@@ -349,7 +349,7 @@ def test_cache_does_not_keep_datasets(writable):
 def test_blosc_with_and_without_the_shipped_library(writable, monkeypatch, fname, library):
     """Blosc chunks decode the same through the C library python-blosc2 ships (one context per
     decoder) and, where a wheel has none, through a context made per chunk."""
-    from multitables import decode
+    from multitables._hdf5 import decode
 
     if library == "absent":
         monkeypatch.setattr(decode, "_c_blosc2", None)
@@ -565,7 +565,7 @@ def test_multitables_deflate_picks_the_decoder(value, expected):
 
     if value != "zlib" and value not in _installed_deflate():
         pytest.skip(f"{value} is not installed")
-    out = subprocess.run([sys.executable, "-c", "from multitables import decode; "
+    out = subprocess.run([sys.executable, "-c", "from multitables._hdf5 import decode; "
                           "print(decode._deflate_name)"], capture_output=True, text=True,
                          env=dict(os.environ, MULTITABLES_DEFLATE=value), timeout=60)
     assert out.returncode == 0, out.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from multitables.errbox import ErrorBox
+from multitables._engine.errbox import ErrorBox
 
 pytestmark = pytest.mark.timeout(60)
 

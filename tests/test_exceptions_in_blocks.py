@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.mark.parametrize("exc_type", [ValueError, KeyboardInterrupt, GeneratorExit])
 def test_exception_in_guard_releases_the_only_slot(data_files, monkeypatch, exc_type):
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # one block per slot
+    monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)  # one block per slot
     path, _, truth = data_files
     data = truth["x"]
     with multitables.Streamer(path).get_queue(

@@ -1,4 +1,5 @@
-"""Index translation (multitables._indexing) and its worker-side reads (multitables.hyperslab).
+"""Index translation (multitables._keys._indexing) and its worker-side reads
+(multitables._hdf5.hyperslab).
 
 numpy is the oracle: for every key, ``translate`` must give numpy's result shape and a plan
 that, applied to the data, gives ``arr[key]``; or raise the exception type numpy raises.
@@ -16,11 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from multitables import _indexing, hyperslab
-from multitables._indexing import Selection, translate
-from multitables._rows import runs
-from multitables.hyperslab import field_dtype, read_selection, result_layout
-from multitables.readspec import ARRAY, ReadSpec, from_wire, to_wire
+from multitables._hdf5 import hyperslab
+from multitables._hdf5._rows import runs
+from multitables._hdf5.hyperslab import field_dtype, read_selection, result_layout
+from multitables._keys import _indexing
+from multitables._keys._indexing import Selection, translate
+from multitables._reader.readspec import ARRAY, ReadSpec, from_wire, to_wire
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

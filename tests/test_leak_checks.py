@@ -94,7 +94,7 @@ def test_a_memfd_closed_but_still_mapped_is_a_leak():
 
 def test_an_arena_of_a_collectable_cycle_is_no_leak():
     """Garbage that only a collection frees is collected before anything is called a leak."""
-    from multitables.shm import SharedArena
+    from multitables._engine.shm import SharedArena
 
     before = Resources.now()
     arena = SharedArena(4096)

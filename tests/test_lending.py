@@ -10,8 +10,8 @@ import pytest
 from helpers import end_children, sample, write_h5py
 
 import multitables
-from multitables import lending
 from multitables import reader as reader_module
+from multitables._reader import lending
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -214,14 +214,15 @@ def test_a_result_lent_by_another_thread_during_the_fork_hook_is_marked_too(read
     pool = ds.create_stage_pool(BATCH, 2)
     first, second = batches(2, seed=6)
     kept = [reader.request(ds[first], pool).get()]
-    make_private = multitables.shm.SharedArena.make_private
+    make_private = multitables._engine.shm.SharedArena.make_private
 
     def while_another_thread_lends(arena):
         if len(kept) == 1:
             kept.append(reader.request(ds[second], pool).get())
         return make_private(arena)
 
-    monkeypatch.setattr(multitables.shm.SharedArena, "make_private", while_another_thread_lends)
+    monkeypatch.setattr(multitables._engine.shm.SharedArena, "make_private",
+                        while_another_thread_lends)
     lending._before_fork()
     assert len(kept) == 2 and lending.on_loan() == 2
     assert all(loan.forked for loan in lending._loans.values())

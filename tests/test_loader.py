@@ -14,7 +14,7 @@ import pytest
 from helpers import sample, worker_pids
 
 import multitables
-from multitables.order import shuffle_quality
+from multitables._loader.order import shuffle_quality
 
 N = 1003  # prime: no batch size or chunk divides it
 
@@ -543,8 +543,8 @@ def test_a_worker_keeps_its_mapping_of_a_reused_ring(monkeypatch):
     """The ring of the last epoch comes back to a worker as a new descriptor of the same memory:
     the worker keeps the mapping it had (its pages faulted in already), and a new ring replaces
     it."""
-    from multitables import loadjob
-    from multitables.shm import SharedArena
+    from multitables._engine.shm import SharedArena
+    from multitables._loader import job as loadjob
 
     monkeypatch.setattr(loadjob, "_LAST_ARENA", None)
     first = SharedArena(1 << 16)

@@ -1,4 +1,4 @@
-"""The order of a training epoch (multitables.order), checked against explicit arrays.
+"""The order of a training epoch (multitables._loader.order), checked against explicit arrays.
 
 The oracle is the whole order built eagerly with numpy, and, for ranks and resume, the batches
 every rank of every segment really yields, counted position by position.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from multitables.order import (
+from multitables._loader.order import (
     EpochOrder,
     plan_rank,
     shuffle_quality,

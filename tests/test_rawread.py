@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from helpers import N_ROWS, TABLE_DTYPE, sample, write_pytables
 
-from multitables._indexing import translate
-from multitables.hyperslab import read_selection
-from multitables.rawread import RawRows
+from multitables._hdf5.hyperslab import read_selection
+from multitables._hdf5.rawread import RawRows
+from multitables._keys._indexing import translate
 
 KEYS = [np.s_[:], np.s_[5:60], np.s_[::7], np.s_[[90, 3, 3, 17, 18, 19, 0]], np.s_[-1],
         np.s_[::-2], np.s_[np.arange(N_ROWS) % 4 == 1]]
@@ -95,7 +95,7 @@ def test_truncated_file_raises_instead_of_returning_zeros(tmp_path):
 
 
 def test_gather_rows_copies_in_any_order_and_refuses_short_buffers():
-    from multitables._rows import gather_rows
+    from multitables._hdf5._rows import gather_rows
 
     # Two chunks of 3 rows of 4 bytes, the second stored first in the file image.
     image = np.arange(40, dtype=np.uint8)
@@ -117,7 +117,7 @@ def test_gather_rows_copies_in_any_order_and_refuses_short_buffers():
 def test_a_worker_keeps_one_map_per_file_version(tmp_path, monkeypatch):
     """Worker processes keep their file maps across jobs (epochs): reopening the file finds the
     same map; a file grown between jobs gets a new one, and reads stay right."""
-    from multitables import rawread
+    from multitables._hdf5 import rawread
 
     monkeypatch.setattr(rawread, "_MAPS", {})  # as keep_maps() does in a worker
     path = tmp_path / "m.h5"

@@ -147,11 +147,11 @@ def test_out_of_range_and_malformed_keys_raise_like_numpy(reader):
 def test_proxy_kinds_shapes_and_dtypes(treader, files):
     truth = files[2]
     table = treader.get_dataset("/table")
-    assert isinstance(table, multitables.proxies.TableProxy)
+    assert isinstance(table, multitables._reader.proxies.TableProxy)
     assert table.shape == (N_ROWS,) and table.dtype == truth["table"].dtype
-    assert isinstance(treader.get_dataset("/carray"), multitables.proxies.ArrayProxy)
+    assert isinstance(treader.get_dataset("/carray"), multitables._reader.proxies.ArrayProxy)
     vl = treader.get_dataset("/vl")
-    assert isinstance(vl, multitables.proxies.VLArrayProxy) and vl.shape == (N_ROWS,)
+    assert isinstance(vl, multitables._reader.proxies.VLArrayProxy) and vl.shape == (N_ROWS,)
     col = table.col("image")
     assert col.shape == (N_ROWS, 4, 4) and col.dtype == np.uint8
 
@@ -319,7 +319,7 @@ def test_pool_exhausted_by_a_single_thread_raises(reader, monkeypatch):
     pool = ds.create_stage_pool(1, 2)
     # Other threads alive (a library's, say) do not take this thread's results: no wait for
     # ever, but LONE_WAIT s for a request this thread may have handed over by hand.
-    monkeypatch.setattr(multitables.stages, "LONE_WAIT", 0.5)
+    monkeypatch.setattr(multitables._reader.stages, "LONE_WAIT", 0.5)
     stop = threading.Event()
     bystander = threading.Thread(target=stop.wait)
     bystander.start()
@@ -441,7 +441,7 @@ def test_allow_pickle_is_off_unless_asked_for(files):
 def test_a_request_too_large_for_its_stage_header_travels_down_the_channel(tmp_path):
     """A key of many unsorted rows pickles to more than a stage's request area: it is sent down
     the worker's channel instead, and reads the same."""
-    from multitables import stages
+    from multitables._reader import stages
 
     truth = sample((60_000,), "<i4")
     write_h5py(tmp_path / "rows.h5", "x", truth, chunks=(1000,))
@@ -494,7 +494,7 @@ def test_a_second_worker_is_woken_when_the_first_falls_behind(tmp_path):
 
 @pytest.fixture
 def small_split(monkeypatch):
-    from multitables import proxies
+    from multitables._reader import proxies
 
     monkeypatch.setattr(proxies, "SPLIT_BYTES", 64)
 
@@ -559,7 +559,7 @@ def test_a_freed_stage_is_idle_before_another_request_can_claim_it(reader):
     # have its PENDING overwritten by IDLE, and its get() return before the worker wrote.
     stage = reader.get_dataset("f4").create_stage(2)
     stage.claim(object())
-    stage.memory.state.set(multitables.stages.DONE)
+    stage.memory.state.set(multitables._reader.stages.DONE)
     seen = []
     state = stage.memory.state
 
@@ -576,13 +576,13 @@ def test_a_freed_stage_is_idle_before_another_request_can_claim_it(reader):
         stage.free()
     finally:
         stage.memory.state = state
-    assert seen == [(multitables.stages.IDLE, False)]
+    assert seen == [(multitables._reader.stages.IDLE, False)]
 
 
 def test_a_request_pool_filled_past_its_stages_by_a_lone_thread_raises(reader, monkeypatch):
     # Requests in a RequestPool may be taken by another thread; with none running, nothing can
     # free a stage, and the wait would never end.
-    monkeypatch.setattr(multitables.stages.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(multitables._reader.stages.threading, "active_count", lambda: 1)
     ds = reader.get_dataset("f4")
     pool = ds.create_stage_pool(1, 2)
     pending = multitables.RequestPool()

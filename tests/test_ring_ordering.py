@@ -17,7 +17,7 @@ import signal
 import numpy as np
 import pytest
 
-from multitables._ringbuf import SlotQueue
+from multitables._engine._ringbuf import SlotQueue
 
 pytestmark = pytest.mark.timeout(60)
 

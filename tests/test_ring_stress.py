@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from multitables._ringbuf import TIMEOUT, SlotQueue
+from multitables._engine._ringbuf import TIMEOUT, SlotQueue
 
 pytestmark = [pytest.mark.stress, pytest.mark.timeout(60)]
 

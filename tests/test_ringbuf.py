@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from multitables._ringbuf import CLOSED, TIMEOUT, Counter, SlotQueue, Word
+from multitables._engine._ringbuf import CLOSED, TIMEOUT, Counter, SlotQueue, Word
 
 pytestmark = pytest.mark.timeout(60)
 

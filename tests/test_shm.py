@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from multitables._engine.shm import SharedArena
 from multitables.errors import SharedMemoryError
-from multitables.shm import SharedArena
 
 
 @pytest.mark.parametrize("nbytes", [1, 4096, 3 * 4096 + 1, 8 << 20])

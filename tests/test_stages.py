@@ -134,7 +134,7 @@ def test_vlen_one_element_over_raises_naming_both_sizes(stage_file, base):
 def test_a_taken_result_leaves_its_stage_idle(stage_file):
     """The stage states of NOTE [ Worker shutdown logic ]: DONE or FAILED go back to IDLE once
     the result (or the error) is taken."""
-    from multitables.stages import IDLE
+    from multitables._reader.stages import IDLE
 
     reader, truth = stage_file
     ds = reader.get_dataset("one")

@@ -45,7 +45,7 @@ def _assert_workers_wait(pool, idle: float = 0.5) -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_start_methods(data_files, method, mp_helpers, monkeypatch):
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # many small slots
+    monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)  # many small slots
     path, tables_path, truth = data_files
     with multitables.Streamer(path, start_method=method) as stream:
         with stream.get_queue("x", n_procs=2, block_size=100, ordered=True, read_ahead=2,

@@ -70,7 +70,7 @@ def tables_file(tmp_path_factory):
 def slot_batching(request, monkeypatch):
     """Run a test with small blocks batched into slots (the default) and with one per slot."""
     if request.param == "one_block_per_slot":
-        monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
+        monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)
     return request.param
 
 
@@ -271,7 +271,7 @@ def test_default_block_size_is_whole_chunks_of_a_mebibyte(tmp_path):
 
 
 def test_guard_view_is_zero_copy_and_released_on_exception(h5file, monkeypatch):
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
+    monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)
     path, truth = h5file
     with multitables.Streamer(path) as stream:
         with stream.get_queue(
@@ -291,7 +291,7 @@ def test_guard_view_is_zero_copy_and_released_on_exception(h5file, monkeypatch):
 
 
 def test_holding_every_slot_raises_instead_of_hanging(h5file, monkeypatch):
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
+    monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)
     path, truth = h5file
     with multitables.Streamer(path) as stream:
         with stream.get_queue("contiguous_f4_2d", n_procs=1, read_ahead=2, block_size=10) as q:
@@ -349,7 +349,7 @@ def test_more_consumer_threads_than_slots_wait_instead_of_raising(h5file, monkey
     """Four threads each holding a guard for a while, two slots: they take turns."""
     import time as _time
 
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
+    monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)
     path, truth = h5file
     got: list[np.ndarray] = []
     errors: list[BaseException] = []
@@ -493,7 +493,7 @@ def test_stream_workers_run_below_the_consumers_priority(h5file):
                                                                 n_procs=2) as q:
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in _pids(q)] == [
-            min(19, mine + multitables.workers.STANDBY_NICENESS)] * 2
+            min(19, mine + multitables._engine.workers.STANDBY_NICENESS)] * 2
 
 
 @pytest.mark.timeout(60)
@@ -535,15 +535,15 @@ class _NoTimeouts:
 def sleepy_consumer(monkeypatch):
     """A slot per block, workers slower than the consumer (it sleeps for every slot), and a
     sleep for a slot that cannot come as long as 20 s, which _NoTimeouts turns into a failure."""
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)
+    monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)
     monkeypatch.setattr(multitables.streamer, "WAIT_SLICE", 20.0)
-    read = multitables.streamjob.read_selection
+    read = multitables._streamer.job.read_selection
 
     def slow_read(*args, **kwargs):
         time.sleep(0.01)
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(multitables.streamjob, "read_selection", slow_read)  # workers fork it
+    monkeypatch.setattr(multitables._streamer.job, "read_selection", slow_read)  # workers fork it
 
 
 @pytest.mark.parametrize("n_procs, read_ahead, held", [
@@ -621,7 +621,7 @@ def test_a_block_size_beyond_the_dataset_reserves_only_the_rows_it_can_deliver(h
 
 
 def test_default_n_procs_is_the_cpus_this_process_may_use_at_most_four(h5file, monkeypatch):
-    from multitables.source import default_n_procs
+    from multitables._hdf5.source import default_n_procs
 
     path, truth = h5file
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})

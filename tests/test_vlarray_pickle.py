@@ -63,7 +63,7 @@ def test_pickled_rows_are_unpickled_when_allowed(hostile):
 
 
 def test_a_spec_made_elsewhere_cannot_unpickle(hostile):
-    from multitables.readspec import VLEN, ReadSpec
+    from multitables._reader.readspec import VLEN, ReadSpec
 
     with pytest.raises(ValueError, match="allow_pickle=True"):
         ReadSpec(VLEN, "/objects", None, None, (1,), None, pseudo_atom="object")

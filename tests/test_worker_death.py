@@ -43,7 +43,7 @@ def test_worker_killed_during_cyclic_stream(data_files, victim):
 
 
 def test_worker_killed_during_finite_stream(data_files, monkeypatch):
-    monkeypatch.setattr(multitables.streamjob, "SLOT_TARGET_BYTES", 1)  # 400 slots of 10 rows
+    monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)  # 400 slots of 10 rows
     path, _, truth = data_files
     queue = multitables.Streamer(path).get_queue("x", n_procs=2, block_size=10, ordered=True)
     for i in range(20):

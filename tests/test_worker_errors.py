@@ -66,7 +66,7 @@ def test_worker_oserror_keeps_errno_and_filename(tmp_path):
     """An OSError from a worker comes back as one: its type and errno, the file in its text."""
     import errno as errno_codes
 
-    from multitables.errbox import ErrorBox
+    from multitables._engine.errbox import ErrorBox
 
     box = ErrorBox(bytearray(1 << 14), 0, 1 << 14)
     box.put(FileNotFoundError(errno_codes.ENOENT, "No such file", "/x/y.h5"), "in worker 0")

@@ -14,8 +14,8 @@ import pytest
 from helpers import N_ROWS, _mp_helpers, alive_after, drain_rows, sample, write_h5py
 
 import multitables
-from multitables.shm import SharedArena
-from multitables.workers import TIMEOUT, Channel
+from multitables._engine.shm import SharedArena
+from multitables._engine.workers import TIMEOUT, Channel
 
 pytestmark = pytest.mark.timeout(60)
 

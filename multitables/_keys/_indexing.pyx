@@ -5,7 +5,7 @@
 checks the key, raising the exception numpy would raise, in numpy's words, and returns a
 :class:`Selection`: a box to read from the file (one regular hyperslab or sorted unique index
 set per dataset dimension, or a list of points) and the numpy key that turns that box into the
-result. This module never imports h5py; ``multitables.hyperslab`` applies the plan in a worker.
+result. This module never imports h5py; ``multitables._hdf5.hyperslab`` applies the plan in a worker.
 """
 
 import operator
@@ -169,7 +169,7 @@ def from_plain(tuple plain):
                      None if order is None else (np.frombuffer(order, np.intp),))
 
 
-_PACKED = "multitables._indexing.array"
+_PACKED = "multitables._keys._indexing.array"
 
 
 cdef object _pack(object x):

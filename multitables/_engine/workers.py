@@ -91,9 +91,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .errors import SubprocessException
+from .._hdf5.source import OpenFile
+from ..errors import SubprocessException
 from .shm import passing_descriptors
-from .source import OpenFile
 
 # Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
 WAIT_SLICE = 0.1

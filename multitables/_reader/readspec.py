@@ -15,8 +15,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._indexing import Selection, from_plain, translate
-from .hyperslab import read_selection
+from .._hdf5.hyperslab import read_selection
+from .._keys._indexing import Selection, from_plain, translate
 from .stages import StageMemory, check_fits
 
 # Kinds of request.

@@ -7,8 +7,8 @@ import struct
 import traceback
 from typing import Any
 
+from ..errors import SubprocessException, remote_exception
 from ._ringbuf import Word
-from .errors import SubprocessException, remote_exception
 
 
 class ErrorBox:

@@ -18,7 +18,7 @@ import weakref
 import h5py
 import numpy as np
 
-from ._indexing import Selection
+from .._keys._indexing import Selection
 from ._rows import gather_rows
 from .source import per_dataset
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from ._indexing import translate
-from .hyperslab import read_selection
-from .ring import Ring, RingLayout
-from .shm import SharedArena
-from .source import DatasetInfo, OpenFile
-from .workers import WAIT_SLICE
+from .._engine.ring import Ring, RingLayout
+from .._engine.shm import SharedArena
+from .._engine.workers import WAIT_SLICE
+from .._hdf5.hyperslab import read_selection
+from .._hdf5.source import DatasetInfo, OpenFile
+from .._keys._indexing import translate
 
 # Small blocks are read in batches filling a slot of about this size: one HDF5 read and one
 # hand-over between processes per slot, so a block costs only its Python-side delivery.

@@ -3,7 +3,7 @@
 
 Internal module. Everything here works on raw bytes of a shared mapping (an ``mmap`` seen by every
 process), so the same objects, rebuilt over the same offsets, work in the parent and in the workers.
-Nothing here imports h5py or allocates shared memory; ``multitables.shm`` owns the mappings.
+Nothing here imports h5py or allocates shared memory; ``multitables._engine.shm`` owns the mappings.
 """
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t

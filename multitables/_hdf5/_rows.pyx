@@ -1,7 +1,7 @@
 # cython: language_level=3, embedsignature=True
 """Row primitives of the worker-side reads (internal): runs of consecutive rows, for the
-hyperslab unions HDF5 reads (``multitables.hyperslab``), and rows gathered from a file image,
-for the reads past HDF5 (``multitables.rawread``).
+hyperslab unions HDF5 reads (``multitables._hdf5.hyperslab``), and rows gathered from a file image,
+for the reads past HDF5 (``multitables._hdf5.rawread``).
 
 Both are C loops because numpy takes 10 to 20 times as long on the small index sets of random
 access (``runs`` of 64 rows: 3.5 us here, 34 us with ``np.diff``/``np.flatnonzero``).

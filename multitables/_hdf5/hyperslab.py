@@ -1,6 +1,6 @@
 """Worker-side reading of a translated selection from an h5py dataset (internal).
 
-The parent turns a numpy key into a :class:`~multitables._indexing.Selection` with
+The parent turns a numpy key into a :class:`~multitables._keys._indexing.Selection` with
 ``translate``; a worker hands it to :func:`read_selection`, which builds the HDF5 dataspace
 selections with h5py's low-level API and reads with as few ``H5Dread`` calls as it can: one
 for a regular hyperslab or a union of up to ``_MAX_SLABS`` hyperslabs, then a numpy gather
@@ -17,10 +17,10 @@ import weakref
 import numpy as np
 from h5py import h5s, h5t
 
-from multitables._indexing import Selection
-from multitables._rows import runs
-from multitables.decode import ChunkDecoder
-from multitables.rawread import RawRows, row_range
+from multitables._hdf5._rows import runs
+from multitables._hdf5.decode import ChunkDecoder
+from multitables._hdf5.rawread import RawRows, row_range
+from multitables._keys._indexing import Selection
 
 try:
     # h5py's Cython selector adds one hyperslab per index in a C loop: 10,000 rows in 7.5 ms,

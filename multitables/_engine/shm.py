@@ -18,7 +18,7 @@ from multiprocessing import reduction
 
 import numpy as np
 
-from .errors import SharedMemoryError
+from ..errors import SharedMemoryError
 
 PAGE = mmap.PAGESIZE
 

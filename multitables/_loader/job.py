@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from . import rawread
-from ._indexing import translate
-from .hyperslab import read_selection
-from .ring import Ring, RingLayout
-from .shm import SharedArena, round_up
-from .source import DatasetInfo, OpenFile
-from .workers import WAIT_SLICE
+from .._engine.ring import Ring, RingLayout
+from .._engine.shm import SharedArena, round_up
+from .._engine.workers import WAIT_SLICE
+from .._hdf5 import rawread
+from .._hdf5.hyperslab import read_selection
+from .._hdf5.source import DatasetInfo, OpenFile
+from .._keys._indexing import translate
 
 # Units of contiguous (unchunked) datasets: large enough for a fast pread, small enough that a
 # window of them mixes well.

@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._indexing import translate
-from .chain import Chain
+from .._hdf5.source import DatasetInfo, check_positive_int
+from .._keys._indexing import translate
+from .._keys.chain import Chain
 from .readspec import ARRAY, SORTED, VLEN, WHERE, ReadSpec
-from .source import DatasetInfo, check_positive_int
 from .stages import MAX_PARTS, Stage, StagePool
 
 # A request is split over several workers when each part gets at least this much.
 SPLIT_BYTES = 2 << 20
 
 if TYPE_CHECKING:
-    from .reader import Reader
+    from ..reader import Reader
 
 
 class DatasetProxy:

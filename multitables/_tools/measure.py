@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .source import default_block_size, register_filter_plugins
+from .._hdf5.source import default_block_size, register_filter_plugins
 
 __all__ = ["default_block_size"]  # the engine's rule, for the CLI and bench/
 

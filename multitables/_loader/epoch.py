@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import SubprocessException
-from .loadjob import BATCHES, UNITS, LoadJob, LoadPlan, regions, ring_for
+from .._engine.ring import CLOSED
+from .._engine.workers import CHECK_INTERVAL, WAIT_SLICE
+from ..errors import SubprocessException
+from .job import BATCHES, UNITS, LoadJob, LoadPlan, regions, ring_for
 from .order import EpochOrder
-from .ring import CLOSED
-from .workers import CHECK_INTERVAL, WAIT_SLICE
 
 if TYPE_CHECKING:
-    from .loader import Loader, _Local
+    from ..loader import Loader, _Local
 
 # What a batch used after the next one was asked for reads as, with copy=False (NaN for floats).
 POISON = 0xFF

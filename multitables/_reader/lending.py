@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._lent import Lent
+from .._engine._lent import Lent
 from .stages import StageMemory
 
 # Smaller results are copied: the copy costs less than lending (an owner, a memory swap).

@@ -17,10 +17,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from multitables import _advice
-from multitables import _measure as m
+from multitables._hdf5.source import get_dataset, open_file
+from multitables._tools import advice as _advice
+from multitables._tools import measure as m
 from multitables.loader import Loader
-from multitables.source import get_dataset, open_file
 from multitables.streamer import Streamer
 
 # Rows per batch of the Loader's row in ``bench``: a common training batch.

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._engine.workers import WAIT_SLICE
 from .lending import lendable
 from .readspec import ReadSpec, copy_result, result_view
 from .stages import FAILED, PENDING, Stage
-from .workers import WAIT_SLICE
 
 if TYPE_CHECKING:
-    from .reader import Reader
+    from ..reader import Reader
 
 __all__ = ["Request", "RequestPool", "ResultProxy"]
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ._ringbuf import Counter, Word
-from .errbox import ErrorBox
-from .errors import QueueClosedException, SharedMemoryError
-from .shm import PAGE, SharedArena, round_up
-from .workers import CHECK_INTERVAL
+from .._engine._ringbuf import Counter, Word
+from .._engine.errbox import ErrorBox
+from .._engine.shm import PAGE, SharedArena, round_up
+from .._engine.workers import CHECK_INTERVAL
+from ..errors import QueueClosedException, SharedMemoryError
 
 # Stage states: the Reader moves IDLE to PENDING, a worker PENDING to DONE or FAILED, the
 # consumer DONE or FAILED back to IDLE. See NOTE [ Worker shutdown logic ], step (3).

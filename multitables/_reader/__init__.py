@@ -1,0 +1,1 @@
+"""The Reader's internals: requests, their stages and futures, dataset proxies and lent results."""

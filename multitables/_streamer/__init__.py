@@ -1,0 +1,1 @@
+"""The Streamer's internals: the stream's plan and the workers' job."""

@@ -1,0 +1,1 @@
+"""The command line's tools (internal): info, bench and tune, their timing harness and advice."""
