@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 EXAMPLES = os.path.join(REPO, "examples")
 
 
