@@ -15,9 +15,12 @@ if not _sys.platform.startswith("linux"):
 from ._reader.futures import Request, RequestPool
 from ._reader.stages import Stage, StagePool
 from .errors import (  # noqa: E402
+    ClosedError,
+    MultitablesError,
     QueueClosed,
     QueueClosedException,
     SharedMemoryError,
+    StagePoolExhausted,
     SubprocessException,
 )
 from .loader import Loader
@@ -27,8 +30,10 @@ from .streamer import Guard, Queue, Streamer
 __version__ = "3.0.0.dev0"
 
 __all__ = [
+    "ClosedError",
     "Guard",
     "Loader",
+    "MultitablesError",
     "Queue",
     "QueueClosed",
     "QueueClosedException",
@@ -38,6 +43,7 @@ __all__ = [
     "SharedMemoryError",
     "Stage",
     "StagePool",
+    "StagePoolExhausted",
     "Streamer",
     "SubprocessException",
     "__version__",

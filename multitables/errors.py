@@ -23,16 +23,33 @@ class _QueueClosedType:
 QueueClosed = _QueueClosedType()
 
 
-class QueueClosedException(RuntimeError):
-    """A queue, stream or reader was used after it was closed."""
+class MultitablesError(Exception):
+    """The base of every exception multitables defines: ``except MultitablesError`` catches
+    them all, while each also refines the builtin a caller would catch."""
 
 
-class SubprocessException(RuntimeError):
+class QueueClosedException(MultitablesError, RuntimeError):
+    """A queue, stream or reader was used after it was closed (the name of multitables 2.0.1)."""
+
+
+class ClosedError(QueueClosedException, ValueError):
+    """Something was used after it was closed: a queue, a Reader, a stage, a Loader.
+
+    It is a ``QueueClosedException`` (2.0.1's name) and a ``ValueError`` (what Python's own file
+    objects raise after ``close()``), so ``except`` clauses written for either keep working.
+    """
+
+
+class SubprocessException(MultitablesError, RuntimeError):
     """A worker process failed: it raised, or it died (signal, OOM kill)."""
 
 
-class SharedMemoryError(MemoryError):
+class SharedMemoryError(MultitablesError, MemoryError):
     """Shared memory could not be reserved, or a result does not fit its stage."""
+
+
+class StagePoolExhausted(MultitablesError, RuntimeError):
+    """Every stage of a pool holds a result nobody took, and nothing else could free one."""
 
 
 def remote_exception(type_: type[BaseException], message: str, where: str, tb_text: str,

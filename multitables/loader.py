@@ -24,6 +24,7 @@ from ._hdf5.source import DatasetInfo, check_positive_int, default_n_procs, desc
 from ._loader.epoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
 from ._loader.job import costliest_chunk_rows, plan_units
 from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
+from .errors import ClosedError
 
 __all__ = ["Loader"]
 
@@ -292,7 +293,7 @@ class Loader:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"this Loader of {self.filename} is closed")
+            raise ClosedError(f"this Loader of {self.filename} is closed")
 
     def close(self) -> None:
         """End the worker processes and free the shared memory. Idempotent."""

@@ -43,7 +43,7 @@ from ._reader.lending import lend
 from ._reader.proxies import DatasetProxy, make_proxy
 from ._reader.readspec import ARRAY, ReadSpec, element_dtype, execute, from_wire, to_wire
 from ._reader.stages import DONE, FAILED, IDLE, MAX_PARTS, PENDING, Stage, StageMemory, StagePool
-from .errors import QueueClosedException, SubprocessException
+from .errors import ClosedError, SubprocessException
 
 __all__ = ["Reader"]
 
@@ -589,7 +589,7 @@ class Reader:
     def _check(self) -> None:
         """Raise if the workers failed; called between the slices of every wait."""
         if self._closed:
-            raise QueueClosedException("the reader was closed while a request was pending")
+            raise ClosedError("the reader was closed while a request was pending")
         if self._errors is not None and self._errors.full():
             exc = self._errors.exception()
             self.close(wait=False)
@@ -610,7 +610,7 @@ class Reader:
 
     def _check_open(self, what: str = "this Reader") -> None:
         if self._closed:
-            raise QueueClosedException(f"{what} of {self.filename} is closed")
+            raise ClosedError(f"{what} of {self.filename} is closed")
 
     # ---- shutdown ----
 

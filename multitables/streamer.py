@@ -25,7 +25,7 @@ from ._hdf5.source import (
 )
 from ._streamer import job as streamjob
 from ._streamer.job import StreamJob, StreamPlan, slot_arrays
-from .errors import QueueClosed, QueueClosedException, SubprocessException
+from .errors import ClosedError, QueueClosed, SubprocessException
 
 __all__ = ["Guard", "Queue", "Streamer"]
 
@@ -244,7 +244,7 @@ class Queue:
     def _view(self, slot: int, rows: slice) -> np.ndarray:
         with self._refs_changed:  # close() empties the slots under this lock
             if self._closed:
-                raise QueueClosedException("the queue was closed; its blocks are gone")
+                raise ClosedError("the queue was closed; its blocks are gone")
             return self._slots[slot][rows]
 
     def _release(self, slot: int, owner: int | None) -> None:
@@ -261,7 +261,7 @@ class Queue:
         """Stop reading, free the shared memory and hand the workers back to the Streamer, where
         they stand by for its next queue. Idempotent, and safe from any thread, also while
         others wait in ``get()`` (they get ``QueueClosed``) or hold guards (their ``with``
-        raises ``QueueClosedException``). See NOTE [ Worker shutdown logic ], step (4)."""
+        raises ``ClosedError``). See NOTE [ Worker shutdown logic ], step (4)."""
         with self._refs_changed:
             if self._closed:
                 return

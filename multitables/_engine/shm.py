@@ -18,7 +18,7 @@ from multiprocessing import reduction
 
 import numpy as np
 
-from ..errors import SharedMemoryError
+from ..errors import ClosedError, SharedMemoryError
 
 PAGE = mmap.PAGESIZE
 
@@ -81,7 +81,7 @@ class SharedArena:
     def fd(self) -> int:
         """The memfd, to send to a worker (``multiprocessing.reduction.send_handle``)."""
         if self._fd is None:
-            raise ValueError("this SharedArena is closed")
+            raise ClosedError("this SharedArena is closed")
         return self._fd
 
     def close(self) -> None:
@@ -101,7 +101,7 @@ class SharedArena:
 
     def __reduce__(self):
         if self._fd is None:
-            raise ValueError("cannot send a closed SharedArena to a worker")
+            raise ClosedError("cannot send a closed SharedArena to a worker")
         fds = getattr(_passing, "fds", None)
         if fds is not None:  # a worker channel's message: the descriptor travels beside it
             fds.append(self._fd)

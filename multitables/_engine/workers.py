@@ -92,7 +92,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._hdf5.source import OpenFile
-from ..errors import SubprocessException
+from ..errors import ClosedError, SubprocessException
 from .shm import passing_descriptors
 
 # Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
@@ -465,7 +465,7 @@ class StandbyWorkers:
     def run(self, job: Job, n_procs: int) -> Crew:
         """Start ``job`` on ``n_procs`` workers, idle ones first, fresh ones for the rest."""
         if self._closed:
-            raise ValueError(f"this {self.name} is closed")
+            raise ClosedError(f"this {self.name} is closed")
         self._reap_idle()
         crew: list[_Worker] = []
         try:

@@ -21,7 +21,7 @@ from .._engine._ringbuf import Counter, Word
 from .._engine.errbox import ErrorBox
 from .._engine.shm import PAGE, SharedArena, round_up
 from .._engine.workers import CHECK_INTERVAL
-from ..errors import QueueClosedException, SharedMemoryError
+from ..errors import ClosedError, SharedMemoryError, StagePoolExhausted
 
 # Stage states: the Reader moves IDLE to PENDING, a worker PENDING to DONE or FAILED, the
 # consumer DONE or FAILED back to IDLE. See NOTE [ Worker shutdown logic ], step (3).
@@ -142,7 +142,7 @@ class Stage:
 
     def claim(self, request: object) -> None:
         if self.closed:
-            raise QueueClosedException(f"{self.label} is closed")
+            raise ClosedError(f"{self.label} is closed")
         if self.owner is not None:
             raise RuntimeError(
                 f"{self.label} is still serving an earlier request; call get() (or one of the "
@@ -222,7 +222,7 @@ class StagePool:
                     stage.claim(request)
                     return stage
             if all(stage.closed for stage in self.stages):
-                raise QueueClosedException("the stage pool is closed")
+                raise ClosedError("the stage pool is closed")
             if check is not None:
                 check()  # the Reader closed, a worker died: no stage will be freed
             if threading.active_count() == 1:
@@ -245,9 +245,9 @@ class StagePool:
             # free() and close() notify; the timeout only bounds the time between checks.
             self._cond.wait(CHECK_INTERVAL)
 
-    def _exhausted(self, advice: str) -> RuntimeError:
-        return RuntimeError(f"all {len(self.stages)} stages of the pool hold results that were "
-                            f"not collected; {advice}")
+    def _exhausted(self, advice: str) -> StagePoolExhausted:
+        return StagePoolExhausted(f"all {len(self.stages)} stages of the pool hold results that "
+                                  f"were not collected; {advice}")
 
     def _only_this_thread_can_free(self) -> bool:
         """Whether every busy stage serves a request this thread made and kept to itself (not
