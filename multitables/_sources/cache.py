@@ -61,7 +61,9 @@ class ByteCache:
         marker = self.dir / MARKER
         if marker.exists():
             return
-        if any(True for _ in os.scandir(self.dir)):
+        with os.scandir(self.dir) as it:
+            empty = next(it, None) is None
+        if not empty:
             raise FileExistsError(errno.EEXIST, "Not a multitables cache (no marker file, not "
                                   "empty): choose another cache_dir", str(self.dir))
         tmp = self.dir / f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}"

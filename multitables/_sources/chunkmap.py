@@ -142,6 +142,7 @@ class ChunkMapStore:
         self.directory = Path(directory)
 
     def path(self, key: tuple, name: str) -> Path:
+        name = "/" + name.lstrip("/")  # "x" and "/x" are the same dataset
         digest = hashlib.sha256(repr((key, name)).encode()).hexdigest()[:40]
         return self.directory / f"chunkmap-{digest}.npz"
 
@@ -171,6 +172,7 @@ class ChunkMapStore:
         return target
 
     def load(self, key: tuple, name: str) -> ChunkMap | None:
+        name = "/" + name.lstrip("/")
         try:
             with np.load(self.path(key, name), allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes())

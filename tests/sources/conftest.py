@@ -108,3 +108,17 @@ def aws_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(params=["http", "s3"])
+def open_remote(request, http, rclone):
+    """``open_remote(name)``: a source of the file ``name`` over HTTP, then over S3. The
+    session's rclone is a dependency here, so that it starts before a test's leak check
+    takes its snapshot."""
+    from multitables._sources import open_source
+
+    def open_(name: str, **options):
+        if request.param == "http":
+            return open_source(http.url(name), options)
+        return open_source(f"s3://{BUCKET}/{name}", rclone.options(**options))
+    return open_

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import BLOB_NAME
+
 from multitables._sources import (
     ObjectChangedError,
     SourceTimeoutError,

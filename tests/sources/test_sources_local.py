@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 from conftest import BLOB_NAME
+
 from multitables._sources import LocalSource, ObjectChangedError, open_source
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+
 from multitables._sources.options import (
     S3Settings,
     StorageOptions,

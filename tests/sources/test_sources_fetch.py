@@ -1,0 +1,175 @@
+"""The parallel range fetcher: neighbours merged, large ranges split (request counts asserted),
+several GETs in flight, the bytes straight into the destinations, errors after every GET ends."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import BLOB_NAME
+
+from multitables._sources import ObjectChangedError, open_source
+from multitables._sources.cache import ByteCache
+from multitables._sources.fetch import Fetcher, plan
+
+
+def requests_of(blob_len, spec):
+    """(offset, size, destination) for each (offset, size) of ``spec``."""
+    return [(off, n, np.zeros(n, np.uint8)) for off, n in spec]
+
+
+def check(reqs, blob):
+    for off, n, dest in reqs:
+        assert dest.tobytes() == blob[off:off + n], (off, n)
+
+
+def test_neighbours_merge_into_one_get(http, blob):
+    # 50 ranges of 1000 bytes, 500 bytes apart (under the gap): one GET; then one far away.
+    spec = [(10_000 + i * 1500, 1000) for i in range(50)] + [(2_000_000, 10)]
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(merge_gap=1000) as f:
+        reqs = requests_of(len(blob), spec)
+        f.fetch(reqs)
+        check(reqs, blob)
+        assert src.stats.requests == 1 + 2
+        assert src.stats.bytes_needed == 50_010
+        assert src.stats.bytes_fetched == 1 + 50 * 1000 + 49 * 500 + 10
+    gets = [r for m, _, r, _ in http.log[1:]]
+    assert sorted(gets) == ["bytes=10000-84499", "bytes=2000000-2000009"]
+
+
+def test_gap_over_the_limit_is_not_merged(http, blob):
+    spec = [(0, 100), (100 + 64 * 1024 + 1, 100)]
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher() as f:
+        f.fetch(requests_of(len(blob), spec))
+        assert src.stats.requests == 1 + 2
+
+
+def test_large_range_is_split(http, blob):
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(split_size=1 << 20) as f:
+        reqs = requests_of(len(blob), [(7, 2_500_000)])
+        f.fetch(reqs)
+        check(reqs, blob)
+        assert src.stats.requests == 1 + 3
+        assert src.stats.bytes_fetched == 1 + 2_500_000
+
+
+def test_merging_stops_at_the_split_size(http, blob):
+    spec = [(i * 100_000, 90_000) for i in range(25)]  # 10 KB gaps, 2.5 MB in all
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(split_size=1 << 20) as f:
+        reqs = requests_of(len(blob), spec)
+        f.fetch(reqs)
+        check(reqs, blob)
+        assert src.stats.requests == 1 + 3  # 10 + 10 + 5 ranges
+
+
+def test_overlapping_and_repeated_ranges(http, blob):
+    spec = [(100, 50), (120, 50), (100, 50), (1000, 1), (0, 0)]
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher() as f:
+        reqs = requests_of(len(blob), spec)
+        f.fetch(reqs)
+        check(reqs, blob)
+        assert src.stats.requests == 1 + 1
+
+
+def test_gets_run_in_parallel(http_factory, blob):
+    srv = http_factory(latency=0.1)
+    spec = [(i * 300_000, 1000) for i in range(8)]  # far apart: 8 GETs
+    with open_source(srv.url(BLOB_NAME)) as src, src.fetcher(max_in_flight=8) as f:
+        reqs = requests_of(len(blob), spec)
+        t0 = time.monotonic()
+        f.fetch(reqs)
+        elapsed = time.monotonic() - t0
+        check(reqs, blob)
+        assert src.stats.requests == 1 + 8
+        assert elapsed < 0.1 * 8 / 2, elapsed  # serial would take 0.8 s
+
+
+def test_faults_and_parallel_gets_give_identical_bytes(http_factory, blob):
+    srv = http_factory(p503=0.05, preset=0.05, pshort=0.05, seed=7)
+    rng = np.random.default_rng(0)
+    offsets = np.sort(rng.choice(len(blob) - 20_000, 200, replace=False))
+    spec = [(int(o), int(rng.integers(1, 20_000))) for o in offsets]
+    with open_source(srv.url(BLOB_NAME), {"retries": 10}) as src, \
+            src.fetcher(merge_gap=2000, split_size=256 << 10, max_in_flight=4) as f:
+        reqs = requests_of(len(blob), spec)
+        f.fetch(reqs)
+        check(reqs, blob)
+
+
+def test_an_error_raises_after_every_get_ends(http, blob):
+    src = open_source(http.url(BLOB_NAME))
+    http.replace(BLOB_NAME, blob[::-1])
+    with src.fetcher(max_in_flight=4) as f:
+        reqs = requests_of(len(blob), [(i * 200_000, 10) for i in range(10)])
+        with pytest.raises(ObjectChangedError):
+            f.fetch(reqs)
+    src.close()
+
+
+def test_no_get_still_writes_when_fetch_raises(http, blob):
+    src = open_source(http.url(BLOB_NAME))
+    running = []
+    read = src.read_segments
+
+    def slow_or_failing(offset, segments):
+        running.append(offset)
+        try:
+            if offset == 0:
+                raise ConnectionAbortedError("the first GET fails at once")
+            time.sleep(0.05)
+            read(offset, segments)
+        finally:
+            running.remove(offset)
+
+    src.read_segments = slow_or_failing
+    with src.fetcher(max_in_flight=4) as f:
+        with pytest.raises(ConnectionAbortedError):
+            f.fetch(requests_of(len(blob), [(i * 200_000, 10) for i in range(10)]))
+        assert running == []
+    src.close()
+
+
+def test_local_source_reads_inline(source_dir, blob):
+    with open_source(str(source_dir[0] / BLOB_NAME)) as src, src.fetcher() as f:
+        reqs = requests_of(len(blob), [(0, 10), (10, 10), (30, 10), (100_000, 5)])
+        f.fetch(reqs)
+        check(reqs, blob)
+        assert f._pool is None and src.stats.requests == 3  # adjacent ranges: one preadv
+
+
+def test_destination_checks(http, blob):
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher() as f:
+        with pytest.raises(ValueError, match="destination of 5 bytes for 10 bytes"):
+            f.fetch([(0, 10, bytearray(5))])
+        with pytest.raises(ValueError, match="outside"):
+            f.fetch([(len(blob) - 5, 10, bytearray(10))])
+        with pytest.raises(TypeError, match="read-only"):
+            f.fetch([(0, 3, b"abc")])
+
+
+def test_second_epoch_from_the_disk_cache(http, blob, tmp_path):
+    cache = ByteCache(tmp_path / "cache", 1 << 20)
+    spec = [(i * 100_000, 4000) for i in range(20)]  # gaps over 64 KiB
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(cache=cache) as f:
+        f.fetch(requests_of(len(blob), spec))
+        assert src.stats.requests == 1 + 20
+        reqs = requests_of(len(blob), spec)
+        f.fetch(reqs)
+        check(reqs, blob)
+        assert src.stats.requests == 1 + 20 and f.cache_hits == 20
+
+
+def test_plan_keeps_views_in_place():
+    buf = bytearray(30)
+    views = [memoryview(buf)[0:10], memoryview(buf)[10:30]]
+    (g,) = plan([(100, views[0]), (115, views[1])], merge_gap=5, split_size=1 << 20)
+    assert g.offset == 100 and g.nbytes == 35 and g.scatter is None
+    assert [s.nbytes for s in g.segments] == [10, 5, 20]
+    assert g.segments[0].obj is buf and g.segments[2].obj is buf  # no staging copy
+
+
+def test_fetcher_rejects_bad_settings(http):
+    with open_source(http.url(BLOB_NAME)) as src:
+        with pytest.raises(ValueError):
+            Fetcher(src, merge_gap=-1)

@@ -1,0 +1,98 @@
+"""S3Source against ``rclone serve s3`` (SigV4 auth): the right bytes with the right keys, typed
+errors naming the object with wrong keys or a missing bucket or key, listings, the ETag pin."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import pytest
+from conftest import BLOB_NAME, BUCKET, H5_NAME
+
+from multitables._sources import ObjectChangedError, open_source
+from multitables._sources.s3 import S3Source, list_prefix
+
+
+def test_reads_equal_the_bytes(rclone, blob):
+    with open_source(f"s3://{BUCKET}/{BLOB_NAME}", rclone.options()) as src:
+        assert isinstance(src, S3Source) and src.size == len(blob) and src.etag
+        assert src.read(0, 1) == blob[:1]
+        assert src.read(123_456, 500_000) == blob[123_456:623_456]
+        clone = pickle.loads(pickle.dumps(src))  # settings travel resolved: no request
+        assert clone.read(len(blob) - 10, 10) == blob[-10:]
+        assert src.stats.requests == 3 and clone.stats.requests == 1
+        clone.close()
+
+
+def test_credentials_from_the_environment(rclone, monkeypatch, blob):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", rclone.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", rclone.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", rclone.endpoint)
+    with open_source(f"s3://{BUCKET}/{BLOB_NAME}") as src:
+        assert src.read(5, 5) == blob[5:10]
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"secret": "not-the-secret"}, "HTTP 403, SignatureDoesNotMatch"),
+    ({"key": "NOSUCHKEY"}, "HTTP 403, InvalidAccessKeyId"),
+])
+def test_wrong_keys(rclone, change, match):
+    options = rclone.options(**change, retries=3)
+    with pytest.raises(PermissionError, match=match) as e:
+        open_source(f"s3://{BUCKET}/{BLOB_NAME}", options)
+    assert e.value.filename == f"s3://{BUCKET}/{BLOB_NAME}"
+    for text in (str(e.value), repr(e.value)):
+        assert rclone.secret_key not in text and "not-the-secret" not in text
+        assert "Signature=" not in text and rclone.access_key not in text
+
+
+def test_no_credentials_says_how(rclone):
+    with pytest.raises(PermissionError, match="no AWS credentials were found"):
+        open_source(f"s3://{BUCKET}/{BLOB_NAME}", {"endpoint_url": rclone.endpoint})
+
+
+@pytest.mark.parametrize(("location", "match"), [
+    ("s3://nobucket/a.h5", "NoSuchBucket"),
+    (f"s3://{BUCKET}/no/such/key.h5", "NoSuchKey"),
+])
+def test_missing_bucket_or_key(rclone, location, match):
+    with pytest.raises(FileNotFoundError, match=match) as e:
+        open_source(location, rclone.options(retries=3))
+    assert e.value.filename == location
+
+
+def test_list_prefix(rclone, blob):
+    listed = dict((k, (size, etag)) for k, size, etag in
+                  list_prefix(BUCKET, "", rclone.options()))
+    assert listed[BLOB_NAME][0] == len(blob) and H5_NAME in listed
+    assert [k for k, _, _ in list_prefix(BUCKET, "blob", rclone.options())] == [BLOB_NAME]
+    assert list_prefix(BUCKET, "nothing-here/", rclone.options()) == []
+    with pytest.raises(FileNotFoundError, match="NoSuchBucket"):
+        list_prefix("nobucket", "", rclone.options())
+
+
+def test_list_prefix_pages(rclone):
+    d = rclone.root / BUCKET / "many"
+    d.mkdir()
+    try:
+        for i in range(1005):  # more than one page of 1000
+            (d / f"{i:04d}").write_bytes(b"x")
+        keys = [k for k, _, _ in list_prefix(BUCKET, "many/", rclone.options())]
+        assert keys == [f"many/{i:04d}" for i in range(1005)]
+        with pytest.raises(ValueError, match="more than 1000 objects"):
+            list_prefix(BUCKET, "many/", rclone.options(), max_keys=1000)
+    finally:
+        shutil.rmtree(d)
+
+
+def test_replaced_object_raises(rclone, blob):
+    path = rclone.root / BUCKET / "replaced.bin"
+    path.write_bytes(blob[:100_000])
+    try:
+        with open_source(f"s3://{BUCKET}/replaced.bin", rclone.options()) as src:
+            assert src.read(0, 10) == blob[:10]
+            path.write_bytes(blob[100_000:200_000])
+            with pytest.raises(ObjectChangedError, match=r"s3://bkt/replaced\.bin was replaced"):
+                src.read(0, 10)
+    finally:
+        path.unlink()
