@@ -38,6 +38,7 @@ class Knobs:
     pshort: float = 0.0           # the full Content-Length, half the body, then a clean close
     pignore_range: float = 0.0    # 200 with the whole object although Range was asked
     stall: bool = False           # read the request, never answer (until stop or STALL_LIMIT)
+    auth: str = ""                # if set, the Authorization header every request must carry
     seed: int = 0
 
 
@@ -207,6 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def respond(self, name: str, path: Path, rng: str, head: bool) -> int:
         srv, knobs = self.owner, self.owner.knobs
+        if knobs.auth and self.headers.get("Authorization") != knobs.auth:
+            return self.plain(401, b"unauthorized")
         if name in srv.forbidden:
             return self.plain(403, b"forbidden")
         if ".." in Path(name).parts or not path.is_file():

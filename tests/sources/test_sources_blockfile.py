@@ -14,6 +14,7 @@ from conftest import BLOB_NAME, H5_NAME
 
 from multitables._sources import open_source
 from multitables._sources.blockfile import BlockFile
+from multitables._sources.chunkmap import chunk_map
 
 
 def test_file_semantics_match_bytesio(http, blob):
@@ -103,4 +104,6 @@ def test_open_and_walk_metadata_in_at_most_4_requests(open_remote):
                 described[name] = (obj.shape, obj.dtype, obj.chunks, dict(obj.attrs))
         f.visititems(describe)
         assert len(described) == 6 and f.attrs["title"] == "byte sources"
-        assert src.stats.requests <= 4, (src.stats, bf)
+        maps = [chunk_map(f[name]) for name in described]
+        assert sum(len(m) for m in maps) == 20 + 16 + 1 + 0 + 5 + 1
+        assert src.stats.requests <= 4, (src.stats, bf)  # here: the open, then the first read

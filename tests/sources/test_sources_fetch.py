@@ -3,6 +3,7 @@ several GETs in flight, the bytes straight into the destinations, errors after e
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 
 import numpy as np
@@ -173,3 +174,28 @@ def test_fetcher_rejects_bad_settings(http):
     with open_source(http.url(BLOB_NAME)) as src:
         with pytest.raises(ValueError):
             Fetcher(src, merge_gap=-1)
+
+
+def _child_fetches(fetcher, spec, conn):
+    reqs = requests_of(0, spec)
+    fetcher.fetch(reqs)
+    conn.send([dest.tobytes() for _, _, dest in reqs])
+    fetcher.close()
+    fetcher.source.close()
+
+
+def test_fetcher_after_fork_makes_its_own_threads_and_connections(http, blob):
+    spec = [(i * 300_000, 100) for i in range(6)]
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(max_in_flight=3) as f:
+        f.fetch(requests_of(len(blob), spec))  # the parent's pool and connections exist
+        ctx = multiprocessing.get_context("fork")
+        here, there = ctx.Pipe()
+        p = ctx.Process(target=_child_fetches, args=(f, spec, there))
+        p.start()
+        assert here.poll(10), "the child did not answer"
+        assert here.recv() == [blob[o:o + n] for o, n in spec]
+        p.join(10)
+        here.close(), there.close()
+        reqs = requests_of(len(blob), spec)
+        f.fetch(reqs)  # the parent's still work
+        check(reqs, blob)

@@ -191,3 +191,18 @@ def test_fork_makes_its_own_connections(http, blob):
     assert data == blob[1000:1100] and fresh and pid == p.pid != os.getpid()
     assert src.read(5, 5) == blob[5:10]  # the parent's pool still works
     src.close()
+
+
+def test_basic_auth_from_the_url_and_headers(http_factory, blob):
+    import base64
+    srv = http_factory(auth="Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode())
+    url = srv.url(BLOB_NAME).replace("http://", f"http://user:{SECRET}@")
+    with open_source(url) as src:
+        assert src.read(3, 3) == blob[3:6]
+        assert SECRET not in repr(src) and SECRET not in src.url
+    with pytest.raises(PermissionError, match="HTTP 401"):
+        open_source(srv.url(BLOB_NAME))
+    srv.knobs.auth = f"Bearer {SECRET}"
+    with open_source(srv.url(BLOB_NAME), {"headers": {"Authorization": f"Bearer {SECRET}"}}) \
+            as src:
+        assert src.read(0, 3) == blob[:3]

@@ -3,6 +3,7 @@ errors naming the object with wrong keys or a missing bucket or key, listings, t
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import shutil
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import BLOB_NAME, BUCKET, H5_NAME
 
 from multitables._sources import ObjectChangedError, open_source
+from multitables._sources.base import Source
 from multitables._sources.s3 import S3Source, list_prefix
 
 
@@ -96,3 +98,13 @@ def test_replaced_object_raises(rclone, blob):
                 src.read(0, 10)
     finally:
         path.unlink()
+
+
+def test_a_spawned_process_reads_the_pinned_object(rclone, blob):
+    with open_source(f"s3://{BUCKET}/{BLOB_NAME}", rclone.options()) as src:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            # A bounded wait: a pool whose workers fail to start waits for ever.
+            got = pool.apply_async(Source.read, (src, 1000, 100)).get(timeout=30)
+            assert got == blob[1000:1100]
+            pool.close()
+            pool.join()
