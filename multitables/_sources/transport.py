@@ -391,6 +391,19 @@ def transport_failure(e: BaseException) -> Retry:
     return Retry(reason, timeout=timeout)
 
 
+class _RedactQueries(logging.Filter):
+    """urllib3 logs each request's path at DEBUG, query string included: a presigned URL's
+    signature would reach the user's log. This rewrites those arguments, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(scrub(a) if isinstance(a, str) and "?" in a else a
+                                for a in record.args)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueries())
+
 _live: weakref.WeakSet[Transport] = weakref.WeakSet()
 
 

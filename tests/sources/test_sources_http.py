@@ -3,6 +3,7 @@ never a hang, and no secret in any message."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import pickle
 import random
@@ -206,3 +207,15 @@ def test_basic_auth_from_the_url_and_headers(http_factory, blob):
     with open_source(srv.url(BLOB_NAME), {"headers": {"Authorization": f"Bearer {SECRET}"}}) \
             as src:
         assert src.read(0, 3) == blob[:3]
+
+
+def test_no_secret_in_log_lines(http_factory, blob, caplog):
+    srv = http_factory(p503=0.3, preset=0.2, seed=2)
+    url = srv.url(BLOB_NAME).replace("http://", f"http://user:{SECRET}@") + \
+        f"?X-Amz-Signature={SECRET}"
+    with caplog.at_level(logging.DEBUG):
+        with open_source(url, {"retries": 20}) as src:
+            for offset, length in ranges(len(blob), 10):
+                assert src.read(offset, length) == blob[offset:offset + length]
+    assert "retry" in caplog.text and "GET /blob.bin?<redacted>" in caplog.text
+    assert SECRET not in caplog.text

@@ -108,3 +108,20 @@ def test_a_spawned_process_reads_the_pinned_object(rclone, blob):
             assert got == blob[1000:1100]
             pool.close()
             pool.join()
+
+
+def test_addressing():
+    from multitables._sources.base import SourceStats
+    from multitables._sources.options import StorageOptions, resolve_s3
+    from multitables._sources.s3 import S3Client
+    aws = S3Client(resolve_s3(StorageOptions(region="eu-west-1", anon=True)), StorageOptions(),
+                   SourceStats())
+    assert aws.url("bkt", "a b/c+d.h5") == "https://bkt.s3.eu-west-1.amazonaws.com/a%20b/c%2Bd.h5"
+    assert aws.url("my.bkt", "k") == "https://s3.eu-west-1.amazonaws.com/my.bkt/k"
+    assert aws.url("bkt", "", {"prefix": "a/b c", "list-type": "2"}) == \
+        "https://bkt.s3.eu-west-1.amazonaws.com/?list-type=2&prefix=a%2Fb%20c"
+    custom = S3Client(resolve_s3(StorageOptions(endpoint_url="http://127.0.0.1:9/s3/",
+                                                anon=True)), StorageOptions(), SourceStats())
+    assert custom.url("bkt", "k.h5") == "http://127.0.0.1:9/s3/bkt/k.h5"
+    assert custom.sign("GET", "http://127.0.0.1:9/s3/bkt/k.h5", {"Range": "bytes=0-0"}) == \
+        {"Range": "bytes=0-0"}  # anonymous: unsigned
