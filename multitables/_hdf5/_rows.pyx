@@ -4,7 +4,7 @@ hyperslab unions HDF5 reads (``multitables._hdf5.hyperslab``), and rows gathered
 for the reads past HDF5 (``multitables._hdf5.rawread``).
 
 Both are C loops because numpy takes 10 to 20 times as long on the small index sets of random
-access (``runs`` of 64 rows: 3.5 us here, 34 us with ``np.diff``/``np.flatnonzero``).
+access (figures in bench/README.md, "Costs the read paths are built around").
 """
 
 import numpy as np

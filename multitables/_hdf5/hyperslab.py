@@ -23,15 +23,17 @@ from multitables._hdf5.rawread import RawRows, row_range
 from multitables._keys._indexing import Selection
 
 try:
-    # h5py's Cython selector adds one hyperslab per index in a C loop: 10,000 rows in 7.5 ms,
-    # where as many select_hyperslab calls from Python take 1.2 s (their cost grows with the
-    # union). It is internal to h5py (present since 3.0), so its absence is tolerated.
+    # h5py's Cython selector adds one hyperslab per index in a C loop, where select_hyperslab
+    # calls from Python cost more with every slab the union holds (bench/README.md, "Costs the
+    # read paths are built around"). It is internal to h5py (present since 3.0), so its
+    # absence is tolerated.
     from h5py._selector import Selector as _Selector
 except ImportError:  # pragma: no cover
     _Selector = None
 
 def _memory_type(dtype: np.dtype):
-    """The HDF5 memory type of ``dtype`` (h5py builds it anew at every call: ~4 us).
+    """The HDF5 memory type of ``dtype`` (h5py builds it anew at every call, at a cost a
+    small read notices).
 
     Cached only for dtypes without metadata: numpy's dtype equality ignores it, and h5py keeps
     string encodings and enums there.
@@ -65,15 +67,16 @@ _FILE_SPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _file_space(dsid):
-    """A reusable file dataspace of ``dsid`` (~3 us to make); every use replaces its selection."""
+    """A reusable file dataspace of ``dsid`` (one per read costs what a small read notices);
+    every use replaces its selection."""
     space = _FILE_SPACES.get(dsid)
     if space is None:
         space = _FILE_SPACES[dsid] = dsid.get_space()
     return space
 
 
-# Hyperslabs per H5Dread. HDF5 builds a union in more than linear time (HDF5 2.0: 64 slabs
-# 0.2 ms, 1,000 slabs 6 ms, 10,000 slabs 1.2 s), so larger unions are read in batches.
+# Hyperslabs per H5Dread. HDF5 builds a union in more than linear time (bench/README.md, "Costs
+# the read paths are built around"), so larger unions are read in batches.
 _MAX_SLABS = 256
 # Points per H5Dread when a selection is read point by point (bounds the coordinate array).
 _MAX_POINTS = 1 << 20

@@ -105,8 +105,9 @@ cdef class Selection:
         self.point_axis = point_axis
 
     def __reduce__(self):
-        # Index arrays travel as their bytes: numpy's own pickling costs ~7 us an array to
-        # pickle and ~4 us to unpickle, more than the rest of a request's message.
+        # Index arrays travel as their bytes: numpy's own pickling of an array costs more than
+        # the rest of a request's message (bench/README.md, "Costs the read paths are built
+        # around").
         lkey = self.local_key
         return (_selection, (self.shape, tuple([_pack(e) for e in self.dims]), self.read_shape,
                              self.result_shape,
@@ -207,8 +208,8 @@ def _shape_str(shape):
     return "(" + ",".join(str(s) for s in shape) + ")"
 
 
-# The C loops below take the address of int64 arrays made contiguous here: a typed memoryview
-# costs ~0.3 us to take, and a 64-row plan took six.
+# The C loops below take the address of int64 arrays made contiguous here: taking a typed
+# memoryview costs a measurable share of a small plan, which takes several.
 cdef inline const int64_t *_int64_data(object contiguous):
     return <const int64_t *>cnp.PyArray_DATA(contiguous)
 

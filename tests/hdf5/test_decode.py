@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multitables._hdf5 import decode
+from multitables._hdf5 import codecs, decode, fallback, libraries
 from multitables._hdf5.decode import ChunkDecoder
 from multitables._hdf5.hyperslab import read_selection
 from multitables._keys._indexing import translate
@@ -165,11 +165,11 @@ DATA = _data((40, 16), np.dtype("<f4"))
 def test_unsupported_filters(writable, opts):
     if opts == "bzip2":
         opts = hdf5plugin.BZip2()
-    decode.fallbacks.clear()
+    fallback.fallbacks.clear()
     ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), **opts)
     assert ChunkDecoder.of(ds) is None
     # Declined, and said so, unless there is nothing to decode.
-    reasons = list(decode.fallbacks)
+    reasons = list(fallback.fallbacks)
     assert reasons == [] if not opts else (len(reasons) == 1
                                            and reasons[0].startswith("declined: dataset")), reasons
 
@@ -349,12 +349,10 @@ def test_cache_does_not_keep_datasets(writable):
 def test_blosc_with_and_without_the_shipped_library(writable, monkeypatch, fname, library):
     """Blosc chunks decode the same through the C library python-blosc2 ships (one context per
     decoder) and, where a wheel has none, through a context made per chunk."""
-    from multitables._hdf5 import decode
-
     if library == "absent":
-        monkeypatch.setattr(decode, "_c_blosc2", None)
+        monkeypatch.setattr(libraries, "_c_blosc2", None)
     else:
-        assert decode._c_blosc2 is not None  # the wheels this project installs ship it
+        assert libraries._c_blosc2 is not None  # the wheels this project installs ship it
     data = _data((300, 2048), np.dtype("<f4"))
     ds = writable.create_dataset("d", data=data, chunks=(128, 2048), **FILTERS[fname])
     decoder = ChunkDecoder.of(ds)
@@ -430,16 +428,16 @@ def test_workers_of_a_process_with_blosc_threads(tmp_path):
                                   dict(compression="gzip", shuffle=True)], ids=["gzip", "shuffle"])
 def test_the_fast_path_runs_for_gzip(writable, opts):
     """A gzip read through read_selection, in this process: decoded here, nothing left to HDF5."""
-    if decode._deflate_lib is None:
+    if libraries._deflate_lib is None:
         pytest.skip("no faster deflate library than HDF5's zlib: HDF5 decodes")
     ds = writable.create_dataset("d", data=DATA, chunks=(8, 16), **opts)
-    decode.fallbacks.clear()
-    decode.decoded.clear()
+    fallback.fallbacks.clear()
+    fallback.decoded.clear()
     out = np.empty((30, 16), "f4")
     read_selection(ds, translate((slice(3, 33),), ds.shape), out)
     assert out.tobytes() == DATA[3:33].tobytes()
-    assert decode.decoded == {"deflate": 5}  # rows 3:33 touch chunks 0-4, each decoded once
-    assert not decode.fallbacks
+    assert fallback.decoded == {"deflate": 5}  # rows 3:33 touch chunks 0-4, each decoded once
+    assert not fallback.fallbacks
 
 
 def test_fallbacks_are_counted_by_reason_and_logged_once(writable, caplog):
@@ -447,15 +445,15 @@ def test_fallbacks_are_counted_by_reason_and_logged_once(writable, caplog):
     ds.id.write_direct_chunk((8, 0), b"not deflate data")  # chunk 1 corrupt: a failure
     ds.id.write_direct_chunk((24, 0), DATA[24:32].tobytes(), filter_mask=1)  # declined
     decoder = ChunkDecoder.of(ds)
-    decode.fallbacks.clear()
+    fallback.fallbacks.clear()
     caplog.set_level("DEBUG", logger="multitables")
     for _ in range(2):
         assert not decoder.read_rows(8, 16, np.zeros((8, 16), "f4"))
         assert not decoder.read_rows(24, 32, np.zeros((8, 16), "f4"))
-    failed = [r for r in decode.fallbacks if r.startswith("failed:")]
-    declined = [r for r in decode.fallbacks if r.startswith("declined:")]
-    assert len(failed) == 1 and len(declined) == 1, decode.fallbacks
-    assert decode.fallbacks[failed[0]] == decode.fallbacks[declined[0]] == 2
+    failed = [r for r in fallback.fallbacks if r.startswith("failed:")]
+    declined = [r for r in fallback.fallbacks if r.startswith("declined:")]
+    assert len(failed) == 1 and len(declined) == 1, fallback.fallbacks
+    assert fallback.fallbacks[failed[0]] == fallback.fallbacks[declined[0]] == 2
     logged = [r.getMessage() for r in caplog.records if r.name == "multitables"]
     assert len(logged) == 2 and any(failed[0] in m for m in logged), logged
 
@@ -463,10 +461,10 @@ def test_fallbacks_are_counted_by_reason_and_logged_once(writable, caplog):
 def test_counts_start_afresh_in_a_forked_worker():
     import os
 
-    decode.fallbacks["declined: from the parent"] += 1
+    fallback.fallbacks["declined: from the parent"] += 1
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
-        os._exit(0 if not decode.fallbacks and not decode.decoded else 1)
+        os._exit(0 if not fallback.fallbacks and not fallback.decoded else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
@@ -475,7 +473,7 @@ def _installed_deflate():
     import importlib
 
     found = []
-    for name, module in decode._DEFLATE_MODULES.items():
+    for name, module in libraries._DEFLATE_MODULES.items():
         try:
             importlib.import_module(module)
         except ImportError:
@@ -491,11 +489,11 @@ def _use(monkeypatch, backend):
     """Decode deflate with ``backend``; ``libdeflate-buffer`` is libdeflate through the package's
     Python function (a new buffer per chunk), as where its C API cannot be loaded."""
     if backend == "libdeflate-buffer":
-        monkeypatch.setattr(decode, "_c_libdeflate", None)
+        monkeypatch.setattr(libraries, "_c_libdeflate", None)
         backend = "libdeflate"
     elif backend == "libdeflate":
-        assert decode._c_libdeflate is not None  # the wheels this project installs export it
-    monkeypatch.setattr(decode, "_deflate_name", backend)
+        assert libraries._c_libdeflate is not None  # the wheels this project installs export it
+    monkeypatch.setattr(libraries, "_deflate_name", backend)
 
 
 def _backends():
@@ -506,8 +504,8 @@ def _backends():
 @pytest.mark.parametrize("backend", _backends() + ["zlib"])
 def test_every_deflate_decoder_gives_hdf5s_bytes(writable, monkeypatch, backend):
     _use(monkeypatch, backend)
-    decode.decoded.clear()
-    decode.fallbacks.clear()
+    fallback.decoded.clear()
+    fallback.fallbacks.clear()
     cases = {
         "f4": _data((100, 33), np.dtype("<f4")),
         "u1": _data((100, 64), np.dtype("u1")),
@@ -522,8 +520,8 @@ def test_every_deflate_decoder_gives_hdf5s_bytes(writable, monkeypatch, backend)
             out = np.zeros_like(data)
             assert decoder.read_rows(0, 100, out)
             assert out.tobytes() == ds[()].tobytes(), (backend, name, level, shuffle)
-    assert decode.decoded["deflate"] == 9 * 7  # 7 chunks per dataset, all decoded here
-    assert not decode.fallbacks
+    assert fallback.decoded["deflate"] == 9 * 7  # 7 chunks per dataset, all decoded here
+    assert not fallback.fallbacks
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -538,13 +536,13 @@ def test_every_deflate_decoder_refuses_bad_streams(writable, monkeypatch, backen
     # And one that decodes to fewer: half a chunk.
     ds.id.write_direct_chunk((24, 0), zlib.compress(np.zeros((4, 16), "f4").tobytes()))
     decoder = ChunkDecoder.of(ds)
-    decode.fallbacks.clear()
+    fallback.fallbacks.clear()
     assert decoder.read_rows(0, 8, np.zeros((8, 16), "f4"))
     for start in (8, 16, 24):
         assert not decoder.read_rows(start, start + 8, np.zeros((8, 16), "f4"))
     assert decoder.read_rows(32, 40, np.zeros((8, 16), "f4"))
-    assert sum(decode.fallbacks.values()) == 3
-    assert all(r.startswith("failed:") for r in decode.fallbacks), decode.fallbacks
+    assert sum(fallback.fallbacks.values()) == 3
+    assert all(r.startswith("failed:") for r in fallback.fallbacks), fallback.fallbacks
 
 
 def test_inflate_is_the_decoder_in_use():
@@ -565,8 +563,8 @@ def test_multitables_deflate_picks_the_decoder(value, expected):
 
     if value != "zlib" and value not in _installed_deflate():
         pytest.skip(f"{value} is not installed")
-    out = subprocess.run([sys.executable, "-c", "from multitables._hdf5 import decode; "
-                          "print(decode._deflate_name)"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", "from multitables._hdf5 import libraries; "
+                          "print(libraries._deflate_name)"], capture_output=True, text=True,
                          env=dict(os.environ, MULTITABLES_DEFLATE=value), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
@@ -586,16 +584,16 @@ def test_an_unknown_multitables_deflate_is_refused():
 def test_libdeflate_declines_a_destination_of_another_size():
     """libdeflate's C call writes a whole chunk at the destination's address: a smaller or
     strided destination is declined (HDF5 then reads the chunk), never written past."""
-    if decode._c_libdeflate is None:
+    if libraries._c_libdeflate is None:
         pytest.skip("libdeflate's C library is not installed")  # the `fast` extra brings it
     import zlib
 
     chunk = np.arange(256, dtype="<i4")
     raw = zlib.compress(chunk.tobytes())
-    into_place = decode._deflate_codec(chunk.nbytes, "libdeflate")
+    into_place = codecs.deflate_codec(chunk.nbytes, "libdeflate")
     np.testing.assert_array_equal(into_place(raw, np.empty(chunk.nbytes, np.uint8)).view("<i4"),
                                   chunk)
     for into in (np.zeros(chunk.nbytes // 2, np.uint8), np.zeros(2 * chunk.nbytes, np.uint8)[::2]):
-        with pytest.raises(decode._Undecodable):
+        with pytest.raises(fallback.Undecodable):
             into_place(raw, into)
         assert not into.any()

@@ -1,0 +1,103 @@
+"""Which datasets the fast decode path reads, and how: a ``DecodePlan``, or None (internal).
+
+A dataset qualifies when it is chunked in whole rows (``chunks[1:] == shape[1:]``), stored in
+the type it is read as, and filtered by at most a shuffle and one compressor from the codec
+table that an installed library decodes. Anything else is left to HDF5 as a whole, counted once
+per dataset as ``declined: ...`` in ``fallback.fallbacks``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from .codecs import CODECS, LZF, SHUFFLE, Codec
+from .fallback import fall_back
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the chunks of one dataset are read raw and decoded."""
+
+    shape: tuple[int, ...]
+    row_bytes: int
+    chunk_rows: int
+    ok: np.ndarray  # chunk k is allocated and stored with every filter applied
+    raw_size: int  # bytes of the largest stored chunk
+    codec: Codec | None  # None: shuffled only
+    shuffle: int  # element size the HDF5 shuffle filter used; 0: none
+    bytes_in: bool  # the codec wants bytes (python-lzf), not a writable view
+    name: str  # the codec's, as counted in ``decoded``
+
+
+def _declined(what: str) -> DecodePlan | None:
+    """A compressed dataset left to HDF5 as a whole (no plan): counted once per dataset opened."""
+    fall_back(f"declined: {what}")
+    return None
+
+
+def plan(dataset: h5py.Dataset) -> DecodePlan | None:
+    """The plan for reading ``dataset`` past HDF5's filters, or None when HDF5 must read it."""
+    dsid, shape, dtype = dataset.id, dataset.shape, dataset.dtype
+    dcpl = dsid.get_create_plist()
+    if not shape or dcpl.get_layout() != h5py.h5d.CHUNKED or not dcpl.get_nfilters():
+        return None  # nothing to decode: read as stored (rawread, or HDF5)
+    if tuple(dataset.chunks[1:]) != tuple(shape[1:]):
+        return _declined("dataset chunked across rows")
+    if dtype.hasobject or dsid.get_type() != h5py.h5t.py_create(dtype):
+        return _declined("dataset of a type HDF5 converts, or of references")
+    chunks = tuple(dataset.chunks)
+    row_bytes = dtype.itemsize * math.prod(shape[1:])
+    nbytes = row_bytes * chunks[0]
+    filters = [dcpl.get_filter(i)[:3] for i in range(dcpl.get_nfilters())]
+    # HDF5 applies the filters in pipeline order when writing: shuffle, then one compressor.
+    shuffle = 0
+    if filters[0][0] == SHUFFLE:
+        shuffle = filters.pop(0)[2][0] if filters[0][2] else dtype.itemsize
+    if len(filters) > 1:
+        return _declined("dataset with a checksum, scale-offset or a second compressor")
+    codec, name = None, "none"
+    if filters:
+        code = filters[0][0]
+        spec = CODECS.get(code)
+        name = spec.name if spec is not None else f"filter {code}"
+        if spec is None or not spec.available():
+            return _declined((spec and spec.unavailable)
+                             or f"dataset compressed by {name}, which no installed library "
+                                "decodes")
+        codec = spec.make(nbytes, chunks, dtype.itemsize)
+    if not hasattr(dsid, "chunk_iter"):
+        return _declined("h5py built on HDF5 < 1.12.3 (no chunk_iter)")
+    ok, raw_size = _stored_chunks(dsid, shape, chunks, nbytes)
+    return DecodePlan(tuple(shape), row_bytes, chunks[0], ok, raw_size, codec, shuffle,
+                      bytes_in=codec is not None and filters[0][0] == LZF, name=name)
+
+
+def _stored_chunks(dsid, shape: tuple[int, ...], chunks: tuple[int, ...],
+                   nbytes: int) -> tuple[np.ndarray, int]:
+    """Which chunks are stored with every filter applied, and the largest one's size."""
+    n_chunks = -(-shape[0] // chunks[0])
+    ok = np.zeros(n_chunks, bool)
+    sizes = [0]
+
+    def note(info):
+        k = info.chunk_offset[0] // chunks[0]
+        if k < n_chunks:
+            ok[k] = info.filter_mask == 0
+            sizes.append(info.size)
+
+    dsid.chunk_iter(note)
+    if shape[0] % chunks[0] and ok[-1] and _stored_raw(dsid, chunks, n_chunks, nbytes):
+        # A file made with H5D_CHUNK_DONT_FILTER_PARTIAL_CHUNKS stores a partial edge chunk
+        # unfiltered with a filter mask of 0 (h5py cannot ask for the option): when the last
+        # chunk's size is that of raw data, let HDF5 read it.
+        ok[-1] = False
+    return ok, max(sizes)
+
+
+def _stored_raw(dsid, chunks: tuple[int, ...], n_chunks: int, nbytes: int) -> bool:
+    info = dsid.get_chunk_info_by_coord(((n_chunks - 1) * chunks[0],) + (0,) * (len(chunks) - 1))
+    return info.byte_offset is not None and info.size == nbytes
