@@ -33,7 +33,6 @@ Example
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import math
@@ -50,6 +49,7 @@ from dask.array.core import graph_from_arraylike
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
+from ._engine import hooks
 from ._engine._lent import Lent
 from ._hdf5.hyperslab import read_selection, result_layout
 from ._hdf5.rawread import RawRows
@@ -284,5 +284,5 @@ def _after_fork_in_child() -> None:
     _pool_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(close_files)
+hooks.on_fork("dask files", after_in_child=_after_fork_in_child)
+hooks.on_exit("dask files", close_files)

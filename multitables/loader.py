@@ -8,7 +8,6 @@ the consumer gathers each batch from the units in memory with one ``np.take`` pe
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
 import weakref
@@ -18,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ._engine import hooks
+from ._engine.pool import StandbyWorkers
 from ._engine.ring import Ring
-from ._engine.workers import StandbyWorkers
 from ._hdf5.source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
 from ._loader.epoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
 from ._loader.job import costliest_chunk_rows, plan_units
@@ -33,14 +33,6 @@ __all__ = ["Loader"]
 WINDOW_CHUNKS = 16
 WINDOW_BYTES = 32 << 20
 STATE_VERSION = 1
-
-_LIVE_LOADERS: weakref.WeakSet[Loader] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_loaders() -> None:
-    for loader in list(_LIVE_LOADERS):
-        loader.close()
 
 
 @dataclass(frozen=True)
@@ -157,7 +149,7 @@ class Loader:
         self._playing: _Progress | None = None  # the epoch this process plays or played last
         self._local = _Local(start_method)
         self._closed = False
-        _LIVE_LOADERS.add(self)
+        hooks.track("loaders", self)
 
     # ---- the epoch's shape ----
 
@@ -286,7 +278,7 @@ class Loader:
         afresh and leaves its parent's workers and memory alone."""
         if self._local.pid != os.getpid():
             self._local = _Local(self.start_method)
-            _LIVE_LOADERS.add(self)
+            hooks.track("loaders", self)
         return self._local
 
     # ---- shutdown ----
@@ -300,7 +292,7 @@ class Loader:
         if self._closed:
             return
         self._closed = True
-        _LIVE_LOADERS.discard(self)
+        hooks.untrack("loaders", self)
         if self._local.pid == os.getpid():
             self._local.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import collections
 import functools
 import os
@@ -14,22 +13,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ._engine import hooks, timeouts
 from ._engine._ringbuf import CLOSED, Counter, SlotQueue, Word
 from ._engine._ringbuf import TIMEOUT as TIMEOUT_ITEM
+from ._engine.channel import END, TIMEOUT
 from ._engine.errbox import ErrorBox
+from ._engine.pool import Crew, StandbyWorkers
 from ._engine.shm import SharedArena
-from ._engine.workers import (
-    CHECK_INTERVAL,
-    END,
-    IDLE_CHECK,
-    JOIN_TIMEOUT,
-    STOP_GRACE,
-    TIMEOUT,
-    Crew,
-    StandbyWorkers,
-    parent_channel,
-    worker_place,
-)
+from ._engine.worker import parent_channel, worker_place
+from ._hdf5.filejob import FileJob
 from ._hdf5.source import (
     OpenFile,
     check_positive_int,
@@ -46,15 +38,6 @@ from ._reader.stages import DONE, FAILED, IDLE, MAX_PARTS, PENDING, Stage, Stage
 from .errors import ClosedError, SubprocessException
 
 __all__ = ["Reader"]
-
-_LIVE_READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_readers() -> None:  # See NOTE [ Worker shutdown logic ], step (6).
-    for reader in list(_LIVE_READERS):
-        reader.close(wait=False)
-
 
 _ERROR_BYTES = 1 << 16
 # Control memory: which worker is watching its queue (see WORKER_SPIN), then per worker the
@@ -83,7 +66,7 @@ MAX_SPARES = 8
 MAX_SPARE_BYTES = 256 << 20
 
 
-class _RequestJob:
+class _RequestJob(FileJob):
     """The worker side of a Reader: serve the requests of this worker's queue.
 
     Control memory: the watching worker (see WORKER_SPIN); per worker, the count of requests it
@@ -93,7 +76,7 @@ class _RequestJob:
     before a worker's first request on a stage's memory, ("drop", memory id) once it is freed,
     ("read", memory id, spec) for a request too large for the header.
     The Reader closes the queues when it closes. See NOTE [ Worker shutdown logic ] in
-    workers.py.
+    _engine/pool.py.
     """
 
     name = "Reader"
@@ -109,8 +92,7 @@ class _RequestJob:
         # which random requests often revisit: hold a few dozen of them.
         return {"rdcc_nbytes": 32 << 20, "rdcc_nslots": 10_007, **self.kwargs}
 
-    def attach(self, source: OpenFile, worker: int) -> None:
-        self.source = source
+    def attach_file(self, source: OpenFile, worker: int) -> None:
         self.channel = parent_channel()
         at = _WORKERS + _PER_WORKER * worker
         self.done = Counter(self.control.buffer, at)
@@ -133,7 +115,7 @@ class _RequestJob:
                 finally:
                     self.spinner.set(0)
             if item == TIMEOUT_ITEM:
-                item = self.queue.pop(IDLE_CHECK)
+                item = self.queue.pop(timeouts.IDLE_CHECK)
             if item == TIMEOUT_ITEM:
                 if not parent_alive():
                     return None
@@ -152,7 +134,7 @@ class _RequestJob:
         """Act on the channel message a NOTICE announced: a task, None, or END."""
         # The notice goes first (a message of several packets fills the socket until read), so
         # the message may still be on its way; END comes instead if its send failed.
-        while (message := self.channel.receive(IDLE_CHECK)) is TIMEOUT:
+        while (message := self.channel.receive(timeouts.IDLE_CHECK)) is TIMEOUT:
             if not parent_alive():
                 return END
         if message == END:
@@ -299,7 +281,7 @@ class Reader:
         self._ids = iter(range(1 << 50))  # of stages and of their memories
         self._closed = False
         self._forget_inherited()
-        _LIVE_READERS.add(self)
+        hooks.track("readers", self)
 
     def _forget_inherited(self) -> None:
         """No workers yet (they start with the first request). Also run in a forked child (a
@@ -594,7 +576,7 @@ class Reader:
             exc = self._errors.exception()
             self.close(wait=False)
             raise exc
-        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._next_check = time.monotonic() + timeouts.CHECK_INTERVAL
         if self._pool is None:
             return
         try:
@@ -624,16 +606,17 @@ class Reader:
         if self._closed:
             return
         self._closed = True  # a send blocked in another thread gives up within a slice
-        _LIVE_READERS.discard(self)
+        hooks.untrack("readers", self)
         if os.getpid() != self._owner:
             return  # in a forked copy of the owner: not our workers
-        locked = self._lock.acquire(timeout=2 * JOIN_TIMEOUT)
+        locked = self._lock.acquire(timeout=2 * timeouts.JOIN_TIMEOUT)
         try:
             if self._pool is not None:
                 for worker in range(self.n_procs):
                     self._queues[worker].close()  # the worker ends its job once it is drained
                 self._pool.end()
-                self._pool.stop(join_timeout=JOIN_TIMEOUT if wait else STOP_GRACE)
+                self._pool.stop(
+                    join_timeout=timeouts.JOIN_TIMEOUT if wait else timeouts.STOP_GRACE)
                 self._pool = None
             if self._workers is not None:
                 self._workers.close()
@@ -676,12 +659,18 @@ def _rebuild_reader(filename, n_procs, start_method, allow_pickle, file_kwargs) 
                   **file_kwargs)
 
 
-def _forget_inherited_readers() -> None:
-    for reader in list(_LIVE_READERS):
+def _close_live_readers() -> None:  # See NOTE [ Worker shutdown logic ], step (6).
+    for reader in hooks.tracked("readers"):
+        reader.close(wait=False)
+
+
+def _forget_inherited_readers() -> None:  # See NOTE [ Worker shutdown logic ], step (7).
+    for reader in hooks.tracked("readers"):
         reader._forget_inherited()
 
 
-os.register_at_fork(after_in_child=_forget_inherited_readers)
+hooks.on_exit("readers", _close_live_readers)
+hooks.on_fork("readers", after_in_child=_forget_inherited_readers)
 
 
 def _forget_memory(reader_ref, memory_id: int, sent_to: set[int], arena: SharedArena) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import collections
 import itertools
 import math
@@ -13,8 +12,9 @@ import weakref
 
 import numpy as np
 
+from ._engine import hooks, timeouts
+from ._engine.pool import StandbyWorkers
 from ._engine.ring import CLOSED, Ring
-from ._engine.workers import CHECK_INTERVAL, WAIT_SLICE, StandbyWorkers
 from ._hdf5.source import (
     check_positive_int,
     default_block_size,
@@ -31,17 +31,6 @@ __all__ = ["Guard", "Queue", "Streamer"]
 
 # A consumer that outpaces its workers sleeps until this many slots are filled (see _wake_batch).
 WAKE_BATCH = 2
-
-# Queues alive in this process, closed at interpreter exit. See NOTE [ Worker shutdown logic ],
-# step (6).
-_LIVE_QUEUES: weakref.WeakSet[Queue] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_queues() -> None:
-    for queue in list(_LIVE_QUEUES):
-        queue.close()
-
 
 class Guard:
     """Reserves one block of a queue; ``with guard as block`` gives a zero-copy view of it.
@@ -98,12 +87,12 @@ class Queue:
         self._guards: collections.Counter[int] = collections.Counter()  # live guards per thread
         self._refs_changed = threading.Condition()
         self._closed = False
-        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._next_check = time.monotonic() + timeouts.CHECK_INTERVAL
         self._slots = slot_arrays(plan, ring)
         self._owner = os.getpid()
         self._n_procs = n_procs
         self._pool = workers.run(StreamJob(plan), n_procs)
-        _LIVE_QUEUES.add(self)  # only once it has workers to stop
+        hooks.track("queues", self)  # only once it has workers to stop
 
     def get(self):
         """The next block's ``Guard``, or ``QueueClosed`` once the stream has ended.
@@ -198,7 +187,7 @@ class Queue:
                         f"all {len(self._refs)} slots (read_ahead) are held by guards this "
                         "thread has not released; exit their `with` blocks or raise read_ahead"
                     )
-                self._refs_changed.wait(WAIT_SLICE)
+                self._refs_changed.wait(timeouts.WAIT_SLICE)
 
     def _pop(self) -> int:
         # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
@@ -207,7 +196,7 @@ class Queue:
         while True:
             if self._closed:  # by another thread: no block after close()
                 return -1
-            slot = ring.full.pop(WAIT_SLICE, self._wake_batch())
+            slot = ring.full.pop(timeouts.WAIT_SLICE, self._wake_batch())
             if slot >= 0 and time.monotonic() < self._next_check:
                 return slot
             if ring.errors.full():
@@ -234,7 +223,7 @@ class Queue:
         return max(1, batch)
 
     def _check_workers(self) -> None:
-        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._next_check = time.monotonic() + timeouts.CHECK_INTERVAL
         try:
             self._pool.check()
         except SubprocessException:
@@ -267,7 +256,7 @@ class Queue:
                 return
             self._closed = True
             self._refs_changed.notify_all()  # wakes a get() waiting for a free slot
-        _LIVE_QUEUES.discard(self)
+        hooks.untrack("queues", self)
         if os.getpid() != self._owner:
             return  # in a forked copy of the owner (a DataLoader worker): not our stream
         self._ring.stop()  # wakes a get() waiting for a full slot; it sees the queue closed
@@ -329,7 +318,7 @@ class Streamer:
         self.start_method = start_method
         self._queues: weakref.WeakSet[Queue] = weakref.WeakSet()
         # Started by the first queue, kept for the next ones until close(). A forked copy (a
-        # DataLoader worker) starts its own: see workers._after_fork_in_child.
+        # DataLoader worker) starts its own: see hooks.FORK_CHILD_ORDER.
         self._workers = StandbyWorkers(start_method, "Streamer")
 
     def __reduce__(self):

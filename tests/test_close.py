@@ -34,7 +34,7 @@ def test_close_with_hung_workers_takes_one_join_timeout_not_one_per_worker(data_
     queue.close()
     took = time.monotonic() - t0
     assert alive_after(pids, 1) == []
-    assert took < multitables._engine.workers.JOIN_TIMEOUT + 1, f"close() took {took:.1f} s"
+    assert took < multitables._engine.timeouts.JOIN_TIMEOUT + 1, f"close() took {took:.1f} s"
 
 
 # ---- close, garbage collection, interpreter exit, use after close --------------------------

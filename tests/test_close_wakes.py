@@ -58,7 +58,7 @@ def _continue(pid: int) -> None:
 
 
 def test_close_wakes_a_blocked_get_at_once(data_files):
-    slice_ = multitables._engine.workers.WAIT_SLICE
+    slice_ = multitables._engine.timeouts.WAIT_SLICE
     delays = [_wake_delay(data_files[0]) for _ in range(TRIALS)]
     # At once: a few milliseconds. Woken by its own slice instead: slice_ / 2 on average.
     assert statistics.median(delays) < slice_ / 4, (

@@ -8,7 +8,7 @@ Internal module. Two ways, chosen by the Loader:
 - ``BatchReads`` (unfiltered data): workers read each batch's rows straight from the file into a
   slot, in batch order; the caller gets a copy of the slot, or the slot itself (``copy=False``).
 
-See NOTE [ Worker shutdown logic ] in workers.py for the waits and the shutdown.
+See NOTE [ Worker shutdown logic ] in _engine/pool.py for the waits and the shutdown.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._engine import timeouts
 from .._engine.ring import CLOSED
-from .._engine.workers import CHECK_INTERVAL, WAIT_SLICE
 from ..errors import SubprocessException
 from .job import BATCHES, UNITS, LoadJob, LoadPlan, regions, ring_for
 from .order import EpochOrder
@@ -105,7 +105,7 @@ def _slots_needed(pieces: list[Piece], batch_size: int, n_positions: int) -> int
 
 class Reads:
     """The reads of one iteration: a ring, the workers filling it, and the slots read so far.
-    See NOTE [ Worker shutdown logic ] in workers.py."""
+    See NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py."""
 
     def __init__(self, loader: Loader, local: _Local, kind: str, slot_rows: int, n_slots: int,
                  units: np.ndarray | None = None, sequence: np.ndarray | None = None):
@@ -131,7 +131,7 @@ class Reads:
             self.ring.close()
             raise
         self.slot_of: dict[int, int] = {}  # ticket -> slot, for tickets read and not yet freed
-        self.next_check = time.monotonic() + CHECK_INTERVAL
+        self.next_check = time.monotonic() + timeouts.CHECK_INTERVAL
         local.reads.add(self)  # closed with the Loader
 
     def batch(self, start: int, stop: int, outputs: Outputs) -> list[np.ndarray]:
@@ -153,14 +153,14 @@ class Reads:
         # and now and then even while slots keep coming (one dead worker among live ones).
         ring = self.ring
         while True:
-            slot = ring.full.pop(WAIT_SLICE)
+            slot = ring.full.pop(timeouts.WAIT_SLICE)
             if slot >= 0 and time.monotonic() < self.next_check:
                 return slot
             if ring.errors.full():
                 raise ring.errors.exception()
             if slot == CLOSED:
                 raise SubprocessException(f"the reads of {self.loader.filename} were stopped")
-            self.next_check = time.monotonic() + CHECK_INTERVAL
+            self.next_check = time.monotonic() + timeouts.CHECK_INTERVAL
             self.crew.check()
             if slot >= 0:
                 return slot

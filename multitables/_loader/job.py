@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from .._engine import timeouts
 from .._engine.ring import Ring, RingLayout
 from .._engine.shm import SharedArena, round_up
-from .._engine.workers import WAIT_SLICE
 from .._hdf5 import rawread
+from .._hdf5.filejob import FileJob
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.source import DatasetInfo, OpenFile
 from .._keys._indexing import translate
@@ -163,7 +164,7 @@ def regions(plan: LoadPlan) -> list[np.ndarray]:
             for info, offset in zip(plan.infos, plan.offsets[:-1], strict=True)]
 
 
-class LoadJob:
+class LoadJob(FileJob):
     """Fill free slots with the rows of the next tickets. See NOTE [ Worker shutdown logic ]."""
 
     name = "Loader"
@@ -182,7 +183,7 @@ class LoadJob:
             kwargs["rdcc_nbytes"] = 2 * unit_bytes + (1 << 20) if compressed else 0
         return kwargs
 
-    def attach(self, source: OpenFile, worker: int) -> None:
+    def attach_file(self, source: OpenFile, worker: int) -> None:
         rawread.keep_maps()  # the rows of the next epochs lie in the same pages
         self.plan.arena = _mapped_before(self.plan.arena)
         self.ring = Ring(self.plan.arena, self.plan.layout)
@@ -195,7 +196,7 @@ class LoadJob:
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket to read into it; None when done."""
-        return self.ring.take_ticket(self.plan.n_tickets, WAIT_SLICE, parent_alive)
+        return self.ring.take_ticket(self.plan.n_tickets, timeouts.WAIT_SLICE, parent_alive)
 
     def run(self, task: tuple[int, int]) -> None:
         slot, ticket = task

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._engine.workers import WAIT_SLICE
+from .._engine import timeouts
 from .lending import lendable
 from .readspec import ReadSpec, copy_result, result_view
 from .stages import FAILED, PENDING, Stage
@@ -68,7 +68,7 @@ class Request:
         memory = self._stage.memory
         # See NOTE [ Worker shutdown logic ], step (3): wait in slices, check the workers between.
         state = memory.state  # held here: a stage closed meanwhile stays mapped for this wait
-        while not state.wait_while(PENDING, WAIT_SLICE, REQUEST_SPIN):
+        while not state.wait_while(PENDING, timeouts.WAIT_SLICE, REQUEST_SPIN):
             self._reader._check()
         if memory.state.load() == FAILED:
             exc = memory.errors.exception()

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from collections.abc import Callable
 
 import numpy as np
 
+from .._engine import hooks
 from .._engine._lent import Lent
 from .stages import StageMemory
 
@@ -84,4 +84,4 @@ def _before_fork() -> None:
             loan.memory.arena.make_private()
 
 
-os.register_at_fork(before=_before_fork)
+hooks.on_fork("lent memory", before=_before_fork)

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from .._engine import timeouts
 from .._engine._ringbuf import Counter, Word
 from .._engine.errbox import ErrorBox
 from .._engine.shm import PAGE, SharedArena, round_up
-from .._engine.workers import CHECK_INTERVAL
 from ..errors import ClosedError, SharedMemoryError, StagePoolExhausted
 
 # Stage states: the Reader moves IDLE to PENDING, a worker PENDING to DONE or FAILED, the
@@ -243,7 +243,7 @@ class StagePool:
             else:
                 lone_since = None
             # free() and close() notify; the timeout only bounds the time between checks.
-            self._cond.wait(CHECK_INTERVAL)
+            self._cond.wait(timeouts.CHECK_INTERVAL)
 
     def _exhausted(self, advice: str) -> StagePoolExhausted:
         return StagePoolExhausted(f"all {len(self.stages)} stages of the pool hold results that "

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from .._engine import timeouts
 from .._engine.ring import Ring, RingLayout
 from .._engine.shm import SharedArena
-from .._engine.workers import WAIT_SLICE
+from .._hdf5.filejob import FileJob
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.source import DatasetInfo, OpenFile
 from .._keys._indexing import translate
@@ -69,10 +70,10 @@ class StreamPlan:
         return ranges
 
 
-class StreamJob:
+class StreamJob(FileJob):
     """The worker side of a stream: fill free slots with the blocks of the next ticket.
 
-    See NOTE [ Worker shutdown logic ] in workers.py.
+    See NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py.
     """
 
     name = "Streamer"
@@ -84,7 +85,7 @@ class StreamJob:
     def file_kwargs(self) -> dict[str, Any]:
         return _worker_file_kwargs(self.plan)
 
-    def attach(self, source: OpenFile, worker: int) -> None:
+    def attach_file(self, source: OpenFile, worker: int) -> None:
         plan = self.plan
         assert plan.arena is not None and plan.layout is not None
         self.ring = Ring(plan.arena, plan.layout)
@@ -94,7 +95,7 @@ class StreamJob:
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket of the blocks to read into it; None when done. See NOTE
         [ Worker shutdown logic ], steps (2) and (4)."""
-        return self.ring.take_ticket(self.plan.n_slot_tickets, WAIT_SLICE, parent_alive)
+        return self.ring.take_ticket(self.plan.n_slot_tickets, timeouts.WAIT_SLICE, parent_alive)
 
     def run(self, task: tuple[int, int]) -> None:
         slot, ticket = task

@@ -78,7 +78,7 @@ def test_streamer_close_with_hung_standby_workers_takes_one_timeout(data_files):
     """Workers standing by between queues, then hung: closing the Streamer gives them
     JOIN_TIMEOUT in all before killing them, not JOIN_TIMEOUT each."""
     path, _, truth = data_files
-    join_timeout = multitables._engine.workers.JOIN_TIMEOUT
+    join_timeout = multitables._engine.timeouts.JOIN_TIMEOUT
     before = _children()
     stream = multitables.Streamer(path)
     try:

@@ -99,11 +99,11 @@ def test_a_queue_whose_workers_failed_to_start_leaves_nothing_to_close_at_exit(d
     def fail(self, job, n_procs):
         raise OSError(errno.EAGAIN, "fork: Resource temporarily unavailable")
 
-    monkeypatch.setattr(multitables._engine.workers.StandbyWorkers, "run", fail)
+    monkeypatch.setattr(multitables._engine.pool.StandbyWorkers, "run", fail)
     with pytest.raises(OSError, match="fork") as failure:
         multitables.Streamer(data_files[0]).get_queue("x", n_procs=2)
     assert failure.traceback  # keeps the half-made queue alive, as a logged traceback would
-    multitables.streamer._close_live_queues()  # the interpreter's exit hook: must not raise
+    multitables._engine.hooks.close_at_exit("queues")  # the interpreter's exit hook: no raise
 
 
 @pytest.mark.timeout(60)

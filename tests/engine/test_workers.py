@@ -1,5 +1,5 @@
 """The one worker pool and its protocol: channels, idle workers, waits with deadlines, closes from
-another thread. See NOTE [ Worker shutdown logic ] in multitables/workers.py."""
+another thread. See NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from helpers import N_ROWS, _mp_helpers, alive_after, drain_rows, sample, write_h5py
 
 import multitables
+from multitables._engine.channel import TIMEOUT, Channel
 from multitables._engine.shm import SharedArena
-from multitables._engine.workers import TIMEOUT, Channel
 
 pytestmark = pytest.mark.timeout(60)
 

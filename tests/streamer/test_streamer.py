@@ -493,7 +493,7 @@ def test_stream_workers_run_below_the_consumers_priority(h5file):
                                                                 n_procs=2) as q:
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in _pids(q)] == [
-            min(19, mine + multitables._engine.workers.STANDBY_NICENESS)] * 2
+            min(19, mine + multitables._engine.pool.STANDBY_NICENESS)] * 2
 
 
 @pytest.mark.timeout(60)
@@ -536,7 +536,7 @@ def sleepy_consumer(monkeypatch):
     """A slot per block, workers slower than the consumer (it sleeps for every slot), and a
     sleep for a slot that cannot come as long as 20 s, which _NoTimeouts turns into a failure."""
     monkeypatch.setattr(multitables._streamer.job, "SLOT_TARGET_BYTES", 1)
-    monkeypatch.setattr(multitables.streamer, "WAIT_SLICE", 20.0)
+    monkeypatch.setattr(multitables._engine.timeouts, "WAIT_SLICE", 20.0)
     read = multitables._streamer.job.read_selection
 
     def slow_read(*args, **kwargs):

@@ -1,8 +1,9 @@
-"""The worker processes of every front door: how they start, stand by, run jobs, fail and stop.
+"""The pool of worker processes of every front door: how they start, stand by, run jobs, fail and
+stop (internal).
 
-Internal module. One pool (``StandbyWorkers``), one job protocol (``Job``), one way to pass
-messages and shared memory (``Channel``), one set of timeouts, for the Streamer, the Reader and
-the Loader alike.
+One pool (``StandbyWorkers``), one job protocol (``worker.Job``), one way to pass messages and
+shared memory (``channel.Channel``), one set of timeouts (``timeouts``), one registry of process
+hooks (``hooks``), for the Streamer, the Reader and the Loader alike.
 
 NOTE [ Worker shutdown logic ]
 ==============================
@@ -49,15 +50,14 @@ Steps:
     (JOIN_TIMEOUT, or what the caller gives) and kills the workers that did not answer.
 (5) End of the pool (``StandbyWorkers.close``, ``_end_all``): "stop" to every idle worker, one
     join deadline for all, then SIGKILL. A crew still out ends its workers when it stops.
-(6) Exit hooks (atexit is last-in, first-out): multiprocessing.util's hook is registered first
-    (imported below) so it runs last; before it run ``streamer._close_live_queues``,
-    ``reader._close_live_readers`` and ``workers._end_live_standby``, which stop or kill every
-    worker (multiprocessing's own joins would wait forever on a stopped one). A daemonic
-    process (a DataLoader worker) runs no atexit hooks: multiprocessing's exit function
-    terminates our workers, which are daemonic too.
-(7) Fork: a child forked from the owner (``_after_fork_in_child``, ``Reader._forget_inherited``)
-    closes its copies of the parent's channel ends and forgets the parent's workers; its copies
-    start their own, and its ``close`` never touches the owner's.
+(6) Exit hooks (``hooks``): one atexit hook, registered after multiprocessing.util's (imported
+    first) so that it runs before it, closes in ``hooks.EXIT_ORDER`` the live queues, Readers,
+    Loaders, dask's files and pools, which stop or kill every worker (multiprocessing's own joins
+    would wait forever on a stopped one). A daemonic process (a DataLoader worker) runs no
+    atexit hooks: multiprocessing's exit function terminates our workers, daemonic too.
+(7) Fork (``hooks.FORK_CHILD_ORDER``): a child forked from the owner closes its copies of the
+    parent's channel ends (``channel``), then forgets the parent's workers (``pool``, ``reader``);
+    its copies start their own, and its ``close`` never touches the owner's.
 
 Guarantees:
 1. No hang if a worker dies: every wait and every send of the consumer is sliced (WAIT_SLICE),
@@ -75,37 +75,19 @@ Guarantees:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import multiprocessing
-import multiprocessing.util  # noqa: F401 - see NOTE [ Worker shutdown logic ], exit-hook order
 import os
-import pickle
-import select
-import signal
-import socket
-import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from .._hdf5.source import OpenFile
 from ..errors import ClosedError, SubprocessException
-from .shm import passing_descriptors
-
-# Longest a wait sleeps before checking its peers (seconds). See NOTE [ Worker shutdown logic ].
-WAIT_SLICE = 0.1
-# Longest a consumer goes without checking its workers, even while results keep coming.
-CHECK_INTERVAL = 0.5
-# How long stopping waits for workers to finish on their own before killing them.
-JOIN_TIMEOUT = 2.0
-# How long a stop that does not wait (Reader.close(wait=False)) lets a worker end its read.
-STOP_GRACE = 0.2
-# An idle worker blocks on its channel (EOF tells it its parent is gone) and checks the parent's
-# sentinel this often besides, for the rare process that kept a copy of the parent's end.
-IDLE_CHECK = 1.0
+from . import hooks, timeouts
+from .channel import DONE, END, STOP, Channel, no_check
+from .worker import Job, worker_main
 
 # Workers start by fork (explicitly: Python 3.14 changes the default); spawn and forkserver work.
 START_METHOD = "fork"
@@ -114,220 +96,6 @@ START_METHOD = "fork"
 # generator copies every row; a training step computes): below its priority, they run in the gaps
 # it leaves. A Reader's serve requests someone waits for: at the caller's priority.
 STANDBY_NICENESS = 10
-
-# Control messages of the channel; a Reader's requests are tuples.
-STOP = "stop"  # parent → idle worker: exit
-END = "end"  # parent → worker serving requests from its channel: the job is over
-DONE = "done"  # worker → parent: the job is over, standing by
-
-
-class Job(Protocol):
-    """What workers run: a source of tasks, each a read into shared memory.
-
-    A job must pickle (it travels down a ``Channel``, its arenas as descriptors); ``attach``
-    then maps its shared memory and prepares its datasets in the worker, once per job.
-    """
-
-    name: str
-    filename: str
-
-    def file_kwargs(self) -> dict[str, Any]: ...
-
-    def attach(self, source: OpenFile, worker: int) -> None: ...
-
-    def next_task(self, parent_alive: Callable[[], bool]) -> Any | None:
-        """The next task, waiting in slices; None once the job is over for this worker."""
-
-    def run(self, task: Any) -> None: ...
-
-    def describe(self, task: Any) -> str:
-        """What the task reads, for error messages."""
-
-    def task_failed(self, task: Any, exc: BaseException, where: str) -> bool:
-        """Report a failed task; True to go on serving."""
-
-    def fail(self, exc: BaseException, where: str) -> None:
-        """Report a failure of the worker itself (the file would not open, say)."""
-
-
-# ------------------------------------------------------------------------------------- channel
-
-_HEADER = struct.Struct("<QI")  # bytes of the pickle, descriptors attached to the first packet
-_PACKET = 1 << 15  # well below a Unix socket's send buffer: a packet always fits an empty one
-_MAX_FDS = 64
-TIMEOUT = object()  # what Channel.receive returns when nothing came in time
-
-
-def _no_check() -> None:
-    pass
-
-
-class Channel:
-    """One end of a connection between the parent and one worker: Python objects, pickled, with
-    the descriptor of each ``SharedArena`` in them passed beside the bytes (SCM_RIGHTS).
-
-    A ``SOCK_SEQPACKET`` socket pair: messages keep their boundaries and descriptors arrive with
-    the packet that carries them. Sends wait in slices of WAIT_SLICE, calling ``check`` (which
-    raises to give up) between them, so a stopped peer with a full buffer never blocks for ever.
-    """
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        sock.settimeout(WAIT_SLICE)
-
-    def __reduce__(self):  # to a spawned worker: the socket travels as a descriptor
-        return Channel, (self.sock,)
-
-    @classmethod
-    def pair(cls) -> tuple[Channel, Channel]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        return cls(a), cls(b)
-
-    def send(self, obj: Any, check: Callable[[], None] = _no_check) -> None:
-        """Send ``obj``; ``check()`` runs whenever the peer has not taken it for WAIT_SLICE."""
-        with passing_descriptors([]) as fds:
-            data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-        room = _PACKET - _HEADER.size
-        self._send_packet(_HEADER.pack(len(data), len(fds)) + data[:room], fds, check)
-        for at in range(room, len(data), _PACKET):
-            self._send_packet(data[at : at + _PACKET], [], check)
-
-    def _send_packet(self, packet: bytes, fds: list[int], check: Callable[[], None]) -> None:
-        while True:
-            try:
-                if fds:
-                    socket.send_fds(self.sock, [packet], fds)
-                else:
-                    self.sock.send(packet)
-                return
-            except TimeoutError:
-                check()
-
-    def receive(self, timeout: float | None) -> Any:
-        """The next object, ``TIMEOUT`` if none began to arrive within ``timeout`` s; EOFError
-        once the peer's end is closed (it exited, or died)."""
-        if not self._wait_readable(timeout):
-            return TIMEOUT
-        packet, fds, _, _ = socket.recv_fds(self.sock, _PACKET, _MAX_FDS)
-        try:
-            if not packet:
-                raise EOFError("the other end of the channel is closed")
-            size, _ = _HEADER.unpack_from(packet)
-            parts, got = [packet[_HEADER.size :]], len(packet) - _HEADER.size
-            while got < size:  # the rest follows at once: a peer that stops sending is gone
-                if not self._wait_readable(JOIN_TIMEOUT):
-                    raise EOFError(f"a message stopped after {got} of {size} bytes")
-                part = self.sock.recv(_PACKET)
-                if not part:
-                    raise EOFError(f"a message stopped after {got} of {size} bytes")
-                parts.append(part)
-                got += len(part)
-            with passing_descriptors(fds):
-                return pickle.loads(b"".join(parts))
-        finally:
-            for fd in fds:  # those no arena took
-                if fd >= 0:
-                    os.close(fd)
-
-    def _wait_readable(self, timeout: float | None) -> bool:
-        return bool(select.select([self.sock], [], [], timeout)[0])
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-# The parent's ends of this process's channels. A child forked from this process (our workers,
-# a DataLoader worker) closes its copies, so that a worker sees EOF as soon as its parent is gone.
-_PARENT_ENDS: weakref.WeakSet[Channel] = weakref.WeakSet()
-
-# In a worker process: its end of the channel to its parent (a Reader's job reads requests on it).
-_CHANNEL: Channel | None = None
-
-
-def parent_channel() -> Channel:
-    """This worker's channel to its parent; only in a worker process."""
-    if _CHANNEL is None:
-        raise RuntimeError("not in a multitables worker process")
-    return _CHANNEL
-
-
-# -------------------------------------------------------------------------------- worker side
-
-
-def _worker_main(channel: Channel, worker: int) -> None:
-    """A worker's life: run each job its channel brings, answer DONE, stand by for the next.
-
-    The file is opened per job: an HDF5 file open in an idle worker would hold its lock, and no
-    process could open the file for writing between two passes. See NOTE [ Worker shutdown
-    logic ], steps (1), (2), (4) and (5).
-    """
-    global _CHANNEL
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _CHANNEL = channel
-    parent_alive = _parent_alive()
-
-    def check_parent() -> None:
-        if not parent_alive():
-            raise BrokenPipeError("the parent is gone")
-
-    try:
-        while (job := _next_job(channel, parent_alive)) is not None:
-            _run_job(job, worker, parent_alive)
-            del job  # and with it the job's view of its shared memory
-            channel.send(DONE, check_parent)
-    except (OSError, EOFError):
-        pass  # the channel is gone: so is the parent
-
-
-def _next_job(channel: Channel, parent_alive: Callable[[], bool]) -> Job | None:
-    """The next job, blocking; None: exit. See NOTE [ Worker shutdown logic ], step (1)."""
-    while True:
-        message = channel.receive(IDLE_CHECK)
-        if message is TIMEOUT:
-            if not parent_alive():
-                return None
-        elif message == STOP:
-            return None
-        elif message != END and not isinstance(message, tuple):
-            # An END that crossed a job's own end on the way is no news; nor are requests
-            # (tuples) sent to a job that has already ended: one that failed to open its file.
-            return message
-
-
-def _parent_alive() -> Callable[[], bool]:
-    """Whether the process that made the pool still runs. Our parent pid under fork and spawn: a
-    dead parent's children are adopted by another, at once. Under forkserver the parent is the
-    server; its sentinel tells (a pipe that processes forked later may keep open, so slower)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return lambda: False
-    if parent.pid == os.getppid():
-        return lambda: os.getppid() == parent.pid
-    return parent.is_alive
-
-
-def worker_place(name: str, worker: int) -> str:
-    """Where an error in this worker process happened, as its report names it."""
-    return f"in {name} worker {worker} (pid {os.getpid()})"
-
-
-def _run_job(job: Job, worker: int, parent_alive: Callable[[], bool]) -> None:
-    """One job in one worker, for every front door. See NOTE [ Worker shutdown logic ], (2)."""
-    where = worker_place(job.name, worker)
-    try:
-        with contextlib.closing(OpenFile(job.filename, job.file_kwargs())) as source:
-            job.attach(source, worker)
-            while (task := job.next_task(parent_alive)) is not None:
-                try:
-                    job.run(task)
-                except Exception as exc:
-                    if not job.task_failed(task, exc, f"{where}, {job.describe(task)}"):
-                        return
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the consumer
-        job.fail(exc, where)
-
-
-# -------------------------------------------------------------------------------- parent side
 
 _START_LOCK = threading.Lock()
 
@@ -359,9 +127,9 @@ class _Worker:
 
     def __init__(self, ctx, name: str, number: int, niceness: int):
         self.channel, theirs = Channel.pair()
-        _PARENT_ENDS.add(self.channel)  # before the fork: the worker must not keep it open
+        self.channel.keep_from_children()  # before the fork: the worker must not keep it
         self.name = f"{name} worker"
-        self.proc = ctx.Process(target=_worker_main, args=(theirs, number),
+        self.proc = ctx.Process(target=worker_main, args=(theirs, number),
                                 name=f"{name}-worker-{number}", daemon=True)
         try:
             _start(self.proc)
@@ -379,7 +147,7 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.exitcode is None
 
-    def send(self, message: Any, check: Callable[[], None] = _no_check) -> None:
+    def send(self, message: Any, check: Callable[[], None] = no_check) -> None:
         """Send ``message``; BrokenPipeError if the worker has exited meanwhile."""
 
         def check_both() -> None:
@@ -408,7 +176,7 @@ class _Worker:
         while True:
             try:
                 message = self.channel.receive(
-                    max(0.0, min(WAIT_SLICE, deadline - time.monotonic())))
+                    max(0.0, min(timeouts.WAIT_SLICE, deadline - time.monotonic())))
             except (OSError, EOFError):
                 return False
             if message == DONE:
@@ -421,7 +189,7 @@ class _Worker:
         self.proc.join(timeout)
         if self.proc.exitcode is None:
             self.proc.kill()
-            self.proc.join(JOIN_TIMEOUT)
+            self.proc.join(timeouts.JOIN_TIMEOUT)
         self.channel.close()
 
 
@@ -460,7 +228,7 @@ class StandbyWorkers:
         self._started = 0
         self._closed = False
         self._owner = os.getpid()
-        _LIVE_STANDBY.add(self)
+        hooks.track("pools", self)
 
     def run(self, job: Job, n_procs: int) -> Crew:
         """Start ``job`` on ``n_procs`` workers, idle ones first, fresh ones for the rest."""
@@ -518,7 +286,7 @@ class StandbyWorkers:
             if not self._closed:
                 self._idle.extend(workers)
                 return
-        _end_all(workers, JOIN_TIMEOUT)
+        _end_all(workers, timeouts.JOIN_TIMEOUT)
 
     def close(self) -> None:
         """End the idle workers (a crew still out ends its own when it stops). Idempotent.
@@ -526,11 +294,11 @@ class StandbyWorkers:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        _LIVE_STANDBY.discard(self)
+        hooks.untrack("pools", self)
         if os.getpid() == self._owner:  # not in a forked copy of the owner: they are its workers
-            _end_all(idle, JOIN_TIMEOUT)
+            _end_all(idle, timeouts.JOIN_TIMEOUT)
 
-    def _forget_inherited(self) -> None:
+    def forget_inherited(self) -> None:
         """In a forked child: the workers are the parent's; this copy starts its own."""
         self._idle = []
         self._lock = threading.Lock()
@@ -558,7 +326,7 @@ class Crew:
         """Raise ``SubprocessException`` if a worker died: workers never exit during a job."""
         _raise_if_dead(self.name, self.procs, lambda: self.stop(join_timeout=0))
 
-    def send(self, worker: int, message: Any, check: Callable[[], None] = _no_check) -> None:
+    def send(self, worker: int, message: Any, check: Callable[[], None] = no_check) -> None:
         """Send ``message`` to the job's ``worker``-th worker, in slices that call ``check``."""
         self._workers[worker].send(message, check)
 
@@ -568,10 +336,12 @@ class Crew:
         for worker in self._workers:
             worker.post(END)
 
-    def stop(self, join_timeout: float = JOIN_TIMEOUT) -> None:
+    def stop(self, join_timeout: float | None = None) -> None:
         """Wait for each worker to finish the job (the owner has told them to), one deadline for
         all; those that did go back to standby, the others are killed. See NOTE [ Worker
         shutdown logic ], step (4)."""
+        if join_timeout is None:
+            join_timeout = timeouts.JOIN_TIMEOUT
         deadline = time.monotonic() + join_timeout
         done: list[_Worker] = []
         stuck: list[_Worker] = []
@@ -581,7 +351,7 @@ class Crew:
         _end_all(stuck, 0)
         standby = self._standby()
         if standby is None:
-            _end_all(done, JOIN_TIMEOUT)
+            _end_all(done, timeouts.JOIN_TIMEOUT)
         else:
             standby._give_back(done)
 
@@ -590,21 +360,11 @@ class Crew:
 _LIVE_STANDBY: weakref.WeakSet[StandbyWorkers] = weakref.WeakSet()
 
 
-@atexit.register
-def _end_live_standby() -> None:  # See NOTE [ Worker shutdown logic ], step (6).
-    for standby in list(_LIVE_STANDBY):
-        standby.close()
+def _forget_inherited_pools() -> None:
+    """A forked child (our worker, a DataLoader worker) forgets the parent's idle workers. See
+    NOTE [ Worker shutdown logic ], step (7)."""
+    for standby in hooks.tracked("pools"):
+        standby.forget_inherited()
 
 
-def _after_fork_in_child() -> None:
-    """A forked child (our worker, a DataLoader worker) closes its copies of the parent's channel
-    ends and forgets the parent's idle workers. See NOTE [ Worker shutdown logic ], step (7)."""
-    for channel in list(_PARENT_ENDS):
-        with contextlib.suppress(OSError):
-            channel.close()
-    _PARENT_ENDS.clear()
-    for standby in list(_LIVE_STANDBY):
-        standby._forget_inherited()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+hooks.on_fork("pools", after_in_child=_forget_inherited_pools)

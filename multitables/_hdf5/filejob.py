@@ -1,0 +1,36 @@
+"""The part of every front door's job that opens its HDF5 file in each worker, for the length of
+the job (internal): the engine runs jobs and opens no file itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .source import OpenFile
+
+
+class FileJob:
+    """A job over one HDF5 file: ``attach`` opens it in the worker (with ``file_kwargs()``, the
+    user's ``h5py.File`` options and the job's chunk cache), ``detach`` closes it. The file is
+    open only during a job: an idle worker holding it would keep its lock, and no process could
+    open it for writing between two passes."""
+
+    filename: str
+    source: OpenFile
+
+    def file_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def attach(self, worker: int) -> None:
+        self.source = OpenFile(self.filename, self.file_kwargs())
+        try:
+            self.attach_file(self.source, worker)
+        except BaseException:
+            self.detach()
+            raise
+
+    def attach_file(self, source: OpenFile, worker: int) -> None:
+        """Prepare the job's reads in this worker, ``source`` open."""
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        self.source.close()
