@@ -463,17 +463,36 @@ cdef Selection _rows_selection(tuple shp, object key):
 
 
 def _translate(key, tuple shp):
-    """The general translation: any key numpy takes."""
-    cdef Py_ssize_t ndim = len(shp), d, i, j, n
+    """The general translation: any key numpy takes, in five steps (the functions below)."""
+    cdef Py_ssize_t ndim = len(shp), d, consec
+    cdef bint moved
     cdef list items = _parse(key, ndim)
     cdef list dims = [None] * ndim
     cdef list local = []          # local item per key item (None for implicit ellipsis)
     cdef list fancy = []          # (key item index, dataset dim or -1, int array) per index array
     cdef list item_dim = []       # first dataset dim of each item
-    cdef bint has_fancy = False
 
-    # Result rank bound and boolean shape check, as prepare_index does them.
-    d = 0
+    _check_result_rank(items, shp)
+    if not _plan_basic_items(items, shp, dims, local, fancy, item_dim):
+        return _basic_selection(shp, dims, items, local)
+    bshape, arrays = _broadcast_index_arrays(fancy, shp)
+    result_shape, consec, moved = _place_block(items, item_dim, dims, shp, bshape)
+    if _prod(result_shape) == 0:
+        for d in range(ndim):
+            if dims[d] is None:
+                dims[d] = (0, 1, 0)
+        return Selection(shp, tuple(dims), tuple([_count(e) for e in dims]), result_shape, None)
+    return _product_selection(shp, dims, items, item_dim, local, arrays, bshape, consec, moved,
+                              result_shape)
+
+
+# The steps of _translate. Those returning Python objects report errors as every such cdef
+# function does (NULL, checked by the caller); those returning C values say ``except -1``.
+
+cdef int _check_result_rank(list items, tuple shp) except -1:
+    """Step 1: the result's rank bound and the boolean masks' shapes, as numpy's prepare_index
+    checks them."""
+    cdef Py_ssize_t d = 0, j
     nres = 0
     fancy_nd = 0
     for it in items:
@@ -505,9 +524,16 @@ def _translate(key, tuple shp):
     if nres + fancy_nd > _MAXDIMS:
         raise IndexError(f"number of dimensions must be within [0, {_MAXDIMS}], "
                          f"indexing result would have {nres + fancy_nd}")
+    return 0
 
-    # Basic items in key order (ints bounds-checked, slices resolved), arrays collected.
-    d = 0
+
+cdef bint _plan_basic_items(list items, tuple shp, list dims, list local, list fancy,
+                            list item_dim) except -1:
+    """Step 2: the basic items in key order (ints bounds-checked, slices resolved into
+    ``dims``), each item's local key and first dimension appended to ``local`` and
+    ``item_dim``, the index arrays collected in ``fancy``. Whether there are any."""
+    cdef Py_ssize_t d = 0, i, j, n
+    cdef bint has_fancy = False
     for i, it in enumerate(items):
         kind = it[0]
         item_dim.append(d)
@@ -559,11 +585,13 @@ def _translate(key, tuple shp):
             for j, comp in enumerate(np.nonzero(it[1])):
                 fancy.append((i, d + j, comp))
             d += it[1].ndim
+    return has_fancy
 
-    if not has_fancy:
-        return _basic_selection(shp, dims, items, local)
 
-    # Broadcast the index arrays, then check their bounds (numpy skips that when empty).
+cdef tuple _broadcast_index_arrays(list fancy, tuple shp):
+    """Step 3: the index arrays broadcast, then bounds-checked (numpy skips that when the
+    result is empty): ``(broadcast shape, {dataset dim: int64 array, in range, non-negative})``."""
+    cdef Py_ssize_t d, n
     shapes = [f[2].shape for f in fancy]
     try:
         bshape = tuple(np.broadcast_shapes(*shapes))
@@ -571,7 +599,7 @@ def _translate(key, tuple shp):
         raise IndexError("shape mismatch: indexing arrays could not be broadcast together "
                          "with shapes " + "".join(_shape_str(s) + " " for s in shapes)) from None
     bsize = _prod(bshape)
-    arrays = {}                   # dataset dim -> int64 array, in range, non-negative
+    cdef dict arrays = {}
     for f in fancy:
         d = f[1]
         if d < 0:
@@ -589,9 +617,13 @@ def _translate(key, tuple shp):
             if lo < 0:
                 a = np.where(a < 0, a + n, a)
         arrays[d] = a
+    return bshape, arrays
 
-    # Where numpy puts the broadcast block: see ADV_NONE_SEEN.
-    consec = 0                    # result axes before the block, when it is not moved
+
+cdef tuple _place_block(list items, list item_dim, list dims, tuple shp, tuple bshape):
+    """Step 4: where numpy puts the broadcast block (see ADV_NONE_SEEN), and so the result's
+    shape: ``(result shape, result axes before the block when it is not moved, moved)``."""
+    cdef Py_ssize_t consec = 0, i, j
     status = ADV_NONE_SEEN
     nres = 0
     for it in items:
@@ -621,23 +653,24 @@ def _translate(key, tuple shp):
         elif kind == K_ELLIPSIS:
             for j in range(it[1]):
                 (pre if len(pre) < consec else post).append(shp[item_dim[i] + j])
-    result_shape = tuple(pre) + bshape + tuple(post)
-    rsize = _prod(result_shape)
-    if rsize == 0:
-        for d in range(ndim):
-            if dims[d] is None:
-                dims[d] = (0, 1, 0)
-        return Selection(shp, tuple(dims), tuple([_count(e) for e in dims]), result_shape, None)
+    return tuple(pre) + bshape + tuple(post), consec, status == ADV_SPLIT
 
-    # Product plan: per-dimension unique sets, positions within them.
+
+cdef Selection _product_selection(tuple shp, list dims, list items, list item_dim, list local,
+                                  dict arrays, tuple bshape, Py_ssize_t consec, bint moved,
+                                  tuple result_shape):
+    """Step 5: the product plan (per-dimension unique sets, positions within them), or the
+    point plan when the product would read too much more than the result."""
+    cdef Py_ssize_t i
     local_arrays = {}
     for d, a in arrays.items():
         dims[d], local_arrays[d] = _dim_plan(a)
     read_shape = tuple([_count(e) for e in dims])
     nontrivial = [d for d in arrays if _count(dims[d]) > 1]
-    if len(nontrivial) > 1 and _prod(read_shape) > _SUPERSET_FACTOR * rsize + _SUPERSET_SLACK:
+    if (len(nontrivial) > 1
+            and _prod(read_shape) > _SUPERSET_FACTOR * _prod(result_shape) + _SUPERSET_SLACK):
         return _point_selection(shp, dims, items, item_dim, local, arrays, bshape,
-                                consec, status == ADV_SPLIT, result_shape)
+                                consec, moved, result_shape)
     lkey = []
     for i, it in enumerate(items):
         kind = it[0]
@@ -647,12 +680,9 @@ def _translate(key, tuple shp):
             lkey.append(_submask(it[1], dims, item_dim[i]))
         elif not _implied(it):
             lkey.append(local[i])
-    if _is_identity(items, item_dim, dims, local, local_arrays, nontrivial, bshape,
-                    status == ADV_SPLIT):
-        lkey = None
-    else:
-        lkey = tuple(lkey)
-    return Selection(shp, tuple(dims), read_shape, result_shape, lkey)
+    if _is_identity(items, item_dim, dims, local, local_arrays, nontrivial, bshape, moved):
+        return Selection(shp, tuple(dims), read_shape, result_shape, None)
+    return Selection(shp, tuple(dims), read_shape, result_shape, tuple(lkey))
 
 
 cdef object _submask(object mask, list dims, Py_ssize_t d0):
