@@ -17,6 +17,7 @@ from ._reader.stages import Stage, StagePool
 from .errors import (  # noqa: E402
     ClosedError,
     MultitablesError,
+    ObjectChangedError,
     QueueClosed,
     QueueClosedException,
     SharedMemoryError,
@@ -34,6 +35,7 @@ __all__ = [
     "Guard",
     "Loader",
     "MultitablesError",
+    "ObjectChangedError",
     "Queue",
     "QueueClosed",
     "QueueClosedException",

@@ -52,6 +52,22 @@ class StagePoolExhausted(MultitablesError, RuntimeError):
     """Every stage of a pool holds a result nobody took, and nothing else could free one."""
 
 
+class ObjectChangedError(MultitablesError, OSError):
+    """A file or object was replaced or truncated while it was being read (its ETag, size or
+    mtime differ from those pinned when it was opened). Rows of two versions never mix, so this
+    is never retried. Messages name objects by their URL without credentials."""
+
+
+class SourceTimeoutError(MultitablesError, TimeoutError):
+    """A server stopped answering: no byte arrived within ``timeout`` seconds, on every attempt."""
+
+
+class TransferError(MultitablesError, OSError):
+    """A transfer failed after every retry (5xx, resets, short bodies), or a server answered in a
+    way that cannot give the bytes asked for (a broken ``Content-Range``, Range ignored on a large
+    object)."""
+
+
 def remote_exception(type_: type[BaseException], message: str, where: str, tb_text: str,
                      attrs: dict | None = None) -> BaseException:
     """Rebuild an exception raised in a worker, keeping its type so ``except IndexError`` works.

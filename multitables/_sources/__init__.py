@@ -9,13 +9,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Source, SourceStats
-from .errors import ObjectChangedError, SourceError, SourceTimeoutError, TransferError
 from .local import LocalSource
 from .options import Location, StorageOptions, parse_location, storage_options
 
 __all__ = ["Source", "SourceStats", "LocalSource", "open_source", "parse_location",
-           "storage_options", "Location", "StorageOptions", "SourceError", "ObjectChangedError",
-           "SourceTimeoutError", "TransferError"]
+           "storage_options", "Location", "StorageOptions"]
 
 
 def open_source(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,

@@ -7,8 +7,8 @@ import os
 import threading
 from collections.abc import Sequence
 
+from ..errors import ObjectChangedError
 from .base import Source
-from .errors import ObjectChangedError
 
 IOV_MAX = 1024  # Linux's limit on the buffers of one preadv
 

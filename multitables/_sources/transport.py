@@ -17,8 +17,8 @@ from typing import Any
 
 import urllib3
 
+from ..errors import ObjectChangedError, SourceTimeoutError, TransferError
 from .base import SourceStats
-from .errors import ObjectChangedError, SourceTimeoutError, TransferError
 
 log = logging.getLogger("multitables.sources")
 

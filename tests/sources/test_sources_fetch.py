@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import BLOB_NAME
 
-from multitables._sources import ObjectChangedError, open_source
+from multitables._sources import open_source
 from multitables._sources.cache import ByteCache
 from multitables._sources.fetch import Fetcher, plan
+from multitables.errors import ObjectChangedError
 
 
 def requests_of(blob_len, spec):

@@ -12,14 +12,10 @@ import time
 import pytest
 from conftest import BLOB_NAME
 
-from multitables._sources import (
-    ObjectChangedError,
-    SourceTimeoutError,
-    TransferError,
-    open_source,
-)
+from multitables._sources import open_source
 from multitables._sources import transport as transport_module
 from multitables._sources.http import HTTPSource
+from multitables.errors import ObjectChangedError, SourceTimeoutError, TransferError
 
 SECRET = "hunter2-never-shown"
 

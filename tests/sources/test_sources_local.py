@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import BLOB_NAME
 
-from multitables._sources import LocalSource, ObjectChangedError, open_source
+from multitables._sources import LocalSource, open_source
+from multitables.errors import ObjectChangedError
 
 
 def test_reads_equal_the_bytes(source_dir, blob):

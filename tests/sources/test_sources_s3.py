@@ -10,9 +10,10 @@ import shutil
 import pytest
 from conftest import BLOB_NAME, BUCKET, H5_NAME
 
-from multitables._sources import ObjectChangedError, open_source
+from multitables._sources import open_source
 from multitables._sources.base import Source
 from multitables._sources.s3 import S3Source, list_prefix
+from multitables.errors import ObjectChangedError
 
 
 def test_reads_equal_the_bytes(rclone, blob):
