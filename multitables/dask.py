@@ -51,9 +51,10 @@ from dask.utils import parse_bytes
 
 from ._engine import hooks
 from ._engine._lent import Lent
+from ._hdf5.chunkcache import chunk_cache
 from ._hdf5.hyperslab import read_selection, result_layout
 from ._hdf5.rawread import RawRows
-from ._hdf5.source import DatasetInfo, OpenFile, check_positive_int, describe
+from ._hdf5.source import DatasetInfo, OpenFile, check_positive_int, check_rows, describe
 from ._keys._indexing import translate
 
 __all__ = ["close_files", "from_hdf5"]
@@ -96,18 +97,15 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
     """
     filename = os.path.abspath(os.fspath(filename))
     info = describe(filename, path, file_kwargs)
-    if info.vlen_base is not None:
-        raise TypeError(f"{info.path} in {filename} holds variable-length rows; a dask array "
-                        "needs a fixed dtype")
-    if not info.shape:
-        raise ValueError(f"{info.path} in {filename} is a scalar dataset; read it with h5py")
+    check_rows(info.path, filename, info.shape, info.vlen_base,
+               scalar=" dataset; read it with h5py", vlen="; a dask array needs a fixed dtype")
     fdt = info.field_dtype(field)
     rows = _block_rows(info, fdt, chunks)
     n = info.shape[0]
     row_chunks = tuple(min(rows, n - a) for a in range(0, n, rows)) or (0,)
     # Every task reads whole chunks, and no two tasks read the same chunk: HDF5's chunk cache
     # would only keep chunks no task asks for again, and copy each one more time.
-    source = _BlockSource(filename, info.path, {"rdcc_nbytes": 0, **file_kwargs}, field)
+    source = _BlockSource(filename, info.path, chunk_cache(file_kwargs, "once"), field)
     shape = info.shape + fdt.shape
     block_chunks = (row_chunks,) + tuple((d,) for d in shape[1:])
     stat = os.stat(filename)

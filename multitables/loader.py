@@ -20,7 +20,14 @@ import numpy as np
 from ._engine import hooks
 from ._engine.pool import StandbyWorkers
 from ._engine.ring import Ring
-from ._hdf5.source import DatasetInfo, check_positive_int, default_n_procs, describe, open_file
+from ._hdf5.source import (
+    DatasetInfo,
+    check_positive_int,
+    check_rows,
+    default_n_procs,
+    describe,
+    open_file,
+)
 from ._loader.epoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
 from ._loader.job import costliest_chunk_rows, plan_units
 from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
@@ -421,11 +428,8 @@ def _describe_column(filename: str, path: str, kw: dict[str, Any]):
             raise KeyError(f"no dataset {path!r} in {filename}, and {parent!r} has no field "
                            f"{name!r}: {fields}") from None
         field = name
-    if info.vlen_base is not None:
-        raise TypeError(f"{info.path} in {filename} holds variable-length rows, which do not "
-                        "fit batches of fixed shape; read it with multitables.Reader")
-    if not info.shape:
-        raise ValueError(f"{info.path} in {filename} is a scalar; there are no rows")
+    check_rows(info.path, filename, info.shape, info.vlen_base,
+               vlen=", which do not fit batches of fixed shape; read it with multitables.Reader")
     return info, field
 
 

@@ -21,6 +21,7 @@ from ._engine.errbox import ErrorBox
 from ._engine.pool import Crew, StandbyWorkers
 from ._engine.shm import SharedArena
 from ._engine.worker import parent_channel, worker_place
+from ._hdf5.chunkcache import chunk_cache
 from ._hdf5.filejob import FileJob
 from ._hdf5.source import (
     OpenFile,
@@ -88,9 +89,7 @@ class _RequestJob(FileJob):
         self.control = control
 
     def file_kwargs(self) -> dict[str, Any]:
-        # Unfiltered rows are read past HDF5 (rawread); the chunk cache serves compressed chunks,
-        # which random requests often revisit: hold a few dozen of them.
-        return {"rdcc_nbytes": 32 << 20, "rdcc_nslots": 10_007, **self.kwargs}
+        return chunk_cache(self.kwargs, "random")
 
     def attach_file(self, source: OpenFile, worker: int) -> None:
         self.channel = parent_channel()

@@ -4,28 +4,25 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import os
 import threading
-import time
 import weakref
 
 import numpy as np
 
 from ._engine import hooks, timeouts
 from ._engine.pool import StandbyWorkers
-from ._engine.ring import CLOSED, Ring
+from ._engine.ring import FilledSlots, Ring
 from ._hdf5.source import (
     check_positive_int,
-    default_block_size,
+    check_rows,
     default_n_procs,
     describe,
     get_dataset,
     open_file,
 )
-from ._streamer import job as streamjob
 from ._streamer.job import StreamJob, StreamPlan, slot_arrays
-from .errors import ClosedError, QueueClosed, SubprocessException
+from .errors import ClosedError, QueueClosed
 
 __all__ = ["Guard", "Queue", "Streamer"]
 
@@ -87,11 +84,11 @@ class Queue:
         self._guards: collections.Counter[int] = collections.Counter()  # live guards per thread
         self._refs_changed = threading.Condition()
         self._closed = False
-        self._next_check = time.monotonic() + timeouts.CHECK_INTERVAL
         self._slots = slot_arrays(plan, ring)
         self._owner = os.getpid()
         self._n_procs = n_procs
         self._pool = workers.run(StreamJob(plan), n_procs)
+        self._filled = FilledSlots(ring, self._pool.check)
         hooks.track("queues", self)  # only once it has workers to stop
 
     def get(self):
@@ -190,24 +187,12 @@ class Queue:
                 self._refs_changed.wait(timeouts.WAIT_SLICE)
 
     def _pop(self) -> int:
-        # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
-        # and now and then even while blocks keep coming (one dead worker among live ones).
-        ring = self._ring
-        while True:
-            if self._closed:  # by another thread: no block after close()
-                return -1
-            slot = ring.full.pop(timeouts.WAIT_SLICE, self._wake_batch())
-            if slot >= 0 and time.monotonic() < self._next_check:
-                return slot
-            if ring.errors.full():
-                exc = ring.errors.exception()
-                self.close()
-                raise exc
-            if slot == CLOSED or self._closed:
-                return -1
-            self._check_workers()
-            if slot >= 0:
-                return slot
+        """The next filled slot, or a negative number once the stream is stopped or closed."""
+        # A failed read or a dead worker closes the queue before it is raised.
+        return self._filled.pop(self._wake_batch(), self._is_closed, self.close)
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _wake_batch(self) -> int:
         """How many filled slots to sleep for when none is ready: a consumer that keeps up with
@@ -221,14 +206,6 @@ class Queue:
         if end is not None:
             batch = min(batch, end - self._next_ticket + 1)
         return max(1, batch)
-
-    def _check_workers(self) -> None:
-        self._next_check = time.monotonic() + timeouts.CHECK_INTERVAL
-        try:
-            self._pool.check()
-        except SubprocessException:
-            self.close()
-            raise
 
     def _view(self, slot: int, rows: slice) -> np.ndarray:
         with self._refs_changed:  # close() empties the slots under this lock
@@ -372,34 +349,11 @@ class Streamer:
             "read_ahead", 2 * n_procs + 1 if read_ahead is None else read_ahead
         )
         info = describe(self.filename, path, self.file_kwargs)
-        if not info.shape:
-            raise ValueError(f"{info.path} in {info.filename} is a scalar; there are no rows")
-        if info.shape[0] == 0:
-            raise ValueError(f"{info.path} in {info.filename} is empty (shape {info.shape})")
-        if info.vlen_base is not None:
-            raise TypeError(
-                f"{info.path} in {info.filename} holds variable-length rows, which do not fit "
-                "fixed blocks; read it with multitables.Reader"
-            )
-        dtype = info.field_dtype(field)
-        if block_size is None:
-            block_size = default_block_size(info.shape, info.dtype, info.chunks)
-        block_size = check_positive_int("block_size", block_size)
-        n_rows = info.shape[0]
-        if cyclic:
-            n_blocks = None
-        elif remainder:
-            n_blocks = math.ceil(n_rows / block_size)
-        else:
-            n_blocks = n_rows // block_size
-        row_bytes = math.prod(info.shape[1:]) * dtype.itemsize
-        per_slot = max(1, streamjob.SLOT_TARGET_BYTES // max(block_size * row_bytes, 1))
-        # Spread a short stream over all slots (so over all workers); a slot never laps the data.
-        if n_blocks is not None:
-            per_slot = min(per_slot, -(-n_blocks // read_ahead))
-        per_slot = max(1, min(per_slot, n_rows // block_size))
-        plan = StreamPlan(info, self.file_kwargs, field, block_size, per_slot, n_blocks)
-        ring = Ring.create(read_ahead, plan.slot_rows * row_bytes)
+        check_rows(info.path, info.filename, info.shape, info.vlen_base, empty=False,
+                   vlen=", which do not fit fixed blocks; read it with multitables.Reader")
+        plan = StreamPlan.build(info, self.file_kwargs, field, block_size, read_ahead,
+                                cyclic=cyclic, remainder=remainder)
+        ring = Ring.create(read_ahead, plan.slot_bytes)
         plan.arena, plan.layout = ring.arena, ring.layout
         try:
             queue = Queue(plan, ring, n_procs, ordered, self._workers)
@@ -436,8 +390,7 @@ class Streamer:
         block_size = check_positive_int("block_size", block_size)
         with open_file(self.filename, self.file_kwargs) as file:
             ds = get_dataset(file, path)
-            if not ds.shape:
-                raise ValueError(f"{ds.name} in {self.filename} is a scalar; there are no rows")
+            check_rows(ds.name, self.filename, ds.shape)
             n = ds.shape[0]
             start = n - n % block_size
             return ds.fields(field)[start:n] if field is not None else ds[start:n]

@@ -148,6 +148,19 @@ def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetIn
         )
 
 
+def check_rows(path: str, filename: str, shape: tuple[int, ...], vlen_base: Any = None, *,
+               scalar: str = "; there are no rows", vlen: str = "", empty: bool = True) -> None:
+    """Refuse a dataset whose rows a front door cannot read: a scalar (ValueError, its message
+    ending in ``scalar``), an empty one unless ``empty`` (ValueError), and one of
+    variable-length rows, ``vlen_base`` not None (TypeError, its message ending in ``vlen``)."""
+    if not shape:
+        raise ValueError(f"{path} in {filename} is a scalar{scalar}")
+    if not empty and shape[0] == 0:
+        raise ValueError(f"{path} in {filename} is empty (shape {shape})")
+    if vlen_base is not None:
+        raise TypeError(f"{path} in {filename} holds variable-length rows{vlen}")
+
+
 def default_block_size(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...] | None):
     """Rows per block: a whole number of chunks along axis 0 of at least ``TARGET_BLOCK_BYTES``.
 
@@ -169,15 +182,20 @@ def default_block_size(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[in
 MAX_DEFAULT_PROCS = 4
 
 
-def default_n_procs() -> int:
-    """Worker processes a front door starts by default: the CPUs this process may run on
-    (``os.sched_getaffinity``, which a container's or a job scheduler's CPU set narrows), at most
-    ``MAX_DEFAULT_PROCS``, at least one."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``, which a container's or a job
+    scheduler's CPU set narrows; ``os.cpu_count`` where there is none), at least one."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, min(MAX_DEFAULT_PROCS, cpus))
+    return max(1, cpus)
+
+
+def default_n_procs() -> int:
+    """Worker processes a front door starts by default: the usable CPUs, at most
+    ``MAX_DEFAULT_PROCS``."""
+    return min(MAX_DEFAULT_PROCS, usable_cpus())
 
 
 def check_positive_int(name: str, value: Any) -> int:

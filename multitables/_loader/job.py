@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from .._engine import timeouts
-from .._engine.ring import Ring, RingLayout
+from .._engine.ring import Ring, RingJob, RingLayout
 from .._engine.shm import SharedArena, round_up
 from .._hdf5 import rawread
+from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.source import DatasetInfo, OpenFile
@@ -164,24 +165,23 @@ def regions(plan: LoadPlan) -> list[np.ndarray]:
             for info, offset in zip(plan.infos, plan.offsets[:-1], strict=True)]
 
 
-class LoadJob(FileJob):
-    """Fill free slots with the rows of the next tickets. See NOTE [ Worker shutdown logic ]."""
+class LoadJob(RingJob, FileJob):
+    """Fill free slots with the rows of the next tickets; the first failed read stops the epoch
+    (``RingJob``). See NOTE [ Worker shutdown logic ]."""
 
     name = "Loader"
+    plan: LoadPlan
 
     def __init__(self, plan: LoadPlan):
         self.plan = plan
         self.filename = plan.infos[0].filename
 
     def file_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.plan.file_kwargs)
-        if "rdcc_nbytes" not in kwargs:
-            # Units are whole chunks: an uncompressed one needs no cache, a compressed one is
-            # decoded once, into the slot, when it fits the cache (fast decoders skip it anyway).
-            compressed = [info for info in self.plan.infos if info.compression is not None]
-            unit_bytes = max((self.plan.slot_rows * i.row_bytes for i in compressed), default=0)
-            kwargs["rdcc_nbytes"] = 2 * unit_bytes + (1 << 20) if compressed else 0
-        return kwargs
+        # Units are whole chunks: an uncompressed one needs no cache, a compressed one is
+        # decoded once, into the slot, when it fits the cache (fast decoders skip it anyway).
+        compressed = [info for info in self.plan.infos if info.compression is not None]
+        unit_bytes = max((self.plan.slot_rows * i.row_bytes for i in compressed), default=0)
+        return chunk_cache(self.plan.file_kwargs, "batches", unit_bytes if compressed else None)
 
     def attach_file(self, source: OpenFile, worker: int) -> None:
         rawread.keep_maps()  # the rows of the next epochs lie in the same pages
@@ -217,12 +217,3 @@ class LoadJob(FileJob):
                 else f"{len(key)} rows of batch {task[1]}")
         paths = ", ".join(info.path for info in self.plan.infos)
         return f"reading {rows} of {paths} in {self.filename}"
-
-    def task_failed(self, task, exc: BaseException, where: str) -> bool:
-        self.fail(exc, where)
-        return False  # an epoch with a hole in it would drop rows: stop
-
-    def fail(self, exc: BaseException, where: str) -> None:
-        ring = Ring(self.plan.arena, self.plan.layout)
-        ring.errors.put(exc, where)
-        ring.stop()

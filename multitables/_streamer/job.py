@@ -6,17 +6,19 @@ next slot ticket, reads the rows of that ticket straight into the slot and hands
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._engine import timeouts
-from .._engine.ring import Ring, RingLayout
+from .._engine.ring import Ring, RingJob, RingLayout
 from .._engine.shm import SharedArena
+from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob
 from .._hdf5.hyperslab import read_selection
-from .._hdf5.source import DatasetInfo, OpenFile
+from .._hdf5.source import DatasetInfo, OpenFile, check_positive_int, default_block_size
 from .._keys._indexing import translate
 
 # Small blocks are read in batches filling a slot of about this size: one HDF5 read and one
@@ -40,6 +42,36 @@ class StreamPlan:
     n_blocks: int | None  # None: cyclic, endless
     arena: SharedArena | None = None  # the ring's, set once it is made
     layout: RingLayout | None = None
+
+    @classmethod
+    def build(cls, info: DatasetInfo, file_kwargs: dict[str, Any], field: str | None,
+              block_size: int | None, n_slots: int, *, cyclic: bool,
+              remainder: bool) -> StreamPlan:
+        """The plan of a stream of ``info`` (arguments as ``Streamer.get_queue`` takes them)
+        through a ring of ``n_slots`` slots: its block size and how many blocks a slot holds."""
+        row_bytes = _row_bytes(info, field)  # an unknown field raises first
+        if block_size is None:
+            block_size = default_block_size(info.shape, info.dtype, info.chunks)
+        block_size = check_positive_int("block_size", block_size)
+        n_rows = info.shape[0]
+        n_blocks: int | None
+        if cyclic:
+            n_blocks = None
+        elif remainder:
+            n_blocks = math.ceil(n_rows / block_size)
+        else:
+            n_blocks = n_rows // block_size
+        per_slot = max(1, SLOT_TARGET_BYTES // max(block_size * row_bytes, 1))
+        # Spread a short stream over all slots (so over all workers); a slot never laps the data.
+        if n_blocks is not None:
+            per_slot = min(per_slot, -(-n_blocks // n_slots))
+        per_slot = max(1, min(per_slot, n_rows // block_size))
+        return cls(info, file_kwargs, field, block_size, per_slot, n_blocks)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes a slot holds: ``slot_rows`` rows of the streamed field (or whole rows)."""
+        return self.slot_rows * _row_bytes(self.info, self.field)
 
     @property
     def slot_rows(self) -> int:
@@ -70,13 +102,15 @@ class StreamPlan:
         return ranges
 
 
-class StreamJob(FileJob):
-    """The worker side of a stream: fill free slots with the blocks of the next ticket.
+class StreamJob(RingJob, FileJob):
+    """The worker side of a stream: fill free slots with the blocks of the next ticket; the
+    first failed read stops the stream (``RingJob``).
 
     See NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py.
     """
 
     name = "Streamer"
+    plan: StreamPlan
 
     def __init__(self, plan: StreamPlan):
         self.plan = plan
@@ -111,30 +145,17 @@ class StreamJob(FileJob):
         rows = ", ".join(f"{a}:{b}" for a, b in self.plan.rows_of(task[1]))
         return f"reading rows {rows} of {self.plan.info.path} in {self.filename}"
 
-    def task_failed(self, task, exc: BaseException, where: str) -> bool:
-        self.fail(exc, where)
-        return False  # a stream with a hole in it is no stream: stop
-
-    def fail(self, exc: BaseException, where: str) -> None:
-        assert self.plan.arena is not None and self.plan.layout is not None
-        ring = Ring(self.plan.arena, self.plan.layout)
-        ring.errors.put(exc, where)
-        ring.stop()
-
 
 def _worker_file_kwargs(plan: StreamPlan) -> dict[str, Any]:
     """The user's h5py.File options, with a chunk cache sized for whole-block reads."""
-    kwargs = dict(plan.file_kwargs)
-    if "rdcc_nbytes" not in kwargs:
-        if plan.info.compression is None:
-            # Uncompressed chunks bypass a cache that cannot hold them: one copy, into the slot.
-            kwargs["rdcc_nbytes"] = 0
-        else:
-            # Room for the chunks a slot spans plus one that a misaligned slot shares with the next.
-            slot_bytes = plan.slot_rows * plan.info.row_bytes
-            kwargs["rdcc_nbytes"] = max(1 << 20, 2 * slot_bytes + (16 << 20))
-            kwargs.setdefault("rdcc_nslots", 100_003)
-    return kwargs
+    compressed = plan.info.compression is not None
+    return chunk_cache(plan.file_kwargs, "stream",
+                       plan.slot_rows * plan.info.row_bytes if compressed else None)
+
+
+def _row_bytes(info: DatasetInfo, field: str | None) -> int:
+    """Bytes of one row of ``field`` (of the whole row without one)."""
+    return math.prod(info.shape[1:]) * info.field_dtype(field).itemsize
 
 
 def slot_arrays(plan: StreamPlan, ring: Ring) -> list[np.ndarray]:
