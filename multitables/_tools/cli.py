@@ -13,11 +13,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from multitables._hdf5.source import get_dataset, open_file
+from multitables._hdf5.codecs import CODECS
+from multitables._hdf5.source import default_n_procs, get_dataset, open_file, usable_cpus
 from multitables._tools import advice as _advice
 from multitables._tools import measure as m
 from multitables.loader import Loader
@@ -29,46 +31,28 @@ LOADER_BATCH = 256
 # -------------------------------------------------------------------------------- progress
 
 
-class Progress:
-    """A one-line text progress bar on stderr, redrawn in place at most every ``interval`` s."""
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:24}| {n:,.0f}/{total:,.0f} MB, {rate_fmt}"
 
-    def __init__(self, stream: TextIO | None = None, width: int = 24, interval: float = 0.1):
-        self.stream = stream if stream is not None else sys.stderr
-        self.width, self.interval = width, interval
-        # Redrawing in place needs a terminal; a log gets one line per finished phase instead.
-        self.enabled = self.stream.isatty()
-        self.label, self.total, self.done, self.t0, self.last = "", 1, 0, 0.0, 0.0
 
-    def start(self, label: str, total: int) -> None:
-        self.label, self.total, self.done = label, max(1, total), 0
-        self.t0 = self.last = time.perf_counter()
-        self._draw(self.t0)
+def _bar(label: str, total: int) -> tqdm:
+    """The progress of one phase (``total`` bytes) on stderr, in MB and MB/s: redrawn in place
+    and cleared when done on a terminal; in a log, its last state stays, one line a phase."""
+    on_tty = sys.stderr.isatty()
+    # A log gets the bar as it starts and as it ends: writing it per block is noise there.
+    return tqdm(total=max(1, total) / 1e6, desc=label, unit="MB", file=sys.stderr,
+                leave=not on_tty, mininterval=0.1 if on_tty else float("inf"),
+                ascii=not on_tty, bar_format=_BAR_FORMAT)
 
-    def tick(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.perf_counter()
-        # Checking the clock is cheap; writing to a terminal per block is not.
-        if now - self.last >= self.interval:
-            self.last = now
-            self._draw(now)
 
-    def clear(self) -> None:
-        if not self.enabled:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9) / 1e6
-            self.stream.write(f"{self.label}: {self.done / 1e6:,.0f} MB at {rate:,.0f} MB/s\n")
-            return
-        self.stream.write("\r" + " " * (self.width + len(self.label) + 32) + "\r")
-        self.stream.flush()
+def _ticks(bar: tqdm) -> Any:
+    """The ``tick(nbytes)`` that the measuring functions call, moving ``bar``."""
 
-    def _draw(self, now: float) -> None:
-        if not self.enabled:
-            return
-        frac = min(1.0, self.done / self.total)
-        full = int(frac * self.width)
-        rate = self.done / max(now - self.t0, 1e-9) / 1e6
-        bar = "#" * full + "." * (self.width - full)
-        self.stream.write(f"\r{self.label} [{bar}] {frac:4.0%} {rate:8,.0f} MB/s ")
-        self.stream.flush()
+    def tick(nbytes: int) -> None:
+        bar.update(nbytes / 1e6)
+        if bar.total is not None and bar.n > bar.total:  # a reader may read past its estimate
+            bar.total = bar.n
+
+    return tick
 
 
 # -------------------------------------------------------------------------------- info
@@ -82,14 +66,9 @@ def _filters(ds: Any) -> str:
         code, _flags, values, name = plist.get_filter(i)
         name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
         name = name.split()[0] if name else f"filter{code}"
-        if code == 1:  # deflate: its one value is the level
-            name = f"gzip({values[0]})" if values else "gzip"
-        elif code == 32001 and len(values) >= 7:  # Blosc: values 4..6 are level, shuffle, codec
-            codecs = ["blosclz", "lz4", "lz4hc", "snappy", "zlib", "zstd"]
-            codec = codecs[values[6]] if values[6] < len(codecs) else str(values[6])
-            shuffle = {1: ",shuffle", 2: ",bitshuffle"}.get(values[5], "")
-            name = f"blosc({codec},{values[4]}{shuffle})"
-        names.append(name)
+        spec = CODECS.get(code)
+        shown = spec.show(values) if spec is not None and spec.show is not None else None
+        names.append(shown or name)
     return "+".join(names) or "none"
 
 
@@ -182,12 +161,8 @@ def _dataset_facts_and_filters(filename: str, path: str):
         return tuple(ds.shape), ds.dtype, ds.chunks, nbytes, _filters(ds)
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _run(readers: dict[str, Any], totals: dict[str, int], rounds: int, baseline: str,
-         progress: Progress) -> m.Report:
+def _run(readers: dict[str, Any], totals: dict[str, int], rounds: int, baseline: str
+         ) -> m.Report:
     """:func:`m.run_rounds` with a progress bar: each reader gets ``tick`` as its one argument."""
     label = [""]
 
@@ -196,25 +171,20 @@ def _run(readers: dict[str, Any], totals: dict[str, int], rounds: int, baseline:
 
     def wrap(fn: Any, total: int) -> Any:
         def run() -> Any:
-            progress.start(label[0], total)
-            try:
-                return fn(progress.tick)
-            finally:
-                progress.clear()
+            with _bar(label[0], total) as bar:
+                return fn(_ticks(bar))
         return run
 
     wrapped = {name: wrap(fn, totals[name]) for name, fn in readers.items()}
     return m.run_rounds(wrapped, rounds, baseline=baseline, on_start=on_start)
 
 
-def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds: int,
-          progress: Progress) -> tuple[m.Report, dict[str, Any]]:
+def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds: int
+          ) -> tuple[m.Report, dict[str, Any]]:
     """Stream one dataset with plain h5py, the Streamer's queue and its generator, round-robin."""
     shape, dtype, chunks, nbytes, filters = _dataset_facts_and_filters(filename, path)
     block = block_size or m.default_block_size(shape, dtype, chunks)
-    progress.start("warming page cache", os.path.getsize(filename))
-    m.warm_page_cache(filename, progress.tick)
-    progress.clear()
+    _warm(filename)
     # One Streamer for the rounds, as a training loop keeps one across epochs: its workers start
     # before the first round and stand by between passes. The "first pass" reader makes a new
     # Streamer each time, so starting and ending its workers is part of its pass.
@@ -234,8 +204,7 @@ def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds
             lambda tick: m.mt_loader_epoch(loader, tick),
     }
     with streamer, loader:
-        report = _run(readers, dict.fromkeys(readers, nbytes), rounds, "h5py read_direct",
-                      progress)
+        report = _run(readers, dict.fromkeys(readers, nbytes), rounds, "h5py read_direct")
     facts = {"file": filename, "path": path, "shape": shape, "dtype": str(dtype),
              "chunks": chunks, "filters": filters, "nbytes": nbytes, "block_size": block,
              "n_procs": n_procs, "rounds": rounds}
@@ -243,7 +212,6 @@ def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    progress = Progress()
     tmpdir = None
     if (args.file is None) != (args.path is None):
         raise SystemExit("error: give both FILE and PATH, or neither (to bench a sample file)")
@@ -257,15 +225,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             paths = ["/data", "/data_gzip"]
             filters: list[dict[str, Any]] = [{}, {"compression": "gzip"}]
             for path, kw in zip(paths, filters, strict=True):
-                progress.start(f"writing {args.size_mb:g} MB sample {path}",
-                               int(args.size_mb * 1e6))
-                m.write_sample(filename, args.size_mb, progress.tick, path=path, **kw)
-                progress.clear()
+                with _bar(f"writing {args.size_mb:g} MB sample {path}",
+                          int(args.size_mb * 1e6)) as bar:
+                    m.write_sample(filename, args.size_mb, _ticks(bar), path=path, **kw)
         else:
             filename, paths = args.file, [args.path]
-        n_procs = args.n_procs or min(4, _cores())
+        n_procs = args.n_procs or default_n_procs()
         for path in paths:
-            results.append(bench(filename, path, n_procs, args.block_size, args.rounds, progress))
+            results.append(bench(filename, path, n_procs, args.block_size, args.rounds))
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -276,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               + (" (sample, removed)" if tmpdir else ""))
         print(f"block_size {facts['block_size']} rows "
               f"({facts['block_size'] * row_bytes / m.MiB:.2f} MiB), n_procs {facts['n_procs']}, "
-              f"{args.rounds} round(s), page cache warm, {_cores()} core(s)\n")
+              f"{args.rounds} round(s), page cache warm, {usable_cpus()} core(s)\n")
         print(report.table())
         print("(first pass: a new Streamer, its workers started and ended within the pass; the "
               "other Streamer rows reuse one Streamer, as epochs do; the Loader plays a new "
@@ -308,12 +275,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     shape, dtype, chunks, nbytes = _dataset_facts(args.file, args.path)
     row_bytes = nbytes // shape[0]
     blocks = args.block_sizes or _grid(shape, dtype, chunks)
-    procs = list(range(1, (args.max_procs or _cores()) + 1))
+    procs = list(range(1, (args.max_procs or usable_cpus()) + 1))
     limit = int(args.max_mb * 1e6) if args.max_mb else nbytes
-    progress = Progress()
-    progress.start("warming page cache", os.path.getsize(args.file))
-    m.warm_page_cache(args.file, progress.tick)
-    progress.clear()
+    _warm(args.file)
 
     def cell(b: int, p: int | None) -> tuple[Any, int]:
         max_blocks = max(1, limit // (b * row_bytes))
@@ -328,7 +292,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cells = {"h5py": cell(default, None)}
     cells.update({f"{b}x{p}": cell(b, p) for b in blocks for p in procs})
     report = _run({k: v[0] for k, v in cells.items()}, {k: v[1] for k, v in cells.items()},
-                  args.rounds, "h5py", progress)
+                  args.rounds, "h5py")
     best = max((k for k in cells if k != "h5py"), key=report.median)
     rows = [["block_size", "MiB"] + [f"n_procs={p}" for p in procs]]
     for b in blocks:
@@ -365,6 +329,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         _plot(args.plot, report, blocks, procs, row_bytes, (best_b, best_p),
               f"{os.path.basename(args.file)} {args.path}")
     return 0
+
+
+def _warm(filename: str) -> None:
+    with _bar("warming page cache", os.path.getsize(filename)) as bar:
+        m.warm_page_cache(filename, _ticks(bar))
 
 
 def _timed(fn: Any) -> float:
