@@ -153,7 +153,7 @@ def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: in
     reader = multitables.Reader(filename, n_procs=1)  # its proxies describe; no worker starts
     try:
         ds = reader.get_dataset(path)
-        specs = [ds[idx]._spec() for idx in batches[1:]]
+        specs = [ds[idx].spec() for idx in batches[1:]]
         memory = StageMemory.create(specs[0].nbytes)
         m.warm_page_cache(filename)
         with h5py.File(filename, "r", rdcc_nbytes=32 << 20) as f:
@@ -175,11 +175,12 @@ def cpu_bound(filename: str, path: str, batches: list[np.ndarray], in_flight: in
 
 def caller_seconds(filename: str, path: str, batches: list[np.ndarray], in_flight: int) -> float:
     """The caller's CPU seconds per batch of ``pipeline`` when workers are done at once."""
-    from multitables import reader as reader_module
+    from multitables._reader import control
+    from multitables._reader.dispatch import Dispatcher
     from multitables._reader.stages import DONE
 
     reader = multitables.Reader(filename, n_procs=1)
-    push = reader_module.Reader._push
+    push = Dispatcher._push
     try:
         ds = reader.get_dataset(path)
         pool = ds.create_stage_pool(BATCH, in_flight + 1)
@@ -187,20 +188,20 @@ def caller_seconds(filename: str, path: str, batches: list[np.ndarray], in_fligh
         reader.request(ds[batches[0]], pool).get()  # the worker is up
 
         def done_at_once(self, worker: int, item: int) -> None:
-            if item == reader_module.NOTICE:  # a message for the worker: it still gets those
+            if item == control.NOTICE:  # a message for the worker: it still gets those
                 return push(self, worker, item)
-            memory_id = reader_module._decode_item(item)[0]
+            memory_id = control.decode_item(item)[0]
             for stage in pool.stages:
                 if stage.memory.id == memory_id:
                     stage.memory.state.set(DONE)
 
-        reader_module.Reader._push = done_at_once  # type: ignore[method-assign]
+        Dispatcher._push = done_at_once  # type: ignore[method-assign]
         pipeline(reader, ds, pool, reqs, batches, in_flight)  # stages get their spare memory
         t0 = time.thread_time()
         pipeline(reader, ds, pool, reqs, batches, in_flight)
         return (time.thread_time() - t0) / len(batches)
     finally:
-        reader_module.Reader._push = push  # type: ignore[method-assign]
+        Dispatcher._push = push  # type: ignore[method-assign]
         reader.close(wait=True)
 
 

@@ -35,11 +35,12 @@ Steps:
     returns None, and reports a failure in the job's ``ErrorBox``.
 (3) The Reader's requests: a request claims a stage (``Stage.claim``; ``StagePool.take`` waits,
     woken by ``free``/``close``, checking the Reader every CHECK_INTERVAL). The stage's state
-    word goes IDLE → PENDING (``Reader._dispatch``: the request written into the stage's header
-    (readspec.to_wire) and the stage pushed onto a worker's queue in shared memory; the stage
-    memory's arena goes down the worker's channel before its first request there, announced on
-    the queue; a full queue and every send wait in slices that give up once the worker dies or
-    the Reader closes) → DONE or FAILED (the worker; its exception in the stage's ErrorBox) →
+    word goes IDLE → PENDING (``Dispatcher.dispatch``, _reader/dispatch.py: the request
+    written into the stage's header (readspec.to_wire) and the stage pushed onto a worker's
+    queue in shared memory; the stage memory's arena goes down the worker's channel before its
+    first request there, announced on the queue; a full queue and every send wait in slices
+    that give up once the worker dies or the Reader closes) → DONE or FAILED (the worker; its
+    exception in the stage's ErrorBox) →
     IDLE (``Request._release`` through ``Stage.free``, once the result is taken). The memory of
     a closed stage is dropped in the workers that mapped it ("drop", at the next dispatch). An
     idle worker sleeps on its queue in IDLE_CHECK slices, checking its parent; the Reader closes

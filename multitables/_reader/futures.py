@@ -10,22 +10,20 @@ import collections
 import contextlib
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .._engine import timeouts
 from .lending import lendable
+from .owner import Owner
 from .readspec import ReadSpec, copy_result, result_view
 from .stages import FAILED, PENDING, Stage
 
-if TYPE_CHECKING:
-    from ..reader import Reader
-
 __all__ = ["Request", "RequestPool", "ResultProxy"]
 
-# A waiting get() watches its stage this long before sleeping: a one-row request comes back in
-# tens of microseconds, and waking a sleeping process costs about as much again.
+# A waiting get() watches its stage this long before sleeping: a small request comes back in
+# about the time that waking a sleeping process costs (bench/README.md, "The Reader's waits").
 REQUEST_SPIN = 50e-6
 
 
@@ -36,12 +34,17 @@ class Request:
     ``get_unsafe()`` or ``get_proxy()``; then the stage is free for the next request. A
     worker's exception (say an ``IndexError``) is raised again by these calls, with the
     worker's traceback in its message.
+
+    Attributes
+    ----------
+    spec : what it reads.
+    stage : the stage it is read into, until its result is taken (then None).
     """
 
-    def __init__(self, reader: Reader, spec: ReadSpec):
+    def __init__(self, reader: Owner, spec: ReadSpec):
         self._reader = reader
         self.spec = spec
-        self._stage: Stage | None = None  # claimed for this request until its result is taken
+        self.stage: Stage | None = None  # set by the Reader once the read is dispatched
         self._error: BaseException | None = None  # found before dispatch; raised by get()
         self._result: Any = None
         self._taken = False
@@ -50,10 +53,21 @@ class Request:
         self._maker = threading.get_ident()
         self._shared = False
 
+    def fail(self, exc: BaseException) -> Request:
+        """Make ``exc``, found before the read was dispatched, this request's outcome: raised
+        by whichever get method is called, as for errors found by workers."""
+        self._error = exc
+        return self
+
+    def held_by(self, thread: int) -> bool:
+        """Whether only ``thread`` can take the result: it made this request and kept it (did
+        not hand it to a RequestPool, whose ``next`` another thread may call)."""
+        return self._maker == thread and not self._shared
+
     def done(self) -> bool:
         """True once the worker has finished (or the request failed)."""
-        self._reader._check_open("the Reader that served this request")
-        return self._stage is None or self._stage.memory.state.load() != PENDING
+        self._reader.check_open("the Reader that served this request")
+        return self.stage is None or self.stage.memory.state.load() != PENDING
 
     def _wait(self) -> Any:
         """The result as it lies in the stage (the stage stays claimed)."""
@@ -62,14 +76,14 @@ class Request:
         if self._error is not None:
             self._taken = True
             raise self._error
-        self._reader._check_open("the Reader that served this request")
-        if self._stage is None:
+        self._reader.check_open("the Reader that served this request")
+        if self.stage is None:
             raise RuntimeError("this request holds no stage")
-        memory = self._stage.memory
+        memory = self.stage.memory
         # See NOTE [ Worker shutdown logic ], step (3): wait in slices, check the workers between.
         state = memory.state  # held here: a stage closed meanwhile stays mapped for this wait
         while not state.wait_while(PENDING, timeouts.WAIT_SLICE, REQUEST_SPIN):
-            self._reader._check()
+            self._reader.check_serving()
         if memory.state.load() == FAILED:
             exc = memory.errors.exception()
             memory.errors.clear()
@@ -79,7 +93,7 @@ class Request:
 
     def _release(self) -> None:
         self._taken = True
-        stage, self._stage = self._stage, None
+        stage, self.stage = self.stage, None
         if stage is not None:
             stage.free()
 
@@ -88,10 +102,10 @@ class Request:
         the stage's memory itself, the stage taking other memory; see lending.py)."""
         try:
             value = self._wait()
-            stage = self._stage
+            stage = self.stage
             if (stage is not None and isinstance(value, np.ndarray) and value.ndim
                     and lendable(value.nbytes, stage.nbytes) and value.dtype != object):
-                return self._reader._hand_over(stage, value)
+                return self._reader.hand_over(stage, value)
             return copy_result(value)
         finally:
             self._release()

@@ -9,21 +9,20 @@ proxy is indexed.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .._hdf5.source import DatasetInfo, check_positive_int
 from .._keys._indexing import translate
 from .._keys.chain import Chain
+from .csindex import check_csindex
+from .owner import Owner
 from .readspec import ARRAY, SORTED, VLEN, WHERE, ReadSpec
 from .stages import MAX_PARTS, Stage, StagePool
 
 # A request is split over several workers when each part gets at least this much.
 SPLIT_BYTES = 2 << 20
-
-if TYPE_CHECKING:
-    from ..reader import Reader
 
 
 class DatasetProxy:
@@ -33,11 +32,12 @@ class DatasetProxy:
     ----------
     shape, dtype : of what indexing this proxy addresses: the dataset, or one field of it (a
         subarray field adds its dimensions), or the result of the recorded key.
+    reader : the Reader whose requests it describes.
     """
 
-    def __init__(self, reader: Reader, info: DatasetInfo, field: str | None = None,
+    def __init__(self, reader: Owner, info: DatasetInfo, field: str | None = None,
                  keys: tuple = (), chain: Chain | None = None, field_at: int = 0):
-        self._reader = reader
+        self.reader = reader
         self.info = info
         self.field = field
         self.keys = keys  # in the order they were given (before and after the field)
@@ -85,11 +85,11 @@ class DatasetProxy:
             if chain is not None:
                 # Keys given before the field index the rows; the field's dimensions follow.
                 chain = chain.extend(field_shape)
-            return type(self)(self._reader, self.info, item, self.keys, chain, len(self.keys))
+            return type(self)(self.reader, self.info, item, self.keys, chain, len(self.keys))
         if not self.keys:
-            return type(self)(self._reader, self.info, self.field, (item,), None, self._field_at)
+            return type(self)(self.reader, self.info, self.field, (item,), None, self._field_at)
         chain = (self._chain or self._chained()).index(item)
-        return type(self)(self._reader, self.info, self.field, (*self.keys, item), chain,
+        return type(self)(self.reader, self.info, self.field, (*self.keys, item), chain,
                           self._field_at)
 
     def _chained(self) -> Chain:
@@ -97,11 +97,11 @@ class DatasetProxy:
         shape = self.info.shape + self.info.field_dtype(self.field).shape
         return Chain.of(shape).index(self.keys[0])
 
-    def _spec(self) -> ReadSpec:
+    def spec(self) -> ReadSpec:
         """The request this proxy describes: its whole data when no key was given."""
         return ReadSpec(ARRAY, self.path, self.field, self._selection, self.shape, self.dtype)
 
-    def _parts(self, n: int) -> list[ReadSpec] | None:
+    def split(self, n: int) -> list[ReadSpec] | None:
         """The request as up to ``n`` requests for consecutive rows of the result, each at
         least SPLIT_BYTES, for as many workers; None when it is smaller or its key is not one
         slice of step 1 or one index array (the result's rows then are not the key's)."""
@@ -151,7 +151,7 @@ class DatasetProxy:
         dtype = self.info.field_dtype(self.field)
         full = _complete_shape(shape, self.info.shape + dtype.shape, self.path)
         label = f"stage of {self.path}" + (f"[{self.field!r}]" if self.field else "")
-        return self._reader._register(Stage(full, dtype.base, label))
+        return self.reader.register(Stage(full, dtype.base, label))
 
     def create_stage_pool(self, shape, n: int) -> StagePool:
         """``n`` stages of ``shape``, used in turn by ``reader.request``."""
@@ -210,7 +210,7 @@ class TableProxy(DatasetProxy):
         """
         self.info.field_dtype(sortby)
         if checkCSI:
-            self._reader._check_csi(self.path, sortby)
+            check_csindex(self.reader.filename, self.reader.file_kwargs, self.path, sortby)
         field = field if field is not None else self.field
         shape, dtype = self._rows_of(field, start, stop, step)
         return ReadSpec(SORTED, self.path, field, None, shape, dtype, (sortby, start, stop, step))
@@ -232,10 +232,10 @@ class VLArrayProxy(DatasetProxy):
     anything is read, as ``numpy.load`` refuses pickles by default.
     """
 
-    def _spec(self) -> ReadSpec:
+    def spec(self) -> ReadSpec:
         return ReadSpec(VLEN, self.path, None, self._selection, self.shape,
                         self.info.vlen_base, pseudo_atom=self.info.pseudo_atom,
-                        allow_pickle=getattr(self._reader, "allow_pickle", False))
+                        allow_pickle=self.reader.allow_pickle)
 
     def create_stage(self, shape) -> Stage:
         n = math.prod(_complete_shape(shape, self.info.shape, self.path))
@@ -243,7 +243,7 @@ class VLArrayProxy(DatasetProxy):
         assert base is not None  # a VLArrayProxy is made for variable-length datasets only
         itemsize = base.itemsize
         # Room for n elements and the offsets of up to n rows, counted in elements.
-        return self._reader._register(
+        return self.reader.register(
             Stage((n + -(-8 * (n + 1) // itemsize),), base, f"stage of {self.path}")
         )
 
@@ -253,7 +253,7 @@ class VLArrayProxy(DatasetProxy):
         return super().__getitem__(item)
 
 
-def make_proxy(reader: Reader, info: DatasetInfo) -> DatasetProxy:
+def make_proxy(reader: Owner, info: DatasetInfo) -> DatasetProxy:
     if info.vlen_base is not None:
         return VLArrayProxy(reader, info)
     if info.dtype.names and len(info.shape) == 1:

@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -116,6 +116,13 @@ class StageMemory:
             self.close()
 
 
+class Claimant(Protocol):
+    """What a stage knows of the request it serves."""
+
+    def held_by(self, thread: int) -> bool:
+        """Whether only ``thread`` can take the result (and so free the stage)."""
+
+
 class Stage:
     """Shared memory for the result of one request at a time; made by ``create_stage``.
 
@@ -132,7 +139,7 @@ class Stage:
         self.nbytes = math.prod(shape) * self.dtype.itemsize
         self.label = label
         self.memory = StageMemory.create(self.nbytes)
-        self.owner: object | None = None  # the request it serves, while it serves one
+        self.owner: Claimant | None = None  # the request it serves, while it serves one
         self.closed = False
         self.id = -1  # the Reader's number for it
         self.pool: StagePool | None = None  # the pool it belongs to, if any
@@ -140,7 +147,7 @@ class Stage:
     def check_fits(self, nbytes: int, shape, dtype) -> None:
         check_fits(self.nbytes, nbytes, shape, dtype)
 
-    def claim(self, request: object) -> None:
+    def claim(self, request: Claimant) -> None:
         if self.closed:
             raise ClosedError(f"{self.label} is closed")
         if self.owner is not None:
@@ -195,7 +202,7 @@ class StagePool:
         for stage in stages:
             stage.pool = self
 
-    def take(self, request: object, check: Callable[[], None] | None = None) -> Stage:
+    def take(self, request: Claimant, check: Callable[[], None] | None = None) -> Stage:
         """Claim a free stage for ``request``, waiting until another thread frees one.
 
         The wait ends at once when a stage is freed or closed (``free``/``close`` notify); every
@@ -212,7 +219,7 @@ class StagePool:
             finally:
                 self._waiting -= 1
 
-    def _claim_or_wait(self, request: object, check: Callable[[], None] | None) -> Stage:
+    def _claim_or_wait(self, request: Claimant, check: Callable[[], None] | None) -> Stage:
         lone_since: float | None = None
         while True:
             for i in range(len(self.stages)):
@@ -254,8 +261,7 @@ class StagePool:
         handed to a RequestPool): then only this thread, which is about to wait, could take a
         result and free a stage, and the wait would never end."""
         me = threading.get_ident()
-        return all(getattr(stage.owner, "_maker", None) == me
-                   and not getattr(stage.owner, "_shared", True)
+        return all(stage.owner is not None and stage.owner.held_by(me)
                    for stage in self.stages if not stage.closed)
 
     def notify(self) -> None:

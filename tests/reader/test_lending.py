@@ -10,8 +10,8 @@ import pytest
 from helpers import end_children, sample, write_h5py
 
 import multitables
-from multitables import reader as reader_module
 from multitables._reader import lending
+from multitables._reader import memory as memory_module
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,7 +60,7 @@ def test_memory_comes_back_when_the_result_goes(reader, wide):
     memories = set()
     for idx in batches(40):
         request = reader.request(ds[idx], pool)
-        memories.add(request._stage.memory.id)
+        memories.add(request.stage.memory.id)
         result = request.get()
         np.testing.assert_array_equal(result, wide[1][idx])
         del result
@@ -76,9 +76,10 @@ def test_results_kept_are_never_read_into(reader, wide):
     for idx, result in zip(keys, kept, strict=True):
         np.testing.assert_array_equal(result, wide[1][idx])
     del kept
-    assert sum(len(m) for m in reader._spares.values()) == 0  # taken in hand at the next request
+    # Taken in hand at the next request.
+    assert sum(len(m) for m in reader._memory.spares.values()) == 0
     reader.request(ds[keys[0]], pool).get()
-    assert sum(len(m) for m in reader._spares.values()) <= reader_module.MAX_SPARES
+    assert sum(len(m) for m in reader._memory.spares.values()) <= memory_module.MAX_SPARES
 
 
 def test_small_results_are_copied(reader, wide):
@@ -148,7 +149,7 @@ def test_a_forked_child_and_its_parent_keep_their_own_results(reader, wide):
 
 def test_results_beyond_the_loan_limit_are_copies(reader, wide, monkeypatch):
     monkeypatch.setattr(lending, "MAX_LOANS", 3)
-    monkeypatch.setattr(reader_module, "MAX_SPARES", 1)
+    monkeypatch.setattr(memory_module, "MAX_SPARES", 1)
     ds = reader.get_dataset("x")
     pool = ds.create_stage_pool(BATCH, 2)
     keys = batches(6, seed=4)
@@ -160,7 +161,7 @@ def test_results_beyond_the_loan_limit_are_copies(reader, wide, monkeypatch):
     del kept
     assert lending.on_loan() == loans == 0
     # An idle Reader keeps no more of it than it would keep spare.
-    assert len(reader._returned) == 1
+    assert len(reader._memory.returned) == 1
 
 
 def test_a_stage_closed_while_its_request_is_pending_lends_nothing(reader, wide):

@@ -372,7 +372,7 @@ def test_close_and_use_after_close(files):
 
 
 def test_selection_and_specs_pickle(reader):
-    spec = reader.get_dataset("f4")[[3, 1], 2]._spec()
+    spec = reader.get_dataset("f4")[[3, 1], 2].spec()
     again = pickle.loads(pickle.dumps(spec))
     assert again.shape == spec.shape == (2, 5)
     assert repr(again.selection) == repr(spec.selection)
@@ -449,7 +449,7 @@ def test_a_request_too_large_for_its_stage_header_travels_down_the_channel(tmp_p
     with multitables.Reader(tmp_path / "rows.h5", n_procs=1) as reader:
         ds = reader.get_dataset("x")
         key = ds[rows]
-        assert len(pickle.dumps(key._spec())) > stages._REQUEST_BYTES
+        assert len(pickle.dumps(key.spec())) > stages._REQUEST_BYTES
         stage = ds.create_stage(len(rows))
         np.testing.assert_array_equal(reader.request(key, stage).get(), truth[rows])
         np.testing.assert_array_equal(reader.request(ds[rows[:5]], stage).get(), truth[rows[:5]])
@@ -458,11 +458,10 @@ def test_a_request_too_large_for_its_stage_header_travels_down_the_channel(tmp_p
 def test_requests_beyond_a_full_worker_queue_wait_for_room(files, monkeypatch):
     """More requests pending on a worker than its queue holds: the caller waits for the worker
     to take some, and every result is right."""
-    from multitables import reader as reader_module
+    from multitables._reader import control
 
-    monkeypatch.setattr(reader_module, "_QUEUE_ITEMS", 4)
-    monkeypatch.setattr(reader_module, "_PER_WORKER",
-                        reader_module._DONE + reader_module.SlotQueue.nbytes(4))
+    monkeypatch.setattr(control, "QUEUE_ITEMS", 4)
+    monkeypatch.setattr(control, "PER_WORKER", control.DONE_BYTES + control.SlotQueue.nbytes(4))
     truth = files[2]["f4"]
     with multitables.Reader(files[0], n_procs=1) as reader:
         ds = reader.get_dataset("f4")
@@ -489,7 +488,7 @@ def test_a_second_worker_is_woken_when_the_first_falls_behind(tmp_path):
             pending.append((key, reader.request(ds[key], pool)))
         for done_key, request in pending:
             np.testing.assert_array_equal(request.get(), truth[done_key])
-        assert all(reader._finished), reader._finished
+        assert all(reader._dispatcher.finished), reader._dispatcher.finished
 
 
 @pytest.fixture
@@ -513,18 +512,18 @@ def test_large_requests_are_split_over_the_workers(files, small_split):
             stage = ds.create_stage(N_ROWS)
             for key in keys:
                 proxy = ds[key]
-                assert len(proxy._parts(3) or []) in (2, 3), (path, key)
+                assert len(proxy.split(3) or []) in (2, 3), (path, key)
                 np.testing.assert_array_equal(reader.request(proxy, stage).get(), expected[key])
-            assert all(reader._finished), reader._finished
+            assert all(reader._dispatcher.finished), reader._dispatcher.finished
 
 
 def test_a_failed_part_fails_the_request_once_every_part_is_done(files, small_split,
                                                                  monkeypatch):
     """One part's error is raised by get(), after the other parts have finished writing: the
     stage then serves the next request with nothing of the failed one left in it."""
-    from multitables import reader as reader_module
+    from multitables._reader import job
 
-    execute = reader_module.execute
+    execute = job.execute
 
     def failing_execute(spec, dataset, memory):
         if spec.at:
@@ -532,7 +531,7 @@ def test_a_failed_part_fails_the_request_once_every_part_is_done(files, small_sp
         time.sleep(0.2)  # the other part fails long before this one is done
         execute(spec, dataset, memory)
 
-    monkeypatch.setattr(reader_module, "execute", failing_execute)  # before the workers fork
+    monkeypatch.setattr(job, "execute", failing_execute)  # before the workers fork
     truth = files[2]["f4"]
     with multitables.Reader(files[0], n_procs=2) as reader:
         ds = reader.get_dataset("f4")
@@ -540,7 +539,7 @@ def test_a_failed_part_fails_the_request_once_every_part_is_done(files, small_sp
         with pytest.raises(OSError, match="a bad chunk") as info:
             reader.request(ds[0:N_ROWS], stage).get()
         assert "part 2 of 2" in str(info.value)
-        assert sum(done.load() for done in reader._done) == 2  # both parts were done
+        assert sum(done.load() for done in reader._dispatcher.done) == 2  # both parts were done
         np.testing.assert_array_equal(reader.request(ds[5:6], stage).get(), truth[5:6])
 
 

@@ -1,0 +1,196 @@
+"""The Reader's side of its workers (internal): the control memory, the choice of a worker for
+each request, and the messages that map and drop stage memory in them.
+
+See ``control`` for the memory's layout and ``job`` for the workers' side.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._engine import timeouts
+from .._engine._ringbuf import Counter, SlotQueue, Word
+from .._engine.errbox import ErrorBox
+from .._engine.pool import Crew, StandbyWorkers
+from .._engine.shm import SharedArena
+from . import control
+from .control import NOTICE, encode_item
+from .job import RequestJob
+from .memory import MemoryKeeper
+from .readspec import ReadSpec, to_wire
+from .stages import IDLE, PENDING, Stage
+
+# A sleeping worker is woken for a request once the awake ones have each had a request pending
+# this long.
+WAKE_AFTER = 1e-3
+QUEUE_FULL_WAIT = 1e-4
+
+
+class Dispatcher:
+    """Hands a Reader's requests to its workers, started with the first one.
+
+    Made anew in each process (a forked copy of a Reader starts workers of its own). The caller
+    holds the Reader's lock around ``dispatch`` and ``stop``; ``check`` is the Reader's own
+    check, which raises once the Reader closed or its workers failed (and then closes it), for
+    the waits here to call between their slices.
+    """
+
+    def __init__(self, filename: str, file_kwargs: dict[str, Any], n_procs: int,
+                 start_method: str | None, memory: MemoryKeeper, check: Callable[[], None]):
+        self.filename = filename
+        self.file_kwargs = file_kwargs
+        self.n_procs = n_procs
+        self.start_method = start_method
+        self.memory = memory
+        self.check = check
+        self.workers: StandbyWorkers | None = None
+        self.pool: Crew | None = None
+        self.arena: SharedArena | None = None
+        self.errors: ErrorBox | None = None
+        self.done: list[Counter] = []
+        self.queues: list[SlotQueue] = []
+        self.spinner: Word | None = None
+        self.sent_at: list[collections.deque[float]] = []  # of each request pending
+        self.finished: list[int] = []  # each worker's count of finished requests, last seen
+        self.next_check = 0.0
+
+    def dispatch(self, stage: Stage, specs: list[ReadSpec]) -> None:
+        """Hand the read (or its parts, one per worker) to workers: written into the stage's
+        header, the stage pushed onto the worker's queue (``pick_worker``). See NOTE [ Worker
+        shutdown logic ], step (3): every send and push waits in slices and gives up once a
+        worker dies or the Reader closes."""
+        messages = [to_wire(spec) for spec in specs]
+        parts = len(specs)
+        if self.pool is None:
+            self.pool = self._start()
+        elif time.monotonic() > self.next_check:
+            self.check()  # a dead worker among live ones never times a wait out
+        several = self.n_procs > 1  # else there is no choice to make, nor to keep track of
+        if parts == 1:
+            workers = [self.pick_worker(self.pending())] if several else [0]
+        else:
+            busy = self.pending()
+            workers = sorted(range(self.n_procs), key=busy.__getitem__)[:parts]
+            stage.memory.parts_done.store(0)
+            stage.memory.parts_failed.store(0)
+        dropped = self.memory.dropped
+        while dropped:
+            memory_id, holders = dropped.pop()
+            for w in holders:
+                self._tell(w, ("drop", memory_id))
+        memory = stage.memory
+        for worker in workers:
+            if worker not in memory.sent_to:
+                self._tell(worker, ("map", memory.id, memory.arena))
+                memory.sent_to.add(worker)
+        memory.state.set(PENDING)
+        part = 0
+        try:
+            for part, (worker, spec, message) in enumerate(
+                    zip(workers, specs, messages, strict=True)):
+                if memory.put_request(message, part, parts):
+                    self._push(worker, encode_item(memory.id, part, parts))
+                else:
+                    self._tell(worker, ("read", memory.id, spec, part, parts))
+                if several:
+                    self.sent_at[worker].append(time.monotonic())
+        except BaseException:
+            if part == 0:  # no worker has any of it: the stage is free again
+                memory.state.set(IDLE)
+            raise
+
+    def pending(self) -> list[int]:
+        """The requests each worker has not finished."""
+        busy = []
+        for w, done in enumerate(self.done):
+            sent_at, finished = self.sent_at[w], done.load()
+            for _ in range(finished - self.finished[w]):
+                sent_at.popleft()
+            self.finished[w] = finished
+            busy.append(len(sent_at))
+        return busy
+
+    def pick_worker(self, busy: list[int]) -> int:
+        """The worker for the next request: an awake one (it has requests pending, or it is
+        watching its queue), unless the oldest it has pending was sent WAKE_AFTER ago (a slow
+        read: the next request should not wait behind it); then the least busy. Waking a
+        sleeping worker costs both processes CPU time (bench/README.md, "The Reader's
+        waits"), and on a machine whose cores the caller
+        and one worker keep busy a second worker only takes CPU from them: it is woken when the
+        awake ones fall behind."""
+        watching = self.spinner.load() - 1 if self.spinner is not None else -1
+        awake = [w for w, pending in enumerate(busy) if pending or w == watching]
+        if awake:
+            worker = min(awake, key=busy.__getitem__)
+            if not busy[worker] or time.monotonic() - self.sent_at[worker][0] < WAKE_AFTER:
+                return worker
+        return busy.index(min(busy))
+
+    def _tell(self, worker: int, message) -> None:
+        """Announce ``message`` with a NOTICE, and send it down the worker's channel."""
+        pool = self.pool
+        assert pool is not None
+        self._push(worker, NOTICE)
+        try:
+            # Between the slices of a send the worker does not take: the Reader's check.
+            pool.send(worker, message, self.check)
+        except OSError:
+            self.check()  # a dead worker closed its end: say which one
+            raise
+
+    def _push(self, worker: int, item: int) -> None:
+        """Queue ``item`` for ``worker``; a full queue (QUEUE_ITEMS pending) is waited on."""
+        queue = self.queues[worker]
+        while True:
+            try:
+                queue.push(item)
+                return
+            except OverflowError:
+                self.check()
+                time.sleep(QUEUE_FULL_WAIT)
+
+    def _start(self) -> Crew:
+        """Lend ``n_procs`` workers, started now or standing by, to this Reader's one job."""
+        n = self.n_procs
+        self.arena = SharedArena(control.nbytes(n), name="multitables-reader")
+        buffer = self.arena.buffer
+        self.spinner = control.spinner(buffer)
+        self.done = [control.done_counter(buffer, w) for w in range(n)]
+        self.queues = [control.work_queue(buffer, w, True) for w in range(n)]
+        self.errors = control.error_box(buffer, n)
+        self.sent_at = [collections.deque() for _ in range(n)]
+        self.finished = [0] * n
+        if self.workers is None:
+            self.workers = StandbyWorkers(self.start_method, "Reader", niceness=0)
+        job = RequestJob(self.filename, self.file_kwargs, n, self.arena)
+        return self.workers.run(job, n)
+
+    def raise_failure(self) -> None:
+        """Raise the workers' failure, if any: a worker's own error, or a worker that died."""
+        if self.errors is not None and self.errors.full():
+            raise self.errors.exception()
+        self.next_check = time.monotonic() + timeouts.CHECK_INTERVAL
+        if self.pool is not None:
+            self.pool.check()
+
+    def stop(self, wait: bool) -> None:
+        """Stop the workers: they may finish their current reads with ``wait`` (up to
+        JOIN_TIMEOUT), else any still busy after STOP_GRACE are killed. See NOTE [ Worker
+        shutdown logic ], steps (4), (5)."""
+        if self.pool is not None:
+            for worker in range(self.n_procs):  # no local left to view the arena below
+                self.queues[worker].close()  # the worker ends its job once it is drained
+            self.pool.end()
+            self.pool.stop(join_timeout=timeouts.JOIN_TIMEOUT if wait else timeouts.STOP_GRACE)
+            self.pool = None
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+        if self.arena is not None:
+            # Drop the views first: a mapping with views left lives as long as this object.
+            self.done, self.queues, self.errors = [], [], None
+            self.spinner = None
+            self.arena.close()
