@@ -11,10 +11,14 @@ the counter with one atomic add, so no process assigns work to another.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import SubprocessException
+from . import timeouts
 from ._ringbuf import CLOSED, TIMEOUT, Counter, SlotQueue, Word
 from .errbox import ErrorBox
 from .shm import PAGE, SharedArena, round_up
@@ -102,4 +106,88 @@ class Ring:
         self.arena.close()
 
 
-__all__ = ["CLOSED", "TIMEOUT", "Ring", "RingLayout"]
+def _never() -> bool:
+    return False
+
+
+def _nothing() -> None:
+    pass
+
+
+class FilledSlots:
+    """The consumer's wait for the slots its workers fill: pop the full queue in slices, check
+    the workers between them and every ``CHECK_INTERVAL`` even while slots keep coming (one dead
+    worker among live ones would otherwise go unnoticed), and raise the workers' error.
+
+    See NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py.
+    """
+
+    def __init__(self, ring: Ring, check_workers: Callable[[], None]):
+        self.ring = ring
+        self._check_workers = check_workers  # raises SubprocessException naming dead workers
+        self._next_check = time.monotonic() + timeouts.CHECK_INTERVAL
+
+    def pop(self, want: int = 1, closed: Callable[[], bool] = _never,
+            on_failure: Callable[[], None] = _nothing) -> int:
+        """The next filled slot, or ``CLOSED`` once the ring is stopped or ``closed()`` (the
+        consumer closed by another thread). Sleeps until ``want`` slots are filled when none is.
+        Raises the exception of a failed read, or ``SubprocessException`` if a worker died,
+        after ``on_failure()``. (The callbacks come with each call, not kept: kept, they would
+        tie their owner into a cycle and delay its ``__del__``.)"""
+        ring = self.ring
+        while True:
+            if closed():  # no slot after close()
+                return CLOSED
+            slot = ring.full.pop(timeouts.WAIT_SLICE, want)
+            if slot >= 0 and time.monotonic() < self._next_check:
+                return slot
+            if ring.errors.full():
+                exc = ring.errors.exception()
+                on_failure()
+                raise exc
+            if slot == CLOSED or closed():
+                return CLOSED
+            self._next_check = time.monotonic() + timeouts.CHECK_INTERVAL
+            try:
+                self._check_workers()
+            except SubprocessException:
+                on_failure()
+                raise
+            if slot >= 0:
+                return slot
+
+
+class RingPlan(Protocol):
+    """What a ``RingJob``'s plan tells about its ring: the arena and its layout (None only
+    before the ring is made)."""
+
+    @property
+    def arena(self) -> SharedArena | None: ...
+
+    @property
+    def layout(self) -> RingLayout | None: ...
+
+
+class RingJob:
+    """The failure handling of a job whose workers fill one ring (mixed into the Streamer's and
+    the Loader's jobs): the consumer takes tickets in order, so a ticket that cannot be read
+    would leave a hole (a stream with a gap, an epoch short of rows). The first failure is put
+    in the ring's error box, where the consumer's ``FilledSlots.pop`` raises it, and stops the
+    ring. See NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py."""
+
+    plan: RingPlan
+
+    def task_failed(self, task: Any, exc: BaseException, where: str) -> bool:
+        self.fail(exc, where)
+        return False  # stop: no later ticket may be delivered past the hole
+
+    def fail(self, exc: BaseException, where: str) -> None:
+        # A ring of its own: the job may fail before (or while) it attaches to one.
+        arena, layout = self.plan.arena, self.plan.layout
+        assert arena is not None and layout is not None
+        ring = Ring(arena, layout)
+        ring.errors.put(exc, where)
+        ring.stop()
+
+
+__all__ = ["CLOSED", "TIMEOUT", "FilledSlots", "Ring", "RingJob", "RingLayout", "RingPlan"]
