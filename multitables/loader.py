@@ -1,16 +1,16 @@
 """Training batches of aligned columns straight from HDF5: shuffled, sharded over ranks, resumable.
 
 ``Loader`` plays one epoch per iteration. The order of its rows is a pure function of (seed, epoch,
-rank, world size) (``order.py``); worker processes read whole units of rows (a whole number of HDF5
-chunks of every column, ``loadjob.py``) into shared memory in the order the epoch needs them, and
-the consumer gathers each batch from the units in memory with one ``np.take`` per column.
+rank, world size) (``_loader/order.py``); worker processes read whole units of rows (a whole
+number of HDF5 chunks of every column, ``_loader/job.py``) into shared memory in the order the
+epoch needs them, and the consumer gathers each batch from the units in memory with one
+``np.take`` per column (``_loader/epoch.py``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,18 +18,20 @@ from typing import Any
 import numpy as np
 
 from ._engine import hooks
-from ._engine.pool import StandbyWorkers
-from ._engine.ring import Ring
-from ._hdf5.source import (
-    DatasetInfo,
-    check_positive_int,
-    check_rows,
-    default_n_procs,
-    describe,
-    open_file,
+from ._hdf5.source import check_positive_int, default_n_procs
+from ._loader.columns import Columns, resolve_columns, unfiltered
+from ._loader.epoch import (
+    BatchReads,
+    EpochConfig,
+    Outputs,
+    Reads,
+    UnitReads,
+    cut,
+    pieces,
+    rows_of,
 )
-from ._loader.epoch import BatchReads, Outputs, Reads, UnitReads, cut, pieces, rows_of
 from ._loader.job import costliest_chunk_rows, plan_units
+from ._loader.local import Local
 from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
 from .errors import ClosedError
 
@@ -40,16 +42,6 @@ __all__ = ["Loader"]
 WINDOW_CHUNKS = 16
 WINDOW_BYTES = 32 << 20
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class _Column:
-    """One column of the batches: a dataset (by its index in the Loader's list) or one field."""
-
-    name: str | int
-    path: str  # as the caller spelled it
-    dataset: int
-    field: str | None
 
 
 class Loader:
@@ -134,16 +126,17 @@ class Loader:
         # A copy made by pickling (a spawned DataLoader worker) keeps this rank and these
         # workers, whatever its own process would find.
         self._args.update(rank=self.rank, world_size=self.world_size, n_procs=self.n_procs)
-        self._kind, self._columns, self._infos = _resolve_columns(self.filename, columns, kw)
-        self.n_rows = self._infos[0].shape[0]
-        self._unfiltered = _unfiltered(self.filename, self._infos, kw)
-        self.unit_rows = plan_units(self._infos)
+        self._columns = resolve_columns(self.filename, columns, kw)
+        infos = self._columns.infos
+        self.n_rows = self._columns.n_rows
+        self._unfiltered = unfiltered(self.filename, infos, kw)
+        self.unit_rows = plan_units(infos)
         n_units = -(-self.n_rows // self.unit_rows)
         if window is None:
-            row_bytes = sum(max(info.row_bytes, 1) for info in self._infos)
+            row_bytes = sum(max(info.row_bytes, 1) for info in infos)
             by_bytes = -(-WINDOW_BYTES // (self.unit_rows * row_bytes))
             # A unit may span several chunks: count the mixing in chunks, not units.
-            chunk_rows = min(costliest_chunk_rows(self._infos) or self.unit_rows, self.unit_rows)
+            chunk_rows = min(costliest_chunk_rows(infos) or self.unit_rows, self.unit_rows)
             by_chunks = -(-WINDOW_CHUNKS * chunk_rows // self.unit_rows)
             self.window_units = min(n_units, max(by_chunks, by_bytes))
         else:
@@ -154,7 +147,7 @@ class Loader:
         self._next_epoch: int = 0
         self._next_history: list[list[int]] = []
         self._playing: _Progress | None = None  # the epoch this process plays or played last
-        self._local = _Local(start_method)
+        self._local = Local(start_method)
         self._closed = False
         hooks.track("loaders", self)
 
@@ -227,6 +220,12 @@ class Loader:
         """One epoch: the one chosen by ``set_epoch``/``load_state_dict``, else the next."""
         return self._epoch_batches(worker=0, n_workers=1)
 
+    @property
+    def epochs(self) -> _Epochs:
+        """Internal interface for integrations that play the epochs in workers of their own
+        (``multitables.torch`` and a DataLoader's workers); it may change between releases."""
+        return _Epochs(self)
+
     def _epoch_batches(self, worker: int, n_workers: int) -> Iterator[Any]:
         """This rank's batches of the next epoch; with ``n_workers`` > 1 only ``worker``'s
         contiguous share of them (a DataLoader worker's)."""
@@ -249,19 +248,19 @@ class Loader:
         total = sum(stop - start for start, stop in plan.intervals())
         first, last = batches.start * B, min(batches.stop * B, total)
         intervals = cut(plan.intervals(), first, last)
-        local = self._here()
+        local, config = self._here(), self._epoch_config()
         if self._reads_batches():
-            epoch: Reads = BatchReads(self, local, rows_of(order, intervals))
+            epoch: Reads = BatchReads(config, local, rows_of(order, intervals))
         else:
-            epoch = UnitReads(self, local, order, pieces(order, intervals), last - first)
+            epoch = UnitReads(config, local, order, pieces(order, intervals), last - first)
         outputs = None
         try:
-            outputs = Outputs(self, epoch.columns)
+            outputs = Outputs(config, epoch.columns)
             for k in batches:
                 self._check_open()
                 arrays = epoch.batch(k * B - first, min((k + 1) * B, total) - first, outputs)
                 progress.done = k + 1
-                yield self._pack(arrays)
+                yield self._columns.pack(arrays)
         finally:
             epoch.close()
             if outputs is not None:
@@ -273,18 +272,15 @@ class Loader:
         chunk decoded once)."""
         return self._unfiltered
 
-    def _pack(self, arrays: list[np.ndarray]) -> Any:
-        if self._kind == "single":
-            return arrays[0]
-        if self._kind == "tuple":
-            return tuple(arrays)
-        return {column.name: a for column, a in zip(self._columns, arrays, strict=True)}
+    def _epoch_config(self) -> EpochConfig:
+        return EpochConfig(self.filename, self.file_kwargs, self._columns, self.batch_size,
+                           self.unit_rows, self.window_units, self.n_procs, self.copy)
 
-    def _here(self) -> _Local:
+    def _here(self) -> Local:
         """What this Loader holds in this process: a forked copy (a DataLoader worker) starts
         afresh and leaves its parent's workers and memory alone."""
         if self._local.pid != os.getpid():
-            self._local = _Local(self.start_method)
+            self._local = Local(self.start_method)
             hooks.track("loaders", self)
         return self._local
 
@@ -300,8 +296,7 @@ class Loader:
             return
         self._closed = True
         hooks.untrack("loaders", self)
-        if self._local.pid == os.getpid():
-            self._local.close()
+        self._local.close()  # in a forked copy, leaves the parent's workers and memory alone
 
     def __enter__(self) -> Loader:
         return self
@@ -318,7 +313,7 @@ class Loader:
         return _unpickle, (self._args, self.state_dict())
 
     def __repr__(self) -> str:
-        columns = [c.path for c in self._columns]
+        columns = self._columns.paths
         return (f"<Loader {self.filename} {columns} batch_size={self.batch_size} "
                 f"shuffle={self.shuffle} rank={self.rank}/{self.world_size}>")
 
@@ -327,6 +322,29 @@ def _unpickle(args: dict[str, Any], state: dict[str, Any]) -> Loader:
     loader = Loader(**args)
     loader.load_state_dict(state)
     return loader
+
+
+class _Epochs:
+    """What an integration that splits each epoch between workers of its own may ask of a
+    Loader: its columns, the epoch it plays next, and one worker's share of that epoch. Made
+    afresh by each ``Loader.epochs``, so the Loader holds no reference back to it."""
+
+    def __init__(self, loader: Loader):
+        self._loader = loader
+
+    @property
+    def columns(self) -> Columns:
+        return self._loader._columns
+
+    @property
+    def next(self) -> int:
+        """The epoch the next iteration plays."""
+        return self._loader._next_epoch
+
+    def batches(self, worker: int, n_workers: int) -> Iterator[Any]:
+        """This rank's batches of the next epoch; with ``n_workers`` > 1 only ``worker``'s
+        contiguous share of them. Moves on to the epoch after it, as an iteration does."""
+        return self._loader._epoch_batches(worker, n_workers)
 
 
 @dataclass
@@ -338,105 +356,7 @@ class _Progress:
     done: int
 
 
-class _Local:
-    """What a Loader holds in one process: its workers, the last epoch's ring (kept for the
-    next, its memory reserved and mapped already) and the epochs being read. Made anew in a
-    forked copy: the parent's belong to the parent."""
-
-    def __init__(self, start_method: str | None):
-        self.pid = os.getpid()
-        self.start_method = start_method
-        self.workers: StandbyWorkers | None = None
-        self.idle_ring: Ring | None = None
-        self.reads: weakref.WeakSet[Reads] = weakref.WeakSet()
-
-    def pool(self) -> StandbyWorkers:
-        if self.workers is None:
-            self.workers = StandbyWorkers(self.start_method, "Loader")
-        return self.workers
-
-    def take_ring(self) -> Ring | None:
-        ring, self.idle_ring = self.idle_ring, None
-        return ring
-
-    def keep_ring(self, ring: Ring) -> bool:
-        """Keep ``ring`` for the next epoch; False if one is kept already (close it then)."""
-        if self.idle_ring is not None:
-            return False
-        self.idle_ring = ring
-        return True
-
-    def close(self) -> None:
-        """Stop the epochs being read, end the workers, free the kept ring."""
-        for reads in list(self.reads):
-            reads.close()
-        if self.workers is not None:
-            self.workers.close()
-        if self.idle_ring is not None:
-            self.idle_ring.close()
-        self.workers = self.idle_ring = None
-
-
-# ------------------------------------------------------------------------------ columns and ranks
-
-
-def _resolve_columns(filename: str, columns: Any, kw: dict[str, Any]):
-    """(kind, columns, dataset infos) for the ``columns`` argument; raises for bad input."""
-    if isinstance(columns, (str, os.PathLike)):
-        kind, named = "single", [(0, os.fspath(columns))]
-    elif isinstance(columns, dict):
-        kind, named = "dict", list(columns.items())
-    elif isinstance(columns, (list, tuple)):
-        kind, named = "tuple", list(enumerate(columns))
-    else:
-        raise TypeError(f"columns must be a path, a list of paths or a dict name -> path, "
-                        f"got {type(columns).__name__}")
-    if not named:
-        raise ValueError("columns is empty: name at least one dataset")
-    infos: list[DatasetInfo] = []
-    resolved = []
-    for name, path in named:
-        if not isinstance(path, str):
-            raise TypeError(f"column {name!r}: a path must be a str, got {path!r}")
-        info, field = _describe_column(filename, path, kw)
-        index = next((i for i, known in enumerate(infos) if known.path == info.path), None)
-        if index is None:
-            index = len(infos)
-            infos.append(info)
-        resolved.append(_Column(name, path, index, field))
-    lengths = {c.path: infos[c.dataset].shape[0] for c in resolved}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"columns must have the same number of rows, got {lengths}")
-    if next(iter(lengths.values())) == 0:
-        raise ValueError(f"the columns of {filename} are empty (0 rows): {list(lengths)}")
-    return kind, resolved, infos
-
-
-def _describe_column(filename: str, path: str, kw: dict[str, Any]):
-    """The dataset of column ``path`` and its field: a dataset, or ``table_path/field``."""
-    try:
-        info, field = describe(filename, path, kw), None
-    except KeyError:
-        parent, _, name = path.rstrip("/").rpartition("/")
-        try:
-            info = describe(filename, parent or "/", kw)
-        except (KeyError, TypeError):
-            raise KeyError(f"no dataset {path!r} in {filename}") from None
-        if not info.dtype.names or name not in info.dtype.names:
-            fields = f"its fields are {list(info.dtype.names)}" if info.dtype.names else (
-                f"it holds {info.dtype}, not a table")
-            raise KeyError(f"no dataset {path!r} in {filename}, and {parent!r} has no field "
-                           f"{name!r}: {fields}") from None
-        field = name
-    check_rows(info.path, filename, info.shape, info.vlen_base,
-               vlen=", which do not fit batches of fixed shape; read it with multitables.Reader")
-    return info, field
-
-
-def _unfiltered(filename: str, infos: list[DatasetInfo], kw: dict[str, Any]) -> bool:
-    """Whether every dataset is stored without filters (its rows can be read from the file)."""
-    with open_file(filename, kw) as file:
-        return all(file[info.path].id.get_create_plist().get_nfilters() == 0 for info in infos)
+# ------------------------------------------------------------------------------ ranks
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -62,30 +62,29 @@ class Loader(IterableDataset):
             filename, columns, batch_size, shuffle=shuffle, seed=seed, window=window,
             drop_last=drop_last, rank=rank, world_size=world_size, n_procs=n_procs, copy=copy,
             start_method=start_method, **kw)
-        for column in self.loader._columns:
-            dtype = self.loader._infos[column.dataset].field_dtype(column.field)
+        for path, dtype in self.loader.epochs.columns.dtypes():
             if dtype.names is not None:
                 raise TypeError(
-                    f"column {column.path!r} is a table ({dtype}); torch has no structured "
-                    f"dtype: name its fields as columns, e.g. '{column.path}/{dtype.names[0]}'")
+                    f"column {path!r} is a table ({dtype}); torch has no structured "
+                    f"dtype: name its fields as columns, e.g. '{path}/{dtype.names[0]}'")
             if dtype.base.kind not in "biufc":
-                raise TypeError(f"column {column.path!r} holds {dtype.base}, which torch has no "
+                raise TypeError(f"column {path!r} holds {dtype.base}, which torch has no "
                                 "tensors of; read it with multitables.Loader")
-        self._epochs = _Epochs(self.loader._next_epoch)
+        self._epochs = _Epochs(self.loader.epochs.next)
 
     def __iter__(self):
-        worker = get_worker_info()
+        worker, epochs = get_worker_info(), self.loader.epochs
         if worker is None:
-            self._epochs.played_here(self.loader._next_epoch)
-            batches = self.loader._epoch_batches(0, 1)
+            self._epochs.played_here(epochs.next)
+            batches = epochs.batches(0, 1)
         else:
             if not self._n_procs_given:  # the DataLoader's workers share the CPUs
                 self.loader.n_procs = max(1, default_n_procs() // worker.num_workers)
             self.loader.copy = True  # the DataLoader sends batches on after asking for the next
             epoch = self._epochs.for_worker(worker.num_workers)
-            if epoch != self.loader._next_epoch:
+            if epoch != epochs.next:
                 self.loader.set_epoch(epoch)
-            batches = self.loader._epoch_batches(worker.id, worker.num_workers)
+            batches = epochs.batches(worker.id, worker.num_workers)
         for batch in batches:
             yield _tensors(batch)
 
@@ -119,7 +118,7 @@ class Loader(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state``: see :meth:`multitables.Loader.load_state_dict`."""
         self.loader.load_state_dict(state)
-        self._epochs.set(self.loader._next_epoch)
+        self._epochs.set(self.loader.epochs.next)
 
     def close(self) -> None:
         """End the worker processes and free the shared memory. Idempotent."""

@@ -13,23 +13,35 @@ See NOTE [ Worker shutdown logic ] in _engine/pool.py for the waits and the shut
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-from .._engine import timeouts
-from .._engine.ring import CLOSED
+from .._engine.ring import CLOSED, FilledSlots
 from ..errors import SubprocessException
+from .columns import Columns
 from .job import BATCHES, UNITS, LoadJob, LoadPlan, regions, ring_for
+from .local import Local
 from .order import EpochOrder
-
-if TYPE_CHECKING:
-    from ..loader import Loader, _Local
 
 # What a batch used after the next one was asked for reads as, with copy=False (NaN for floats).
 POISON = 0xFF
+
+
+@dataclass(frozen=True)
+class EpochConfig:
+    """What the reads of an epoch need of their Loader, handed down at the epoch's start (the
+    Loader's ``n_procs`` and ``copy`` may change between epochs)."""
+
+    filename: str
+    file_kwargs: dict[str, Any]
+    columns: Columns
+    batch_size: int
+    unit_rows: int
+    window_units: int
+    n_procs: int
+    copy: bool
 
 
 @dataclass
@@ -107,31 +119,32 @@ class Reads:
     """The reads of one iteration: a ring, the workers filling it, and the slots read so far.
     See NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py."""
 
-    def __init__(self, loader: Loader, local: _Local, kind: str, slot_rows: int, n_slots: int,
-                 units: np.ndarray | None = None, sequence: np.ndarray | None = None):
-        self.loader, self.local = loader, local
+    def __init__(self, config: EpochConfig, local: Local, kind: str, slot_rows: int,
+                 n_slots: int, units: np.ndarray | None = None,
+                 sequence: np.ndarray | None = None):
+        self.config, self.local = config, local
+        infos = config.columns.infos
         n_sequence = 0 if sequence is None else len(sequence)
         idle = local.take_ring()
-        self.ring, offsets = ring_for(loader._infos, slot_rows, n_slots, n_sequence, idle)
+        self.ring, offsets = ring_for(infos, slot_rows, n_slots, n_sequence, idle)
         if idle is not None and self.ring.arena is not idle.arena:
             idle.close()
         self.closed = False
         try:
             n_tickets = len(units) if units is not None else -(-n_sequence // slot_rows)
-            plan = LoadPlan(loader._infos, loader.file_kwargs, kind, slot_rows, n_tickets, units,
+            plan = LoadPlan(list(infos), config.file_kwargs, kind, slot_rows, n_tickets, units,
                             n_sequence, self.ring.arena, self.ring.layout, offsets)
             if sequence is not None:
                 plan.sequence()[:] = sequence
             self.regions = regions(plan)
-            self.columns = [self.regions[c.dataset] if c.field is None
-                            else self.regions[c.dataset][c.field] for c in loader._columns]
-            self.crew = local.pool().run(LoadJob(plan), loader.n_procs)
+            self.columns = config.columns.cut(self.regions)
+            self.crew = local.pool().run(LoadJob(plan), config.n_procs)
         except BaseException:
             self.ring.stop()
             self.ring.close()
             raise
         self.slot_of: dict[int, int] = {}  # ticket -> slot, for tickets read and not yet freed
-        self.next_check = time.monotonic() + timeouts.CHECK_INTERVAL
+        self.filled = FilledSlots(self.ring, self.crew.check)
         local.reads.add(self)  # closed with the Loader
 
     def batch(self, start: int, stop: int, outputs: Outputs) -> list[np.ndarray]:
@@ -149,21 +162,10 @@ class Reads:
         self.ring.free.push(self.slot_of.pop(ticket))
 
     def _pop(self) -> int:
-        # See NOTE [ Worker shutdown logic ]: wait in slices, check the workers between them,
-        # and now and then even while slots keep coming (one dead worker among live ones).
-        ring = self.ring
-        while True:
-            slot = ring.full.pop(timeouts.WAIT_SLICE)
-            if slot >= 0 and time.monotonic() < self.next_check:
-                return slot
-            if ring.errors.full():
-                raise ring.errors.exception()
-            if slot == CLOSED:
-                raise SubprocessException(f"the reads of {self.loader.filename} were stopped")
-            self.next_check = time.monotonic() + timeouts.CHECK_INTERVAL
-            self.crew.check()
-            if slot >= 0:
-                return slot
+        slot = self.filled.pop()
+        if slot == CLOSED:
+            raise SubprocessException(f"the reads of {self.config.filename} were stopped")
+        return slot
 
     def close(self) -> None:
         """Stop the reads and hand the workers back to the Loader; idempotent."""
@@ -174,21 +176,21 @@ class Reads:
         self.crew.stop()
         self.columns = self.regions = []
         self.slot_of.clear()
-        if self.loader._closed or not self.local.keep_ring(self.ring):
+        if not self.local.keep_ring(self.ring):  # refused once the Loader is closed
             self.ring.close()
 
 
 class UnitReads(Reads):
     """Units of a window read into slots; each batch gathered from the units it draws on."""
 
-    def __init__(self, loader: Loader, local: _Local, order: EpochOrder, pieces: list[Piece],
-                 n_positions: int):
-        self.order, self.pieces, self.unit_rows = order, pieces, loader.unit_rows
+    def __init__(self, config: EpochConfig, local: Local, order: EpochOrder,
+                 pieces: list[Piece], n_positions: int):
+        self.order, self.pieces, self.unit_rows = order, pieces, config.unit_rows
         units = np.concatenate([p.units for p in pieces]).astype(np.int64)
-        prefetch = max(2 * loader.n_procs, loader.window_units)
+        prefetch = max(2 * config.n_procs, config.window_units)
         n_slots = min(len(units), prefetch
-                      + _slots_needed(pieces, loader.batch_size, n_positions))
-        super().__init__(loader, local, UNITS, self.unit_rows, n_slots, units=units)
+                      + _slots_needed(pieces, config.batch_size, n_positions))
+        super().__init__(config, local, UNITS, self.unit_rows, n_slots, units=units)
         self.ready = 0  # pieces before this one have their flat indices
         self.done = 0  # pieces before this one are delivered and their slots freed
 
@@ -224,12 +226,12 @@ class UnitReads(Reads):
 class BatchReads(Reads):
     """Each batch's rows read by a worker straight from the file into a slot, in batch order."""
 
-    def __init__(self, loader: Loader, local: _Local, sequence: np.ndarray):
-        self.batch_size = loader.batch_size
+    def __init__(self, config: EpochConfig, local: Local, sequence: np.ndarray):
+        self.batch_size = config.batch_size
         n_batches = -(-len(sequence) // self.batch_size)
         # Lent and poisoned slots (copy=False) leave each worker two.
-        n_slots = min(n_batches, 2 * loader.n_procs + 2)
-        super().__init__(loader, local, BATCHES, self.batch_size, n_slots, sequence=sequence)
+        n_slots = min(n_batches, 2 * config.n_procs + 2)
+        super().__init__(config, local, BATCHES, self.batch_size, n_slots, sequence=sequence)
         self.lent: int | None = None  # copy=False: the ticket whose slot the caller holds
         self.poisoned: int | None = None  # the one lent before, poisoned, kept one batch more
 
@@ -270,12 +272,12 @@ class Outputs:
     """Where batches are gathered: new arrays (copy=True), or two buffers used in turn, the one
     given out before poisoned when the next batch is asked for (copy=False)."""
 
-    def __init__(self, loader: Loader, columns: list[np.ndarray]):
-        self.copy = loader.copy
+    def __init__(self, config: EpochConfig, columns: list[np.ndarray]):
+        self.copy = config.copy
         self.buffers: list[list[np.ndarray]] = []
         self.turn = 0
         if not self.copy:
-            shapes = [((loader.batch_size, *c.shape[1:]), c.dtype) for c in columns]
+            shapes = [((config.batch_size, *c.shape[1:]), c.dtype) for c in columns]
             self.buffers = [[np.empty(s, d) for s, d in shapes] for _ in range(2)]
 
     def gather(self, columns: list[np.ndarray], index: np.ndarray) -> list[np.ndarray]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ MAX_UNIT_BYTES = 64 << 20
 MIN_UNITS = 8
 
 
-def plan_units(infos: list[DatasetInfo]) -> int:
+def plan_units(infos: Sequence[DatasetInfo]) -> int:
     """Rows per unit: the least common multiple of the datasets' chunk rows (see module doc)."""
     n_rows = infos[0].shape[0]
     row_bytes = sum(max(info.row_bytes, 1) for info in infos)
@@ -62,7 +63,7 @@ def plan_units(infos: list[DatasetInfo]) -> int:
     return max(1, min(rows, n_rows))
 
 
-def costliest_chunk_rows(infos: list[DatasetInfo]) -> int | None:
+def costliest_chunk_rows(infos: Sequence[DatasetInfo]) -> int | None:
     """Rows per chunk of the chunked dataset that costs most to read (compressed first, then
     the widest rows): the chunks that matter for reading once and for mixing well."""
     chunked = [(info.compression is not None, info.row_bytes, info.chunks[0])
@@ -106,7 +107,7 @@ class LoadPlan:
         return self.arena.ndarray((self.n_sequence,), np.int64, self.offsets[-1])
 
 
-def ring_for(infos: list[DatasetInfo], slot_rows: int, n_slots: int, n_sequence: int = 0,
+def ring_for(infos: Sequence[DatasetInfo], slot_rows: int, n_slots: int, n_sequence: int = 0,
              reuse: Ring | None = None) -> tuple[Ring, list[int]]:
     """A ring of at least ``n_slots`` slots of ``slot_rows`` rows of every dataset with room for
     ``n_sequence`` row numbers, and the offsets of its regions: ``reuse`` emptied when it is large
@@ -123,7 +124,7 @@ def ring_for(infos: list[DatasetInfo], slot_rows: int, n_slots: int, n_sequence:
     return ring, _offsets(infos, slot_rows, n_slots, ring.layout.slots)
 
 
-def _offsets(infos: list[DatasetInfo], slot_rows: int, n_slots: int, at: int) -> list[int]:
+def _offsets(infos: Sequence[DatasetInfo], slot_rows: int, n_slots: int, at: int) -> list[int]:
     """Where each dataset's region starts, from ``at``, then where the row numbers start."""
     offsets = [at]
     for info in infos:
@@ -141,8 +142,9 @@ def _emptied(ring: Ring) -> Ring:
 
 
 # In a worker: the arena of the last epoch, as mapped then. A Loader reuses its ring from one
-# epoch to the next; mapping it anew would fault every page of it in again (tens of thousands of
-# faults an epoch), so the worker keeps its mapping while the same memory comes back.
+# epoch to the next; mapping it anew would fault every page of it in again each epoch (see
+# bench/README.md, "The Loader's workers"), so the worker keeps its mapping while the same memory
+# comes back.
 _LAST_ARENA: tuple[tuple[int, int], SharedArena] | None = None
 
 
@@ -189,8 +191,8 @@ class LoadJob(RingJob, FileJob):
         self.ring = Ring(self.plan.arena, self.plan.layout)
         self.datasets = [source.dataset(info.path) for info in self.plan.infos]
         self.regions = regions(self.plan)
-        # Batches of unfiltered rows: row numbers straight to the file's bytes, no key to
-        # translate (tens of microseconds a batch).
+        # Batches of unfiltered rows: row numbers straight to the file's bytes, with no key to
+        # translate per batch (bench/README.md, "The Loader's workers").
         self.raw = [rawread.RawRows.of(d) if self.plan.kind == BATCHES else None
                     for d in self.datasets]
 
