@@ -7,6 +7,8 @@ Internal module. Layout of the arena (every part 64-byte aligned, slots page ali
 A slot circulates: ``free`` queue → a worker fills it and writes its header (ticket, rows) →
 ``full`` queue → the consumer hands out views → back to ``free``. Workers draw slot tickets from
 the counter with one atomic add, so no process assigns work to another.
+``FilledSlots`` is the consumer's wait for the ``full`` queue and ``RingJob`` the workers'
+failure handling, shared by the Streamer's and the Loader's jobs.
 """
 
 from __future__ import annotations
