@@ -20,8 +20,10 @@ EXIT_ORDER = ("queues", "readers", "loaders", "dask files", "pools")
 # Before a fork, in the parent: lent memory goes copy-on-write, so each process keeps its writes.
 FORK_BEFORE_ORDER = ("lent memory",)
 # In a forked child: first close the copies of the parent's channel ends (a worker must see EOF
-# once its parent is gone), then forget the parent's workers, then the rest of its state.
-FORK_CHILD_ORDER = ("channels", "pools", "readers", "dask files", "decode counts")
+# once its parent is gone), then forget the parent's workers, then the rest of its state: files,
+# network connections and fetch threads (never shared with the parent), counters.
+FORK_CHILD_ORDER = ("channels", "pools", "readers", "dask files", "connections", "fetchers",
+                    "decode counts")
 
 _live: dict[str, weakref.WeakSet] = {kind: weakref.WeakSet() for kind in EXIT_ORDER}
 _exit: dict[str, Callable[[], None]] = {}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
+
+from .._engine import hooks
 
 fallbacks: collections.Counter[str] = collections.Counter()
 """Reads (and, ``declined: dataset ...``, datasets) left to HDF5 in this process, by reason."""
@@ -39,4 +40,4 @@ def _reset_counts() -> None:
 
 
 # A forked worker counts its own reads.
-os.register_at_fork(after_in_child=_reset_counts)
+hooks.on_fork("decode counts", after_in_child=_reset_counts)

@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+from .._engine import hooks
 from .base import Source, as_writable
 
 DEFAULT_MERGE_GAP = 64 << 10
@@ -212,4 +213,4 @@ def _after_fork_in_child() -> None:
         f._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+hooks.on_fork("fetchers", after_in_child=_after_fork_in_child)

@@ -17,6 +17,7 @@ from typing import Any
 
 import urllib3
 
+from .._engine import hooks
 from ..errors import ObjectChangedError, SourceTimeoutError, TransferError
 from .base import SourceStats
 
@@ -412,4 +413,4 @@ def _after_fork_in_child() -> None:
         t._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+hooks.on_fork("connections", after_in_child=_after_fork_in_child)
