@@ -72,6 +72,31 @@ def _filters(ds: Any) -> str:
     return "+".join(names) or "none"
 
 
+def _virtual_sources(ds: Any) -> tuple[str, int]:
+    """A virtual dataset's filters column ("virtual, N sources: their filters") and the bytes its
+    sources store: its own pipeline is empty and it stores nothing, whatever its sources hold."""
+    import h5py
+
+    base = os.path.dirname(os.path.abspath(ds.file.filename))
+    sources = {(vmap.file_name, vmap.dset_name) for vmap in ds.virtual_sources()}
+    filters: set[str] = set()
+    stored = 0
+    for file_name, dset_name in sorted(sources):
+        try:
+            if file_name == ".":
+                src = ds.file[dset_name]
+                filters.add(_filters(src))
+                stored += src.id.get_storage_size()
+            else:
+                with h5py.File(os.path.join(base, file_name), "r") as f:
+                    src = f[dset_name]
+                    filters.add(_filters(src))
+                    stored += src.id.get_storage_size()
+        except (OSError, KeyError):
+            filters.add("missing source")
+    return f"virtual, {len(sources)} sources: {', '.join(sorted(filters))}", stored
+
+
 def _dtype(dt: np.dtype) -> str:
     if dt.names:
         parts = []
@@ -102,6 +127,8 @@ def describe(filename: str) -> list[dict[str, Any]]:
             "filters": _filters(obj), "nbytes": int(np.prod(shape, dtype=np.int64)) *
             obj.dtype.itemsize, "stored": obj.id.get_storage_size(), "block_size": None,
         }
+        if obj.is_virtual:
+            entry["filters"], entry["stored"] = _virtual_sources(obj)
         entry["remainder"] = None
         if len(shape) >= 1 and shape[0] > 0:
             entry["block_size"] = m.default_block_size(shape, obj.dtype, obj.chunks)

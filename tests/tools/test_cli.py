@@ -151,3 +151,24 @@ def test_bench_needs_file_and_path(sample, tmp_path):
     out = run_cli("bench", sample, cwd=str(tmp_path))
     assert out.returncode != 0
     assert "FILE and PATH" in out.stderr
+
+
+def test_info_names_a_virtual_dataset_and_its_sources_filters(tmp_path):
+    """A virtual dataset of gzip sources showed as unfiltered with 0.0 MB stored."""
+    import h5py
+    layout = h5py.VirtualLayout(shape=(400, 8), dtype="f4")
+    stored = 0
+    for i in range(2):
+        name = str(tmp_path / f"part{i}.h5")
+        with h5py.File(name, "w") as f:
+            ds = f.create_dataset("x", data=np.random.default_rng(i).random((200, 8), "f4"),
+                                  chunks=(50, 8), compression="gzip")
+            stored += ds.id.get_storage_size()
+        layout[i * 200:(i + 1) * 200] = h5py.VirtualSource(name, "x", shape=(200, 8))
+    with h5py.File(tmp_path / "vds.h5", "w") as f:
+        f.create_virtual_dataset("v", layout)
+    out = run_cli("info", str(tmp_path / "vds.h5"), cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("/v"))
+    assert "virtual, 2 sources: gzip(4)" in line
+    assert f"{stored / 1e6:,.1f} MB" in line
