@@ -54,7 +54,15 @@ from ._engine._lent import Lent
 from ._hdf5.chunkcache import chunk_cache
 from ._hdf5.hyperslab import read_selection, result_layout
 from ._hdf5.rawread import RawRows
-from ._hdf5.source import DatasetInfo, OpenFile, check_positive_int, check_rows, describe
+from ._hdf5.remote import RemoteFile, file_of
+from ._hdf5.source import (
+    DatasetInfo,
+    FileRef,
+    OpenFile,
+    check_positive_int,
+    check_rows,
+    describe,
+)
 from ._keys._indexing import translate
 
 __all__ = ["close_files", "from_hdf5"]
@@ -65,19 +73,29 @@ _MAX_FILES = 8
 
 
 def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
-              field: str | None = None, **file_kwargs: Any) -> da.Array:
+              field: str | None = None, *, storage_options: dict[str, Any] | None = None,
+              cache_dir: str | os.PathLike | None = None, cache_limit: int | None = None,
+              **file_kwargs: Any) -> da.Array:
     """The dataset ``path`` of the HDF5 file ``filename`` as a dask array.
 
     Parameters
     ----------
     filename, path
-        The file (a path every process that computes the array can open) and the dataset in it.
+        The file (a path every process that computes the array can open, or a URL:
+        ``s3://bucket/key.h5``, ``http(s)://...``) and the dataset in it.
     chunks
         Rows per block, rounded to a whole number of HDF5 chunks (at least one). By default the
         whole chunks nearest to dask's ``array.chunk-size`` (128 MiB unless configured).
         Contiguous datasets are split in row ranges of this many rows.
     field
         One field of a compound dataset; its subarray shape, if any, adds trailing axes.
+    storage_options : dict, optional
+        How to reach a URL: ``endpoint_url``, ``key``, ``secret``, ``token``, ``region``,
+        ``anon``, ``headers``, ``timeout``, ``retries`` (S3 settings default from the AWS
+        environment of the caller; the tasks get them with the graph). Ignored for a path.
+    cache_dir, cache_limit : optional
+        A local disk cache of the byte ranges read from a URL, and its size in bytes (10 GiB
+        by default), for every process that computes the array. Ignored for a path.
     **file_kwargs
         Options for ``h5py.File`` (``driver``, ``rdcc_nbytes``...) used by every task.
 
@@ -95,9 +113,11 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
     ValueError, TypeError
         An unknown ``field``, ``chunks`` not an int >= 1, a scalar or variable-length dataset.
     """
-    filename = os.path.abspath(os.fspath(filename))
-    info = describe(filename, path, file_kwargs)
-    check_rows(info.path, filename, info.shape, info.vlen_base,
+    file = file_of(filename, storage_options, cache_dir, cache_limit)
+    if not isinstance(file, RemoteFile):
+        file = os.path.abspath(file)
+    info = describe(file, path, file_kwargs)
+    check_rows(info.path, file, info.shape, info.vlen_base,
                scalar=" dataset; read it with h5py", vlen="; a dask array needs a fixed dtype")
     fdt = info.field_dtype(field)
     rows = _block_rows(info, fdt, chunks)
@@ -105,13 +125,17 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
     row_chunks = tuple(min(rows, n - a) for a in range(0, n, rows)) or (0,)
     # Every task reads whole chunks, and no two tasks read the same chunk: HDF5's chunk cache
     # would only keep chunks no task asks for again, and copy each one more time.
-    source = _BlockSource(filename, info.path, chunk_cache(file_kwargs, "once"), field)
+    source = _BlockSource(file, info.path, chunk_cache(file_kwargs, "once"), field)
     shape = info.shape + fdt.shape
     block_chunks = (row_chunks,) + tuple((d,) for d in shape[1:])
-    stat = os.stat(filename)
-    # The file's size and modification time are in the name: a rewritten file is a new array,
-    # never the results a cluster kept of the old one.
-    name = "from-hdf5-" + tokenize(source, block_chunks, stat.st_size, stat.st_mtime_ns)
+    # The file's version (size and modification time, or an object's pinned size and ETag) is
+    # in the name: a rewritten file is a new array, never the results a cluster kept of the old.
+    if isinstance(file, RemoteFile):
+        version: tuple = file.source.identity
+    else:
+        stat = os.stat(file)
+        version = (stat.st_size, stat.st_mtime_ns)
+    name = "from-hdf5-" + tokenize(source, block_chunks, *version)
     graph = graph_from_arraylike(source, block_chunks, shape, name, getitem=_read_block,
                                  inline_array=True, dtype=fdt.base)
     return da.Array(graph, name, block_chunks, meta=np.empty((0,) * len(shape), fdt.base))
@@ -135,7 +159,7 @@ def _block_rows(info: DatasetInfo, dtype: np.dtype, rows: int | None) -> int:
 class _BlockSource:
     """What a task needs to read rows of a dataset: plain data that pickles as it reads."""
 
-    filename: str
+    filename: FileRef
     path: str
     file_kwargs: dict[str, Any]
     field: str | None
@@ -158,7 +182,7 @@ class _BlockSource:
         return out
 
     def __dask_tokenize__(self) -> Any:
-        return (self.filename, self.path, sorted(self.file_kwargs.items()), self.field)
+        return (str(self.filename), self.path, sorted(self.file_kwargs.items()), self.field)
 
 
 def _read_block(source: _BlockSource, index: tuple[slice, ...]) -> np.ndarray:
@@ -216,7 +240,7 @@ def _give_back(memory: np.ndarray) -> None:
 
 
 class _Cached:
-    def __init__(self, filename: str, file_kwargs: dict[str, Any]):
+    def __init__(self, filename: FileRef, file_kwargs: dict[str, Any]):
         self.source = OpenFile(filename, file_kwargs)
         self.lock = _file_lock(filename)
         self.readers = 0  # reads in progress; changed under _cache_lock
@@ -229,14 +253,18 @@ _cache_lock = threading.Lock()
 _inherited: list[_Cached] = []  # a forked child's copies of its parent's open files
 
 
-def _file_lock(filename: str) -> threading.Lock:
-    return _locks.setdefault(os.path.realpath(filename), threading.Lock())
+def _file_lock(filename: FileRef) -> threading.Lock:
+    key = str(filename) if isinstance(filename, RemoteFile) else os.path.realpath(filename)
+    return _locks.setdefault(key, threading.Lock())
 
 
-def _acquire(filename: str, file_kwargs: dict[str, Any]) -> _Cached:
+def _acquire(filename: FileRef, file_kwargs: dict[str, Any]) -> _Cached:
     """This process's open ``filename``, held open until :func:`_release`: from the cache, else
     opened (the least recently used one evicted when the cache is full)."""
-    key = (filename, repr(sorted(file_kwargs.items())))
+    # A file in an object store by its pinned version: the tasks of one graph each unpickle
+    # their own copy of it, and share one open file (and its connections) per process.
+    name = repr(filename.source.identity) if isinstance(filename, RemoteFile) else filename
+    key = (name, repr(sorted(file_kwargs.items())))
     with _cache_lock:
         entry = _cache.get(key)
         if entry is None:

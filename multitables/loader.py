@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._engine import hooks
+from ._hdf5.remote import file_of, name_of
 from ._hdf5.source import check_positive_int, default_n_procs
 from ._loader.columns import Columns, resolve_columns, unfiltered
 from ._loader.epoch import (
@@ -50,7 +51,8 @@ class Loader:
     Parameters
     ----------
     filename : str or path
-        The HDF5 file, opened read-only.
+        The HDF5 file, opened read-only: a path, or a URL (``s3://bucket/key.h5``,
+        ``http(s)://...``).
     columns : str, list of str or dict of str
         Dataset paths. One path: batches are arrays. A list: batches are tuples in that order. A
         dict ``name -> path``: batches are dicts. A field of a compound dataset (a PyTables table)
@@ -88,6 +90,16 @@ class Loader:
         batches on. No allocation per batch; on unfiltered data, no copy either.
     start_method : {'fork', 'spawn', 'forkserver'}, optional
         How workers start; fork by default.
+    storage_options : dict, optional
+        How to reach a URL: ``endpoint_url``, ``key``, ``secret``, ``token``, ``region``,
+        ``anon``, ``headers``, ``timeout``, ``retries`` (S3 settings default from the AWS
+        environment). Checked here; ignored for a path.
+    cache_dir : str or path, optional
+        Keep the byte ranges read from a URL (and its chunk maps) on this local disk, so the
+        next epochs read them from there. Its own keyword (not in ``storage_options``); may be
+        shared by several Loaders and processes; ignored for a path.
+    cache_limit : int, optional
+        Bytes the cache may hold (least recently used out first); 10 GiB by default.
     **kw
         Passed to ``h5py.File``.
 
@@ -107,12 +119,15 @@ class Loader:
                  seed: int = 0, window: int | None = None, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None,
                  n_procs: int | None = None, copy: bool = True, start_method: str | None = None,
-                 **kw):
+                 storage_options=None, cache_dir=None, cache_limit: int | None = None, **kw):
         self._args = dict(filename=filename, columns=columns, batch_size=batch_size,
                           shuffle=shuffle, seed=seed, window=window, drop_last=drop_last,
                           rank=rank, world_size=world_size, n_procs=n_procs, copy=copy,
-                          start_method=start_method, **kw)
-        self.filename = os.fspath(filename)
+                          start_method=start_method, storage_options=storage_options,
+                          cache_dir=cache_dir, cache_limit=cache_limit, **kw)
+        # A path as it always was, or a URL's RemoteFile, pinned to its version here (columns).
+        self._file = file_of(filename, storage_options, cache_dir, cache_limit)
+        self.filename = name_of(self._file)
         self.file_kwargs = kw
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
@@ -126,10 +141,10 @@ class Loader:
         # A copy made by pickling (a spawned DataLoader worker) keeps this rank and these
         # workers, whatever its own process would find.
         self._args.update(rank=self.rank, world_size=self.world_size, n_procs=self.n_procs)
-        self._columns = resolve_columns(self.filename, columns, kw)
+        self._columns = resolve_columns(self._file, columns, kw)
         infos = self._columns.infos
         self.n_rows = self._columns.n_rows
-        self._unfiltered = unfiltered(self.filename, infos, kw)
+        self._unfiltered = unfiltered(self._file, infos, kw)
         self.unit_rows = plan_units(infos)
         n_units = -(-self.n_rows // self.unit_rows)
         if window is None:

@@ -10,6 +10,7 @@ import weakref
 import numpy as np
 
 from ._engine import hooks, timeouts
+from ._hdf5.remote import file_of, keywords_of, location_of, name_of
 from ._hdf5.source import check_positive_int, default_n_procs, describe
 from ._reader.dispatch import Dispatcher
 from ._reader.futures import Request
@@ -30,7 +31,8 @@ class Reader:
     Parameters
     ----------
     filename : str or path
-        The HDF5 file; opened (read-only) by ``get_dataset``, so a missing file raises there.
+        The HDF5 file: a path, or a URL (``s3://bucket/key.h5``, ``http(s)://...``); opened
+        (read-only) by ``get_dataset``, so a missing file raises there.
     n_procs : int, optional
         Worker processes serving requests. By default the CPUs this process may run on
         (``os.sched_getaffinity``), at most 4.
@@ -41,6 +43,16 @@ class Reader:
         pickles, and unpickling runs whatever code the file holds). Off by default, as for
         ``np.load``: reading such rows then raises an error that names this flag. Pass True
         only for files you trust.
+    storage_options : dict, optional
+        How to reach a URL: ``endpoint_url``, ``key``, ``secret``, ``token``, ``region``,
+        ``anon``, ``headers``, ``timeout``, ``retries`` (S3 settings default from the AWS
+        environment). Checked here; ignored for a path.
+    cache_dir : str or path, optional
+        Keep the byte ranges read from a URL (and its chunk maps) on this local disk, so that
+        reading them again costs no request. Its own keyword (not in ``storage_options``);
+        ignored for a path.
+    cache_limit : int, optional
+        Bytes the cache may hold (least recently used out first); 10 GiB by default.
     **kw
         Passed to ``h5py.File`` in the caller and in every worker.
 
@@ -58,8 +70,11 @@ class Reader:
     """
 
     def __init__(self, filename, n_procs: int | None = None, *, start_method: str | None = None,
-                 allow_pickle: bool = False, **kw):
-        self.filename = os.fspath(filename)
+                 allow_pickle: bool = False, storage_options=None, cache_dir=None,
+                 cache_limit: int | None = None, **kw):
+        # A path as it always was, or a URL's RemoteFile, pinned to its version at first use.
+        self._file = file_of(filename, storage_options, cache_dir, cache_limit)
+        self.filename = name_of(self._file)
         self.n_procs = check_positive_int(
             "n_procs", default_n_procs() if n_procs is None else n_procs)
         self.allow_pickle = bool(allow_pickle)
@@ -84,7 +99,7 @@ class Reader:
         self._memory.forget_inherited(list(self._stages.values()))
         # Its checks reach this Reader weakly: the dispatcher is this Reader's, and a cycle
         # would keep a Reader nobody holds, and its workers, until the garbage collector runs.
-        self._dispatcher = Dispatcher(self.filename, self.file_kwargs, self.n_procs,
+        self._dispatcher = Dispatcher(self._file, self.file_kwargs, self.n_procs,
                                       self.start_method, self._memory,
                                       functools.partial(_check_serving, weakref.ref(self)))
 
@@ -96,15 +111,15 @@ class Reader:
     def __reduce__(self):
         # A Reader travels (to a spawned process, a Pool's task) as its arguments; the copy
         # starts its own workers lazily where it lands.
-        return _rebuild_reader, (self.filename, self.n_procs, self.start_method,
-                                 self.allow_pickle, self.file_kwargs)
+        return _rebuild_reader, (location_of(self._file), self.n_procs, self.start_method,
+                                 self.allow_pickle, self.file_kwargs, keywords_of(self._file))
 
     # ---- datasets and stages ----
 
     def get_dataset(self, path: str) -> DatasetProxy:
         """A proxy of the dataset at ``path``: index it to describe requests."""
         self.check_open()
-        return make_proxy(self, describe(self.filename, path, self.file_kwargs))
+        return make_proxy(self, describe(self._file, path, self.file_kwargs))
 
     # ---- for the Reader's proxies and requests (``_reader.owner.Owner``); not public API ----
 
@@ -234,9 +249,10 @@ class Reader:
             self.close(wait=False)
 
 
-def _rebuild_reader(filename, n_procs, start_method, allow_pickle, file_kwargs) -> Reader:
+def _rebuild_reader(filename, n_procs, start_method, allow_pickle, file_kwargs,
+                    remote=None) -> Reader:
     return Reader(filename, n_procs, start_method=start_method, allow_pickle=allow_pickle,
-                  **file_kwargs)
+                  **(remote or {}), **file_kwargs)
 
 
 def _close_live_readers() -> None:  # See NOTE [ Worker shutdown logic ], step (6).

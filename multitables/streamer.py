@@ -13,6 +13,7 @@ import numpy as np
 from ._engine import hooks, timeouts
 from ._engine.pool import StandbyWorkers
 from ._engine.ring import FilledSlots, Ring
+from ._hdf5.remote import file_of, keywords_of, location_of, name_of
 from ._hdf5.source import (
     check_positive_int,
     check_rows,
@@ -265,10 +266,21 @@ class Streamer:
     Parameters
     ----------
     filename : str or path
-        The HDF5 file. It is opened (read-only) when a queue or generator is made, so a missing
-        file raises there, in the caller.
+        The HDF5 file: a path, or a URL (``s3://bucket/key.h5``, ``http(s)://...``). It is
+        opened (read-only) when a queue or generator is made, so a missing file raises there, in
+        the caller.
     start_method : {'fork', 'spawn', 'forkserver'}, optional
         How workers start; fork by default.
+    storage_options : dict, optional
+        How to reach a URL: ``endpoint_url``, ``key``, ``secret``, ``token``, ``region``,
+        ``anon``, ``headers``, ``timeout``, ``retries`` (S3 settings default from the AWS
+        environment). Checked here; ignored for a path.
+    cache_dir : str or path, optional
+        Keep the byte ranges read from a URL (and its chunk maps) on this local disk, so later
+        passes read them from there. Its own keyword (not in ``storage_options``); ignored for
+        a path.
+    cache_limit : int, optional
+        Bytes the cache may hold (least recently used out first); 10 GiB by default.
     **kw
         Passed to ``h5py.File`` in every worker (e.g. ``driver``, ``rdcc_nbytes``).
 
@@ -289,8 +301,11 @@ class Streamer:
     ([[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]], [8.0, 9.0])
     """
 
-    def __init__(self, filename, *, start_method: str | None = None, **kw):
-        self.filename = os.fspath(filename)
+    def __init__(self, filename, *, start_method: str | None = None, storage_options=None,
+                 cache_dir=None, cache_limit: int | None = None, **kw):
+        # A path as it always was, or a URL's RemoteFile, pinned to its version at first use.
+        self._file = file_of(filename, storage_options, cache_dir, cache_limit)
+        self.filename = name_of(self._file)
         self.file_kwargs = kw
         self.start_method = start_method
         self._queues: weakref.WeakSet[Queue] = weakref.WeakSet()
@@ -301,7 +316,8 @@ class Streamer:
     def __reduce__(self):
         # A Streamer travels (to a spawned process, a Pool's task) as its arguments; the copy
         # starts its own workers with its first queue.
-        return _rebuild_streamer, (self.filename, self.start_method, self.file_kwargs)
+        return _rebuild_streamer, (location_of(self._file), self.start_method, self.file_kwargs,
+                                   keywords_of(self._file))
 
     def get_queue(
         self,
@@ -348,7 +364,7 @@ class Streamer:
         read_ahead = check_positive_int(
             "read_ahead", 2 * n_procs + 1 if read_ahead is None else read_ahead
         )
-        info = describe(self.filename, path, self.file_kwargs)
+        info = describe(self._file, path, self.file_kwargs)
         check_rows(info.path, info.filename, info.shape, info.vlen_base, empty=False,
                    vlen=", which do not fit fixed blocks; read it with multitables.Reader")
         plan = StreamPlan.build(info, self.file_kwargs, field, block_size, read_ahead,
@@ -388,7 +404,7 @@ class Streamer:
     def get_remainder(self, path: str, block_size: int, field: str | None = None) -> np.ndarray:
         """The rows a non-cyclic stream of ``block_size`` leaves out at the end (a copy)."""
         block_size = check_positive_int("block_size", block_size)
-        with open_file(self.filename, self.file_kwargs) as file:
+        with open_file(self._file, self.file_kwargs) as file:
             ds = get_dataset(file, path)
             check_rows(ds.name, self.filename, ds.shape)
             n = ds.shape[0]
@@ -410,8 +426,8 @@ class Streamer:
         self.close()
 
 
-def _rebuild_streamer(filename, start_method, file_kwargs) -> Streamer:
-    return Streamer(filename, start_method=start_method, **file_kwargs)
+def _rebuild_streamer(filename, start_method, file_kwargs, remote=None) -> Streamer:
+    return Streamer(filename, start_method=start_method, **(remote or {}), **file_kwargs)
 
 
 class _Rows:

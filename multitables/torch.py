@@ -55,13 +55,14 @@ class Loader(IterableDataset):
                  seed: int = 0, window: int | None = None, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None,
                  n_procs: int | None = None, copy: bool = True, start_method: str | None = None,
-                 **kw):
+                 storage_options=None, cache_dir=None, cache_limit: int | None = None, **kw):
         super().__init__()
         self._n_procs_given = n_procs is not None
         self.loader = _loader.Loader(
             filename, columns, batch_size, shuffle=shuffle, seed=seed, window=window,
             drop_last=drop_last, rank=rank, world_size=world_size, n_procs=n_procs, copy=copy,
-            start_method=start_method, **kw)
+            start_method=start_method, storage_options=storage_options, cache_dir=cache_dir,
+            cache_limit=cache_limit, **kw)
         for path, dtype in self.loader.epochs.columns.dtypes():
             if dtype.names is not None:
                 raise TypeError(

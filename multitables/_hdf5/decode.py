@@ -104,13 +104,16 @@ class ChunkDecoder:
             return False
         return True
 
-    def _decode(self, dsid, chunk: int, dest: np.ndarray) -> None:
-        """Chunk ``chunk``, decoded into ``dest`` (``chunk_bytes`` bytes)."""
+    def _stored(self, dsid, chunk: int) -> tuple[int, Any]:
+        """The filter mask and stored bytes of chunk ``chunk``."""
         offsets = (chunk * self.chunk_rows, *self._tail)
         if self._bytes_in:
-            mask, raw = dsid.read_direct_chunk(offsets)
-        else:
-            mask, raw = dsid.read_direct_chunk(offsets, out=self._raw)
+            return dsid.read_direct_chunk(offsets)
+        return dsid.read_direct_chunk(offsets, out=self._raw)
+
+    def _decode(self, dsid, chunk: int, dest: np.ndarray) -> None:
+        """Chunk ``chunk``, decoded into ``dest`` (``chunk_bytes`` bytes)."""
+        mask, raw = self._stored(dsid, chunk)
         if mask:
             raise Undecodable("declined: a chunk stored with a filter skipped")
         if self._codec is None:
@@ -157,5 +160,8 @@ def inflate(raw: Any, nbytes: int) -> bytes | bytearray | np.ndarray:
 
 @per_dataset  # a decoder goes with its dataset, as rawread's layouts do
 def _decoder(dataset: h5py.Dataset) -> ChunkDecoder | None:
+    if dataset.file.driver == "fileobj":  # in an object store: chunks by ranged GETs
+        from .remoteread import remote_decoder
+        return remote_decoder(dataset)
     found = plan(dataset)
     return None if found is None else ChunkDecoder(dataset.id, found)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from .._sources.chunkmap import ChunkMap
 from .codecs import CODECS, LZF, SHUFFLE, Codec
 from .fallback import fall_back
 
@@ -39,8 +40,9 @@ def _declined(what: str) -> DecodePlan | None:
     return None
 
 
-def plan(dataset: h5py.Dataset) -> DecodePlan | None:
-    """The plan for reading ``dataset`` past HDF5's filters, or None when HDF5 must read it."""
+def plan(dataset: h5py.Dataset, stored: ChunkMap | None = None) -> DecodePlan | None:
+    """The plan for reading ``dataset`` past HDF5's filters, or None when HDF5 must read it.
+    ``stored``: the dataset's chunk map, when it is known (then its chunk index is not read)."""
     dsid, shape, dtype = dataset.id, dataset.shape, dataset.dtype
     dcpl = dsid.get_create_plist()
     if not shape or dcpl.get_layout() != h5py.h5d.CHUNKED or not dcpl.get_nfilters():
@@ -69,9 +71,12 @@ def plan(dataset: h5py.Dataset) -> DecodePlan | None:
                              or f"dataset compressed by {name}, which no installed library "
                                 "decodes")
         codec = spec.make(nbytes, chunks, dtype.itemsize)
-    if not hasattr(dsid, "chunk_iter"):
+    if stored is not None:
+        ok, raw_size = _mapped_chunks(stored, shape, chunks, nbytes)
+    elif not hasattr(dsid, "chunk_iter"):
         return _declined("h5py built on HDF5 < 1.12.3 (no chunk_iter)")
-    ok, raw_size = _stored_chunks(dsid, shape, chunks, nbytes)
+    else:
+        ok, raw_size = _stored_chunks(dsid, shape, chunks, nbytes)
     return DecodePlan(tuple(shape), row_bytes, chunks[0], ok, raw_size, codec, shuffle,
                       bytes_in=codec is not None and filters[0][0] == LZF, name=name)
 
@@ -96,6 +101,20 @@ def _stored_chunks(dsid, shape: tuple[int, ...], chunks: tuple[int, ...],
         # chunk's size is that of raw data, let HDF5 read it.
         ok[-1] = False
     return ok, max(sizes)
+
+
+def _mapped_chunks(stored: ChunkMap, shape: tuple[int, ...], chunks: tuple[int, ...],
+                   nbytes: int) -> tuple[np.ndarray, int]:
+    """``_stored_chunks`` from a chunk map."""
+    n_chunks = -(-shape[0] // chunks[0])
+    ok = np.zeros(n_chunks, bool)
+    k = stored.chunk_offsets[:, 0] // chunks[0] if len(stored) else np.zeros(0, np.int64)
+    inside = k < n_chunks
+    ok[k[inside]] = stored.filter_masks[inside] == 0
+    if shape[0] % chunks[0] and ok[-1]:
+        last = np.flatnonzero(k == n_chunks - 1)
+        ok[-1] = not (len(last) and int(stored.sizes[last[0]]) == nbytes)  # see _stored_chunks
+    return ok, int(stored.sizes.max()) if len(stored) else 0
 
 
 def _stored_raw(dsid, chunks: tuple[int, ...], n_chunks: int, nbytes: int) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .source import OpenFile
+from .source import FileRef, OpenFile
 
 
 class FileJob:
@@ -14,7 +14,7 @@ class FileJob:
     open only during a job: an idle worker holding it would keep its lock, and no process could
     open it for writing between two passes."""
 
-    filename: str
+    filename: FileRef  # a path, or a file in an object store (remote.RemoteFile)
     source: OpenFile
 
     def file_kwargs(self) -> dict[str, Any]:

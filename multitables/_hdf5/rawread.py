@@ -160,6 +160,9 @@ def _row_numbers(entry) -> np.ndarray:
 @per_dataset  # a layout goes with its dataset (and its file descriptor with it)
 def _layout(dataset: h5py.Dataset) -> RawRows | None:
     dsid, shape = dataset.id, dataset.shape
+    if shape and shape[0] and dataset.file.driver == "fileobj":  # in an object store
+        from .remoteread import remote_rows
+        return remote_rows(dataset)  # the same reads, by ranged GETs
     if not shape or not shape[0] or dataset.file.driver != "sec2" or dataset.is_virtual:
         return None
     if dataset.external:

@@ -17,6 +17,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .remote import RemoteFile, register
+
+# What the read paths open: a local path, or a file in an object store (``remote``).
+FileRef = str | RemoteFile
+
 # A default block is a whole number of chunks totalling at least this much (about this much of rows
 # when contiguous): large enough that hand-over costs vanish, small enough to stay in cache.
 TARGET_BLOCK_BYTES = 1 << 20
@@ -26,7 +31,7 @@ TARGET_BLOCK_BYTES = 1 << 20
 class DatasetInfo:
     """The plain facts about one dataset that the front doors and workers need."""
 
-    filename: str
+    filename: FileRef  # str() of it names it in messages
     path: str
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -62,13 +67,22 @@ def register_filter_plugins() -> bool:
     return True
 
 
-def open_file(filename: str, file_kwargs: dict[str, Any]) -> h5py.File:
-    """``h5py.File(filename, 'r', **file_kwargs)`` with errors that name the file."""
+def open_file(filename: FileRef, file_kwargs: dict[str, Any]) -> h5py.File:
+    """``h5py.File(filename, 'r', **file_kwargs)`` with errors that name the file (for a
+    ``RemoteFile``, over this process's block-cached file object)."""
     register_filter_plugins()
     kwargs = dict(file_kwargs)
     mode = kwargs.pop("mode", "r")
     if mode != "r":
         raise ValueError(f"multitables opens files read-only; got mode={mode!r}")
+    if isinstance(filename, RemoteFile):
+        source = filename.source  # pinned here: a missing object raises, naming its URL
+        try:
+            return filename.open(kwargs)
+        except OSError as exc:
+            new = type(exc)(f"cannot open {source.url!r} as an HDF5 file: {exc}")
+            new.errno = exc.errno
+            raise new from exc
     try:
         return h5py.File(filename, "r", **kwargs)
     except OSError as exc:
@@ -109,14 +123,17 @@ def per_dataset(build: Callable[[h5py.Dataset], Any]) -> Callable[[h5py.Dataset]
 class OpenFile:
     """A worker's open HDF5 file and its datasets, each opened once for the job's reads."""
 
-    def __init__(self, filename: str, file_kwargs: dict[str, Any]):
+    def __init__(self, filename: FileRef, file_kwargs: dict[str, Any]):
         self.file = open_file(filename, file_kwargs)
+        self.remote = filename if isinstance(filename, RemoteFile) else None
         self._datasets: dict[str, h5py.Dataset] = {}
 
     def dataset(self, path: str) -> h5py.Dataset:
         ds = self._datasets.get(path)
         if ds is None:
             ds = self._datasets[path] = get_dataset(self.file, path)
+            if self.remote is not None:
+                register(ds, self.remote)  # its reads go by byte range (remoteread)
         return ds
 
     def close(self) -> None:
@@ -124,10 +141,13 @@ class OpenFile:
         self.file.close()
 
 
-def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetInfo:
-    """Open, check and describe ``path``; raises in the caller for every bad input."""
+def describe(filename: FileRef, path: str, file_kwargs: dict[str, Any]) -> DatasetInfo:
+    """Open, check and describe ``path``; raises in the caller for every bad input. For a
+    ``RemoteFile``, also makes the dataset's chunk map, which the workers get with the file."""
     with open_file(filename, file_kwargs) as file:
         ds = get_dataset(file, path)
+        if isinstance(filename, RemoteFile) and h5py.check_vlen_dtype(ds.dtype) is None:
+            filename.chunk_map(ds)
         vlen = h5py.check_vlen_dtype(ds.dtype)
         pseudo_atom = ds.attrs.get("PSEUDOATOM") if vlen is not None else None
         if isinstance(pseudo_atom, bytes):
@@ -137,7 +157,7 @@ def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetIn
             # objects, as h5py returns them.
             vlen, pseudo_atom = np.dtype(np.uint8), "vlstring"
         return DatasetInfo(
-            filename=str(filename),
+            filename=filename if isinstance(filename, RemoteFile) else str(filename),
             path=ds.name,
             shape=tuple(ds.shape),
             dtype=ds.dtype,
@@ -148,7 +168,7 @@ def describe(filename: str, path: str, file_kwargs: dict[str, Any]) -> DatasetIn
         )
 
 
-def check_rows(path: str, filename: str, shape: tuple[int, ...], vlen_base: Any = None, *,
+def check_rows(path: str, filename: FileRef, shape: tuple[int, ...], vlen_base: Any = None, *,
                scalar: str = "; there are no rows", vlen: str = "", empty: bool = True) -> None:
     """Refuse a dataset whose rows a front door cannot read: a scalar (ValueError, its message
     ending in ``scalar``), an empty one unless ``empty`` (ValueError), and one of

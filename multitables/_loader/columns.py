@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .._hdf5.source import DatasetInfo, check_rows, describe, open_file
+from .._hdf5.source import DatasetInfo, FileRef, check_rows, describe, open_file
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Columns:
         return {column.name: a for column, a in zip(self.columns, arrays, strict=True)}
 
 
-def resolve_columns(filename: str, columns: Any, kw: dict[str, Any]) -> Columns:
+def resolve_columns(filename: FileRef, columns: Any, kw: dict[str, Any]) -> Columns:
     """The ``columns`` argument of a Loader, checked: raises for bad input."""
     if isinstance(columns, (str, os.PathLike)):
         kind, named = "single", [(0, os.fspath(columns))]
@@ -91,7 +91,7 @@ def resolve_columns(filename: str, columns: Any, kw: dict[str, Any]) -> Columns:
     return Columns(kind, tuple(resolved), tuple(infos))
 
 
-def _describe_column(filename: str, path: str, kw: dict[str, Any]):
+def _describe_column(filename: FileRef, path: str, kw: dict[str, Any]):
     """The dataset of column ``path`` and its field: a dataset, or ``table_path/field``."""
     try:
         info, field = describe(filename, path, kw), None
@@ -112,7 +112,7 @@ def _describe_column(filename: str, path: str, kw: dict[str, Any]):
     return info, field
 
 
-def unfiltered(filename: str, infos: Sequence[DatasetInfo], kw: dict[str, Any]) -> bool:
+def unfiltered(filename: FileRef, infos: Sequence[DatasetInfo], kw: dict[str, Any]) -> bool:
     """Whether every dataset is stored without filters (its rows can be read from the file)."""
     with open_file(filename, kw) as file:
         return all(file[info.path].id.get_create_plist().get_nfilters() == 0 for info in infos)

@@ -16,6 +16,7 @@ from .._engine._ringbuf import Counter, SlotQueue, Word
 from .._engine.errbox import ErrorBox
 from .._engine.pool import Crew, StandbyWorkers
 from .._engine.shm import SharedArena
+from .._hdf5.source import FileRef
 from . import control
 from .control import NOTICE, encode_item
 from .job import RequestJob
@@ -38,7 +39,7 @@ class Dispatcher:
     the waits here to call between their slices.
     """
 
-    def __init__(self, filename: str, file_kwargs: dict[str, Any], n_procs: int,
+    def __init__(self, filename: FileRef, file_kwargs: dict[str, Any], n_procs: int,
                  start_method: str | None, memory: MemoryKeeper, check: Callable[[], None]):
         self.filename = filename
         self.file_kwargs = file_kwargs

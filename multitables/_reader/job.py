@@ -17,7 +17,7 @@ from .._engine.channel import END, TIMEOUT
 from .._engine.worker import parent_channel, worker_place
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob
-from .._hdf5.source import OpenFile
+from .._hdf5.source import FileRef, OpenFile
 from . import control
 from .control import NOTICE, Task, decode_item
 from .readspec import ReadSpec, element_dtype, execute, from_wire
@@ -46,7 +46,7 @@ class RequestJob(FileJob):
 
     name = "Reader"
 
-    def __init__(self, filename: str, file_kwargs: dict[str, Any], n_procs: int, arena):
+    def __init__(self, filename: FileRef, file_kwargs: dict[str, Any], n_procs: int, arena):
         self.filename = filename
         self.kwargs = file_kwargs
         self.n_procs = n_procs

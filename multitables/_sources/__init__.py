@@ -16,7 +16,8 @@ __all__ = ["Source", "SourceStats", "LocalSource", "open_source", "parse_locatio
            "storage_options", "Location", "StorageOptions"]
 
 
-def open_source(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
+def open_source(location: str | os.PathLike,
+                storage_options: Mapping[str, Any] | StorageOptions | None = None,
                 **kwargs: Any) -> Source:
     """The :class:`Source` for a local path, ``s3://bucket/key`` or an ``http(s)://`` URL,
     pinned to the object's current version (one request for a remote object).

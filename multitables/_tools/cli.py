@@ -7,6 +7,7 @@ for ``tune --plot`` when it is installed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -19,7 +20,14 @@ import numpy as np
 from tqdm import tqdm
 
 from multitables._hdf5.codecs import CODECS
-from multitables._hdf5.source import default_n_procs, get_dataset, open_file, usable_cpus
+from multitables._hdf5.remote import RemoteFile, file_of
+from multitables._hdf5.source import (
+    FileRef,
+    default_n_procs,
+    get_dataset,
+    open_file,
+    usable_cpus,
+)
 from multitables._tools import advice as _advice
 from multitables._tools import measure as m
 from multitables.loader import Loader
@@ -53,6 +61,33 @@ def _ticks(bar: tqdm) -> Any:
             bar.total = bar.n
 
     return tick
+
+
+# -------------------------------------------------------------------------------- files
+
+
+def _file(args: argparse.Namespace) -> FileRef:
+    """``args.file`` as the read paths take it: the path, or a URL's ``RemoteFile`` reached
+    with ``--storage-options`` (S3 settings not given there come from the AWS environment)."""
+    options = None
+    if getattr(args, "storage_options", None):
+        try:
+            options = json.loads(args.storage_options)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: --storage-options is not JSON: {exc}") from None
+    try:
+        return file_of(args.file, options)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _h5py_file(file: FileRef) -> Any:
+    """What plain h5py opens for ``file``: the path, or a new block-cached file object over
+    the object (a fresh cache each time, as a new ``h5py.File`` over fsspec would have)."""
+    if isinstance(file, RemoteFile):
+        from multitables._sources.blockfile import BlockFile
+        return BlockFile(file.source)
+    return file
 
 
 # -------------------------------------------------------------------------------- info
@@ -112,7 +147,7 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:,.1f} MB"
 
 
-def describe(filename: str) -> list[dict[str, Any]]:
+def describe(filename: FileRef) -> list[dict[str, Any]]:
     """One dict per dataset in the file: the facts ``info`` prints."""
     import h5py
 
@@ -127,7 +162,7 @@ def describe(filename: str) -> list[dict[str, Any]]:
             "filters": _filters(obj), "nbytes": int(np.prod(shape, dtype=np.int64)) *
             obj.dtype.itemsize, "stored": obj.id.get_storage_size(), "block_size": None,
         }
-        if obj.is_virtual:
+        if obj.is_virtual and not isinstance(filename, RemoteFile):
             entry["filters"], entry["stored"] = _virtual_sources(obj)
         entry["remainder"] = None
         if len(shape) >= 1 and shape[0] > 0:
@@ -145,7 +180,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = [["path", "shape", "dtype", "chunks", "filters", "size", "stored", "block_size",
              "remainder"]]
     warnings: list[str] = []
-    for d in describe(args.file):
+    file = _file(args)
+    found = describe(file)
+    for d in found:
         warnings += _advice.layout_warnings(args.file, d)
         row_bytes = d["nbytes"] // d["shape"][0] if d["shape"] and d["shape"][0] else 0
         block = "-" if d["block_size"] is None else (
@@ -158,6 +195,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{args.file}: no datasets")
         return 0
     print(m.format_table(rows))
+    if isinstance(file, RemoteFile):
+        stats = file.source.stats
+        print(f"\nopened {file} with {stats.requests} request(s), "
+              f"{_mb(stats.bytes_fetched)} fetched (its metadata: every dataset's header; "
+              f"median request {stats.percentile(50) * 1e3:.1f} ms)")
     print("\nremainder: the rows past the last whole block that get_queue(path) leaves to "
           "streamer.get_remainder(path, block_size);\nget_queue(path, remainder=True) streams "
           "them as a last, shorter block")
@@ -171,12 +213,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- bench
 
 
-def _dataset_facts(filename: str, path: str) -> tuple[tuple[int, ...], np.dtype, Any, int]:
+def _dataset_facts(filename: FileRef, path: str
+                   ) -> tuple[tuple[int, ...], np.dtype, Any, int]:
     shape, dtype, chunks, nbytes, _ = _dataset_facts_and_filters(filename, path)
     return shape, dtype, chunks, nbytes
 
 
-def _dataset_facts_and_filters(filename: str, path: str):
+def _dataset_facts_and_filters(filename: FileRef, path: str):
     with open_file(filename, {}) as f:
         try:
             ds = get_dataset(f, path)
@@ -206,7 +249,7 @@ def _run(readers: dict[str, Any], totals: dict[str, int], rounds: int, baseline:
     return m.run_rounds(wrapped, rounds, baseline=baseline, on_start=on_start)
 
 
-def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds: int
+def bench(filename: FileRef, path: str, n_procs: int, block_size: int | None, rounds: int
           ) -> tuple[m.Report, dict[str, Any]]:
     """Stream one dataset with plain h5py, the Streamer's queue and its generator, round-robin."""
     shape, dtype, chunks, nbytes, filters = _dataset_facts_and_filters(filename, path)
@@ -220,7 +263,8 @@ def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds
     # Training reads: shuffled batches of 256 rows, a new epoch each round, on one Loader.
     loader = Loader(filename, path, LOADER_BATCH, shuffle=True, n_procs=n_procs)
     readers = {
-        "h5py read_direct": lambda tick: m.h5py_read_direct(filename, path, block, tick),
+        "h5py read_direct":
+            lambda tick: m.h5py_read_direct(_h5py_file(filename), path, block, tick),
         f"Streamer queue (n_procs={n_procs})":
             lambda tick: m.mt_queue(filename, path, n_procs, block, tick, streamer=streamer),
         "Streamer queue, first pass":
@@ -232,7 +276,7 @@ def bench(filename: str, path: str, n_procs: int, block_size: int | None, rounds
     }
     with streamer, loader:
         report = _run(readers, dict.fromkeys(readers, nbytes), rounds, "h5py read_direct")
-    facts = {"file": filename, "path": path, "shape": shape, "dtype": str(dtype),
+    facts = {"file": str(filename), "path": path, "shape": shape, "dtype": str(dtype),
              "chunks": chunks, "filters": filters, "nbytes": nbytes, "block_size": block,
              "n_procs": n_procs, "rounds": rounds}
     return report, facts
@@ -248,18 +292,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             # The sample: the same data stored plainly and with gzip, where parallel decoding
             # shows; uncompressed streaming is bound by memory bandwidth and worker start-up.
             tmpdir = tempfile.mkdtemp(prefix="multitables-bench-")
-            filename = os.path.join(tmpdir, "sample.h5")
+            sample = os.path.join(tmpdir, "sample.h5")
             paths = ["/data", "/data_gzip"]
             filters: list[dict[str, Any]] = [{}, {"compression": "gzip"}]
             for path, kw in zip(paths, filters, strict=True):
                 with _bar(f"writing {args.size_mb:g} MB sample {path}",
                           int(args.size_mb * 1e6)) as bar:
-                    m.write_sample(filename, args.size_mb, _ticks(bar), path=path, **kw)
+                    m.write_sample(sample, args.size_mb, _ticks(bar), path=path, **kw)
+            filename: FileRef = sample
         else:
-            filename, paths = args.file, [args.path]
+            filename, paths = _file(args), [args.path]
         n_procs = args.n_procs or default_n_procs()
         for path in paths:
             results.append(bench(filename, path, n_procs, args.block_size, args.rounds))
+        remote = filename if isinstance(filename, RemoteFile) else None
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -270,7 +316,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
               + (" (sample, removed)" if tmpdir else ""))
         print(f"block_size {facts['block_size']} rows "
               f"({facts['block_size'] * row_bytes / m.MiB:.2f} MiB), n_procs {facts['n_procs']}, "
-              f"{args.rounds} round(s), page cache warm, {usable_cpus()} core(s)\n")
+              f"{args.rounds} round(s), "
+              + ("over the network" if remote else "page cache warm")
+              + f", {usable_cpus()} core(s)\n")
         print(report.table())
         print("(first pass: a new Streamer, its workers started and ended within the pass; the "
               "other Streamer rows reuse one Streamer, as epochs do; the Loader plays a new "
@@ -299,20 +347,21 @@ def _grid(shape: tuple[int, ...], dtype: np.dtype, chunks: Any, count: int = 6) 
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    shape, dtype, chunks, nbytes = _dataset_facts(args.file, args.path)
+    file = _file(args)
+    shape, dtype, chunks, nbytes = _dataset_facts(file, args.path)
     row_bytes = nbytes // shape[0]
     blocks = args.block_sizes or _grid(shape, dtype, chunks)
     procs = list(range(1, (args.max_procs or usable_cpus()) + 1))
     limit = int(args.max_mb * 1e6) if args.max_mb else nbytes
-    _warm(args.file)
+    _warm(file)
 
     def cell(b: int, p: int | None) -> tuple[Any, int]:
         max_blocks = max(1, limit // (b * row_bytes))
         total = min(nbytes, max_blocks * b * row_bytes)
         if p is None:
-            return (lambda tick: m.h5py_read_direct(args.file, args.path, b, tick, max_blocks),
-                    total)
-        return (lambda tick: m.mt_queue(args.file, args.path, p, b, tick, max_blocks=max_blocks),
+            return (lambda tick: m.h5py_read_direct(_h5py_file(file), args.path, b, tick,
+                                                    max_blocks), total)
+        return (lambda tick: m.mt_queue(file, args.path, p, b, tick, max_blocks=max_blocks),
                 total)
 
     default = m.default_block_size(shape, dtype, chunks)
@@ -337,7 +386,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"{report.median_ratio(best):.2f}x h5py")
     # The time to a first block: what a pass pays before the parallel reads, against h5py.
     startup = sorted(
-        _timed(lambda: m.mt_queue(args.file, args.path, best_p, best_b, max_blocks=1))
+        _timed(lambda: m.mt_queue(file, args.path, best_p, best_b, max_blocks=1))
         for _ in range(max(1, args.rounds)))[max(1, args.rounds) // 2]
     passes = report.seconds[best]
     pass_s = sorted(passes)[len(passes) // 2]
@@ -358,7 +407,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warm(filename: str) -> None:
+def _warm(filename: FileRef) -> None:
+    if isinstance(filename, RemoteFile):
+        return  # no page cache to warm: every reader fetches over the network
     with _bar("warming page cache", os.path.getsize(filename)) as bar:
         m.warm_page_cache(filename, _ticks(bar))
 
@@ -403,7 +454,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="list datasets with chunking, filters and block size")
-    info.add_argument("file")
+    info.add_argument("file", help="a path, or a URL: s3://bucket/key.h5, http(s)://...")
     info.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="MB/s of h5py vs Streamer queue vs generator",
@@ -434,6 +485,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--plot", metavar="PNG", help="write a plot (needs matplotlib)")
     t.add_argument("--json", metavar="OUT", help="also write the results as JSON ('-': stdout)")
     t.set_defaults(func=cmd_tune)
+    for command in (info, b, t):
+        command.add_argument(
+            "--storage-options", metavar="JSON", help="for a URL: storage_options as JSON, "
+            "e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\", \"anon\": true}' (S3 keys, "
+            "region and endpoint otherwise come from the AWS environment)")
     return p
 
 

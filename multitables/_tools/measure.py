@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._hdf5.source import default_block_size, register_filter_plugins
+from .._hdf5.source import FileRef, default_block_size, register_filter_plugins
 
 __all__ = ["default_block_size"]  # the engine's rule, for the CLI and bench/
 
@@ -266,7 +266,7 @@ def h5py_slices(filename: str, path: str, block_size: int, tick: Tick = _noop,
 
 
 @contextlib.contextmanager
-def _streamer(filename: str, streamer: Any):
+def _streamer(filename: FileRef, streamer: Any):
     """``streamer`` when given (its workers already started: a later epoch), else a new one,
     closed at the end (a first pass: workers started and ended)."""
     import multitables
@@ -278,7 +278,8 @@ def _streamer(filename: str, streamer: Any):
         yield new
 
 
-def mt_queue(filename: str, path: str, n_procs: int, block_size: int | None, tick: Tick = _noop,
+def mt_queue(filename: FileRef, path: str, n_procs: int, block_size: int | None,
+             tick: Tick = _noop,
              max_blocks: int | None = None, steady: bool = False, streamer: Any = None,
              **queue_kw: Any) -> int | tuple[int, float]:
     """multitables direct queue: zero-copy views of shared memory, remainder included.
@@ -315,7 +316,7 @@ def mt_loader_epoch(loader: Any, tick: Tick = _noop) -> int:
     return total
 
 
-def mt_generator(filename: str, path: str, n_procs: int, block_size: int | None,
+def mt_generator(filename: FileRef, path: str, n_procs: int, block_size: int | None,
                  tick: Tick = _noop, streamer: Any = None, **gen_kw: Any) -> int:
     """multitables generator: one row (a copy) at a time, remainder included."""
     total = pending = 0

@@ -1,0 +1,196 @@
+"""An HDF5 file in an object store (``s3://``, ``http://``, ``https://``), as the front doors and
+the read paths see it (internal).
+
+A front door turns its ``filename`` argument into a *file* with :func:`file_of`: a local path
+stays the str it always was (no new cost anywhere on the local path), a URL becomes a
+:class:`RemoteFile`. Every read path takes either where it took a filename. A ``RemoteFile`` is
+pinned to the object's version at its first use, in the caller (one request: a missing object
+raises ``FileNotFoundError`` there); the parent then reads HDF5 metadata through one block-cached
+file object (``BlockFile``) that it keeps, and keeps the chunk map of every dataset it describes.
+Jobs carry the ``RemoteFile`` to the workers by pickle: the pinned version (no request), the
+chunk maps and the cache settings. Each process makes its own connections, its own ``BlockFile``
+for h5py (for what the fast paths of ``remoteread`` leave to HDF5) and its own ``Fetcher``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from .._sources import Source, open_source, parse_location
+from .._sources import storage_options as check_storage_options
+from .._sources.blockfile import BlockFile
+from .._sources.chunkmap import ChunkMap, ChunkMapStore, chunk_map
+from .._sources.options import StorageOptions
+
+URL_PREFIXES = ("s3://", "http://", "https://")
+# The cache of fetched ranges holds at most this many bytes when ``cache_dir`` is given alone.
+DEFAULT_CACHE_LIMIT = 10 << 30
+# Ranged GETs each worker keeps in flight: a Reader's batch of 64 scattered rows takes two round
+# trips, a block of chunks streams with the link full.
+WORKER_IN_FLIGHT = 32
+
+
+def is_url(filename: Any) -> bool:
+    """Whether ``filename`` is a URL this package reads (``s3://``, ``http(s)://``).
+
+    >>> is_url("s3://bucket/a.h5"), is_url("HTTPS://host/a.h5"), is_url("data/a.h5")
+    (True, True, False)
+    """
+    return isinstance(filename, str) and filename[:8].lower().startswith(URL_PREFIXES)
+
+
+class _NamedBlockFile(BlockFile):
+    # h5py names a file object by its repr (``h5py.File.filename``, its error messages).
+    def __repr__(self) -> str:
+        return self.name
+
+
+class RemoteFile:
+    """An HDF5 file at ``url``, reached with ``storage_options``, pinned at its first use.
+
+    ``str()`` is the URL without credentials or query string, for messages. Pickles as the
+    pinned version (or the URL and options before the pin), the chunk maps and the cache
+    settings, never a connection.
+    """
+
+    def __init__(self, url: str, options: StorageOptions | Mapping[str, Any] | None = None,
+                 cache_dir: str | None = None, cache_limit: int | None = None,
+                 source: Source | None = None, maps: dict[str, ChunkMap] | None = None):
+        self.url = url
+        self.options = check_storage_options(options)
+        self.name = parse_location(url).display
+        self.cache_dir, self.cache_limit = cache_dir, cache_limit
+        self._source = source
+        self.maps: dict[str, ChunkMap] = dict(maps or {})  # by dataset name
+        self._pid = 0  # of the process that made the per-process objects below
+        self._blockfile: BlockFile | None = None
+        self._fetcher: Any = None
+
+    @property
+    def source(self) -> Source:
+        """The byte source, pinned to the object's version by its first use."""
+        if self._source is None:
+            self._source = open_source(self.url, self.options)
+        return self._source
+
+    @property
+    def pinned(self) -> bool:
+        return self._source is not None
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"RemoteFile({self.name!r})"
+
+    def __reduce__(self) -> tuple:
+        return (RemoteFile, (self.url, self.options, self.cache_dir, self.cache_limit,
+                             self._source, self.maps))
+
+    def keywords(self) -> dict[str, Any]:
+        """The front door's keywords that made this file (for a copy made by pickling)."""
+        return {"storage_options": self.options, "cache_dir": self.cache_dir,
+                "cache_limit": self.cache_limit}
+
+    # -- per process ---------------------------------------------------------------------------
+    def _mine(self) -> None:
+        if self._pid != os.getpid():  # a forked child: nothing of the parent's is ours
+            self._pid, self._blockfile, self._fetcher = os.getpid(), None, None
+
+    def blockfile(self) -> BlockFile:
+        """This process's block-cached file object (kept: the metadata stays cached)."""
+        self._mine()
+        if self._blockfile is None:
+            self._blockfile = _NamedBlockFile(self.source)
+        return self._blockfile
+
+    def open(self, file_kwargs: Mapping[str, Any]) -> h5py.File:
+        """``h5py.File`` over this process's ``BlockFile``."""
+        return h5py.File(self.blockfile(), "r", **file_kwargs)
+
+    def fetcher(self) -> Any:
+        """This process's parallel range fetcher, over the disk cache when there is one."""
+        self._mine()
+        if self._fetcher is None:
+            cache = None
+            if self.cache_dir is not None:
+                from .._sources.cache import ByteCache
+                cache = ByteCache(self.cache_dir, self.cache_limit or DEFAULT_CACHE_LIMIT)
+            self._fetcher = self.source.fetcher(max_in_flight=WORKER_IN_FLIGHT, cache=cache)
+        return self._fetcher
+
+    # -- chunk maps ----------------------------------------------------------------------------
+    def chunk_map(self, dataset: h5py.Dataset) -> ChunkMap:
+        """The chunk map of ``dataset`` (opened from this file): the one the parent made, else
+        the one kept under ``cache_dir``, else built (one pass over its chunk index) and kept."""
+        found = self.maps.get(dataset.name)
+        if found is not None:
+            return found
+        key = self.source.identity
+        store = (ChunkMapStore(Path(self.cache_dir) / f"multitables-{os.getuid()}-chunkmaps")
+                 if self.cache_dir is not None else None)
+        found = store.load(key, dataset.name) if store is not None else None
+        if found is None:
+            found = chunk_map(dataset, key=key)
+            if store is not None:
+                with contextlib.suppress(OSError):  # the store is only a cache
+                    store.save(found)
+        self.maps[dataset.name] = found
+        return found
+
+
+def file_of(filename: Any, storage_options: Mapping[str, Any] | StorageOptions | None = None,
+            cache_dir: str | os.PathLike | None = None,
+            cache_limit: int | None = None) -> str | RemoteFile:
+    """A front door's ``filename`` argument as the file its read paths take: the path (as
+    ``os.fspath`` gives it) or a ``RemoteFile``, not yet pinned. Bad options raise here."""
+    options = check_storage_options(storage_options)
+    if cache_limit is not None and (isinstance(cache_limit, bool) or not isinstance(
+            cache_limit, int) or cache_limit < 1):
+        raise ValueError(f"cache_limit must be a number of bytes >= 1, got {cache_limit!r}")
+    if cache_limit is not None and cache_dir is None:
+        raise ValueError("cache_limit needs a cache_dir")
+    if isinstance(filename, RemoteFile):
+        return filename
+    if is_url(filename):
+        return RemoteFile(filename, options,
+                          None if cache_dir is None else os.fspath(cache_dir), cache_limit)
+    return os.fspath(filename)
+
+
+def name_of(file: Any) -> Any:
+    """How a front door names ``file`` (its ``filename``): the path as given to ``os.fspath``,
+    or the URL without credentials."""
+    return file.name if isinstance(file, RemoteFile) else file
+
+
+def location_of(file: str | RemoteFile) -> str:
+    """What ``file_of`` was given: the path, or the URL (with any credentials it holds)."""
+    return file.url if isinstance(file, RemoteFile) else file
+
+
+def keywords_of(file: str | RemoteFile) -> dict[str, Any]:
+    """The front door keywords that remake ``file`` with ``file_of`` (none for a path)."""
+    return file.keywords() if isinstance(file, RemoteFile) else {}
+
+
+# The datasets that workers opened from a RemoteFile, for the fast paths (``remoteread``) to
+# find their file: keyed weakly by the dataset's id, as ``source.per_dataset`` is.
+_OPENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register(dataset: h5py.Dataset, file: RemoteFile) -> None:
+    """Note that ``dataset`` was opened from ``file``."""
+    _OPENED[dataset.id] = file
+
+
+def file_of_dataset(dataset: h5py.Dataset) -> RemoteFile | None:
+    """The ``RemoteFile`` that ``dataset`` was opened from (``register``), or None."""
+    return _OPENED.get(dataset.id)

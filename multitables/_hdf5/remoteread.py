@@ -1,0 +1,173 @@
+"""The fast read paths of ``rawread`` and ``decode`` for files in object stores: the byte ranges
+of a whole read fetched at once by ranged GETs (several in flight), past HDF5 (internal).
+
+A worker's dataset opened from a ``RemoteFile`` has the chunk map the parent made, so its reads
+need no HDF5 metadata over the network: ``RemoteRows`` fetches unfiltered rows straight into the
+destination (shared memory), ``RemoteDecoder`` fetches the stored chunks of a read into a
+scratch buffer and decodes them with ``decode``'s codecs. ``rawread.RawRows.of`` and
+``decode.ChunkDecoder.of`` hand such a dataset to these, with the same interface; what they do
+not take (filters with no fast codec, chunks across rows, types that convert, chunks never
+written) is read by HDF5 over the worker's ``BlockFile``: correct, one request at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .._sources.chunkmap import ChunkMap
+from .decode import ChunkDecoder
+from .eligibility import DecodePlan, plan
+from .rawread import RawRows
+from .remote import file_of_dataset
+
+
+class RemoteRows(RawRows):
+    """``RawRows`` of an unfiltered dataset in an object store: each read is one ``fetch`` of
+    all its ranges (neighbours merged, several GETs in flight), each written straight into its
+    place in the destination."""
+
+    def __init__(self, fetcher: Any, row_bytes: int, chunk_rows: int, chunk_offsets: np.ndarray):
+        self.fetcher = fetcher
+        self.row_bytes = row_bytes
+        self.chunk_rows = chunk_rows
+        self.chunk_offsets = chunk_offsets
+        self.end = int(chunk_offsets.max()) + chunk_rows * row_bytes
+
+    def _read_run(self, row: int, count: int, out: memoryview) -> None:
+        ranges, at = [], 0
+        while count:
+            chunk, first = divmod(row, self.chunk_rows)
+            n = min(count, self.chunk_rows - first)
+            nbytes = n * self.row_bytes
+            ranges.append((int(self.chunk_offsets[chunk]) + first * self.row_bytes, nbytes,
+                           out[at : at + nbytes]))
+            at += nbytes
+            row += n
+            count -= n
+        self.fetcher.fetch(ranges)
+
+    def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
+        rb = self.row_bytes
+        if not len(rows) or not rb:
+            return
+        chunk, first = np.divmod(np.asarray(rows, np.int64), self.chunk_rows)
+        offsets = self.chunk_offsets[chunk] + first * rb
+        # Rows that follow each other in the file and in ``out`` are one range.
+        starts = np.flatnonzero(np.diff(offsets, prepend=offsets[0] - rb - 1) != rb)
+        ends = np.append(starts[1:], len(offsets))
+        dest = out.reshape(-1).view(np.uint8).data
+        self.fetcher.fetch([(o, (b - a) * rb, dest[a * rb : b * rb]) for o, a, b in
+                            zip(offsets[starts].tolist(), starts.tolist(), ends.tolist(),
+                                strict=True)])
+
+
+def remote_rows(dataset: h5py.Dataset) -> RemoteRows | None:
+    """``RawRows.of`` for a dataset opened from a ``RemoteFile``: None where HDF5 must read."""
+    file = file_of_dataset(dataset)
+    if file is None or dataset.is_virtual or dataset.external:
+        return None
+    dsid, shape = dataset.id, dataset.shape
+    if dsid.get_create_plist().get_nfilters() or \
+            dsid.get_type() != h5py.h5t.py_create(dataset.dtype):
+        return None  # decoded or converted by HDF5: not the bytes in the file
+    found = file.chunk_map(dataset)
+    offsets = _row_chunk_offsets(found, shape)
+    if offsets is None:
+        return None
+    chunk_rows, at = offsets
+    if (at < 0).any():
+        return None  # chunks never written read as the fill value
+    row_bytes = dataset.dtype.itemsize * math.prod(shape[1:])
+    return RemoteRows(file.fetcher(), row_bytes, chunk_rows, at)
+
+
+def _row_chunk_offsets(found: ChunkMap, shape: tuple[int, ...]
+                       ) -> tuple[int, np.ndarray] | None:
+    """(rows per chunk, byte offset of each chunk of rows, -1 where none is stored) of a
+    dataset chunked in whole rows or contiguous; None otherwise."""
+    if found.layout == "contiguous":
+        if not len(found):
+            return None  # never written: HDF5 supplies the fill value
+        return max(shape[0], 1), found.byte_offsets.astype(np.int64)
+    if found.layout != "chunked" or found.chunks is None or \
+            tuple(found.chunks[1:]) != tuple(shape[1:]):
+        return None
+    chunk_rows = found.chunks[0]
+    at = np.full(-(-shape[0] // chunk_rows), -1, np.int64)
+    if len(found):
+        k = found.chunk_offsets[:, 0] // chunk_rows
+        inside = k < len(at)
+        at[k[inside]] = found.byte_offsets[inside].astype(np.int64)
+    return chunk_rows, at
+
+
+class RemoteDecoder(ChunkDecoder):
+    """``ChunkDecoder`` of a compressed dataset in an object store: the stored chunks a read
+    needs are fetched at once into a scratch buffer, then decoded as ``ChunkDecoder`` does."""
+
+    def __init__(self, dsid: Any, found: DecodePlan, stored: ChunkMap, fetcher: Any):
+        super().__init__(dsid, found)
+        mapped = _row_chunk_offsets(stored, found.shape)
+        assert mapped is not None  # the plan takes only datasets chunked in whole rows
+        self._offsets = mapped[1]
+        self._sizes = np.zeros(len(self._offsets), np.int64)
+        if len(stored):
+            k = stored.chunk_offsets[:, 0] // self.chunk_rows
+            inside = k < len(self._sizes)
+            self._sizes[k[inside]] = stored.sizes[inside].astype(np.int64)
+        self._fetcher = fetcher
+        self._fetched: dict[int, memoryview] = {}
+        self._body = np.empty(0, np.uint8)
+
+    def read_rows(self, start: int, stop: int, out: np.ndarray) -> bool:
+        cr = self.chunk_rows
+        if 0 <= start < stop <= self.n_rows and self.ok[start // cr : (stop - 1) // cr + 1].all():
+            self._prefetch(start, stop)
+        try:
+            return super().read_rows(start, stop, out)
+        finally:
+            self._fetched.clear()
+
+    def _prefetch(self, start: int, stop: int) -> None:
+        """Fetch the stored bytes of the chunks rows ``start:stop`` need (not the partial chunk
+        already decoded in the scratch chunk)."""
+        cr, wanted = self.chunk_rows, []
+        for k in range(start // cr, (stop - 1) // cr + 1):
+            first = max(start, k * cr)
+            partial = min(stop - first, cr - (first - k * cr)) != cr
+            if not (partial and k == self._scratch_chunk):
+                wanted.append(k)
+        sizes = self._sizes[wanted]
+        total = int(sizes.sum())
+        if self._body.nbytes < total:
+            self._body = np.empty(total, np.uint8)
+        body, ranges, at = self._body.data, [], 0
+        for k, size in zip(wanted, sizes.tolist(), strict=True):
+            view = body[at : at + size]
+            ranges.append((int(self._offsets[k]), size, view))
+            self._fetched[k] = view
+            at += size
+        self._fetcher.fetch(ranges)
+
+    def _stored(self, dsid: Any, chunk: int) -> tuple[int, Any]:
+        raw = self._fetched.get(chunk)
+        if raw is None:  # not fetched with the read: through HDF5
+            return super()._stored(dsid, chunk)
+        return 0, bytes(raw) if self._bytes_in else raw
+
+
+def remote_decoder(dataset: h5py.Dataset) -> RemoteDecoder | None:
+    """``ChunkDecoder.of`` for a dataset opened from a ``RemoteFile``: None where HDF5 must
+    read."""
+    file = file_of_dataset(dataset)
+    if file is None:
+        return None
+    stored = file.chunk_map(dataset)
+    found = plan(dataset, stored)
+    if found is None:
+        return None
+    return RemoteDecoder(dataset.id, found, stored, file.fetcher())

@@ -1,0 +1,1 @@
+"""Front doors and tools on files in object stores (HTTP, S3)."""
