@@ -90,4 +90,6 @@ def test_a_push_as_the_consumer_falls_asleep_wakes_it():
     assert slowest_s < WOKEN_WITHIN, (
         f"pop {slowest} took {slowest_s:.2f} s (timeout {POP_TIMEOUT} s) although its item was "
         f"pushed at once: a lost wake-up ({done} rounds before it, {took:.1f} s in all)")
-    assert done > 1000, f"only {done} rounds in {took:.1f} s"
+    # How many rounds fit in PLAY_S depends on the machine's load (some 100,000 when idle): no
+    # bound on it, a busy machine must not fail the test.
+    assert done >= 1
