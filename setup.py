@@ -6,7 +6,12 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("multitables._engine._ringbuf", ["multitables/_engine/_ringbuf.pyx"]),
-    Extension("multitables._engine._lent", ["multitables/_engine/_lent.pyx"]),
+    Extension(
+        "multitables._engine._lent",
+        ["multitables/_engine/_lent.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    ),
     Extension(
         "multitables._keys._indexing",
         ["multitables/_keys/_indexing.pyx"],

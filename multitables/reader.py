@@ -164,13 +164,14 @@ class Reader:
         ``key`` is a proxy indexed with the wanted selection (``ds[30:35]``, ``ds['col'][[1, 2]]``,
         a whole proxy for all of it), or what ``where``/``read_sorted`` return.
         """
-        self.check_open()
+        if self._closed:
+            self.check_open()
         parts = None
         if isinstance(key, DatasetProxy):
             if key.reader is not self:
                 raise ValueError(f"{key!r} belongs to another Reader")
             spec = key.spec()
-            if spec.kind == ARRAY:
+            if spec.kind == ARRAY and self.n_procs > 1:
                 parts = key.split(self.n_procs)  # a large read: over several workers
         elif isinstance(key, ReadSpec):
             spec = key
@@ -194,9 +195,10 @@ class Reader:
             return request.fail(exc)
         try:
             with self._lock:
-                self.check_open()
+                if self._closed:
+                    self.check_open()
                 # See NOTE [ Worker shutdown logic ], step (3).
-                self._dispatcher.dispatch(claimed, parts or [spec])
+                self._dispatcher.dispatch(claimed, parts or (spec,))
         except BaseException:
             claimed.free()
             raise

@@ -14,6 +14,7 @@ import numpy as np
 
 cimport cython
 cimport numpy as cnp
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from libc.stdint cimport int64_t
 
 cnp.import_array()
@@ -242,8 +243,12 @@ cdef tuple _dim_plan(object a):
     """
     cdef int64_t step
     cdef Py_ssize_t n
-    flat = np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
-    n = flat.shape[0]
+    cdef bint flat_already = (cnp.PyArray_Check(a) and cnp.PyArray_NDIM(a) == 1
+                              and cnp.PyArray_TYPE(a) == cnp.NPY_INT64
+                              and cnp.PyArray_IS_C_CONTIGUOUS(a))
+    # a batch's rows come flat already: the conversions are Python calls
+    flat = a if flat_already else np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+    n = cnp.PyArray_DIM(flat, 0)
     if n == 0:
         return (0, 1, 0), a
     if n == 1 or _strictly_increasing(_int64_data(flat), n):
@@ -251,7 +256,8 @@ cdef tuple _dim_plan(object a):
         pos = None
     else:
         u, pos = _unique_positions(flat)
-        pos = pos.reshape(a.shape)
+        if not flat_already:
+            pos = pos.reshape(a.shape)
     n = u.shape[0]
     if n == 1:
         return (int(u[0]), 1, 1), np.zeros(a.shape, np.intp)
@@ -289,8 +295,9 @@ cdef tuple _unique_positions(object flat):
     else:
         sorted_positions = flat.argsort().astype(np.intp, copy=False)
         order = <Py_ssize_t *>cnp.PyArray_DATA(sorted_positions)
-    unique_array = np.empty(n, np.int64)
-    pos_array = np.empty(n, np.intp)
+    cdef cnp.npy_intp dim = n
+    unique_array = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INT64, 0)
+    pos_array = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INTP, 0)
     cdef int64_t *unique = <int64_t *>cnp.PyArray_DATA(unique_array)
     cdef Py_ssize_t *pos = <Py_ssize_t *>cnp.PyArray_DATA(pos_array)
     for i in range(n):
@@ -299,6 +306,8 @@ cdef tuple _unique_positions(object flat):
             k += 1
             unique[k] = v
         pos[order[i]] = k
+    if k + 1 == n:  # no repeats (a batch's rows): the slice is a Python call
+        return unique_array, pos_array
     return unique_array[:k + 1], pos_array
 
 
@@ -387,12 +396,19 @@ def translate(key, shape):
     """
     cdef tuple shp = tuple([operator.index(s) for s in shape])
     if shp:
-        first = (<tuple>key)[0] if type(key) is tuple and len(<tuple>key) == 1 else key
+        first = key
+        if type(key) is tuple:
+            # (rows,) and (rows, ...) select what rows alone does: the 2.0.1 spelling of a batch
+            # is ds[rows, ...]
+            if len(<tuple>key) == 1 or (len(<tuple>key) == 2 and (<tuple>key)[1] is Ellipsis
+                                         and (<tuple>key)[0] is not Ellipsis):
+                first = (<tuple>key)[0]
         if type(first) is slice:
             return _slice_selection(shp, first)
         rows = _row_array(first)
         if rows is not None:
-            sel = _rows_selection(shp, rows)
+            sel = _rows_selection(shp, rows, type(first) is list and type(rows) is np.ndarray
+                                  and (<object>rows).dtype == np.int64)
             if sel is not None:
                 return sel
     return _translate(key, shp)
@@ -421,6 +437,9 @@ cdef object _row_array(object key):
     """``key`` as a 1-D array of row numbers, when it is one index array (a random batch, the
     commonest key by far) of signed (or narrow unsigned) integers; else None."""
     if type(key) is list:
+        rows = _int_list(<list>key)
+        if rows is not None:
+            return rows
         key = np.asarray(key)
     if not isinstance(key, np.ndarray) or key.ndim != 1 or not key.shape[0]:
         return None
@@ -430,14 +449,38 @@ cdef object _row_array(object key):
     return None
 
 
+cdef object _int_list(list key):
+    """A non-empty list of Python ints as a new int64 array, in one C loop (``np.asarray``
+    discovers the type of every item first, at several times the cost); None for anything else
+    (bools, numpy scalars, nested lists, ints past int64), which numpy's conversion handles."""
+    cdef Py_ssize_t i, n = len(key)
+    cdef int overflow = 0
+    cdef long long v
+    cdef cnp.npy_intp dim = n
+    if n == 0:
+        return None
+    rows = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INT64, 0)
+    cdef int64_t *a = <int64_t *>cnp.PyArray_DATA(rows)
+    for i in range(n):
+        item = key[i]
+        if type(item) is not int:
+            return None
+        v = PyLong_AsLongLongAndOverflow(item, &overflow)
+        if overflow:
+            return None
+        a[i] = v
+    return rows
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
-cdef Selection _rows_selection(tuple shp, object key):
+cdef Selection _rows_selection(tuple shp, object key, bint fresh=False):
     """``translate`` of one 1-D index array on the first dimension, as the general code plans
     it, without its parser: the bounds checked and negative rows turned in one C loop, then the
     general ``_dim_plan``. None when the general code must do it: an index out of bounds (it
     raises numpy's error) or an empty result (it plans those alike)."""
-    rows = np.array(key, dtype=np.int64)  # a copy: the caller may reuse theirs
+    # a copy: the caller may reuse theirs (_int_list's array is new already)
+    rows = key if fresh else np.array(key, dtype=np.int64)
     cdef int64_t *a = <int64_t *>cnp.PyArray_DATA(rows)
     cdef Py_ssize_t i, n = rows.shape[0]
     cdef int64_t size = shp[0], v

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._engine import timeouts
@@ -58,12 +58,11 @@ class Dispatcher:
         self.finished: list[int] = []  # each worker's count of finished requests, last seen
         self.next_check = 0.0
 
-    def dispatch(self, stage: Stage, specs: list[ReadSpec]) -> None:
+    def dispatch(self, stage: Stage, specs: Sequence[ReadSpec]) -> None:
         """Hand the read (or its parts, one per worker) to workers: written into the stage's
         header, the stage pushed onto the worker's queue (``pick_worker``). See NOTE [ Worker
         shutdown logic ], step (3): every send and push waits in slices and gives up once a
         worker dies or the Reader closes."""
-        messages = [to_wire(spec) for spec in specs]
         parts = len(specs)
         if self.pool is None:
             self.pool = self._start()
@@ -87,6 +86,18 @@ class Dispatcher:
             if worker not in memory.sent_to:
                 self._tell(worker, ("map", memory.id, memory.arena))
                 memory.sent_to.add(worker)
+        if parts == 1 and memory.put_request(to_wire(specs[0])):
+            worker = workers[0]  # the commonest: one request, in the header
+            memory.state.set(PENDING)
+            try:
+                self._push(worker, encode_item(memory.id, 0, 1))
+            except BaseException:
+                memory.state.set(IDLE)  # no worker has it: the stage is free again
+                raise
+            if several:
+                self.sent_at[worker].append(time.monotonic())
+            return
+        messages = [to_wire(spec) for spec in specs]
         memory.state.set(PENDING)
         part = 0
         try:
@@ -147,8 +158,7 @@ class Dispatcher:
         queue = self.queues[worker]
         while True:
             try:
-                queue.push(item)
-                return
+                return queue.push(item)
             except OverflowError:
                 self.check()
                 time.sleep(QUEUE_FULL_WAIT)

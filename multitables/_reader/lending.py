@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .._engine import hooks
-from .._engine._lent import Lent
+from .._engine._lent import lent_array
 from .stages import StageMemory
 
 # Smaller results are copied: the copy costs less than lending (an owner, a memory swap).
@@ -53,13 +53,12 @@ _numbers = itertools.count()
 
 def lend(view: np.ndarray, memory: StageMemory,
          on_return: Callable[[StageMemory], None]) -> np.ndarray:
-    """``view`` (C-contiguous, in ``memory``) as an array whose last view gives ``memory`` to
-    ``on_return``; nothing reads into ``memory`` until then."""
+    """``view`` (the result at the start of ``memory``'s data area) as an array whose last view
+    gives ``memory`` to ``on_return``; nothing reads into ``memory`` until then."""
     number = next(_numbers)
-    owner = Lent(view.reshape(-1).view(np.uint8), functools.partial(_returned, number))
+    lent = lent_array(memory.raw, functools.partial(_returned, number), view.dtype, view.shape)
     _loans[number] = _Loan(memory, on_return)  # after the owner: if that fails, nothing is lent
-    # numpy's stubs name concrete buffer types only; a Lent exports one
-    return np.frombuffer(owner, view.dtype).reshape(view.shape)  # type: ignore[call-overload]
+    return lent
 
 
 def _returned(number: int) -> None:

@@ -45,11 +45,27 @@ class DatasetProxy:
         self._field_at = field_at  # how many of the keys came before the field
         dtype = info.field_dtype(field)  # a subarray field adds its dimensions
         self._dtype = dtype.base
+        self._full_shape = info.shape + dtype.shape  # what keys index
         if chain is not None:
             key = chain.key()
         else:
             key = (Ellipsis,) if not keys else _as_tuple(keys[0])  # no key: all of it
-        self._selection = translate(key, info.shape + dtype.shape)
+        self._selection = translate(key, self._full_shape)
+
+    def _keyed(self, item) -> DatasetProxy:
+        """``self[item]`` for a first key (the commonest indexing by far: a batch's rows):
+        ``__init__``'s work without its steps that a first key does not need."""
+        proxy = object.__new__(type(self))
+        proxy.reader = self.reader
+        proxy.info = self.info
+        proxy.field = self.field
+        proxy.keys = (item,)
+        proxy._chain = None
+        proxy._field_at = self._field_at
+        proxy._dtype = self._dtype
+        proxy._full_shape = full = self._full_shape
+        proxy._selection = translate(item if type(item) is tuple else (item,), full)
+        return proxy
 
     @property
     def key(self) -> Any:
@@ -75,6 +91,8 @@ class DatasetProxy:
         """This selection indexed further: by a field name, or by a numpy key, as
         ``numpy_array[k1][k2]...`` (each key applies to the previous result; a key numpy
         refuses raises numpy's exception here)."""
+        if not self.keys and not isinstance(item, str):
+            return self._keyed(item)
         if isinstance(item, str):
             if self.field is not None:
                 raise KeyError(f"{self.path} already selects field {self.field!r}")
@@ -86,8 +104,6 @@ class DatasetProxy:
                 # Keys given before the field index the rows; the field's dimensions follow.
                 chain = chain.extend(field_shape)
             return type(self)(self.reader, self.info, item, self.keys, chain, len(self.keys))
-        if not self.keys:
-            return type(self)(self.reader, self.info, self.field, (item,), None, self._field_at)
         chain = (self._chain or self._chained()).index(item)
         return type(self)(self.reader, self.info, self.field, (*self.keys, item), chain,
                           self._field_at)

@@ -15,6 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .._engine._lent import view_array
 from .._hdf5.hyperslab import read_selection
 from .._keys._indexing import Selection, from_plain, translate
 from .stages import StageMemory, check_fits
@@ -272,6 +273,8 @@ def _read_sorted(spec: ReadSpec, dataset: h5py.Dataset, memory: StageMemory) -> 
 
 def result_view(spec: ReadSpec, memory: StageMemory) -> Any:
     """The result as it lies in the stage: a view for arrays, an object array for VLEN."""
+    if spec.kind == ARRAY:  # in one C call: a batch's result is taken once per batch
+        return view_array(memory.raw, spec.at, spec.dtype, spec.shape)
     if spec.kind == WHERE:
         return memory.data((int(memory.meta[0]), *spec.shape[1:]), spec.dtype)
     if spec.kind != VLEN:

@@ -71,6 +71,7 @@ class StageMemory:
         self.capacity = arena.nbytes - _DATA
         self.state = Word(arena.buffer, 0)
         self.meta = arena.ndarray((_N_META,), np.int64, _META)
+        self.raw = arena.ndarray((self.capacity,), np.uint8, _DATA)  # the data area's bytes
         self.parts_done = Counter(arena.buffer, _PARTS_DONE)
         self.parts_failed = Counter(arena.buffer, _PARTS_FAILED)
         self.errors = ErrorBox(arena.buffer, _ERRORS, _ERROR_BYTES)
@@ -105,7 +106,7 @@ class StageMemory:
     def close(self) -> None:
         """Drop the descriptor and this object's views; the pages go with the last object using
         them (a waiter in another thread keeps them mapped: it holds the state word)."""
-        self.meta = None  # type: ignore[assignment]
+        self.meta = self.raw = None  # type: ignore[assignment]
         self.arena.close()
 
     def discard(self) -> None:

@@ -422,7 +422,8 @@ def same_plan(a: Selection, b: Selection) -> bool:
 def test_row_array_keys_plan_as_the_general_code(data):
     """One 1-D index array (a random batch) has its own quick translation: it must give numpy's
     result, and the very plan of the general code, for sorted, shuffled, repeated, negative,
-    progression and out-of-range rows, as arrays of any integer type, lists and 1-tuples."""
+    progression and out-of-range rows, as arrays of any integer type, lists, 1-tuples, and
+    ``(rows, ...)`` (2.0.1's spelling of a batch: the plan of the rows alone)."""
     shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9))
     shape = shape[:1] + tuple(data.draw(st.sampled_from([s, 0])) for s in shape[1:])  # empty rows
     n = shape[0]
@@ -433,13 +434,15 @@ def test_row_array_keys_plan_as_the_general_code(data):
     dtype = data.draw(st.sampled_from([np.int64, np.int32, np.int8, np.uint16, np.intp]))
     if np.issubdtype(dtype, np.unsignedinteger) or dtype == np.int8:
         rows = [r for r in rows if 0 <= r <= 127] or [0]
-    form = data.draw(st.sampled_from(["array", "list", "tuple"]))
+    form = data.draw(st.sampled_from(["array", "list", "tuple", "array, ...", "list, ..."]))
     array = np.array(rows, dtype)
-    key = {"array": array, "list": rows, "tuple": (array,)}[form]
+    key = {"array": array, "list": rows, "tuple": (array,), "array, ...": (array, Ellipsis),
+           "list, ...": (rows, Ellipsis)}[form]
     arr = np.arange(int(np.prod(shape))).reshape(shape)
     sel = check_translate(arr, key)
     if sel is not None:
-        assert same_plan(sel, _indexing._translate(key, shape))
+        alone = key[0] if form.endswith("...") else key
+        assert same_plan(sel, _indexing._translate(alone, shape))
 
 
 @SETTINGS
@@ -454,6 +457,19 @@ def test_one_slice_plans_as_the_general_code(data):
     sel = check_translate(arr, key)
     if sel is not None:
         assert same_plan(sel, _indexing._translate(key, shape))
+
+
+@pytest.mark.parametrize("key", [
+    [True, False, True, False, True], [np.int64(3), 1], [3, np.int32(1)], [2**70], [-2**70],
+    [2**63 - 1], [1.0, 2], [[1, 2], [0, 4]], [-1, -5], [], [4, 4, 0], ([True] * 5, Ellipsis),
+    ([1, 2], 0), ([1, 2], Ellipsis, 1), (Ellipsis, Ellipsis), (Ellipsis, [1, 0]), ([5], Ellipsis),
+    ([0, 2], Ellipsis), (np.array(3), Ellipsis), (2, Ellipsis), (slice(1, 4), Ellipsis),
+])
+def test_list_keys_match_numpy(key):
+    """Lists of Python ints are converted in one C loop; anything else in a list (bools, numpy
+    scalars, floats, nested lists, ints past int64) goes numpy's way, and ``(rows, ...)`` must
+    select what ``rows`` does: numpy's result or numpy's exception, every time."""
+    check_translate(np.arange(20).reshape(5, 4), key)
 
 
 def test_row_array_translation_copies_the_key():

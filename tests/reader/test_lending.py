@@ -227,3 +227,32 @@ def test_a_result_lent_by_another_thread_during_the_fork_hook_is_marked_too(read
     lending._before_fork()
     assert len(kept) == 2 and lending.on_loan() == 2
     assert all(loan.forked for loan in lending._loans.values())
+
+
+def test_lent_and_viewed_arrays_are_numpy_views_of_the_bytes():
+    """``lent_array`` and ``view_array`` build a result over a stage's bytes in one C call: the
+    values, shape, dtype and writeability of numpy's own view, ``on_last`` called once when the
+    last view of a lent one goes, and ``ValueError`` for bytes too few or not a byte array."""
+    from multitables._engine._lent import Lent, lent_array, view_array
+
+    raw = np.arange(96, dtype=np.uint8)
+    calls = []
+    lent = lent_array(raw, lambda: calls.append(1), np.dtype("<i4"), (3, 2))
+    np.testing.assert_array_equal(lent, raw[:24].view("<i4").reshape(3, 2))
+    assert isinstance(lent.base, Lent) and lent.flags.writeable and lent.flags.c_contiguous
+    part = lent[1:]
+    del lent
+    assert calls == []
+    part[0, 0] = 7
+    assert raw[8:12].view("<i4")[0] == 7
+    del part
+    assert calls == [1]
+    view = view_array(raw, 16, np.dtype(">u2"), (2, 2, 2))
+    np.testing.assert_array_equal(view, raw[16:32].view(">u2").reshape(2, 2, 2))
+    assert view.base is raw and view.flags.writeable
+    for bad in [lambda: view_array(raw, 90, np.dtype("<i4"), (2,)),
+                lambda: view_array(raw, -1, np.dtype("u1"), (1,)),
+                lambda: view_array(raw.view("<i4"), 0, np.dtype("<i4"), (1,)),
+                lambda: lent_array(raw[::2].copy(), None, np.dtype("<f8"), (7,))]:
+        with pytest.raises(ValueError, match="writable C-contiguous uint8"):
+            bad()
