@@ -150,8 +150,8 @@ def _block_rows(info: DatasetInfo, dtype: np.dtype, rows: int | None) -> int:
         rows = max(1, target // row_bytes)
     else:
         rows = check_positive_int("chunks", rows)
-    if info.chunks:
-        rows = max(1, round(rows / info.chunks[0])) * info.chunks[0]
+    if info.chunk_rows:  # a virtual dataset's: its sources'
+        rows = max(1, round(rows / info.chunk_rows)) * info.chunk_rows
     return max(1, min(rows, info.shape[0]))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from ._loader.epoch import (
     pieces,
     rows_of,
 )
+from ._loader.filestate import FileState
 from ._loader.job import costliest_chunk_rows, plan_units
 from ._loader.local import Local
 from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
@@ -68,11 +70,13 @@ class Loader:
     seed : int
         Seed of the shuffle: the same (seed, epoch) gives the same order on every machine.
     window : int, optional
-        Rows mixed together by the shuffle, rounded up to whole units. The default holds at least
-        16 chunks and about 32 MiB of rows. A window of the whole dataset (``window >= n_rows``)
-        is a uniform shuffle. Unfiltered data is not held in memory: each batch's rows are read
-        straight from the file, whatever the window. Compressed data is decoded a window of
-        units at a time, so memory holds about two windows (a uniform shuffle: all of it).
+        Rows mixed together by the shuffle, rounded up to whole units. A window of the whole
+        dataset (``window >= n_rows``) is a uniform shuffle. Unfiltered data is not held in
+        memory: each batch's rows are read straight from the file, whatever the window, so the
+        default there is uniform. Compressed data (a virtual dataset included) is decoded a
+        window of units at a time, so memory holds about two windows (a uniform shuffle: all of
+        it): the default there is chunk-aware, not uniform, and holds at least 16 chunks and
+        about 32 MiB of rows.
     drop_last : bool
         Drop the rows that do not fill a batch on every rank. Without it every row is delivered
         (the last batch may be short, and with several ranks fewer than ``world_size`` rows are
@@ -144,10 +148,15 @@ class Loader:
         self._columns = resolve_columns(self._file, columns, kw)
         infos = self._columns.infos
         self.n_rows = self._columns.n_rows
+        self._file_state = FileState(infos[0].filename, infos, kw)  # checked at each epoch
         self._unfiltered = unfiltered(self._file, infos, kw)
         self.unit_rows = plan_units(infos)
         n_units = -(-self.n_rows // self.unit_rows)
-        if window is None:
+        if window is None and self._unfiltered:
+            # Each batch's rows are read from the file, whatever the window: a uniform shuffle
+            # costs no memory, and little time (bench/README.md, "The Loader").
+            self.window_units = n_units
+        elif window is None:
             row_bytes = sum(max(info.row_bytes, 1) for info in infos)
             by_bytes = -(-WINDOW_BYTES // (self.unit_rows * row_bytes))
             # A unit may span several chunks: count the mixing in chunks, not units.
@@ -165,6 +174,13 @@ class Loader:
         self._local = Local(start_method)
         self._closed = False
         hooks.track("loaders", self)
+        if self.drop_last and len(self) == 0:
+            per_rank = self.n_rows // self.world_size
+            warnings.warn(
+                f"this Loader will never yield a batch: drop_last=True with batch_size="
+                f"{self.batch_size} over {self.n_rows:,} rows on {self.world_size} rank(s) "
+                f"({per_rank:,} rows per rank, fewer than a batch); use a smaller batch_size "
+                "or drop_last=False", stacklevel=2)
 
     # ---- the epoch's shape ----
 
@@ -245,6 +261,7 @@ class Loader:
         """This rank's batches of the next epoch; with ``n_workers`` > 1 only ``worker``'s
         contiguous share of them (a DataLoader worker's)."""
         self._check_open()
+        self._file_state.check()  # rows removed raise, rows added warn once
         epoch, history = self._next_epoch, self._next_history
         self._next_epoch, self._next_history = epoch + 1, []
         plan = plan_rank(self.n_rows, self.batch_size, self.world_size, self.rank,
@@ -334,7 +351,9 @@ class Loader:
 
 
 def _unpickle(args: dict[str, Any], state: dict[str, Any]) -> Loader:
-    loader = Loader(**args)
+    with warnings.catch_warnings():  # the original warned where it was made
+        warnings.simplefilter("ignore")
+        loader = Loader(**args)
     loader.load_state_dict(state)
     return loader
 

@@ -94,6 +94,27 @@ def write_big(path) -> np.ndarray:
     return write_h5py(path, "x", data, chunks=(64, BIG_COLS), compression="gzip")
 
 
+def write_virtual(directory, sizes, chunk_rows=40, compression="gzip", width=3, name="v.h5"):
+    """A virtual dataset ``/v`` of one source file per entry of ``sizes``, in order; its rows
+    are ``np.arange`` of them all, reshaped."""
+    n = sum(sizes)
+    data = np.arange(n * width, dtype="f4").reshape(n, width)
+    layout = h5py.VirtualLayout(shape=(n, width), dtype="f4")
+    at = 0
+    for i, size in enumerate(sizes):
+        src = f"{name}.src{i}.h5"
+        with h5py.File(directory / src, "w") as f:
+            f.create_dataset("x", data=data[at:at + size], chunks=(chunk_rows, width),
+                             compression=compression)
+        layout[at:at + size] = h5py.VirtualSource(src, "x", shape=(size, width))
+        at += size
+    path = directory / name
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("v", layout)
+        f.create_dataset("plain", data=data, chunks=(chunk_rows, width), compression=compression)
+    return str(path), data
+
+
 def damage(path, how: str) -> None:
     """Cut the file to a third (``truncate``) or write garbage over the middle third of the chunks
     of ``x`` (``garbage``)."""

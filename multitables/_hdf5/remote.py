@@ -62,13 +62,17 @@ class RemoteFile:
 
     def __init__(self, url: str, options: StorageOptions | Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, cache_limit: int | None = None,
-                 source: Source | None = None, maps: dict[str, ChunkMap] | None = None):
+                 source: Source | None = None, maps: dict[str, ChunkMap] | None = None,
+                 meta_blocks: tuple[int, ...] = ()):
         self.url = url
         self.options = check_storage_options(options)
         self.name = parse_location(url).display
         self.cache_dir, self.cache_limit = cache_dir, cache_limit
         self._source = source
         self.maps: dict[str, ChunkMap] = dict(maps or {})  # by dataset name
+        # The blocks of the file that h5py read in the parent (HDF5's metadata), which a worker
+        # fetches at once (and through the cache) before h5py opens the file there.
+        self.meta_blocks = meta_blocks
         self._pid = 0  # of the process that made the per-process objects below
         self._blockfile: BlockFile | None = None
         self._fetcher: Any = None
@@ -91,8 +95,11 @@ class RemoteFile:
         return f"RemoteFile({self.name!r})"
 
     def __reduce__(self) -> tuple:
+        blocks = self.meta_blocks
+        if self._pid == os.getpid() and self._blockfile is not None:
+            blocks = tuple(sorted(self._blockfile.touched.union(blocks)))
         return (RemoteFile, (self.url, self.options, self.cache_dir, self.cache_limit,
-                             self._source, self.maps))
+                             self._source, self.maps, blocks))
 
     def keywords(self) -> dict[str, Any]:
         """The front door's keywords that made this file (for a copy made by pickling)."""
@@ -108,7 +115,11 @@ class RemoteFile:
         """This process's block-cached file object (kept: the metadata stays cached)."""
         self._mine()
         if self._blockfile is None:
-            self._blockfile = _NamedBlockFile(self.source)
+            if self.meta_blocks:
+                self._blockfile = _NamedBlockFile(self.source, first_read=0)
+                self._blockfile.prime(self.meta_blocks, self.fetcher())
+            else:
+                self._blockfile = _NamedBlockFile(self.source)
         return self._blockfile
 
     def open(self, file_kwargs: Mapping[str, Any]) -> h5py.File:
@@ -125,6 +136,20 @@ class RemoteFile:
                 cache = ByteCache(self.cache_dir, self.cache_limit or DEFAULT_CACHE_LIMIT)
             self._fetcher = self.source.fetcher(max_in_flight=WORKER_IN_FLIGHT, cache=cache)
         return self._fetcher
+
+    def close(self) -> None:
+        """Close this process's connections, fetch threads and block cache (idempotent); a
+        later read opens them again."""
+        if self._pid != os.getpid():
+            return  # the parent's, not ours to close
+        fetcher, blockfile, self._fetcher, self._blockfile = (self._fetcher, self._blockfile,
+                                                              None, None)
+        if fetcher is not None:
+            fetcher.close()
+        if blockfile is not None:
+            blockfile.close()
+        if self._source is not None:
+            self._source.close()
 
     # -- chunk maps ----------------------------------------------------------------------------
     def chunk_map(self, dataset: h5py.Dataset) -> ChunkMap:

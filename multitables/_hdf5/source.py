@@ -139,6 +139,8 @@ class OpenFile:
     def close(self) -> None:
         self._datasets.clear()
         self.file.close()
+        if self.remote is not None:
+            self.remote.close()  # a worker's connections and fetch threads end with its job
 
 
 def describe(filename: FileRef, path: str, file_kwargs: dict[str, Any]) -> DatasetInfo:

@@ -113,6 +113,11 @@ def _describe_column(filename: FileRef, path: str, kw: dict[str, Any]):
 
 
 def unfiltered(filename: FileRef, infos: Sequence[DatasetInfo], kw: dict[str, Any]) -> bool:
-    """Whether every dataset is stored without filters (its rows can be read from the file)."""
+    """Whether every dataset is stored without filters (its rows can be read from the file). A
+    virtual dataset is not, whatever its sources hold: its own pipeline is empty, but its rows
+    are read through HDF5, which maps them to the sources (by units, each source chunk read
+    once, rather than row by row)."""
+    if any(info.virtual is not None for info in infos):
+        return False
     with open_file(filename, kw) as file:
         return all(file[info.path].id.get_create_plist().get_nfilters() == 0 for info in infos)

@@ -30,6 +30,7 @@ from .._engine import timeouts
 from .._engine.ring import Ring, RingJob, RingLayout
 from .._engine.shm import SharedArena, round_up
 from .._hdf5 import rawread
+from .._hdf5.badchunk import bad_chunk
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob
 from .._hdf5.hyperslab import read_selection
@@ -50,7 +51,7 @@ def plan_units(infos: Sequence[DatasetInfo]) -> int:
     """Rows per unit: the least common multiple of the datasets' chunk rows (see module doc)."""
     n_rows = infos[0].shape[0]
     row_bytes = sum(max(info.row_bytes, 1) for info in infos)
-    chunk_rows = [info.chunks[0] for info in infos if info.chunks]
+    chunk_rows = [info.chunk_rows for info in infos if info.chunk_rows]
     if not chunk_rows:
         return max(1, min(n_rows, CONTIGUOUS_UNIT_BYTES // row_bytes))
     rows = math.lcm(*chunk_rows)
@@ -66,8 +67,8 @@ def plan_units(infos: Sequence[DatasetInfo]) -> int:
 def costliest_chunk_rows(infos: Sequence[DatasetInfo]) -> int | None:
     """Rows per chunk of the chunked dataset that costs most to read (compressed first, then
     the widest rows): the chunks that matter for reading once and for mixing well."""
-    chunked = [(info.compression is not None, info.row_bytes, info.chunks[0])
-               for info in infos if info.chunks]
+    chunked = [(info.compressed, info.row_bytes, info.chunk_rows)
+               for info in infos if info.chunk_rows]
     return max(chunked)[2] if chunked else None
 
 
@@ -181,7 +182,7 @@ class LoadJob(RingJob, FileJob):
     def file_kwargs(self) -> dict[str, Any]:
         # Units are whole chunks: an uncompressed one needs no cache, a compressed one is
         # decoded once, into the slot, when it fits the cache (fast decoders skip it anyway).
-        compressed = [info for info in self.plan.infos if info.compression is not None]
+        compressed = [info for info in self.plan.infos if info.compressed]
         unit_bytes = max((self.plan.slot_rows * i.row_bytes for i in compressed), default=0)
         return chunk_cache(self.plan.file_kwargs, "batches", unit_bytes if compressed else None)
 
@@ -205,17 +206,30 @@ class LoadJob(RingJob, FileJob):
         key = self.plan.key(ticket)
         at = slot * self.plan.slot_rows
         n = len(key) if isinstance(key, np.ndarray) else key.stop - key.start
-        for dataset, region, raw in zip(self.datasets, self.regions, self.raw, strict=True):
+        self.failed: int | None = None  # the dataset whose read failed, for describe
+        for d, (dataset, region, raw) in enumerate(
+                zip(self.datasets, self.regions, self.raw, strict=True)):
+            self.failed = d
             if raw is not None and isinstance(key, np.ndarray):
                 raw.take(key, region[at : at + n])
             else:
                 read_selection(dataset, translate((key,), dataset.shape), region[at : at + n])
+        self.failed = None
         self.ring.headers[slot] = (ticket, n)
         self.ring.full.push(slot)
 
     def describe(self, task: tuple[int, int]) -> str:
+        """What the failed ``task`` read: the dataset that failed (every one, if it failed
+        before any was read) and, for a unit, the chunk that cannot be read."""
         key = self.plan.key(task[1])
         rows = (f"rows {key.start}:{key.stop}" if isinstance(key, slice)
                 else f"{len(key)} rows of batch {task[1]}")
-        paths = ", ".join(info.path for info in self.plan.infos)
-        return f"reading {rows} of {paths} in {self.filename}"
+        failed = getattr(self, "failed", None)
+        if failed is None:
+            paths = ", ".join(info.path for info in self.plan.infos)
+            return f"reading {rows} of {paths} in {self.filename}"
+        where = f"reading {rows} of {self.plan.infos[failed].path} in {self.filename}"
+        # A batch's rows are unfiltered (nothing to decode): no chunk of theirs to look for.
+        chunk = (bad_chunk(self.datasets[failed], key.start, key.stop)
+                 if isinstance(key, slice) else None)
+        return where if chunk is None else f"{where}: {chunk} cannot be read"

@@ -26,7 +26,9 @@ class BlockFile(io.RawIOBase):
     contiguous dataset read through h5py, say).
 
     ``requests`` and ``bytes_fetched`` count this file's requests and bytes; ``bytes_read``
-    what its callers asked for. Closing it leaves the source open unless ``close_source``.
+    what its callers asked for; ``touched`` holds the blocks they read (HDF5's metadata, when
+    h5py opens a file and its datasets), which ``prime`` fetches at once in another process.
+    Closing it leaves the source open unless ``close_source``.
 
     >>> import tempfile, os
     >>> from multitables._sources import LocalSource
@@ -51,6 +53,7 @@ class BlockFile(io.RawIOBase):
         self.name = source.url
         self.size = source.size
         self.requests = self.bytes_fetched = self.bytes_read = 0
+        self.touched: set[int] = set()
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self._pos = 0
         self._primed = first_read == 0
@@ -110,6 +113,7 @@ class BlockFile(io.RawIOBase):
             return
         bs = self.block_size
         first, last = pos // bs, (pos + view.nbytes - 1) // bs
+        self.touched.update(range(first, last + 1))
         b = first
         while b <= last:  # fetch each run of missing blocks with one request
             if b in self._blocks:
@@ -130,6 +134,19 @@ class BlockFile(io.RawIOBase):
             done += n
         while len(self._blocks) > max(self.cache_blocks, last - first + 1):
             self._blocks.popitem(last=False)
+
+    def prime(self, blocks: Any, fetcher: Any) -> None:
+        """Fetch ``blocks`` (block numbers, e.g. another process's ``touched``) with
+        ``fetcher.fetch``, all at once, instead of the first read."""
+        with self._lock:
+            bs, wanted = self.block_size, []
+            for b in sorted(set(blocks)):
+                if b not in self._blocks and 0 <= b * bs < self.size:
+                    wanted.append((b, bytearray(min(bs, self.size - b * bs))))
+            fetcher.fetch([(b * bs, len(block), block) for b, block in wanted])
+            for b, block in wanted:
+                self._blocks[b] = block
+            self._primed = True
 
     def _fetch_blocks(self, first: int, last: int) -> None:
         bs = self.block_size

@@ -62,8 +62,9 @@ class ByteCache:
         if marker.exists():
             return
         with os.scandir(self.dir) as it:
-            empty = next(it, None) is None
-        if not empty:
+            # Another process's marker on its way in (its temporary name) is no stranger's.
+            empty = not any(not e.name.startswith(MARKER) for e in it)
+        if not empty and not marker.exists():
             raise FileExistsError(errno.EEXIST, "Not a multitables cache (no marker file, not "
                                   "empty): choose another cache_dir", str(self.dir))
         tmp = self.dir / f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}"

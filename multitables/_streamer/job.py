@@ -51,7 +51,8 @@ class StreamPlan:
         through a ring of ``n_slots`` slots: its block size and how many blocks a slot holds."""
         row_bytes = _row_bytes(info, field)  # an unknown field raises first
         if block_size is None:
-            block_size = default_block_size(info.shape, info.dtype, info.chunks)
+            rows = info.chunk_rows  # a virtual dataset's: its sources'
+            block_size = default_block_size(info.shape, info.dtype, (rows,) if rows else None)
         block_size = check_positive_int("block_size", block_size)
         n_rows = info.shape[0]
         n_blocks: int | None
@@ -148,7 +149,7 @@ class StreamJob(RingJob, FileJob):
 
 def _worker_file_kwargs(plan: StreamPlan) -> dict[str, Any]:
     """The user's h5py.File options, with a chunk cache sized for whole-block reads."""
-    compressed = plan.info.compression is not None
+    compressed = plan.info.compressed
     return chunk_cache(plan.file_kwargs, "stream",
                        plan.slot_rows * plan.info.row_bytes if compressed else None)
 

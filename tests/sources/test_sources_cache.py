@@ -74,6 +74,14 @@ def test_refuses_a_folder_that_is_not_a_cache(tmp_path):
         ByteCache(tmp_path, 1 << 20)
 
 
+def test_a_marker_on_its_way_in_is_not_a_stranger(tmp_path):
+    # Workers starting together: one finds the folder holding only another's temporary marker.
+    folder = tmp_path / f"multitables-{os.getuid()}"
+    folder.mkdir()
+    (folder / f"{MARKER}.123.abcd").write_text("")
+    ByteCache(tmp_path, 1 << 20).put(("u", 1, "e"), 0, b"abc")
+
+
 def test_cleans_its_stale_temporary_files(tmp_path):
     cache = ByteCache(tmp_path, 1 << 20)
     host = socket.gethostname().replace("-", "_").replace("/", "_")

@@ -1,0 +1,110 @@
+"""The workers' read paths on a remote file: the parent's chunk maps travel with the file, so a
+worker reads no chunk index; unfiltered rows and compressed chunks come by one fetch per read
+(several GETs in flight); a later epoch with ``cache_dir`` reads from the local disk; ``info``
+says what the open cost."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import multitables
+from multitables._hdf5 import remote as remote_module
+from multitables._hdf5.decode import ChunkDecoder
+from multitables._hdf5.hyperslab import read_selection
+from multitables._hdf5.rawread import RawRows
+from multitables._hdf5.remote import RemoteFile
+from multitables._hdf5.remoteread import RemoteDecoder, RemoteRows
+from multitables._hdf5.source import OpenFile, describe
+from multitables._keys._indexing import translate
+from multitables._tools import cli
+
+from .remote_files import H5_NAME
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _gets(srv) -> int:
+    return srv.counts["GET"]
+
+
+@pytest.fixture
+def worker_file(http, monkeypatch):
+    """A RemoteFile as a worker gets it: described in the parent, then pickled. Building a chunk
+    map from here on fails the test."""
+    parent = RemoteFile(http.url(H5_NAME))
+    for path in ("x", "gz", "wide", "label"):
+        describe(parent, path, {})
+    child = pickle.loads(pickle.dumps(parent))
+
+    def no_chunk_index(*args, **kwargs):
+        raise AssertionError("a worker read a chunk index over the network")
+
+    monkeypatch.setattr(remote_module, "chunk_map", no_chunk_index)
+    opened = OpenFile(child, {})
+    yield opened
+    opened.close()
+
+
+def _read(dataset, key) -> np.ndarray:
+    sel = translate(key if isinstance(key, tuple) else (key,), dataset.shape)
+    out = np.empty(sel.result_shape, dataset.dtype)
+    read_selection(dataset, sel, out)
+    return out
+
+
+def test_unfiltered_rows_one_fetch_per_read(worker_file, http, truth):
+    x = worker_file.dataset("x")
+    assert isinstance(RawRows.of(x), RemoteRows)
+    for key, most in ((np.s_[0:1000], 1), (np.s_[13:911], 1), (np.s_[[900, 5, 5, 3, 4]], 2)):
+        before = _gets(http)
+        np.testing.assert_array_equal(_read(x, key), truth["x"][key])
+        assert _gets(http) - before <= most, key
+    label = worker_file.dataset("label")  # contiguous
+    assert isinstance(RawRows.of(label), RemoteRows)
+    np.testing.assert_array_equal(_read(label, np.s_[::7]), truth["label"][::7])
+
+
+def test_compressed_chunks_fetched_then_decoded(worker_file, http, truth):
+    gz = worker_file.dataset("gz")
+    decoder = ChunkDecoder.of(gz)
+    assert isinstance(decoder, RemoteDecoder)
+    before = _gets(http)
+    np.testing.assert_array_equal(_read(gz, np.s_[20:980]), truth["gz"][20:980])
+    assert _gets(http) - before == 1  # the chunks lie end to end: one merged GET
+    np.testing.assert_array_equal(_read(gz, np.s_[[999, 0, 500]]), truth["gz"][[999, 0, 500]])
+
+
+def test_what_the_fast_paths_leave_goes_through_hdf5(worker_file, truth):
+    wide = worker_file.dataset("wide")  # chunked across rows
+    assert RawRows.of(wide) is None and ChunkDecoder.of(wide) is None
+    np.testing.assert_array_equal(_read(wide, np.s_[5:300, 3:17]), truth["wide"][5:300, 3:17])
+
+
+def test_second_epoch_with_cache_dir_makes_no_request(http, tmp_path, local):
+    url = http.url(H5_NAME)
+    kw = dict(batch_size=100, shuffle=True, n_procs=2, cache_dir=str(tmp_path / "cache"))
+    with multitables.Loader(url, {"x": "x", "gz": "gz"}, **kw) as loader, \
+            multitables.Loader(local, {"x": "x", "gz": "gz"}, batch_size=100, shuffle=True,
+                               n_procs=2) as here:
+        first = list(loader)
+        before = _gets(http)
+        second = list(loader)
+        assert _gets(http) == before  # every range and HDF5's metadata came from the cache
+        for got, want in zip(first + second, list(here) + list(here), strict=True):
+            np.testing.assert_array_equal(got["x"], want["x"])
+            np.testing.assert_array_equal(got["gz"], want["gz"])
+    assert any((tmp_path / "cache").rglob("*.mtb"))
+
+
+def test_open_costs_few_requests_and_info_says_so(http, capsys):
+    url = http.url(H5_NAME)
+    with multitables.Reader(url, n_procs=1) as reader:
+        for path in ("x", "gz", "label", "table", "wide"):
+            reader.get_dataset(path)
+    assert http.counts["requests"] <= 4
+    assert cli.main(["info", url]) == 0
+    out = capsys.readouterr().out
+    assert f"opened {url} with 2 request(s)" in out and "/gz" in out
