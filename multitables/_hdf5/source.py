@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from .remote import RemoteFile, register
+from .virtual import VirtualSources, sources
 
 # What the read paths open: a local path, or a file in an object store (``remote``).
 FileRef = str | RemoteFile
@@ -39,10 +40,27 @@ class DatasetInfo:
     compression: str | None
     vlen_base: np.dtype | None  # element dtype of a variable-length dataset, else None
     pseudo_atom: str | None = None  # PyTables' encoding of VLArray rows: vlstring, object...
+    # A virtual dataset's sources (its own filters and chunks are empty whatever they hold).
+    virtual: VirtualSources | None = None
 
     @property
     def row_bytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.shape[1:])
+
+    @property
+    def compressed(self) -> bool:
+        """Whether reading rows decodes them: the dataset's filters, or its sources'."""
+        if self.virtual is not None:
+            return self.virtual.compressed
+        return self.compression is not None
+
+    @property
+    def chunk_rows(self) -> int | None:
+        """Rows of a read that decodes each stored chunk once: the dataset's chunk rows, or its
+        virtual sources' (``VirtualSources.read_rows``); None for contiguous rows."""
+        if self.virtual is not None:
+            return self.virtual.read_rows
+        return self.chunks[0] if self.chunks else None
 
     def field_dtype(self, field: str | None) -> np.dtype:
         """The dtype of ``field`` (the whole row when None); ValueError for unknown names."""
@@ -167,7 +185,19 @@ def describe(filename: FileRef, path: str, file_kwargs: dict[str, Any]) -> Datas
             compression=ds.compression,
             vlen_base=vlen,
             pseudo_atom=pseudo_atom,
+            virtual=_virtual(filename, ds),
         )
+
+
+def _virtual(filename: FileRef, ds: h5py.Dataset) -> VirtualSources | None:
+    """A virtual dataset's sources; those of one in an object store are not opened (counted as
+    compressed, of unknown chunks)."""
+    if not ds.is_virtual:
+        return None
+    if isinstance(filename, RemoteFile):
+        n = ds.id.get_create_plist().get_virtual_count()
+        return VirtualSources(n, ("unknown",), True, None, False)
+    return sources(ds)
 
 
 def check_rows(path: str, filename: FileRef, shape: tuple[int, ...], vlen_base: Any = None, *,
