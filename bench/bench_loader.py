@@ -3,9 +3,11 @@
     python bench/bench_loader.py [--files f32 img_gzip table] [--rounds 3] [--size-mb 1024]
 
 Every reader delivers batches of 256 rows with 2 worker processes, round-robin over the rounds:
-  - ``mt Loader``: ``multitables.Loader(shuffle=True)`` with its default window, batches the
-    caller owns (``copy=True``); the same with ``copy=False`` (batches lent until the next one);
-    on the uncompressed file also a uniform shuffle (``window`` = every row). One Loader per
+  - ``mt Loader``: ``multitables.Loader(shuffle=True)`` with its default window (uniform on
+    unfiltered data, a window of chunks on compressed data), batches the caller owns
+    (``copy=True``); the same with ``copy=False`` (batches lent until the next one); a uniform
+    shuffle (``window`` = every row) where the default is not one; and where the default is
+    uniform, the window of chunks that was the default before (``old default``). One Loader per
     setting is kept for all rounds, as a training loop keeps one across epochs, and each round
     plays another epoch (``set_epoch``), timed from the start of the iteration to its last batch.
   - ``mt queue``: the Streamer's sequential queue over the same file (the baseline, the rate of
@@ -20,8 +22,9 @@ copy of the image dataset, its chunks copied as they are, beside int64 labels, m
 cache directory: the Loader reads the columns of one file), and ``table`` (the PyTables table,
 its three fields as the Loader's columns). Samples/s counts rows of every column; the queue
 streams the image dataset alone on ``img_gzip``. Shuffle quality, per batch: distinct chunks (of
-the largest column) and the fraction of consecutive rows that are neighbours in the file
-(``multitables._loader.order.shuffle_quality``). See bench/README.md.
+the largest column), the fraction of consecutive rows that are neighbours in the file
+(``multitables._loader.order.shuffle_quality``) and the fraction that lie in the same chunk
+(``same chunk``; a uniform shuffle gives about chunk rows / rows). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ TORCH = "torch DataLoader w=2"
 DEFAULT = "mt Loader window=default"
 UNIFORM = "mt Loader window=all (uniform)"
 NO_COPY = "mt Loader copy=False"
+OLD_DEFAULT = "mt Loader window=16 chunks (old default)"
 TARGETS = {  # (reader, over, at least): the bars of the Loader issue, per file, on samples/s
     "f32": [(DEFAULT, QUEUE, 0.7), (UNIFORM, QUEUE, 0.4), (DEFAULT, TORCH, 10)],
     "img_gzip": [(DEFAULT, QUEUE, 0.9), (DEFAULT, TORCH, 10)],
@@ -253,9 +257,35 @@ def check_first_batch(loader: multitables.Loader, s: Setup) -> None:
                 raise AssertionError(f"{s.filename}: Loader column {name!r} differs from h5py's")
 
 
-def loader_quality(loader: multitables.Loader, s: Setup) -> tuple[float, float]:
+def old_default_window(loader: multitables.Loader) -> int:
+    """The default window before unfiltered data got a uniform one: at least 16 chunks and
+    about 32 MiB of rows, in whole units."""
+    from multitables._loader.job import costliest_chunk_rows
+
+    infos = loader.epochs.columns.infos
+    row_bytes = sum(max(info.row_bytes, 1) for info in infos)
+    units = -(-loader.n_rows // loader.unit_rows)
+    by_bytes = -(-(32 << 20) // (loader.unit_rows * row_bytes))
+    chunk_rows = min(costliest_chunk_rows(infos) or loader.unit_rows, loader.unit_rows)
+    by_chunks = -(-16 * chunk_rows // loader.unit_rows)
+    return min(units, max(by_chunks, by_bytes)) * loader.unit_rows
+
+
+def same_chunk(batches: list[np.ndarray], chunk_rows: int) -> float:
+    """The fraction of consecutive rows of a batch that lie in the same chunk."""
+    pairs = sum(max(len(b) - 1, 0) for b in batches)
+    same = sum(int(np.count_nonzero(np.diff(b // chunk_rows) == 0)) for b in batches)
+    return same / pairs if pairs else 0.0
+
+
+def quality_of(batches: list[np.ndarray], chunk_rows: int) -> tuple[float, float, float]:
+    """(distinct chunks per batch, file-neighbour pairs, same-chunk pairs)."""
+    return (*shuffle_quality(batches, chunk_rows), same_chunk(batches, chunk_rows))
+
+
+def loader_quality(loader: multitables.Loader, s: Setup) -> tuple[float, float, float]:
     rows = loader.order(0).rows(0, s.n_rows)
-    return shuffle_quality([rows[i:i + BATCH] for i in range(0, len(rows), BATCH)], s.chunk_rows)
+    return quality_of([rows[i:i + BATCH] for i in range(0, len(rows), BATCH)], s.chunk_rows)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -266,9 +296,12 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
     with h5py.File(s.filename, "r") as f:
         ds = f[s.queue_path]
         block = m.default_block_size(ds.shape, ds.dtype, ds.chunks)
-    settings = {DEFAULT: {}, NO_COPY: {"copy": False}}
-    if name == "f32":
-        settings[UNIFORM] = {"window": s.n_rows}
+    settings: dict[str, dict] = {DEFAULT: {}, NO_COPY: {"copy": False}}
+    with multitables.Loader(s.filename, s.columns, BATCH, shuffle=True, n_procs=1) as probe:
+        if probe.window < s.n_rows:
+            settings[UNIFORM] = {"window": s.n_rows}
+        else:
+            settings[OLD_DEFAULT] = {"window": old_default_window(probe)}
     loaders = {label: multitables.Loader(s.filename, s.columns, BATCH, shuffle=True, seed=1,
                                          n_procs=N_PROCS, **kw)
                for label, kw in settings.items()}
@@ -280,10 +313,10 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
         if torch is not None:
             readers[TORCH] = torch_batches(s, args.torch_batches)
         quality = {label: loader_quality(loader, s) for label, loader in loaders.items()}
-        quality[QUEUE] = shuffle_quality([np.arange(i, min(i + block, s.n_rows))
+        quality[QUEUE] = quality_of([np.arange(i, min(i + block, s.n_rows))
                                      for i in range(0, s.n_rows, block)], s.chunk_rows)
         drawn = np.random.default_rng(0).permutation(s.n_rows)[:args.torch_batches * BATCH]
-        quality[TORCH] = shuffle_quality([np.sort(drawn[i:i + BATCH])  # rows come back sorted
+        quality[TORCH] = quality_of([np.sort(drawn[i:i + BATCH])  # rows come back sorted
                                      for i in range(0, len(drawn), BATCH)], s.chunk_rows)
         for loader in loaders.values():  # workers up, answers right
             check_first_batch(loader, s)
@@ -329,22 +362,22 @@ def decode_bound(queue_bytes_per_s: float, gather_bytes_per_s: float) -> float:
 
 
 def report(name: str, s: Setup, block: int, results: Results,
-           quality: dict[str, tuple[float, float]], new_first: list[float],
+           quality: dict[str, tuple[float, float, float]], new_first: list[float],
            args: argparse.Namespace) -> dict:
     has_torch = TORCH in results.passes
     head = ["reader", "samples/s", "MB/s", "x queue"] + (["x torch"] if has_torch else []) + [
-        "first batch ms", "chunks/batch", "neighbours", "per round x queue"]
+        "first batch ms", "chunks/batch", "neighbours", "same chunk", "per round x queue"]
     rows, out = [head], {}
     for reader in results.passes:
         row_bytes = s.queue_row_bytes if reader == QUEUE else s.row_bytes
         rate = results.median_rate(reader)
         first = statistics.median(p.first_batch_s for p in results.passes[reader])
-        chunks, neighbours = quality[reader]
+        chunks, neighbours, same = quality[reader]
         row = [reader, f"{rate:,.0f}", f"{rate * row_bytes / 1e6:,.0f}",
                f"{results.median_ratio(reader, QUEUE):.2f}"]
         if has_torch:
             row.append(f"{results.median_ratio(reader, TORCH):.1f}")
-        row += [f"{first * 1e3:.1f}", f"{chunks:.1f}", f"{neighbours:.1%}",
+        row += [f"{first * 1e3:.1f}", f"{chunks:.1f}", f"{neighbours:.1%}", f"{same:.1%}",
                 " ".join(f"{x:.2f}" for x in results.ratios(reader, QUEUE))]
         rows.append(row)
         out[reader] = {
@@ -356,7 +389,8 @@ def report(name: str, s: Setup, block: int, results: Results,
             "first_batch_s": [p.first_batch_s for p in results.passes[reader]],
             "ratios_over_queue": results.ratios(reader, QUEUE),
             "median_ratio_over_queue": results.median_ratio(reader, QUEUE),
-            "chunks_per_batch": chunks, "neighbour_fraction": neighbours}
+            "chunks_per_batch": chunks, "neighbour_fraction": neighbours,
+            "same_chunk_fraction": same}
         if has_torch:
             out[reader]["ratios_over_torch"] = results.ratios(reader, TORCH)
             out[reader]["median_ratio_over_torch"] = results.median_ratio(reader, TORCH)

@@ -67,6 +67,17 @@ def layout_warnings(filename: str, entry: dict[str, Any]) -> list[str]:
     return found
 
 
+def shuffle_note(entry: dict[str, Any]) -> str | None:
+    """For a compressed (or virtual) dataset, ``entry`` of ``cli.describe``: why the Loader's
+    default shuffle of it is not uniform, and what a uniform one costs; None where it is."""
+    shape = entry["shape"]
+    if entry["filters"] == "none" or not shape or not shape[0]:
+        return None
+    return (f"{entry['path']}: the Loader's default shuffle here mixes windows of chunks (each "
+            f"decoded once), not uniformly as on unfiltered data; window={shape[0]} shuffles "
+            f"uniformly, holding {entry['nbytes'] / 1e6:,.1f} MB of decoded rows in memory")
+
+
 def break_even_bytes(startup_s: float, h5py_mb_s: float, steady_mb_s: float) -> float | None:
     """Bytes per pass above which multitables (``startup_s`` to start, then ``steady_mb_s``)
     finishes before plain h5py (``h5py_mb_s`` from the start); None if it never does."""
@@ -101,8 +112,10 @@ def verdict(nbytes: int, h5py_mb_s: float, best_mb_s: float, startup_s: float,
     return lines
 
 
-def calls(filename: str, path: str, n_procs: int, block_size: int) -> list[str]:
-    """The calls to make with the chosen ``n_procs`` and ``block_size``."""
+def calls(filename: str, path: str, n_procs: int, block_size: int,
+          uniform_shuffle: bool = True) -> list[str]:
+    """The calls to make with the chosen ``n_procs`` and ``block_size``; ``uniform_shuffle``:
+    whether the Loader's default shuffle of the dataset is uniform (unfiltered data)."""
     read_ahead = 2 * n_procs + 1
     return [
         "streaming:",
@@ -116,4 +129,6 @@ def calls(filename: str, path: str, n_procs: int, block_size: int) -> list[str]:
         "training:",
         f"    loader = multitables.Loader({filename!r}, [{path!r}], batch_size=BATCH, "
         f"shuffle=True, n_procs={n_procs})",
-    ]
+    ] + ([] if uniform_shuffle else [
+        "    # compressed: the default shuffle mixes windows of chunks, each decoded once (not "
+        "uniform); window=N_ROWS is uniform, with every row decoded in memory"])

@@ -207,6 +207,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("\nwarnings:")
         for line in warnings:
             print(f"  {line}")
+    notes = [note for d in found if (note := _advice.shuffle_note(d)) is not None]
+    if notes:
+        print("\ntraining (the Loader's default shuffle is uniform on unfiltered data):")
+        for line in notes:
+            print(f"  {line}")
     return 0
 
 
@@ -395,7 +400,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                 pass_s):
         print(line)
     print()
-    for line in _advice.calls(args.file, args.path, best_p, best_b):
+    for line in _advice.calls(args.file, args.path, best_p, best_b,
+                              uniform_shuffle=_uniform_shuffle(file, args.path)):
         print(line)
     if args.json:
         m.dump_json(args.json, {"command": "tune", "file": args.file, "path": args.path,
@@ -405,6 +411,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         _plot(args.plot, report, blocks, procs, row_bytes, (best_b, best_p),
               f"{os.path.basename(args.file)} {args.path}")
     return 0
+
+
+def _uniform_shuffle(filename: FileRef, path: str) -> bool:
+    """Whether the Loader's default shuffle of ``path`` is uniform: its rows are read from the
+    file (unfiltered, not virtual), so a window of every row costs no memory."""
+    from multitables._hdf5.source import describe as describe_dataset
+    from multitables._loader.columns import unfiltered
+
+    return unfiltered(filename, [describe_dataset(filename, path, {})], {})
 
 
 def _warm(filename: FileRef) -> None:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from multitables._tools.advice import break_even_bytes, calls, layout_warnings, verdict
+from multitables._tools.advice import (
+    break_even_bytes,
+    calls,
+    layout_warnings,
+    shuffle_note,
+    verdict,
+)
 
 
 def entry(shape, chunks, filters="gzip(4)", dtype="f4", block_size=None, remainder=0):
@@ -92,3 +98,19 @@ def test_random_access_advice_says_training_needs_no_rechunking():
     warnings = layout_warnings("f.h5", entry((100_000, 64), (4096, 64)))
     random = next(w for w in warnings if "random access" in w)
     assert "the Loader's chunk-aware shuffle reads whole chunks" in random
+
+
+def test_info_says_when_the_loaders_default_shuffle_is_not_uniform():
+    """Unfiltered data gets a uniform shuffle by default; compressed data keeps a window of
+    chunks, and info said nothing of it."""
+    note = shuffle_note(entry((100_000, 64), (64, 64)))
+    assert note is not None
+    assert "mixes windows of chunks (each decoded once), not uniformly" in note
+    assert "window=100000 shuffles uniformly, holding 25.6 MB of decoded rows" in note
+    assert shuffle_note(entry((100_000, 64), (64, 64), filters="none")) is None
+
+
+def test_tune_says_when_the_training_call_does_not_shuffle_uniformly():
+    assert not any("not uniform" in line for line in calls("f.h5", "/x", 2, 512))
+    lines = calls("f.h5", "/x", 2, 512, uniform_shuffle=False)
+    assert "window=N_ROWS is uniform" in lines[-1]

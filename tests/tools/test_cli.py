@@ -172,3 +172,16 @@ def test_info_names_a_virtual_dataset_and_its_sources_filters(tmp_path):
     line = next(line for line in out.stdout.splitlines() if line.startswith("/v"))
     assert "virtual, 2 sources: gzip(4)" in line
     assert f"{stored / 1e6:,.1f} MB" in line
+
+
+def test_info_says_where_the_loaders_default_shuffle_is_not_uniform(tmp_path):
+    path = str(tmp_path / "mixed.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("raw", data=np.zeros((1000, 4), "f4"), chunks=(100, 4))
+        f.create_dataset("gz", data=np.zeros((1000, 4), "f4"), chunks=(100, 4),
+                         compression="gzip")
+    out = run_cli("info", path, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    training = out.stdout.split("default shuffle is uniform on unfiltered data):")[1]
+    assert "/gz: the Loader's default shuffle here mixes windows of chunks" in training
+    assert "/raw" not in training
