@@ -11,6 +11,7 @@ memory that every copy reads (``_Epochs``).
 from __future__ import annotations
 
 import multiprocessing.context
+import sys
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,10 @@ class Loader(IterableDataset):
     Columns must have dtypes torch has: name fields of a table as columns (``"/table/field"``)
     rather than the table itself. In DataLoader worker processes batches are always copies
     (``copy=False`` would lend them only until the next, and the DataLoader sends them later),
-    and ``state_dict`` cannot see how far they got: resume mid-epoch with ``num_workers=0``.
+    and ``state_dict`` cannot see how far they got mid-epoch: it returns the next epoch's start
+    once they have made every batch of the epoch (after the DataLoader's loop over it), and
+    refuses before; resume mid-epoch with ``num_workers=0``. The DataLoader must not batch
+    again: ``DataLoader(dataset, batch_size=None)``; one that does raises ``ValueError``.
 
     Examples
     --------
@@ -86,8 +90,14 @@ class Loader(IterableDataset):
             if epoch != epochs.next:
                 self.loader.set_epoch(epoch)
             batches = epochs.batches(worker.id, worker.num_workers)
+        checked = False
         for batch in batches:
+            if not checked:  # the DataLoader asks for the first batch now: see who asks
+                _refuse_automatic_batching(self, sys._getframe(1))
+                checked = True
             yield _tensors(batch)
+        if worker is not None:
+            self._epochs.finished()  # this worker's share of the epoch is all made
 
     def __len__(self) -> int:
         """Batches this rank yields in an epoch (the same on every rank)."""
@@ -108,12 +118,19 @@ class Loader(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """Where a Loader given this state resumes (see :meth:`multitables.Loader.state_dict`).
-        Raises once DataLoader workers have played: it cannot see how far they got."""
+        Once DataLoader workers have played, the start of the next epoch when they have made
+        every batch of theirs (take it after the DataLoader's loop over an epoch: inside it, the
+        last batches made may still wait in the DataLoader's queue); mid-epoch it raises, as
+        it cannot see how far they got."""
         if self._epochs.played_in_workers():
-            raise RuntimeError(
-                "state_dict() cannot see the batches DataLoader workers played: resume "
-                "mid-epoch with num_workers=0 (the Loader's own processes read in parallel), "
-                "or call set_epoch() at epoch boundaries")
+            next_epoch = self._epochs.boundary()
+            if next_epoch is None:
+                raise RuntimeError(
+                    "state_dict() cannot see how far DataLoader workers got in the epoch they "
+                    "are playing: take it at an epoch boundary (after the DataLoader's loop "
+                    "over the epoch), or resume mid-epoch with num_workers=0 (the Loader's own "
+                    "processes read in parallel)")
+            return {**self.loader.state_dict(), "epoch": next_epoch, "history": []}
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -142,7 +159,7 @@ class _Epochs:
     """
 
     def __init__(self, base: int):
-        self._arena = SharedArena(128, name="multitables-epochs")
+        self._arena = SharedArena(256, name="multitables-epochs")
         self._map()
         self.set(base)
 
@@ -150,9 +167,11 @@ class _Epochs:
         # Each word on a cache line of its own, as the ring's counters.
         self._base = self._arena.ndarray((1,), np.int64, 0)
         self._tickets = self._arena.ndarray((1,), np.int64, 64)
+        self._done = self._arena.ndarray((1,), np.int64, 128)  # worker shares played to the end
+        self._workers = self._arena.ndarray((1,), np.int64, 192)  # num_workers of the tickets
 
     def set(self, base: int) -> None:
-        self._base[0], self._tickets[0] = base, 0
+        self._base[0], self._tickets[0], self._done[0] = base, 0, 0
 
     def played_here(self, epoch: int) -> None:
         self.set(epoch + 1)
@@ -161,8 +180,21 @@ class _Epochs:
         return bool(self._tickets[0])
 
     def for_worker(self, num_workers: int) -> int:
+        self._workers[0] = num_workers
         ticket = Counter(self._arena.buffer, 64).fetch_add(1)
         return int(self._base[0]) + ticket // num_workers
+
+    def finished(self) -> None:
+        """A worker has played its share of its epoch to the end."""
+        Counter(self._arena.buffer, 128).fetch_add(1)
+
+    def boundary(self) -> int | None:
+        """The epoch after the last one workers played, if every share of every epoch they
+        started has been played to the end (no epoch under way); else None."""
+        tickets, done, workers = int(self._tickets[0]), int(self._done[0]), int(self._workers[0])
+        if not workers or tickets % workers or done != tickets:
+            return None
+        return int(self._base[0]) + tickets // workers
 
     def __getstate__(self):
         # The arena travels to a process being started (a spawned DataLoader worker); a plain
@@ -176,6 +208,19 @@ class _Epochs:
         else:
             self._arena = state["arena"]
             self._map()
+
+
+def _refuse_automatic_batching(dataset: Loader, caller: Any) -> None:
+    """Raise if the DataLoader batches our batches again (its ``batch_size`` is not None): its
+    fetcher, which asks our iterator for the batch, says so. ``batch_size=1`` (the default)
+    would add a dimension of 1 without a word; larger ones stack batches, and fail with a stack
+    error at an epoch's short last batch."""
+    fetcher = caller.f_locals.get("self") if caller is not None else None
+    if getattr(fetcher, "dataset", None) is dataset and getattr(fetcher, "auto_collation", False):
+        raise ValueError(
+            "multitables.torch.Loader yields whole batches (its batch_size); the DataLoader "
+            "would batch them again, stacking several into one: make it with "
+            "DataLoader(dataset, batch_size=None)")
 
 
 def _tensors(batch: Any) -> Any:
