@@ -16,6 +16,7 @@ import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 # Bounds, so that a client gone wrong cannot keep the server (or a test) busy for long.
 MAX_REQUESTS = 100_000
@@ -135,6 +136,16 @@ class RangeServer:
                 self.counts[k] += 1
 
 
+class _Zeros:
+    """A HEAD's body: only its length is used."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -217,27 +228,20 @@ class _Handler(BaseHTTPRequestHandler):
         if not head and srv.draw(knobs.p503):
             srv.count("fault 503")
             return self.plain(503, b"<Error><Code>SlowDown</Code></Error>", {"Retry-After": "0"})
-        data = path.read_bytes()
-        etag = f'"{len(data):x}-{path.stat().st_mtime_ns:x}"'
+        with open(path, "rb") as f:  # one open: a replacement between stat and read is moot
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            etag = f'"{size:x}-{st.st_mtime_ns:x}"'
+            status, start, body = self.body(f, size, rng, head)
+        if status == 416:
+            return self.plain(416, b"", {"Content-Range": f"bytes */{size}"})
         if_match = self.headers.get("If-Match")
         if if_match is not None and if_match != "*" and etag not in [
                 t.strip() for t in if_match.split(",")]:
             return self.plain(412, b"precondition failed")
         headers = {"ETag": etag, "Accept-Ranges": "bytes"}
-        status, body = 200, data
-        m = _RANGE.fullmatch(rng.strip())
-        if m and not (not head and srv.draw(knobs.pignore_range)):
-            first, last = m[1], m[2]
-            if first == "":
-                start, stop = max(len(data) - int(last or 0), 0), len(data)
-            else:
-                start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
-            if start >= len(data) or start >= stop:
-                return self.plain(416, b"", {"Content-Range": f"bytes */{len(data)}"})
-            status, body = 206, data[start:stop]
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
-        elif m:
-            srv.count("fault ignore range")
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{size}"
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -258,6 +262,26 @@ class _Handler(BaseHTTPRequestHandler):
             return status
         self.send_body(body)
         return status
+
+    def body(self, f: Any, size: int, rng: str, head: bool) -> tuple[int, int, Any]:
+        """(status, first byte, body) for the Range asked (206), or the whole object (200)
+        when none is asked or the fault knob ignores it; 416 for a range past the end. Reads
+        only the bytes it sends (a HEAD's body is a view of zeros of the right length)."""
+        srv, knobs = self.owner, self.owner.knobs
+        m = _RANGE.fullmatch(rng.strip())
+        if m and not (not head and srv.draw(knobs.pignore_range)):
+            first, last = m[1], m[2]
+            if first == "":
+                start, stop = max(size - int(last or 0), 0), size
+            else:
+                start, stop = int(first), min(int(last) + 1 if last else size, size)
+            if start >= size or start >= stop:
+                return 416, b""
+            n = stop - start
+            return 206, start, os.pread(f.fileno(), n, start) if not head else _Zeros(n)
+        if m:
+            srv.count("fault ignore range")
+        return 200, 0, f.read() if not head else _Zeros(size)
 
     def plain(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> int:
         self.send_response(status)
