@@ -80,6 +80,9 @@ class Loader(IterableDataset):
     def __iter__(self):
         worker, epochs = get_worker_info(), self.loader.epochs
         if worker is None:
+            after_workers = self._epochs.after_workers()
+            if after_workers is not None and after_workers != epochs.next:
+                self.loader.set_epoch(after_workers)  # they played copies of this Loader
             self._epochs.played_here(epochs.next)
             batches = epochs.batches(0, 1)
         else:
@@ -178,6 +181,14 @@ class _Epochs:
 
     def played_in_workers(self) -> bool:
         return bool(self._tickets[0])
+
+    def after_workers(self) -> int | None:
+        """The epoch after the last one DataLoader workers started, if they played since the
+        last ``set``; an epoch they left unfinished counts as played."""
+        tickets, workers = int(self._tickets[0]), int(self._workers[0])
+        if not tickets or not workers:
+            return None
+        return int(self._base[0]) - (-tickets // workers)
 
     def for_worker(self, num_workers: int) -> int:
         self._workers[0] = num_workers

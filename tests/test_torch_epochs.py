@@ -72,3 +72,16 @@ def test_workers_resume_the_epoch_of_a_loaded_state(path):
         workers = DataLoader(resumed, batch_size=None, num_workers=2)
         assert played_epoch(resumed, workers) == 2, "the workers did not resume epoch 2"
         assert played_epoch(resumed, workers) == 3
+
+
+@pytest.mark.timeout(60)
+def test_the_main_process_plays_the_epoch_after_the_workers_last_one(path):
+    """Bug guarded: after an epoch played in DataLoader workers, a ``num_workers=0`` pass on the
+    same dataset replayed it (the workers played copies: the main process's own count of the
+    next epoch never moved), so epochs went 0, 0, 1 instead of 0, 1, 2."""
+    with make(path) as dataset:
+        workers = DataLoader(dataset, batch_size=None, num_workers=2)
+        assert played_epoch(dataset, workers) == 0
+        assert played_epoch(dataset, DataLoader(dataset, batch_size=None)) == 1
+        assert played_epoch(dataset, workers) == 2
+        assert played_epoch(dataset, DataLoader(dataset, batch_size=None)) == 3
