@@ -131,6 +131,11 @@ class Reader:
         self._memory.adopt(stage.memory)
         return stage
 
+    def waited(self, seconds: float) -> None:
+        """A request's ``get()`` waited ``seconds`` for its result (see ``Dispatcher.pick_worker``:
+        a second worker is woken only where a request costs a worker more than the caller)."""
+        self._dispatcher.waited += seconds
+
     def hand_over(self, stage: Stage, view: np.ndarray) -> np.ndarray:
         """``view``, the result in ``stage``, as an array of its own: the stage's memory goes
         with it, and the stage takes spare memory (or new) for its next request."""

@@ -10,16 +10,18 @@ results are identical either way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
+import threading
 import weakref
 
 import h5py
 import numpy as np
 
 from .._keys._indexing import Selection
-from ._rows import gather_rows
+from ._rows import gather_rows, populate
 from .source import per_dataset
 
 
@@ -97,6 +99,9 @@ class RawRows:
 # Elsewhere (the caller's own process) a map lives as long as its dataset's layout.
 _MAPS: dict[tuple[int, ...], np.ndarray] | None = None
 _MAX_MAPS = 8
+# A worker's new map of a file up to this size is populated (``_rows.populate``): an eighth of
+# the machine's memory, so that a file that is not in the page cache is not read whole.
+_POPULATE_MAX = os.sysconf("SC_PHYS_PAGES") * mmap.PAGESIZE // 8
 
 
 def keep_maps() -> None:
@@ -120,10 +125,23 @@ def _file_map(fd: int, end: int, mine: list) -> np.ndarray:
     found = _MAPS.pop(key, None)
     if found is None:
         found = np.frombuffer(mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ), np.uint8)
+        if st.st_size <= _POPULATE_MAX:
+            # First touches would fault the pages in one at a time (bench/README.md, "Costs the
+            # read paths are built around"); a thread maps them in large steps meanwhile.
+            threading.Thread(target=_populate, args=(found,), daemon=True,
+                             name="multitables-populate").start()
         while len(_MAPS) >= _MAX_MAPS:
             del _MAPS[next(iter(_MAPS))]  # the least recently used
     _MAPS[key] = found  # now the most recently used
     return found
+
+
+def _populate(image: np.ndarray) -> None:
+    """``populate`` at the lowest priority: with the CPU that reads leave idle (on a machine
+    whose cores the caller and the workers keep busy, reads fault their pages in as before)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    populate(image)
 
 
 def _truncated(needed: int, size: int) -> OSError:

@@ -16,7 +16,7 @@ from .stages import MAX_PARTS
 ERROR_BYTES = 1 << 16
 SPINNER = 0  # the word naming the watching worker (its index + 1; 0: none)
 WORKERS = 64  # where the first worker's area starts
-DONE_BYTES = 64  # a worker's count of finished requests, then its queue
+DONE_BYTES = 128  # a worker's count of finished requests, its busy time, then its queue
 QUEUE_ITEMS = 1024  # a caller with more requests pending on one worker waits for room
 PER_WORKER = DONE_BYTES + SlotQueue.nbytes(QUEUE_ITEMS)
 
@@ -46,6 +46,12 @@ def spinner(buffer) -> Word:
 def done_counter(buffer, worker: int) -> Counter:
     """The count of requests ``worker`` finished (the caller prefers awake workers)."""
     return Counter(buffer, WORKERS + PER_WORKER * worker)
+
+
+def busy_counter(buffer, worker: int) -> Counter:
+    """The CPU nanoseconds ``worker`` spent serving requests (the caller wakes a second worker only
+    where a request costs a worker more than it costs the caller, ``Dispatcher.pick_worker``)."""
+    return Counter(buffer, WORKERS + PER_WORKER * worker + 64)
 
 
 def work_queue(buffer, worker: int, create: bool = False) -> SlotQueue:

@@ -25,8 +25,16 @@ from .readspec import ReadSpec, to_wire
 from .stages import IDLE, PENDING, Stage
 
 # A sleeping worker is woken for a request once the awake ones have each had a request pending
-# this long.
+# this long, and only where a request costs a worker more than WAKE_RATIO times what it costs
+# the caller: else the caller is what limits the pace, and on a machine whose cores the caller
+# and one worker keep busy, a second worker only takes CPU from them (bench/README.md, "The
+# Reader's waits").
 WAKE_AFTER = 1e-3
+WAKE_RATIO = 1.5
+# The costs are running means over about this many requests (an exponential average) ...
+PACE_WEIGHT = 1 / 16
+# ... of gaps between requests of at most this long (a pause between epochs is no one's cost).
+PACE_GAP = 10e-3
 QUEUE_FULL_WAIT = 1e-4
 
 
@@ -57,6 +65,14 @@ class Dispatcher:
         self.sent_at: list[collections.deque[float]] = []  # of each request pending
         self.finished: list[int] = []  # each worker's count of finished requests, last seen
         self.next_check = 0.0
+        # What a request costs the caller (the time between its requests, less the time it
+        # waited for results: ``waited``) and a worker (their busy counters), running means.
+        self.busy: list[Counter] = []
+        self.caller_cost = 0.0
+        self.worker_cost: float | None = None
+        self.last_sent = 0.0
+        self.waited = 0.0  # seconds the caller waited for results since its last request
+        self.seen = (0, 0)  # finished requests, their busy nanoseconds: at the last update
 
     def dispatch(self, stage: Stage, specs: Sequence[ReadSpec]) -> None:
         """Hand the read (or its parts, one per worker) to workers: written into the stage's
@@ -71,6 +87,8 @@ class Dispatcher:
         several = self.n_procs > 1  # else there is no choice to make, nor to keep track of
         if parts == 1:
             workers = [self.pick_worker(self.pending())] if several else [0]
+            if several:
+                self._pace()
         else:
             busy = self.pending()
             workers = sorted(range(self.n_procs), key=busy.__getitem__)[:parts]
@@ -125,6 +143,31 @@ class Dispatcher:
             busy.append(len(sent_at))
         return busy
 
+    def _pace(self) -> None:
+        """Update the running means of what a request costs the caller and a worker."""
+        now = time.monotonic()
+        gap = max(min(now - self.last_sent, PACE_GAP) - self.waited, 0.0)
+        if not self.last_sent:
+            pass  # the first request: no gap yet
+        elif not self.caller_cost:
+            self.caller_cost = gap
+        else:
+            self.caller_cost += (gap - self.caller_cost) * PACE_WEIGHT
+        self.last_sent, self.waited = now, 0.0
+        finished = sum(self.finished)
+        if finished - self.seen[0] >= 8:  # a few at a time: a read of the counters costs too
+            busy_ns = sum(counter.load() for counter in self.busy)
+            cost = (busy_ns - self.seen[1]) * 1e-9 / (finished - self.seen[0])
+            self.seen = (finished, busy_ns)
+            self.worker_cost = cost if self.worker_cost is None else (
+                self.worker_cost + (cost - self.worker_cost) * 8 * PACE_WEIGHT)
+
+    def worth_waking(self) -> bool:
+        """Whether a second worker can raise the pace: a request costs a worker more than it
+        costs the caller, by WAKE_RATIO (not known before the first few requests are done: a
+        second worker woken needlessly at a cold start maps the file too, at a cost)."""
+        return self.worker_cost is not None and self.worker_cost > WAKE_RATIO * self.caller_cost
+
     def pick_worker(self, busy: list[int]) -> int:
         """The worker for the next request: an awake one (it has requests pending, or it is
         watching its queue), unless the oldest it has pending was sent WAKE_AFTER ago (a slow
@@ -137,7 +180,8 @@ class Dispatcher:
         awake = [w for w, pending in enumerate(busy) if pending or w == watching]
         if awake:
             worker = min(awake, key=busy.__getitem__)
-            if not busy[worker] or time.monotonic() - self.sent_at[worker][0] < WAKE_AFTER:
+            if (not busy[worker] or time.monotonic() - self.sent_at[worker][0] < WAKE_AFTER
+                    or not self.worth_waking()):
                 return worker
         return busy.index(min(busy))
 
@@ -170,6 +214,7 @@ class Dispatcher:
         buffer = self.arena.buffer
         self.spinner = control.spinner(buffer)
         self.done = [control.done_counter(buffer, w) for w in range(n)]
+        self.busy = [control.busy_counter(buffer, w) for w in range(n)]
         self.queues = [control.work_queue(buffer, w, True) for w in range(n)]
         self.errors = control.error_box(buffer, n)
         self.sent_at = [collections.deque() for _ in range(n)]
@@ -202,6 +247,6 @@ class Dispatcher:
             self.workers = None
         if self.arena is not None:
             # Drop the views first: a mapping with views left lives as long as this object.
-            self.done, self.queues, self.errors = [], [], None
+            self.done, self.busy, self.queues, self.errors = [], [], [], None
             self.spinner = None
             self.arena.close()

@@ -82,8 +82,11 @@ class Request:
         memory = self.stage.memory
         # See NOTE [ Worker shutdown logic ], step (3): wait in slices, check the workers between.
         state = memory.state  # held here: a stage closed meanwhile stays mapped for this wait
-        while not state.wait_while(PENDING, timeouts.WAIT_SLICE, REQUEST_SPIN):
-            self._reader.check_serving()
+        if state.load() == PENDING:
+            start = time.monotonic()
+            while not state.wait_while(PENDING, timeouts.WAIT_SLICE, REQUEST_SPIN):
+                self._reader.check_serving()
+            self._reader.waited(time.monotonic() - start)
         if memory.state.load() == FAILED:
             exc = memory.errors.exception()
             memory.errors.clear()

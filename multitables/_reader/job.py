@@ -5,6 +5,7 @@ See ``control`` for the memory it shares with the Reader and ``dispatch`` for th
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import h5py
@@ -59,6 +60,7 @@ class RequestJob(FileJob):
         self.channel = parent_channel()
         buffer = self.control.buffer
         self.done = control.done_counter(buffer, worker)
+        self.busy = control.busy_counter(buffer, worker)
         self.queue = control.work_queue(buffer, worker)
         self.spinner = control.spinner(buffer)
         self.me = worker + 1  # as the spinner word names it
@@ -114,14 +116,19 @@ class RequestJob(FileJob):
         return None
 
     def run(self, task: Task) -> None:
+        start = time.thread_time_ns()
         memory_id, part, parts, spec = task
         memory = self.memories[memory_id]
         if parts > 1:
-            self._run_part(task, memory)
+            try:
+                self._run_part(task, memory)
+            finally:
+                self.busy.fetch_add(time.thread_time_ns() - start)
             return
         if spec is None:
             spec = from_wire(memory.request())
         execute(spec, self._dataset(spec), memory)
+        self.busy.fetch_add(time.thread_time_ns() - start)  # before the caller can see it done
         memory.state.store(DONE)
         self.done.fetch_add(1)
 

@@ -31,6 +31,10 @@ class Owner(Protocol):
     def register(self, stage: Stage) -> Stage:
         """Make ``stage`` the Reader's: its workers may read into it, it closes with the Reader."""
 
+    def waited(self, seconds: float) -> None:
+        """A request's ``get()`` waited ``seconds`` for its result (time that costs the caller
+        nothing: the Reader weighs what requests cost the caller and its workers)."""
+
     def hand_over(self, stage: Stage, view: np.ndarray) -> np.ndarray:
         """``view``, a result in ``stage``, as an array of its own that takes the stage's memory
         with it (see ``lending``); the stage takes other memory."""

@@ -147,3 +147,58 @@ def test_an_empty_dataset_has_no_raw_layout(tmp_path, kwargs):
     with h5py.File(tmp_path / "e.h5", "w") as f:
         f.create_dataset("x", shape=(0, 3), dtype="<f4", maxshape=(None, 3), **kwargs)
         assert RawRows.of(f["x"]) is None
+
+
+def test_populate_maps_every_page_of_a_file_map_and_keeps_its_bytes(tmp_path):
+    """``populate`` maps a file map's pages ahead of the reads (touching them afterwards costs
+    next to no page faults) in steps, from any start; the bytes read are the file's."""
+    import mmap
+    import os
+    import resource
+
+    from multitables._hdf5._rows import populate
+
+    data = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8)
+    path = tmp_path / "bytes"
+    data.tofile(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        image = np.frombuffer(mmap.mmap(fd, data.size, access=mmap.ACCESS_READ), np.uint8)
+        assert populate(image, 5000, 1 << 20) in (True, False)  # False: an older kernel
+        mapped = populate(image)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        total = int(image[::mmap.PAGESIZE].sum(dtype=np.int64))  # one touch a page
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        if mapped:
+            assert faults < data.size // mmap.PAGESIZE // 8, faults
+        assert total == int(data[::mmap.PAGESIZE].sum(dtype=np.int64))
+        np.testing.assert_array_equal(image, data)
+        assert populate(image, 100, 50) is True  # nothing to map
+    finally:
+        os.close(fd)
+
+
+def test_a_worker_populates_new_maps_of_files_up_to_a_size(tmp_path, monkeypatch):
+    """A worker's new map of a file is populated in a thread (once per map), unless the file is
+    above _POPULATE_MAX (it may not be in the page cache: it is not read whole); reads are
+    right either way."""
+    import threading
+
+    from multitables._hdf5 import rawread
+
+    populated = []
+    monkeypatch.setattr(rawread, "_populate", lambda image: populated.append(image.size))
+    monkeypatch.setattr(rawread, "_MAPS", {})
+    truth = sample((N_ROWS, 5), "<f8")
+    for name, limit in [("small.h5", 1 << 40), ("large.h5", 0)]:
+        monkeypatch.setattr(rawread, "_POPULATE_MAX", limit)
+        path = tmp_path / name
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=truth, chunks=(10, 5))
+        for _ in range(2):
+            with h5py.File(path, "r") as f:
+                check_keys(f["x"], truth)
+        for thread in threading.enumerate():
+            if thread.name == "multitables-populate":
+                thread.join(10)
+    assert populated == [(tmp_path / "small.h5").stat().st_size]

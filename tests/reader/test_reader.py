@@ -605,3 +605,65 @@ def test_a_fields_stage_holds_the_field(treader, files):
         assert stage.shape == (8, 4, 4) and stage.nbytes == 8 * 16
         got = treader.request(image[[5, 1, 5]], stage).get()
         np.testing.assert_array_equal(got, rows["image"][[5, 1, 5]])
+
+
+def test_a_second_worker_is_woken_only_where_a_request_costs_a_worker_more_than_the_caller():
+    """pick_worker's veto (worth_waking): not before the workers' cost per request is known
+    (the first few requests), and then only where it exceeds WAKE_RATIO times the caller's
+    (the gaps between its requests, less the time it waited for results)."""
+    from multitables._engine._ringbuf import Counter
+    from multitables._reader import dispatch
+    from multitables._reader.memory import MemoryKeeper
+
+    d = dispatch.Dispatcher("f.h5", {}, 2, None, MemoryKeeper(), lambda: None)
+    counters = bytearray(128)
+    d.busy = [Counter(counters, 0), Counter(counters, 64)]
+    d.finished = [0, 0]
+    clock = iter(range(1, 1000))
+    dispatch_time = dispatch.time
+
+    class FakeTime:
+        @staticmethod
+        def monotonic():
+            return next(clock) * 1e-3  # a request every 1 ms
+
+    try:
+        dispatch.time = FakeTime  # type: ignore[assignment]
+        for _ in range(4):
+            d._pace()
+        assert d.worker_cost is None and not d.worth_waking()
+        assert d.caller_cost == pytest.approx(1e-3)
+        d.waited = 0.6e-3  # the caller waited for most of the next gap: it costs 0.4 ms
+        d._pace()
+        assert d.caller_cost == pytest.approx(1e-3 - 0.6e-3 / 16)
+        d.finished = [6, 2]
+        d.busy[0].fetch_add(6_000_000)  # 8 requests, 1 ms of a worker's CPU each
+        d.busy[1].fetch_add(2_000_000)
+        d._pace()
+        assert d.worker_cost == pytest.approx(1e-3)
+        assert not d.worth_waking()  # 1 ms against ~1 ms of the caller's: no second worker
+        d.finished = [14, 2]
+        d.busy[0].fetch_add(8 * 3_000_000)  # 3 ms each now
+        d._pace()
+        assert d.worker_cost == pytest.approx(1e-3 + (3e-3 - 1e-3) * 8 / 16)
+        assert d.worth_waking()
+    finally:
+        dispatch.time = dispatch_time
+
+
+def test_workers_count_their_cpu_per_request(files):
+    """Each worker adds the CPU time of every request it serves to its busy counter, which the
+    caller reads to weigh a second worker; results stay right."""
+    truth = files[2]["f4"]
+    with multitables.Reader(files[0], n_procs=2) as reader:
+        ds = reader.get_dataset("f4")
+        pool = ds.create_stage_pool(8, 3)
+        keys = [np.random.default_rng(i).choice(len(truth), 8, replace=False) for i in range(40)]
+        for key in keys:
+            np.testing.assert_array_equal(reader.request(ds[key.tolist(), ...], pool).get(),
+                                          truth[key])
+        d = reader._dispatcher
+        d.pending()  # reads the workers' finished counts
+        assert sum(d.finished) == 40
+        assert sum(counter.load() for counter in d.busy) > 0
+        assert d.worker_cost is not None and d.worker_cost > 0
