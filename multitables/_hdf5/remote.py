@@ -35,6 +35,9 @@ DEFAULT_CACHE_LIMIT = 10 << 30
 # Ranged GETs each worker keeps in flight: a Reader's batch of 64 scattered rows takes two round
 # trips, a block of chunks streams with the link full.
 WORKER_IN_FLIGHT = 32
+# The most one GET fetches: neighbouring chunks merge up to this, larger ranges are cut to it, so
+# a Streamer's slot (``_streamer.job.REMOTE_SLOT_TARGET_BYTES``) is several GETs at once.
+WORKER_GET_BYTES = 1 << 20
 
 
 def is_url(filename: Any) -> bool:
@@ -81,7 +84,8 @@ class RemoteFile:
     def source(self) -> Source:
         """The byte source, pinned to the object's version by its first use."""
         if self._source is None:
-            self._source = open_source(self.url, self.options)
+            # A connection per GET a worker keeps in flight (more would each be a new one).
+            self._source = open_source(self.url, self.options, maxsize=WORKER_IN_FLIGHT)
         return self._source
 
     @property
@@ -134,7 +138,8 @@ class RemoteFile:
             if self.cache_dir is not None:
                 from .._sources.cache import ByteCache
                 cache = ByteCache(self.cache_dir, self.cache_limit or DEFAULT_CACHE_LIMIT)
-            self._fetcher = self.source.fetcher(max_in_flight=WORKER_IN_FLIGHT, cache=cache)
+            self._fetcher = self.source.fetcher(max_in_flight=WORKER_IN_FLIGHT,
+                                                split_size=WORKER_GET_BYTES, cache=cache)
         return self._fetcher
 
     def close(self) -> None:

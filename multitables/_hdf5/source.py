@@ -44,6 +44,11 @@ class DatasetInfo:
     virtual: VirtualSources | None = None
 
     @property
+    def remote(self) -> bool:
+        """Whether the file is in an object store (its reads are ranged GETs)."""
+        return isinstance(self.filename, RemoteFile)
+
+    @property
     def row_bytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.shape[1:])
 

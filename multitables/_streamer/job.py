@@ -24,6 +24,10 @@ from .._keys._indexing import translate
 # Small blocks are read in batches filling a slot of about this size: one HDF5 read and one
 # hand-over between processes per slot, so a block costs only its Python-side delivery.
 SLOT_TARGET_BYTES = 1 << 20
+# A file in an object store: a slot is one fetch of this much, cut into GETs that run at once,
+# so that each worker keeps several GETs in flight and the first-byte latency is paid once a
+# slot rather than once a block.
+REMOTE_SLOT_TARGET_BYTES = 8 << 20
 
 
 @dataclass
@@ -62,7 +66,8 @@ class StreamPlan:
             n_blocks = math.ceil(n_rows / block_size)
         else:
             n_blocks = n_rows // block_size
-        per_slot = max(1, SLOT_TARGET_BYTES // max(block_size * row_bytes, 1))
+        target = REMOTE_SLOT_TARGET_BYTES if info.remote else SLOT_TARGET_BYTES
+        per_slot = max(1, target // max(block_size * row_bytes, 1))
         # Spread a short stream over all slots (so over all workers); a slot never laps the data.
         if n_blocks is not None:
             per_slot = min(per_slot, -(-n_blocks // n_slots))
