@@ -173,15 +173,19 @@ class Dispatcher:
         watching its queue), unless the oldest it has pending was sent WAKE_AFTER ago (a slow
         read: the next request should not wait behind it); then the least busy. Waking a
         sleeping worker costs both processes CPU time (bench/README.md, "The Reader's
-        waits"), and on a machine whose cores the caller
-        and one worker keep busy a second worker only takes CPU from them: it is woken when the
-        awake ones fall behind."""
+        waits"), and on a machine whose cores the caller and one worker keep busy a second
+        worker only takes CPU from them: it is woken when the awake ones fall behind and a
+        request costs a worker more than the caller (``worth_waking``). Until then one worker
+        serves, even where another is awake."""
         watching = self.spinner.load() - 1 if self.spinner is not None else -1
         awake = [w for w, pending in enumerate(busy) if pending or w == watching]
+        if awake and not self.worth_waking():
+            # The caller sets the pace: one worker serves, the one that has requests (another
+            # that watches its queue would take a core the caller and that worker need).
+            return next((w for w in awake if busy[w]), awake[0])
         if awake:
             worker = min(awake, key=busy.__getitem__)
-            if (not busy[worker] or time.monotonic() - self.sent_at[worker][0] < WAKE_AFTER
-                    or not self.worth_waking()):
+            if not busy[worker] or time.monotonic() - self.sent_at[worker][0] < WAKE_AFTER:
                 return worker
         return busy.index(min(busy))
 

@@ -473,7 +473,8 @@ def test_requests_beyond_a_full_worker_queue_wait_for_room(files, monkeypatch):
 
 def test_a_second_worker_is_woken_when_the_first_falls_behind(tmp_path):
     """Slow requests (64 rows, each decoding a compressed chunk) queue up on the awake worker;
-    once the older of two has waited WAKE_AFTER, the next go to the sleeping one: both serve."""
+    once the older of two has waited WAKE_AFTER (and a request is known to cost a worker more
+    than the caller), the next go to the sleeping one: both serve."""
     truth = sample((4096, 256), "<f8")
     write_h5py(tmp_path / "slow.h5", "x", truth, chunks=(64, 256), compression="gzip")
     keys = [np.random.default_rng(i).choice(4096, 64, replace=False) for i in range(24)]
