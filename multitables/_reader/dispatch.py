@@ -179,12 +179,13 @@ class Dispatcher:
         serves, even where another is awake."""
         watching = self.spinner.load() - 1 if self.spinner is not None else -1
         awake = [w for w, pending in enumerate(busy) if pending or w == watching]
-        if awake and not self.worth_waking():
-            # The caller sets the pace: one worker serves, the one that has requests (another
-            # that watches its queue would take a core the caller and that worker need).
-            return next((w for w in awake if busy[w]), awake[0])
         if awake:
-            worker = min(awake, key=busy.__getitem__)
+            if self.worth_waking():
+                worker = min(awake, key=busy.__getitem__)
+            else:
+                # The caller sets the pace: one worker serves, the one that has requests
+                # (another that watches its queue would take a core the caller and it need).
+                worker = next((w for w in awake if busy[w]), awake[0])
             if not busy[worker] or time.monotonic() - self.sent_at[worker][0] < WAKE_AFTER:
                 return worker
         return busy.index(min(busy))

@@ -672,20 +672,23 @@ def test_workers_count_their_cpu_per_request(files):
 
 def test_one_worker_serves_while_a_second_is_not_worth_waking():
     """pick_worker: while worth_waking says no, requests go to the first awake worker that has
-    requests (not the least busy one, nor a sleeping one, however long its queue); once it says
-    yes, to the least busy awake worker, or to a sleeping one when the awake fall behind."""
+    requests (not the least busy one, nor a sleeping one), unless its oldest request waits past
+    WAKE_AFTER (a slow or stuck read: the next one must not wait behind it); once it says yes,
+    to the least busy awake worker, or to a sleeping one when the awake fall behind."""
     import collections
 
     from multitables._reader import dispatch
     from multitables._reader.memory import MemoryKeeper
 
     d = dispatch.Dispatcher("f.h5", {}, 3, None, MemoryKeeper(), lambda: None)
-    old = time.monotonic() - 1.0  # long past WAKE_AFTER
-    d.sent_at = [collections.deque([old] * n) for n in (3, 2, 0)]
+    d.sent_at = [collections.deque([time.monotonic()] * n) for n in (3, 2, 0)]
     d.caller_cost, d.worker_cost = 1e-3, 1e-3
     assert d.pick_worker([3, 2, 0]) == 0
     assert d.pick_worker([0, 2, 0]) == 1
     assert d.pick_worker([0, 0, 0]) == 0
+    old = time.monotonic() - 1.0  # long past WAKE_AFTER
+    d.sent_at = [collections.deque([old] * n) for n in (3, 2, 0)]
+    assert d.pick_worker([3, 2, 0]) == 2  # worker 0 is stuck: not behind it
     d.worker_cost = 2e-3
     assert d.pick_worker([3, 2, 0]) == 2  # both awake ones fell behind: the sleeping one
     d.sent_at = [collections.deque([time.monotonic()] * n) for n in (3, 2, 0)]
