@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p.add_argument("--only", nargs="+", choices=list(SPECS), default=list(SPECS))
     args = p.parse_args(argv)
-    from multitables._tools.cli import cmd_info
+    from multitables._tools.info import cmd_info
 
     files = prepare(args.only, args.dir, args.size_mb, compressed_mb(args), warm=False,
                     log=lambda s: print(s, file=sys.stderr))

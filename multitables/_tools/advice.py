@@ -30,7 +30,7 @@ def _repack(filename: str, path: str, rows: int, shape: tuple[int, ...]) -> str:
 
 
 def layout_warnings(filename: str, entry: dict[str, Any]) -> list[str]:
-    """Warnings about ``entry`` (one of ``cli.describe``'s dicts): chunk layouts that hurt random
+    """Warnings about ``entry`` (one of ``info.describe``'s dicts): chunk layouts that hurt random
     access or streaming, and the rows a default queue leaves to ``get_remainder``."""
     path, shape, chunks = entry["path"], entry["shape"], entry["chunks"]
     if not shape or not shape[0]:
@@ -68,7 +68,7 @@ def layout_warnings(filename: str, entry: dict[str, Any]) -> list[str]:
 
 
 def shuffle_note(entry: dict[str, Any]) -> str | None:
-    """For a compressed (or virtual) dataset, ``entry`` of ``cli.describe``: why the Loader's
+    """For a compressed (or virtual) dataset, ``entry`` of ``info.describe``: why the Loader's
     default shuffle of it is not uniform, and what a uniform one costs; None where it is."""
     shape = entry["shape"]
     if entry["filters"] == "none" or not shape or not shape[0]:
