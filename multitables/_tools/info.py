@@ -12,7 +12,7 @@ import numpy as np
 from .._hdf5.codecs import CODECS
 from .._hdf5.remote import RemoteFile
 from .._hdf5.source import FileRef, open_file
-from . import advice as _advice
+from . import advice
 from . import measure as m
 from .files import file_arg
 from .progress import mb
@@ -104,7 +104,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     file = file_arg(args)
     found = describe(file)
     for d in found:
-        warnings += _advice.layout_warnings(args.file, d)
+        warnings += advice.layout_warnings(args.file, d)
         row_bytes = d["nbytes"] // d["shape"][0] if d["shape"] and d["shape"][0] else 0
         block = "-" if d["block_size"] is None else (
             f"{d['block_size']} ({d['block_size'] * row_bytes / m.MiB:.2f} MiB)")
@@ -128,7 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("\nwarnings:")
         for line in warnings:
             print(f"  {line}")
-    notes = [note for d in found if (note := _advice.shuffle_note(d)) is not None]
+    notes = [note for d in found if (note := advice.shuffle_note(d)) is not None]
     if notes:
         print("\ntraining (the Loader's default shuffle is uniform on unfiltered data):")
         for line in notes:

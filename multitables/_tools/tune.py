@@ -17,7 +17,7 @@ from .._hdf5.remote import RemoteFile
 from .._hdf5.source import FileRef, default_n_procs, get_dataset, open_file, usable_cpus
 from ..loader import Loader
 from ..streamer import Streamer
-from . import advice as _advice
+from . import advice
 from . import measure as m
 from .files import file_arg, h5py_file
 from .info import filters_of
@@ -205,11 +205,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     passes = report.seconds[best]
     pass_s = sorted(passes)[len(passes) // 2]
     total = cells[best][1]
-    for line in _advice.verdict(total, report.median("h5py"), report.median(best), startup,
+    for line in advice.verdict(total, report.median("h5py"), report.median(best), startup,
                                 pass_s):
         print(line)
     print()
-    for line in _advice.calls(args.file, args.path, best_p, best_b,
+    for line in advice.calls(args.file, args.path, best_p, best_b,
                               uniform_shuffle=_uniform_shuffle(file, args.path)):
         print(line)
     if args.json:
