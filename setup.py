@@ -13,6 +13,30 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     ),
     Extension(
+        "multitables._keys._selection",
+        ["multitables/_keys/_selection.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    ),
+    Extension(
+        "multitables._keys._indexsets",
+        ["multitables/_keys/_indexsets.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    ),
+    Extension(
+        "multitables._keys._keyitems",
+        ["multitables/_keys/_keyitems.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    ),
+    Extension(
+        "multitables._keys._plan",
+        ["multitables/_keys/_plan.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    ),
+    Extension(
         "multitables._keys._indexing",
         ["multitables/_keys/_indexing.pyx"],
         include_dirs=[numpy.get_include()],
