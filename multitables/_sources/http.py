@@ -44,7 +44,7 @@ class HTTPSource(Source):
 
     @property
     def identity(self) -> tuple:
-        return (self.url, self.size, self.etag or f"last-modified:{self.pin.last_modified}")
+        return (self.url, self.size, self.pin.version())
 
     def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
         self.transport.get_range(self.location.url, offset, segments, self.pin, self.url,

@@ -152,7 +152,7 @@ class S3Source(Source):
 
     @property
     def identity(self) -> tuple:
-        return (self.url, self.size, self.etag or f"last-modified:{self.pin.last_modified}")
+        return (self.url, self.size, self.pin.version())
 
     def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
         self.client.transport.get_range(self._object_url, offset, segments, self.pin, self.url,

@@ -59,6 +59,10 @@ class Pin:
     def __init__(self, size: int, etag: str | None, last_modified: str | None) -> None:
         self.size, self.etag, self.last_modified = size, etag, last_modified
 
+    def version(self) -> str:
+        """What names the version: the ETag, else Last-Modified."""
+        return self.etag or f"last-modified:{self.last_modified}"
+
     def conditions(self) -> dict[str, str]:
         # If-Match compares strongly: a weak ETag (W/"...") would fail every request.
         if self.etag and not self.etag.startswith("W/"):
