@@ -222,18 +222,26 @@ class Transport:
             self.stats.add(retries=1)
             time.sleep(pause)
 
+    def _ranged_get(self, url: str, byte_range: str, headers: Mapping[str, str],
+                    conditions: Mapping[str, str],
+                    sign: Callable[[str, str, dict], dict] | None, timeout: float) -> Any:
+        """One GET of ``bytes=byte_range``, signed when ``sign`` is given (then not redirected:
+        a redirect would need a new signature)."""
+        h = {**headers, "Range": f"bytes={byte_range}", "Accept-Encoding": "identity",
+             **conditions}
+        if sign is not None:
+            h = sign("GET", url, h)
+        resp = self.send("GET", url, h, timeout, redirect=sign is None)
+        self.stats.add(requests=1)
+        return resp
+
     def probe(self, url: str, headers: Mapping[str, str], display: str,
               sign: Callable[[str, str, dict], dict] | None = None) -> Pin:
         """Size and version of an object, from a GET of its first byte (one request: unlike a
         HEAD, its error body says which of bucket or key is missing, and it shows whether the
         server honours Range). An empty object answers 416 with ``bytes */0``."""
         def attempt(timeout: float) -> Pin:
-            h = dict(headers)
-            h.update({"Range": "bytes=0-0", "Accept-Encoding": "identity"})
-            if sign is not None:
-                h = sign("GET", url, h)
-            resp = self.send("GET", url, h, timeout, redirect=sign is None)
-            self.stats.add(requests=1)
+            resp = self._ranged_get(url, "0-0", headers, {}, sign, timeout)
             reuse = False
             try:
                 # Some servers (rclone serve s3) answer a range with 200 and a Content-Range.
@@ -302,13 +310,8 @@ class Transport:
         end = offset + length - 1
 
         def attempt(timeout: float) -> None:
-            h = dict(headers or {})
-            h.update({"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"})
-            h.update(pin.conditions())
-            if sign is not None:
-                h = sign("GET", url, h)
-            resp = self.send("GET", url, h, timeout, redirect=sign is None)
-            self.stats.add(requests=1)
+            resp = self._ranged_get(url, f"{offset}-{end}", headers or {}, pin.conditions(),
+                                    sign, timeout)
             done = False
             try:
                 # Some servers (rclone serve s3) answer a range with 200 and a Content-Range.
