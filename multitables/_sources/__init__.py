@@ -32,8 +32,22 @@ def open_source(location: str | os.PathLike,
     opts = _options.storage_options(storage_options)
     if loc.scheme == "file":
         return LocalSource(loc.path)
+    _require_remote(loc.display)
     if loc.scheme == "s3":
         from .s3 import S3Source
         return S3Source(loc, opts, **kwargs)
     from .http import HTTPSource
     return HTTPSource(loc, opts, **kwargs)
+
+
+REMOTE_MODULES = ("urllib3", "botocore")
+
+
+def _require_remote(display: str) -> None:
+    """Say which extra a URL needs, rather than which module failed to import deep inside."""
+    import importlib.util
+
+    missing = [name for name in REMOTE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"reading {display} needs {' and '.join(missing)}: "
+                          "pip install 'multitables[remote]'")

@@ -129,3 +129,17 @@ def test_anonymous_and_half_keys(monkeypatch):
         resolve_s3(storage_options({"key": "K"}))
     assert SECRET not in str(e.value)
     assert isinstance(resolve_s3(StorageOptions()), S3Settings)
+
+
+def test_a_url_without_the_remote_extra_says_which_extra(monkeypatch):
+    """Without urllib3 a URL failed deep in an import; it names the extra to install."""
+    import importlib.util
+
+    import multitables._sources as sources
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "urllib3" else real(name, *a))
+    with pytest.raises(ImportError, match=r"reading http://host/a\.h5 needs urllib3: "
+                                          r"pip install 'multitables\[remote\]'"):
+        sources.open_source("http://host/a.h5")
