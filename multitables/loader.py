@@ -21,6 +21,7 @@ import numpy as np
 from ._engine import hooks
 from ._hdf5.remote import file_of, name_of
 from ._hdf5.source import check_positive_int, default_n_procs
+from ._loader import files as _files
 from ._loader.columns import Columns, resolve_columns, unfiltered
 from ._loader.epoch import (
     BatchReads,
@@ -48,13 +49,17 @@ STATE_VERSION = 1
 
 
 class Loader:
-    """Batches of aligned columns of one HDF5 file, one epoch per iteration.
+    """Batches of aligned columns of one HDF5 file (or many, as one), one epoch per iteration.
 
     Parameters
     ----------
-    filename : str or path
+    filename : str, path, list of them, or glob pattern
         The HDF5 file, opened read-only: a path, or a URL (``s3://bucket/key.h5``,
-        ``http(s)://...``).
+        ``http(s)://...``). Many files read as one dataset, their rows concatenated: a list of
+        paths or URLs, or a glob pattern of paths (``"shards/*.h5"``, sorted by name). Every
+        column must be in every file; files may differ in row counts, chunks and filters. The
+        shuffle permutes the units of all files together; their default window holds at most
+        256 units, and they are always read a window of units at a time.
     columns : str, list of str or dict of str
         Dataset paths. One path: batches are arrays. A list: batches are tuples in that order. A
         dict ``name -> path``: batches are dicts. A field of a compound dataset (a PyTables table)
@@ -129,9 +134,12 @@ class Loader:
                           rank=rank, world_size=world_size, n_procs=n_procs, copy=copy,
                           start_method=start_method, storage_options=storage_options,
                           cache_dir=cache_dir, cache_limit=cache_limit, **kw)
+        # Many files (a list, a glob pattern): their rows concatenated (_loader/files.py).
+        shards = _files.expand(filename, storage_options, cache_dir, cache_limit)
         # A path as it always was, or a URL's RemoteFile, pinned to its version here (columns).
-        self._file = file_of(filename, storage_options, cache_dir, cache_limit)
-        self.filename = name_of(self._file)
+        self._file = file_of(filename, storage_options, cache_dir, cache_limit) if (
+            shards is None) else shards[0]
+        self.filename = name_of(self._file) if shards is None else [name_of(f) for f in shards]
         self.file_kwargs = kw
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
@@ -147,11 +155,20 @@ class Loader:
         self._args.update(rank=self.rank, world_size=self.world_size, n_procs=self.n_procs)
         self._columns = resolve_columns(self._file, columns, kw)
         infos = self._columns.infos
-        self.n_rows = self._columns.n_rows
-        self._file_state = FileState(infos[0].filename, infos, kw)  # checked at each epoch
-        self._unfiltered = unfiltered(self._file, infos, kw)
-        self.unit_rows = plan_units(infos)
-        n_units = -(-self.n_rows // self.unit_rows)
+        self._shards: _files.Files | None = None
+        if shards is None:
+            self.n_rows = self._columns.n_rows
+            # checked at each epoch
+            self._file_state: FileState | _files.Files = FileState(infos[0].filename, infos, kw)
+            self._unfiltered = unfiltered(self._file, infos, kw)
+            self.unit_rows = plan_units(infos)
+            n_units = -(-self.n_rows // self.unit_rows)
+        else:
+            # Units of every file, read into memory a window at a time, however stored.
+            self._shards = _files.describe_files(shards, infos, kw, start_method)
+            self.n_rows, self.unit_rows = self._shards.n_rows, self._shards.unit_rows
+            self._file_state, self._unfiltered = self._shards, False
+            n_units = len(self._shards.unit_starts) - 1
         if window is None and self._unfiltered:
             # Each batch's rows are read from the file, whatever the window: a uniform shuffle
             # costs no memory, and little time (bench/README.md, "The Loader").
@@ -163,9 +180,14 @@ class Loader:
             chunk_rows = min(costliest_chunk_rows(infos) or self.unit_rows, self.unit_rows)
             by_chunks = -(-WINDOW_CHUNKS * chunk_rows // self.unit_rows)
             self.window_units = min(n_units, max(by_chunks, by_bytes))
+            if self._shards is not None:
+                self.window_units = min(self.window_units, max(by_chunks, _files.WINDOW_UNITS))
         else:
             window = check_positive_int("window", window)
-            self.window_units = min(n_units, -(-window // self.unit_rows))
+            if self._shards is None:
+                self.window_units = min(n_units, -(-window // self.unit_rows))
+            else:  # units of many files differ in size: count them at their mean size
+                self.window_units = min(n_units, -(-window * n_units // self.n_rows))
         # What the next iteration plays: (epoch, segments of it already played). See state_dict.
         self.order(0)  # a bad seed raises here, not at the first epoch
         self._next_epoch: int = 0
@@ -203,7 +225,8 @@ class Loader:
     def order(self, epoch: int) -> EpochOrder:
         """The order of ``epoch``'s rows (before sharding): ``order(e).rows(0, n_rows)``."""
         return EpochOrder(self.n_rows, self.unit_rows, self.window_units, shuffle=self.shuffle,
-                          seed=self.seed, epoch=epoch)
+                          seed=self.seed, epoch=epoch,
+                          unit_starts=None if self._shards is None else self._shards.unit_starts)
 
     # ---- resuming ----
 
@@ -228,6 +251,11 @@ class Loader:
         with no row delivered twice)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown Loader state version {state.get('version')!r}")
+        if self._shards is not None:
+            self._shards.check_state(state.get("files"))
+        elif "files" in state:
+            raise ValueError(f"the state was taken from a Loader of {len(state['files'])} "
+                             f"files, this one reads {self.filename}; resume with the same files")
         for key, value in self._config().items():
             if state.get(key) != value:
                 raise ValueError(
@@ -243,7 +271,8 @@ class Loader:
     def _config(self) -> dict[str, Any]:
         return {"n_rows": self.n_rows, "batch_size": self.batch_size, "shuffle": self.shuffle,
                 "seed": self.seed, "unit_rows": self.unit_rows,
-                "window_units": self.window_units, "drop_last": self.drop_last}
+                "window_units": self.window_units, "drop_last": self.drop_last,
+                **({} if self._shards is None else {"files": self._shards.state()})}
 
     # ---- iteration ----
 
@@ -305,7 +334,11 @@ class Loader:
         return self._unfiltered
 
     def _epoch_config(self) -> EpochConfig:
-        return EpochConfig(self.filename, self.file_kwargs, self._columns, self.batch_size,
+        if self._shards is not None:
+            return EpochConfig(self._shards.name, self.file_kwargs, self._columns,
+                               self.batch_size, self.unit_rows, self.window_units, self.n_procs,
+                               self.copy, self._shards, _files.open_files_limit())
+        return EpochConfig(str(self.filename), self.file_kwargs, self._columns, self.batch_size,
                            self.unit_rows, self.window_units, self.n_procs, self.copy)
 
     def _here(self) -> Local:
@@ -320,7 +353,11 @@ class Loader:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError(f"this Loader of {self.filename} is closed")
+            raise ClosedError(f"this Loader of {self._name} is closed")
+
+    @property
+    def _name(self) -> str:
+        return str(self.filename) if self._shards is None else self._shards.name
 
     def close(self) -> None:
         """End the worker processes and free the shared memory. Idempotent."""
@@ -346,7 +383,7 @@ class Loader:
 
     def __repr__(self) -> str:
         columns = self._columns.paths
-        return (f"<Loader {self.filename} {columns} batch_size={self.batch_size} "
+        return (f"<Loader {self._name} {columns} batch_size={self.batch_size} "
                 f"shuffle={self.shuffle} rank={self.rank}/{self.world_size}>")
 
 

@@ -3,6 +3,7 @@ the job (internal): the engine runs jobs and opens no file itself."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from .source import FileRef, OpenFile
@@ -34,3 +35,27 @@ class FileJob:
 
     def detach(self) -> None:
         self.source.close()
+
+
+class OpenFiles:
+    """A worker's open files of a job over many files, at most ``limit`` at once: opening one
+    more closes the least recently used first, so a job over any number of files holds a
+    bounded number of descriptors."""
+
+    def __init__(self, limit: int, file_kwargs: dict[str, Any]):
+        self.limit, self.file_kwargs = max(1, limit), file_kwargs
+        self.files: OrderedDict[Any, OpenFile] = OrderedDict()
+
+    def get(self, key: Any, filename: FileRef) -> OpenFile:
+        """``filename`` open (known as ``key``), the most recently used now."""
+        source = self.files.pop(key, None)
+        if source is None:
+            while len(self.files) >= self.limit:
+                self.files.popitem(last=False)[1].close()
+            source = OpenFile(filename, self.file_kwargs)
+        self.files[key] = source
+        return source
+
+    def close(self) -> None:
+        while self.files:
+            self.files.popitem(last=False)[1].close()

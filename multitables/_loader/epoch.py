@@ -21,7 +21,7 @@ import numpy as np
 from .._engine.ring import CLOSED, FilledSlots
 from ..errors import SubprocessException
 from .columns import Columns
-from .job import BATCHES, UNITS, LoadJob, LoadPlan, regions, ring_for
+from .job import BATCHES, UNITS, LoadJob, LoadPlan, ShardsJob, regions, ring_for
 from .local import Local
 from .order import EpochOrder
 
@@ -42,6 +42,8 @@ class EpochConfig:
     window_units: int
     n_procs: int
     copy: bool
+    files: Any = None  # over many files: their Files (``files.py``)
+    max_open: int = 0  # over many files: files each worker keeps open at once
 
 
 @dataclass
@@ -88,7 +90,7 @@ def pieces(order: EpochOrder, intervals: list[tuple[int, int]]) -> list[Piece]:
         units = order.window_units(piece.window)
         if piece.intervals != [order.window_bounds(piece.window)]:
             rows = rows_of(order, piece.intervals)
-            units = units[np.isin(units, np.unique(rows // order.unit_rows))]
+            units = units[np.isin(units, np.unique(order.unit_of(rows)))]
         piece.units, piece.first_ticket = units, ticket
         ticket += len(units)
     return pieces
@@ -133,12 +135,14 @@ class Reads:
         try:
             n_tickets = len(units) if units is not None else -(-n_sequence // slot_rows)
             plan = LoadPlan(list(infos), config.file_kwargs, kind, slot_rows, n_tickets, units,
-                            n_sequence, self.ring.arena, self.ring.layout, offsets)
+                            n_sequence, self.ring.arena, self.ring.layout, offsets,
+                            config.files, config.max_open)
             if sequence is not None:
                 plan.sequence()[:] = sequence
             self.regions = regions(plan)
             self.columns = config.columns.cut(self.regions)
-            self.crew = local.pool().run(LoadJob(plan), config.n_procs)
+            job = LoadJob(plan) if config.files is None else ShardsJob(plan)
+            self.crew = local.pool().run(job, config.n_procs)
         except BaseException:
             self.ring.stop()
             self.ring.close()
@@ -218,9 +222,9 @@ class UnitReads(Reads):
         tickets = range(piece.first_ticket, piece.first_ticket + len(piece.units))
         slots = np.array([self._wait_for(t) for t in tickets], np.int64)
         rows = rows_of(self.order, piece.intervals)
-        unit = rows // self.unit_rows
+        unit = self.order.unit_of(rows)
         which = np.searchsorted(piece.units, unit)  # window_units are sorted
-        piece.flat = slots[which] * self.unit_rows + (rows - unit * self.unit_rows)
+        piece.flat = slots[which] * self.unit_rows + (rows - self.order.unit_start(unit))
 
 
 class BatchReads(Reads):

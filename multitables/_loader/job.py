@@ -32,7 +32,7 @@ from .._engine.shm import SharedArena, round_up
 from .._hdf5 import rawread
 from .._hdf5.badchunk import bad_chunk
 from .._hdf5.chunkcache import chunk_cache
-from .._hdf5.filejob import FileJob
+from .._hdf5.filejob import FileJob, OpenFiles
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.source import DatasetInfo, OpenFile
 from .._keys._indexing import translate
@@ -89,13 +89,20 @@ class LoadPlan:
     arena: SharedArena
     layout: RingLayout
     offsets: list[int]  # where each dataset's region starts in the arena, then the row numbers
+    files: Any = None  # over many files: their Files (rows concatenated), read by ShardsJob
+    max_open: int = 0  # over many files: files a worker keeps open at once
 
     @property
     def n_rows(self) -> int:
-        return self.infos[0].shape[0]
+        return self.infos[0].shape[0] if self.files is None else self.files.n_rows
 
     def key(self, ticket: int) -> slice | np.ndarray:
-        """The rows ticket ``ticket`` reads, as a key on axis 0."""
+        """The rows ticket ``ticket`` reads, as a key on axis 0 (of the rows concatenated,
+        over many files)."""
+        if self.kind == UNITS and self.files is not None:
+            assert self.units is not None
+            unit = int(self.units[ticket])
+            return slice(int(self.files.unit_starts[unit]), int(self.files.unit_starts[unit + 1]))
         if self.kind == UNITS:
             assert self.units is not None
             start = int(self.units[ticket]) * self.slot_rows
@@ -187,15 +194,18 @@ class LoadJob(RingJob, FileJob):
         return chunk_cache(self.plan.file_kwargs, "batches", unit_bytes if compressed else None)
 
     def attach_file(self, source: OpenFile, worker: int) -> None:
-        rawread.keep_maps()  # the rows of the next epochs lie in the same pages
-        self.plan.arena = _mapped_before(self.plan.arena)
-        self.ring = Ring(self.plan.arena, self.plan.layout)
+        self._attach_ring()
         self.datasets = [source.dataset(info.path) for info in self.plan.infos]
-        self.regions = regions(self.plan)
         # Batches of unfiltered rows: row numbers straight to the file's bytes, with no key to
         # translate per batch (bench/README.md, "The Loader's workers").
         self.raw = [rawread.RawRows.of(d) if self.plan.kind == BATCHES else None
                     for d in self.datasets]
+
+    def _attach_ring(self) -> None:
+        rawread.keep_maps()  # the rows of the next epochs lie in the same pages
+        self.plan.arena = _mapped_before(self.plan.arena)
+        self.ring = Ring(self.plan.arena, self.plan.layout)
+        self.regions = regions(self.plan)
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket to read into it; None when done."""
@@ -232,4 +242,56 @@ class LoadJob(RingJob, FileJob):
         # A batch's rows are unfiltered (nothing to decode): no chunk of theirs to look for.
         chunk = (bad_chunk(self.datasets[failed], key.start, key.stop)
                  if isinstance(key, slice) else None)
+        return where if chunk is None else f"{where}: {chunk} cannot be read"
+
+
+class ShardsJob(LoadJob):
+    """A ``LoadJob`` over many files (``_loader/files.py``): each unit lies in one file, opened
+    when a unit of it is read; a worker keeps at most ``plan.max_open`` open, the least recently
+    used closed first, so it never runs out of descriptors. See NOTE [ Worker shutdown logic ]."""
+
+    def __init__(self, plan: LoadPlan):
+        self.plan = plan
+        self.filename = plan.files.name
+
+    def attach(self, worker: int) -> None:
+        self.open = OpenFiles(self.plan.max_open, self.file_kwargs())
+        self.file: int | None = None  # the file of the unit being read, for describe
+        self._attach_ring()
+
+    def detach(self) -> None:
+        self.open.close()
+
+    def run(self, task: tuple[int, int]) -> None:
+        slot, ticket = task
+        key = self.plan.key(ticket)
+        assert isinstance(key, slice)
+        files = self.plan.files
+        self.failed, self.file = None, files.file_of(key.start)
+        base = int(files.starts[self.file])
+        local = slice(key.start - base, key.stop - base)
+        source = self.open.get(self.file, files.shards[self.file].file)
+        self.datasets = [source.dataset(info.path) for info in self.plan.infos]
+        at, n = slot * self.plan.slot_rows, key.stop - key.start
+        for d, (dataset, region) in enumerate(zip(self.datasets, self.regions, strict=True)):
+            self.failed = d
+            read_selection(dataset, translate((local,), dataset.shape), region[at : at + n])
+        self.failed = None
+        self.ring.headers[slot] = (ticket, n)
+        self.ring.full.push(slot)
+
+    def describe(self, task: tuple[int, int]) -> str:
+        """What the failed ``task`` read: the file, its rows, the dataset and the chunk."""
+        key = self.plan.key(task[1])
+        assert isinstance(key, slice)
+        files = self.plan.files
+        f = files.file_of(key.start)
+        base = int(files.starts[f])
+        rows, name = f"rows {key.start - base}:{key.stop - base}", files.shards[f].name
+        failed = getattr(self, "failed", None)
+        if failed is None or getattr(self, "file", None) != f:
+            paths = ", ".join(info.path for info in self.plan.infos)
+            return f"reading {rows} of {paths} in {name}"
+        where = f"reading {rows} of {self.plan.infos[failed].path} in {name}"
+        chunk = bad_chunk(self.datasets[failed], key.start - base, key.stop - base)
         return where if chunk is None else f"{where}: {chunk} cannot be read"

@@ -104,14 +104,18 @@ class EpochOrder:
     """
 
     def __init__(self, n_rows: int, unit_rows: int, window_units: int, *, shuffle: bool,
-                 seed: int = 0, epoch: int = 0) -> None:
+                 seed: int = 0, epoch: int = 0, unit_starts: np.ndarray | None = None) -> None:
         self.n_rows = _count("n_rows", n_rows, 1)
+        # Units of several files (``_loader/files.py``): each file's own units, of its own
+        # size, none across a file's end; ``unit_rows`` is then the largest.
+        self.unit_starts = unit_starts
         self.unit_rows = _count("unit_rows", unit_rows, 1)
         self.units_per_window = _count("window_units", window_units, 1)
         self.shuffle = bool(shuffle)
         self.seed = _count("seed", seed, 0, 2**64)
         self.epoch = check_epoch(epoch)
-        self.n_units = -(-self.n_rows // self.unit_rows)
+        self.n_units = (-(-self.n_rows // self.unit_rows) if unit_starts is None
+                        else len(unit_starts) - 1)
         self.n_windows = -(-self.n_units // self.units_per_window)
         if self.shuffle:
             rng = _rng(self.seed, self.epoch, _UNITS)
@@ -119,10 +123,15 @@ class EpochOrder:
         else:
             self._units = np.arange(self.n_units, dtype=np.int64)
         first = np.arange(self.n_windows, dtype=np.int64) * self.units_per_window
-        sizes = np.minimum(self.units_per_window, self.n_units - first) * self.unit_rows
-        # Only the last unit of the file can be short; its window holds that many rows fewer.
-        last_window = int(np.flatnonzero(self._units == self.n_units - 1)[0])
-        sizes[last_window // self.units_per_window] -= self.n_units * self.unit_rows - self.n_rows
+        if unit_starts is not None:
+            sizes = np.add.reduceat(np.diff(unit_starts)[self._units], first)
+        else:
+            sizes = np.minimum(self.units_per_window, self.n_units - first) * self.unit_rows
+            # Only the last unit of the file can be short; its window holds that many rows
+            # fewer.
+            last_window = int(np.flatnonzero(self._units == self.n_units - 1)[0])
+            sizes[last_window // self.units_per_window] -= (self.n_units * self.unit_rows
+                                                            - self.n_rows)
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._cache: tuple[tuple[int, np.ndarray], ...] = ()  # replaced whole: thread-safe
 
@@ -163,11 +172,30 @@ class EpochOrder:
             if cached == w:
                 return rows
         units = self.window_units(w)
-        rows = (units[:, None] * self.unit_rows + np.arange(self.unit_rows)).ravel()
-        rows = rows[rows < self.n_rows]
+        if self.unit_starts is not None:
+            starts = self.unit_starts[units]
+            lengths = self.unit_starts[units + 1] - starts
+            ends = np.cumsum(lengths)
+            rows = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(
+                starts - (ends - lengths), lengths)
+        else:
+            rows = (units[:, None] * self.unit_rows + np.arange(self.unit_rows)).ravel()
+            rows = rows[rows < self.n_rows]
         rows = _rng(self.seed, self.epoch, _WINDOW, w).permutation(rows)
         self._cache = (*self._cache[-1:], (w, rows))
         return rows
+
+    def unit_of(self, rows: np.ndarray) -> np.ndarray:
+        """The unit that holds each of ``rows``."""
+        if self.unit_starts is None:
+            return rows // self.unit_rows
+        return np.searchsorted(self.unit_starts, rows, side="right") - 1
+
+    def unit_start(self, units: np.ndarray) -> np.ndarray:
+        """The first row of each of ``units``."""
+        if self.unit_starts is None:
+            return units * self.unit_rows
+        return self.unit_starts[units]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """The int64 file rows at positions ``start:stop`` (``0 <= start <= stop <= n_rows``)."""
