@@ -56,10 +56,11 @@ class Loader:
     filename : str, path, list of them, or glob pattern
         The HDF5 file, opened read-only: a path, or a URL (``s3://bucket/key.h5``,
         ``http(s)://...``). Many files read as one dataset, their rows concatenated: a list of
-        paths or URLs, or a glob pattern of paths (``"shards/*.h5"``, sorted by name). Every
-        column must be in every file; files may differ in row counts, chunks and filters. The
-        shuffle permutes the units of all files together; their default window holds at most
-        256 units, and they are always read a window of units at a time.
+        paths or URLs, or a glob pattern (``"shards/*.h5"``, sorted by name; ``s3://`` keys too,
+        by a listing of their prefix). Every column must be in every file; files may differ in
+        row counts, chunks and filters. The shuffle permutes the units of all files together;
+        their default window holds at most 256 units, and they are always read a window of
+        units at a time.
     columns : str, list of str or dict of str
         Dataset paths. One path: batches are arrays. A list: batches are tuples in that order. A
         dict ``name -> path``: batches are dicts. A field of a compound dataset (a PyTables table)

