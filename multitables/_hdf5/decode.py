@@ -124,12 +124,12 @@ class ChunkDecoder:
             raise Undecodable(f"failed: {self.name} gave a chunk of the wrong size")
         decoded[self.name] += 1
         if self._shuffle:
-            _unshuffle(np.frombuffer(data, np.uint8), dest, self._shuffle)
+            unshuffle(np.frombuffer(data, np.uint8), dest, self._shuffle)
         elif data is not dest:
             dest[:] = np.frombuffer(data, np.uint8)
 
 
-def _unshuffle(src: np.ndarray, dest: np.ndarray, size: int) -> None:
+def unshuffle(src: np.ndarray, dest: np.ndarray, size: int) -> None:
     """Undo HDF5's shuffle filter: byte ``j`` of every element was stored in plane ``j``."""
     n = len(src) // size
     if size == 1 or n <= 1:

@@ -8,8 +8,10 @@ per dataset as ``declined: ...`` in ``fallback.fallbacks``.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -32,6 +34,8 @@ class DecodePlan:
     shuffle: int  # element size the HDF5 shuffle filter used; 0: none
     bytes_in: bool  # the codec wants bytes (python-lzf), not a writable view
     name: str  # the codec's, as counted in ``decoded``
+    # Another codec like ``codec``, with state of its own, for decoding in several threads.
+    remake: Callable[[], Codec] | None = field(default=None, compare=False)
 
 
 def _declined(what: str) -> DecodePlan | None:
@@ -61,7 +65,7 @@ def plan(dataset: h5py.Dataset, stored: ChunkMap | None = None) -> DecodePlan | 
         shuffle = filters.pop(0)[2][0] if filters[0][2] else dtype.itemsize
     if len(filters) > 1:
         return _declined("dataset with a checksum, scale-offset or a second compressor")
-    codec, name = None, "none"
+    codec, name, remake = None, "none", None
     if filters:
         code = filters[0][0]
         spec = CODECS.get(code)
@@ -71,6 +75,7 @@ def plan(dataset: h5py.Dataset, stored: ChunkMap | None = None) -> DecodePlan | 
                              or f"dataset compressed by {name}, which no installed library "
                                 "decodes")
         codec = spec.make(nbytes, chunks, dtype.itemsize)
+        remake = functools.partial(spec.make, nbytes, chunks, dtype.itemsize)
     if stored is not None:
         ok, raw_size = _mapped_chunks(stored, shape, chunks, nbytes)
     elif not hasattr(dsid, "chunk_iter"):
@@ -78,7 +83,8 @@ def plan(dataset: h5py.Dataset, stored: ChunkMap | None = None) -> DecodePlan | 
     else:
         ok, raw_size = _stored_chunks(dsid, shape, chunks, nbytes)
     return DecodePlan(tuple(shape), row_bytes, chunks[0], ok, raw_size, codec, shuffle,
-                      bytes_in=codec is not None and filters[0][0] == LZF, name=name)
+                      bytes_in=codec is not None and filters[0][0] == LZF, name=name,
+                      remake=remake)
 
 
 def _stored_chunks(dsid, shape: tuple[int, ...], chunks: tuple[int, ...],

@@ -13,14 +13,17 @@ written) is read by HDF5 over the worker's ``BlockFile``: correct, one request a
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import h5py
 import numpy as np
 
 from .._sources.chunkmap import ChunkMap
-from .decode import ChunkDecoder
+from .decode import ChunkDecoder, unshuffle
 from .eligibility import DecodePlan, plan
+from .fallback import Undecodable, decoded, fall_back
+from .libraries import DECODE_ERRORS
 from .rawread import RawRows
 from .remote import file_of_dataset
 
@@ -107,7 +110,11 @@ def _row_chunk_offsets(found: ChunkMap, shape: tuple[int, ...]
 
 class RemoteDecoder(ChunkDecoder):
     """``ChunkDecoder`` of a compressed dataset in an object store: the stored chunks a read
-    needs are fetched at once into a scratch buffer, then decoded as ``ChunkDecoder`` does."""
+    needs are fetched at once into a scratch buffer, and each chunk the read covers whole is
+    decoded straight into the destination by the fetch thread whose GET brought it, while the
+    other GETs are still running (the codecs release the GIL: the decode of one GET overlaps
+    the transfer of the next, and uses more than one core). Chunks read in part are decoded
+    afterwards as ``ChunkDecoder`` does."""
 
     def __init__(self, dsid: Any, found: DecodePlan, stored: ChunkMap, fetcher: Any):
         super().__init__(dsid, found)
@@ -121,26 +128,48 @@ class RemoteDecoder(ChunkDecoder):
             self._sizes[k[inside]] = stored.sizes[inside].astype(np.int64)
         self._fetcher = fetcher
         self._fetched: dict[int, memoryview] = {}
+        self._placed: set[int] = set()  # chunks this read already decoded into the destination
         self._body = np.empty(0, np.uint8)
+        self._remake = found.remake
+        self._local = threading.local()  # each fetch thread's codec and shuffle scratch
+        self._count_lock = threading.Lock()
 
     def read_rows(self, start: int, stop: int, out: np.ndarray) -> bool:
         cr = self.chunk_rows
-        if 0 <= start < stop <= self.n_rows and self.ok[start // cr : (stop - 1) // cr + 1].all():
-            self._prefetch(start, stop)
+        if 0 <= start < stop <= self.n_rows and out.flags.c_contiguous and \
+                out.nbytes == (stop - start) * self.row_bytes and \
+                self.ok[start // cr : (stop - 1) // cr + 1].all():
+            try:
+                self._fetch_and_decode(start, stop, out.reshape(-1).view(np.uint8))
+            except Undecodable as exc:
+                self._fetched.clear()
+                self._placed.clear()
+                fall_back(exc.args[0])
+                return False
+            except DECODE_ERRORS as exc:
+                self._fetched.clear()
+                self._placed.clear()
+                fall_back(f"failed: {self.name} raised {type(exc).__name__}")
+                return False
         try:
             return super().read_rows(start, stop, out)
         finally:
             self._fetched.clear()
+            self._placed.clear()
 
-    def _prefetch(self, start: int, stop: int) -> None:
+    def _fetch_and_decode(self, start: int, stop: int, dest: np.ndarray) -> None:
         """Fetch the stored bytes of the chunks rows ``start:stop`` need (not the partial chunk
-        already decoded in the scratch chunk)."""
-        cr, wanted = self.chunk_rows, []
+        already decoded in the scratch chunk), decoding each whole one into ``dest`` (the
+        bytes of those rows) as it arrives."""
+        cr, cb = self.chunk_rows, self.chunk_bytes
+        wanted: list[int] = []
+        places: list[int] = []  # where chunk ``wanted[j]`` goes in ``dest``; -1: read in part
         for k in range(start // cr, (stop - 1) // cr + 1):
             first = max(start, k * cr)
             partial = min(stop - first, cr - (first - k * cr)) != cr
             if not (partial and k == self._scratch_chunk):
                 wanted.append(k)
+                places.append(-1 if partial else (k * cr - start) * self.row_bytes)
         sizes = self._sizes[wanted]
         total = int(sizes.sum())
         if self._body.nbytes < total:
@@ -151,7 +180,47 @@ class RemoteDecoder(ChunkDecoder):
             ranges.append((int(self._offsets[k]), size, view))
             self._fetched[k] = view
             at += size
-        self._fetcher.fetch(ranges)
+        fetched = self._fetched
+
+        def arrived(j: int) -> None:
+            place = places[j]
+            if place >= 0 and (self._remake is not None or self._codec is None):
+                k = wanted[j]
+                self._decode_whole(fetched[k], dest[place : place + cb])
+                self._placed.add(k)
+
+        self._fetcher.fetch(ranges, arrived)
+
+    def _decode_whole(self, raw: memoryview, dest: np.ndarray) -> None:
+        """Chunk bytes ``raw`` decoded into ``dest``, safe in any fetch thread: with this
+        thread's own codec and shuffle scratch."""
+        local = self._local
+        codec = getattr(local, "codec", None)
+        if codec is None and self._remake is not None:
+            codec = local.codec = self._remake()
+            local.shuffled = np.empty(self.chunk_bytes if self._shuffle else 0, np.uint8)
+        shuffled = getattr(local, "shuffled", None)
+        if shuffled is None:
+            shuffled = local.shuffled = np.empty(self.chunk_bytes if self._shuffle else 0,
+                                                 np.uint8)
+        if codec is None:
+            data: Any = raw
+        else:
+            data = codec(bytes(raw) if self._bytes_in else raw,
+                         shuffled if self._shuffle else dest)
+        if len(data) != self.chunk_bytes:
+            raise Undecodable(f"failed: {self.name} gave a chunk of the wrong size")
+        with self._count_lock:
+            decoded[self.name] += 1
+        if self._shuffle:
+            unshuffle(np.frombuffer(data, np.uint8), dest, self._shuffle)
+        elif data is not dest:
+            dest[:] = np.frombuffer(data, np.uint8)
+
+    def _decode(self, dsid: Any, chunk: int, dest: np.ndarray) -> None:
+        if chunk in self._placed and dest.nbytes == self.chunk_bytes:
+            return  # decoded into its place as it arrived
+        super()._decode(dsid, chunk, dest)
 
     def _stored(self, dsid: Any, chunk: int) -> tuple[int, Any]:
         raw = self._fetched.get(chunk)

@@ -4,12 +4,13 @@ bytes straight into the destinations."""
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import os
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._engine import hooks
@@ -122,12 +123,19 @@ class Fetcher:
         self._lock = threading.Lock()
         _live.add(self)
 
-    def fetch(self, requests: Iterable[tuple[int, int, Any]]) -> None:
+    def fetch(self, requests: Iterable[tuple[int, int, Any]],
+              done: Callable[[int], None] | None = None) -> None:
         """Fill each ``dest`` (a writable buffer of at least ``size`` bytes) with the ``size``
-        bytes at ``offset``."""
+        bytes at ``offset``.
+
+        ``done(i)``, when given, is called once request ``i`` (counted in the order given) holds
+        its bytes, from the thread whose GET completed it, while other GETs are still running:
+        so a caller can use each range (decode a chunk) as it arrives. An exception it raises
+        is the fetch's error, as a failed GET's is."""
         todo: list[tuple[int, memoryview]] = []
+        indices: list[int] = []  # of each ``todo`` entry among the requests
         needed = 0
-        for offset, size, dest in requests:
+        for i, (offset, size, dest) in enumerate(requests):
             view = as_writable(dest)
             if view.nbytes < size:
                 raise ValueError(f"destination of {view.nbytes} bytes for {size} bytes at "
@@ -139,15 +147,22 @@ class Fetcher:
                     self.cache.get_into(self.source.identity, offset, view):
                 self.cache_hits += 1
                 self.cache_bytes += size
+                if done is not None:
+                    done(i)
+                continue
+            if not size and done is not None:
+                done(i)
                 continue
             todo.append((offset, view))
+            indices.append(i)
         self.source.stats.add(needed=needed)
         gets = plan(todo, self.merge_gap, self.split_size)
+        run = self._run if done is None else _Completion(todo, indices, gets, done, self._run)
         if len(gets) <= 1 or self.max_in_flight == 1:
             for g in gets:
-                self._run(g)
+                run(g)
         else:
-            self._run_parallel(gets)
+            self._run_parallel(gets, run)
         if self.cache is not None:
             for offset, view in todo:
                 self.cache.put(self.source.identity, offset, view)
@@ -159,10 +174,10 @@ class Fetcher:
             for view, at in g.scatter:
                 view[:] = body[at:at + view.nbytes]
 
-    def _run_parallel(self, gets: list[Get]) -> None:
+    def _run_parallel(self, gets: list[Get], run: Callable[[Get], None]) -> None:
         pool = self._executor()
         # Largest first, so that one big GET does not start last and finish alone.
-        futures = [pool.submit(self._run, g) for g in sorted(gets, key=lambda g: -g.nbytes)]
+        futures = [pool.submit(run, g) for g in sorted(gets, key=lambda g: -g.nbytes)]
         error: BaseException | None = None
         for f in futures:
             try:
@@ -203,6 +218,49 @@ class Fetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Completion:
+    """Runs the GETs of one fetch and calls ``done(i)`` for each request once every GET that
+    writes into it has run (a request larger than the split size takes several)."""
+
+    def __init__(self, todo: list[tuple[int, memoryview]], indices: list[int], gets: list[Get],
+                 done: Callable[[int], None], run: Callable[[Get], None]) -> None:
+        self._done, self._run = done, run
+        self._lock = threading.Lock()
+        order = sorted(range(len(todo)), key=lambda k: todo[k][0])
+        starts = [todo[k][0] for k in order]
+        self._covers: dict[int, list[int]] = {}  # by id of the GET: the requests it writes
+        self._pending = [0] * len(todo)
+        longest = max((v.nbytes for _, v in todo), default=0)
+        for g in gets:
+            end = g.offset + g.nbytes
+            mine = []
+            # Requests are sorted by offset and rarely overlap: look back from the last one that
+            # starts before the GET ends until one ends before the GET starts.
+            k = bisect.bisect_left(starts, end) - 1
+            while k >= 0:
+                offset, view = todo[order[k]]
+                if offset + view.nbytes > g.offset:
+                    mine.append(order[k])
+                elif offset + longest <= g.offset:
+                    break
+                k -= 1
+            for k in mine:
+                self._pending[k] += 1
+            self._covers[id(g)] = mine
+        self._indices = indices
+
+    def __call__(self, g: Get) -> None:
+        self._run(g)
+        finished = []
+        with self._lock:
+            for k in self._covers[id(g)]:
+                self._pending[k] -= 1
+                if not self._pending[k]:
+                    finished.append(self._indices[k])
+        for i in finished:
+            self._done(i)
 
 
 _live: weakref.WeakSet[Fetcher] = weakref.WeakSet()

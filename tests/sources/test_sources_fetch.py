@@ -162,6 +162,38 @@ def test_second_epoch_from_the_disk_cache(http, blob, tmp_path):
         assert src.stats.requests == 1 + 20 and f.cache_hits == 20
 
 
+@pytest.mark.parametrize("split", [1 << 20, 700])
+def test_done_is_called_once_per_request_when_its_bytes_are_in(http, blob, tmp_path, split):
+    # Merged neighbours, a range split over several GETs (split 700), an overlap, an empty
+    # range and (second fetch) cache hits: each index once, its bytes already in place.
+    spec = [(10_000 + i * 1500, 1000) for i in range(20)] + [(2_000_000, 3000), (5, 0),
+                                                             (10_500, 800), (900_000, 10)]
+    with open_source(http.url(BLOB_NAME)) as src, \
+            src.fetcher(merge_gap=1000, split_size=split,
+                        cache=ByteCache(str(tmp_path / "c"), 1 << 20)) as f:
+        for _ in range(2):
+            reqs = requests_of(len(blob), spec)
+            seen: list[int] = []
+
+            def done(i, reqs=reqs, seen=seen):
+                off, n, dest = reqs[i]
+                assert dest.tobytes() == blob[off:off + n], (off, n)
+                seen.append(i)
+
+            f.fetch(reqs, done)
+            assert sorted(seen) == list(range(len(spec)))
+            check(reqs, blob)
+
+
+def test_an_error_in_done_is_the_fetch_error(http, blob):
+    def done(i):
+        raise KeyError("decoder")
+
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(merge_gap=0) as f, \
+            pytest.raises(KeyError, match="decoder"):
+        f.fetch(requests_of(len(blob), [(0, 10), (500_000, 10)]), done)
+
+
 def test_plan_keeps_views_in_place():
     buf = bytearray(30)
     views = [memoryview(buf)[0:10], memoryview(buf)[10:30]]
