@@ -32,9 +32,10 @@ from .._sources.options import StorageOptions
 URL_PREFIXES = ("s3://", "http://", "https://")
 # The cache of fetched ranges holds at most this many bytes when ``cache_dir`` is given alone.
 DEFAULT_CACHE_LIMIT = 10 << 30
-# Ranged GETs each worker keeps in flight: a Reader's batch of 64 scattered rows takes two round
-# trips, a block of chunks streams with the link full.
-WORKER_IN_FLIGHT = 32
+# Ranged GETs each worker keeps in flight: a Reader's batch of 64 scattered rows is at most 64
+# GETs (fewer where rows share one), all at once: one round trip; a block of chunks streams with
+# the link full. With 32, a batch of 64 rows over 8 MB (35-40 GETs) took two (bench/README.md).
+WORKER_IN_FLIGHT = 64
 # The most one GET fetches: neighbouring chunks merge up to this, larger ranges are cut to it, so
 # a Streamer's slot (``_streamer.job.REMOTE_SLOT_TARGET_BYTES``) is several GETs at once.
 WORKER_GET_BYTES = 1 << 20
@@ -120,10 +121,19 @@ class RemoteFile:
         self._mine()
         if self._blockfile is None:
             if self.meta_blocks:
+                # A forked worker finds the blocks in the memory it inherited from the parent,
+                # if the parent read them before the fork: no request (a round trip at every
+                # job start, otherwise) and no copy of their bytes in the job's pickle. With a
+                # cache_dir they are fetched through it, so that a later epoch finds them there
+                # whether or not its parent still holds them.
+                inherited = _BLOCKFILES.get(self.source.identity)
+                given = (inherited.held(self.meta_blocks, wait=False)
+                         if inherited is not None and self.cache_dir is None else None)
                 self._blockfile = _NamedBlockFile(self.source, first_read=0)
-                self._blockfile.prime(self.meta_blocks, self.fetcher())
+                self._blockfile.prime(self.meta_blocks, self.fetcher(), given)
             else:
                 self._blockfile = _NamedBlockFile(self.source)
+            _BLOCKFILES[self.source.identity] = self._blockfile
         return self._blockfile
 
     def open(self, file_kwargs: Mapping[str, Any]) -> h5py.File:
@@ -210,6 +220,10 @@ def keywords_of(file: str | RemoteFile) -> dict[str, Any]:
     """The front door keywords that remake ``file`` with ``file_of`` (none for a path)."""
     return file.keywords() if isinstance(file, RemoteFile) else {}
 
+
+# Each process's block files by the pinned object's identity (URL, size, version), which a forked
+# child inherits: see ``RemoteFile.blockfile``.
+_BLOCKFILES: weakref.WeakValueDictionary[Any, BlockFile] = weakref.WeakValueDictionary()
 
 # The datasets that workers opened from a RemoteFile, for the fast paths (``remoteread``) to
 # find their file: keyed weakly by the dataset's id, as ``source.per_dataset`` is.

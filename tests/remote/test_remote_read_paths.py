@@ -48,6 +48,33 @@ def worker_file(http, monkeypatch):
     opened.close()
 
 
+def test_a_worker_opens_the_file_from_the_parents_blocks_no_request(http, truth):
+    parent = RemoteFile(http.url(H5_NAME))
+    describe(parent, "x", {})
+    child = pickle.loads(pickle.dumps(parent))
+    assert child.meta_blocks  # the blocks h5py read in the parent, found in its block file
+    before = http.counts["requests"]
+    opened = OpenFile(child, {})
+    try:
+        x = opened.dataset("x")
+        assert http.counts["requests"] == before
+        np.testing.assert_array_equal(_read(x, np.s_[3:40]), truth["x"][3:40])
+    finally:
+        opened.close()
+
+
+def test_compressed_chunks_decoded_as_each_get_arrives(worker_file, monkeypatch, truth):
+    # GETs of about one chunk each: whole chunks are decoded by the fetch threads, the partial edge
+    # chunks after the fetch; the result equals the file's.
+    gz = worker_file.dataset("gz")
+    decoder = ChunkDecoder.of(gz)
+    assert isinstance(decoder, RemoteDecoder)
+    monkeypatch.setattr(decoder._fetcher, "split_size", int(decoder._sizes.max()))
+    monkeypatch.setattr(decoder._fetcher, "merge_gap", 0)
+    for key in (np.s_[20:980], np.s_[0:1000], np.s_[999:1000]):
+        np.testing.assert_array_equal(_read(gz, key), truth["gz"][key])
+
+
 def _read(dataset, key) -> np.ndarray:
     sel = translate(key if isinstance(key, tuple) else (key,), dataset.shape)
     out = np.empty(sel.result_shape, dataset.dtype)

@@ -148,6 +148,9 @@ class _Zeros:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYNs of a client opening dozens of
+    # connections at once, which then wait a second for the kernel's retransmit.
+    request_queue_size = 128
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A client that closes mid-body (it took its slice of a 200, or timed out) is normal
