@@ -10,6 +10,7 @@ a Loader over a thousand shards starts in about a second, not after a thousand s
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import glob
 import multiprocessing
@@ -179,17 +180,17 @@ def describe_files(files: Sequence[FileRef], first: Sequence[DatasetInfo], kw: d
     """Every file of ``files`` described and checked; in parallel processes when there are many
     local files and workers fork."""
     jobs = [(file, tuple(first), kw) for file in files]
+    # A daemonic process (a DataLoader worker) may not have children of its own.
     parallel = (len(files) >= PARALLEL_FROM and (start_method or "fork") == "fork"
-                and not any(isinstance(f, RemoteFile) for f in files) and usable_cpus() > 1)
+                and not any(isinstance(f, RemoteFile) for f in files) and usable_cpus() > 1
+                and not multiprocessing.current_process().daemon)
     if not parallel:
         return Files([describe_shard(*job) for job in jobs])
     n = min(usable_cpus(), 8)
-    pool = multiprocessing.get_context("fork").Pool(n)
-    try:
-        shards = pool.map(_describe_args, jobs, chunksize=-(-len(jobs) // (4 * n)))
-    finally:
-        pool.terminate()
-        pool.join()
+    # An executor, not a Pool: a helper that dies (killed, out of memory) raises
+    # BrokenProcessPool here, where a Pool would wait for its lost task for ever.
+    with concurrent.futures.ProcessPoolExecutor(n, multiprocessing.get_context("fork")) as pool:
+        shards = list(pool.map(_describe_args, jobs, chunksize=-(-len(jobs) // (4 * n))))
     return Files(shards)
 
 

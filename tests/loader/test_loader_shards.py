@@ -300,3 +300,26 @@ def test_an_s3_glob_lists_the_prefix(shards, tmp_path):
             np.testing.assert_array_equal(rows_of(list(loader)), np.arange(total))
         with pytest.raises(ValueError, match="no file matches"):
             make("s3://bkt/nothing-*.h5", storage_options=options)
+
+
+def _loader_rows_in_a_daemon(files):
+    with multitables.Loader(files, "idx", 64, n_procs=1) as loader:
+        return np.concatenate(list(loader)).tolist()
+
+
+@pytest.mark.timeout(60)
+def test_many_files_in_a_daemonic_process(tmp_path):
+    """A daemonic process (a DataLoader or Pool worker) may not have children: describing many
+    files there in parallel processes failed; it describes them one by one instead."""
+    import concurrent.futures
+    import multiprocessing
+
+    n = files_module.PARALLEL_FROM + 2
+    files = []
+    for i in range(n):
+        files.append(str(tmp_path / f"s{i:03d}.h5"))
+        write_shard(files[-1], 3 * i, 3)
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, ctx) as pool:  # its workers are daemonic
+        rows = pool.submit(_loader_rows_in_a_daemon, files).result(timeout=50)
+    assert rows == list(range(3 * n))
