@@ -311,7 +311,6 @@ def _loader_rows_in_a_daemon(files):
 def test_many_files_in_a_daemonic_process(tmp_path):
     """A daemonic process (a DataLoader or Pool worker) may not have children: describing many
     files there in parallel processes failed; it describes them one by one instead."""
-    import concurrent.futures
     import multiprocessing
 
     n = files_module.PARALLEL_FROM + 2
@@ -319,7 +318,6 @@ def test_many_files_in_a_daemonic_process(tmp_path):
     for i in range(n):
         files.append(str(tmp_path / f"s{i:03d}.h5"))
         write_shard(files[-1], 3 * i, 3)
-    ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(1, ctx) as pool:  # its workers are daemonic
-        rows = pool.submit(_loader_rows_in_a_daemon, files).result(timeout=50)
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # its workers are daemonic
+        rows = pool.apply_async(_loader_rows_in_a_daemon, (files,)).get(timeout=50)
     assert rows == list(range(3 * n))
