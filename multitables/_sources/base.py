@@ -137,3 +137,19 @@ class Source(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, size={self.size}, etag={self.etag!r})"
+
+
+class RemoteSource(Source):
+    """A source reached over the network, pinned to the version its first request saw (a
+    ``transport.Pin``: size, and ETag or Last-Modified)."""
+
+    remote = True
+    pin: Any
+
+    def pin_to(self, pin: Any) -> None:
+        self.pin = pin
+        self.size, self.etag = pin.size, pin.etag
+
+    @property
+    def identity(self) -> tuple:
+        return (self.url, self.size, self.pin.version())

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 import urllib3
 
-from .base import Source
+from .base import RemoteSource
 from .options import Location, StorageOptions, parse_location, storage_options
 from .transport import Pin, Transport
 
 
-class HTTPSource(Source):
+class HTTPSource(RemoteSource):
     """An object behind an HTTP(S) URL. One GET of its first byte at open pins its size and
     ETag (or Last-Modified); every later GET asks ``If-Match`` and checks the answer, so a
     replaced object raises ``ObjectChangedError`` naming the URL.
@@ -20,7 +20,6 @@ class HTTPSource(Source):
     user:password in the URL becomes Basic authentication. Redirects are followed (up to 5).
     """
 
-    remote = True
 
     def __init__(self, location: Location | str, options: StorageOptions | dict | None = None,
                  *, pin: Pin | None = None, maxsize: int = 10) -> None:
@@ -39,12 +38,7 @@ class HTTPSource(Source):
         self._headers = headers
         if pin is None:
             pin = self.transport.probe(location.url, headers, self.url)
-        self.pin = pin
-        self.size, self.etag = pin.size, pin.etag
-
-    @property
-    def identity(self) -> tuple:
-        return (self.url, self.size, self.pin.version())
+        self.pin_to(pin)
 
     def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
         self.transport.get_range(self.location.url, offset, segments, self.pin, self.url,

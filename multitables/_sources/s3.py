@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import Source, SourceStats
+from .base import RemoteSource, SourceStats
 from .options import (
     Location,
     S3Settings,
@@ -121,7 +121,7 @@ def _parse_listing(body: bytes) -> tuple[list[tuple[str, int, str | None]], str 
     return page, token
 
 
-class S3Source(Source):
+class S3Source(RemoteSource):
     """``s3://bucket/key``: settings resolved at open (``storage_options``, then the AWS
     environment and config files, see :func:`~multitables._sources.options.resolve_s3`), one
     signed GET of the first byte pins size and ETag, later GETs send ``If-Match``.
@@ -130,7 +130,6 @@ class S3Source(Source):
     naming ``s3://bucket/key`` and S3's error code (never the keys or the signature).
     """
 
-    remote = True
 
     def __init__(self, location: Location | str, options: StorageOptions | dict | None = None,
                  *, settings: S3Settings | None = None, pin: Pin | None = None,
@@ -147,12 +146,7 @@ class S3Source(Source):
         self._object_url = self.client.url(location.bucket, location.key)
         if pin is None:
             pin = self.client.probe(location.bucket, location.key, self.url)
-        self.pin = pin
-        self.size, self.etag = pin.size, pin.etag
-
-    @property
-    def identity(self) -> tuple:
-        return (self.url, self.size, self.pin.version())
+        self.pin_to(pin)
 
     def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
         self.client.transport.get_range(self._object_url, offset, segments, self.pin, self.url,
