@@ -18,6 +18,7 @@ import hashlib
 import multiprocessing
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -77,7 +78,10 @@ def _serve(root: str, knobs: dict[str, Any], conn: Any) -> None:
             srv.stop()
             conn.send(None)
             return
-        if command == "reset":
+        if command == "cpu":  # the server's CPU seconds so far (all its threads)
+            use = resource.getrusage(resource.RUSAGE_SELF)
+            conn.send(use.ru_utime + use.ru_stime)
+        elif command == "reset":
             with srv._lock:
                 srv.counts.clear()
                 srv.log.clear()
@@ -123,6 +127,9 @@ class Server:
     def reset(self) -> None:
         self._ask("reset")
 
+    def cpu(self) -> float:
+        return self._ask("cpu")
+
     def stop(self) -> None:
         try:
             self._ask("stop")
@@ -166,7 +173,9 @@ def fsspec_open(url: str, options: Any, block_size: int | None, cache_type: str 
         return fs.open(url[len("s3://"):], "rb", **kw)
     import fsspec
 
-    return fsspec.filesystem("http").open(url, "rb", **kw)
+    # A new filesystem each time: fsspec's cached one keeps aiohttp connections that the
+    # server closes when idle (10 s), and a later open waited on one of them for ever.
+    return fsspec.filesystem("http", skip_instance_cache=True).open(url, "rb", **kw)
 
 
 def h5py_fsspec_stream(url: str, options: Any, path: str, tune: tuple | None) -> int:
@@ -266,6 +275,50 @@ def fetch_stats(url: str, options: Any, path: str) -> Any:
             src.stats.percentile(50), src.stats.percentile(99))
 
 
+def decode_bound(url: str, options: Any, local: str, path: str, server: Server | None,
+                 streamer: Any, n_procs: int) -> dict[str, float]:
+    """What the cores of this machine allow a Streamer of compressed ``path`` over ``url``:
+    CPU seconds per decoded MB of the server (counted by the server over one Streamer pass),
+    of fetching the stored chunks (this process, one Fetcher as a worker has) and of decoding
+    them (one core, libdeflate and the unshuffle, on the same chunks in memory); the bound is
+    the cores over their sum. The consumer's own CPU is left out (the bound is generous)."""
+    from multitables._hdf5.decode import inflate, unshuffle
+    from multitables._sources.chunkmap import chunk_map
+
+    with h5py.File(local, "r") as f:
+        ds = f[path]
+        cm = chunk_map(ds)
+        nbytes = int(np.prod(ds.chunks)) * ds.dtype.itemsize
+        chunks = [ds.id.read_direct_chunk(tuple(int(x) for x in o))[1]
+                  for o in cm.chunk_offsets]
+        decoded_mb = nbytes * len(chunks) / 1e6
+    server_s = 0.0
+    if server is not None:
+        before = server.cpu()
+        streamer_pass(url, options, path, n_procs, streamer)
+        server_s = (server.cpu() - before) / decoded_mb
+    src = open_source(url, options)
+    body = np.empty(int(cm.sizes.sum()), np.uint8)
+    ranges, at = [], 0
+    for off, size in zip(cm.byte_offsets.tolist(), cm.sizes.tolist(), strict=True):
+        ranges.append((off, size, body[at:at + size]))
+        at += size
+    with src.fetcher(max_in_flight=32, split_size=1 << 20) as fetcher:
+        t = time.process_time()
+        fetcher.fetch(ranges)
+        fetch_s = (time.process_time() - t) / decoded_mb
+    src.close()
+    out = np.empty(nbytes, np.uint8)
+    t = time.process_time()
+    for raw in chunks:
+        unshuffle(np.frombuffer(inflate(raw, nbytes), np.uint8), out, ds.dtype.itemsize)
+    decode_s = (time.process_time() - t) / decoded_mb
+    cores = usable_cpus()
+    return {"server_s_per_mb": server_s, "fetch_s_per_mb": fetch_s,
+            "decode_s_per_mb": decode_s, "cores": cores,
+            "bound_mb_s": cores / (server_s + fetch_s + decode_s)}
+
+
 # ------------------------------------------------------------------------------------ scenarios
 def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, int],
              args: argparse.Namespace, server: Server | None) -> dict[str, Any]:
@@ -311,6 +364,12 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
           lambda: streamer_pass(url, options, GZ_IMAGES, n, remote_streamer)}
     gz_report = m.run_rounds(gz, args.rounds, baseline=f"Streamer gzip, local (n_procs={n})")
     print(gz_report.table())
+    bound = decode_bound(url, options, local, GZ_IMAGES, server, remote_streamer, n)
+    gz_url = gz_report.median(f"Streamer gzip, URL (n_procs={n})")
+    print(f"  CPU per decoded MB: server {bound['server_s_per_mb'] * 1e3:.2f} ms, fetch "
+          f"{bound['fetch_s_per_mb'] * 1e3:.2f} ms, decode {bound['decode_s_per_mb'] * 1e3:.2f}"
+          f" ms: {bound['cores']} cores allow {bound['bound_mb_s']:.0f} MB/s; Streamer gzip "
+          f"over the URL {gz_url:.0f} MB/s ({gz_url / bound['bound_mb_s']:.2f}x the bound)")
     remote_streamer.close()
     local_streamer.close()
 
@@ -353,7 +412,8 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
             print(f"  one Loader epoch: {c['requests']} requests, "
                   f"{c['bytes_fetched'] / 1e6:.1f} MB fetched for {gz_bytes / 1e6:.1f} MB "
                   f"stored ({c['bytes_fetched'] / gz_bytes:.3f}x)")
-    return {"stream": report.to_dict(), "gzip": gz_report.to_dict(), "loader":
+    return {"stream": report.to_dict(), "gzip": gz_report.to_dict(), "gzip_bound": bound,
+            "loader":
             lreport.to_dict(), "reader_ms": p50 * 1e3, "reader_h5py_fsspec_ms": base50 * 1e3,
             "counts": counted}
 
