@@ -32,7 +32,6 @@ from .._hdf5.source import (
     open_file,
     usable_cpus,
 )
-from .._sources import s3
 from .job import plan_units
 
 # Files a worker keeps open at once (least recently used closed first), at most; fewer if the
@@ -90,6 +89,9 @@ def _s3_matches(pattern: str, storage_options: Any) -> list[str]:
     if not pattern.lower().startswith("s3://"):
         raise ValueError(f"{pattern!r}: glob patterns of URLs are supported for s3:// only; "
                          "pass the list of URLs")
+    from .._sources import require_remote, s3  # the remote extra: only for URLs
+
+    require_remote(pattern)
     bucket, _, key_pattern = pattern[5:].partition("/")
     prefix = re.split(r"[*?\[]", key_pattern, maxsplit=1)[0]
     found = s3.list_prefix(bucket, prefix, storage_options)

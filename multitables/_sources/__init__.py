@@ -32,7 +32,7 @@ def open_source(location: str | os.PathLike,
     opts = _options.storage_options(storage_options)
     if loc.scheme == "file":
         return LocalSource(loc.path)
-    _require_remote(loc.display)
+    require_remote(loc.display)
     if loc.scheme == "s3":
         from .s3 import S3Source
         return S3Source(loc, opts, **kwargs)
@@ -43,11 +43,18 @@ def open_source(location: str | os.PathLike,
 REMOTE_MODULES = ("urllib3", "botocore")
 
 
-def _require_remote(display: str) -> None:
-    """Say which extra a URL needs, rather than which module failed to import deep inside."""
+def _importable(name: str) -> bool:
     import importlib.util
 
-    missing = [name for name in REMOTE_MODULES if importlib.util.find_spec(name) is None]
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # an import hook that refuses it
+        return False
+
+
+def require_remote(display: str) -> None:
+    """Say which extra a URL needs, rather than which module failed to import deep inside."""
+    missing = [name for name in REMOTE_MODULES if not _importable(name)]
     if missing:
         raise ImportError(f"reading {display} needs {' and '.join(missing)}: "
                           "pip install 'multitables[remote]'")
