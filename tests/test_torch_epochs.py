@@ -4,10 +4,10 @@ through what the copies share."""
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import write_h5py
 from torch.utils.data import DataLoader
 
 import multitables.torch
@@ -18,8 +18,7 @@ N, BATCH, SEED = 1003, 32, 3
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("torch_epochs") / "rows.h5")
-    with h5py.File(path, "w") as f:
-        f.create_dataset("idx", data=np.arange(N), chunks=(40,))
+    write_h5py(path, "idx", np.arange(N), chunks=(40,))
     return path
 
 

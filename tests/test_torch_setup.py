@@ -3,10 +3,10 @@ batches again, and state taken at an epoch boundary with DataLoader workers."""
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import write_h5py
 from torch.utils.data import DataLoader
 
 import multitables.torch
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("torch_setup") / "t.h5")
-    with h5py.File(path, "w") as f:
-        f.create_dataset("idx", data=np.arange(N), chunks=(40,))
+    write_h5py(path, "idx", np.arange(N), chunks=(40,))
     return path
 
 

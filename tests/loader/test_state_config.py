@@ -3,9 +3,9 @@ shapes an epoch is checked, ``drop_last`` included."""
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
+from helpers import write_h5py
 
 import multitables
 
@@ -15,8 +15,7 @@ N_ROWS = 103  # prime: drop_last changes both the number of batches and the rows
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("state") / "rows.h5")
-    with h5py.File(path, "w") as f:
-        f.create_dataset("idx", data=np.arange(N_ROWS), chunks=(10,))
+    write_h5py(path, "idx", np.arange(N_ROWS), chunks=(10,))
     return path
 
 
