@@ -93,7 +93,8 @@ class Results:
 
 
 def run_rounds(readers: dict[str, Callable[[int], Pass]], rounds: int) -> Results:
-    """Every reader once per round, round-robin, the start rotating (as ``_measure.run_rounds``)."""
+    """Every reader once per round, round-robin, the start rotating (as
+    ``multitables._tools.measure.run_rounds``)."""
     results = Results({name: [] for name in readers})
     names = list(readers)
     for r in range(rounds):
