@@ -119,7 +119,8 @@ class Shard:
         return [self.name, self.size] if etag is None else [self.name, self.size, etag]
 
 
-def _version(file: FileRef) -> tuple[int, Any]:
+def version_of(file: FileRef) -> tuple[int, Any]:
+    """``(size, version)``: the mtime in ns of a path, the ETag of a URL."""
     if isinstance(file, RemoteFile):
         return file.source.size, file.source.etag
     st = os.stat(file)
@@ -139,7 +140,7 @@ def describe_shard(file: FileRef, first: Sequence[DatasetInfo],
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{name_of(file)}: the columns must have the same number of rows, got "
                          f"{lengths}")
-    size, version = _version(file)
+    size, version = version_of(file)
     n_rows = infos[0].shape[0]
     return Shard(file, n_rows, plan_units(infos) if n_rows else 1, size, version)
 
@@ -252,7 +253,7 @@ class Files:
         each; a URL is pinned to its version by its source, which checks it)."""
         changed = []
         for s in self.shards:
-            if not isinstance(s.file, RemoteFile) and _version(s.file) != (s.size, s.version):
+            if not isinstance(s.file, RemoteFile) and version_of(s.file) != (s.size, s.version):
                 changed.append(s.name)
         if changed:
             raise ValueError(f"{len(changed)} file(s) changed since this Loader was made: "

@@ -8,17 +8,12 @@ error about shapes, or not at all: rows appended would never be read, without a 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from .._hdf5.source import DatasetInfo, FileRef, open_file
-
-
-def _identity(filename: str) -> tuple[int, int]:
-    st = os.stat(filename)
-    return st.st_size, st.st_mtime_ns
+from .files import version_of
 
 
 class FileState:
@@ -29,7 +24,7 @@ class FileState:
         self.file, self.file_kwargs = file, file_kwargs
         self.paths = [info.path for info in infos]
         self.n_rows = infos[0].shape[0]
-        self.identity = _identity(file) if isinstance(file, str) else None
+        self.identity = version_of(file) if isinstance(file, str) else None
         self.warned = False
 
     def check(self) -> None:
@@ -37,7 +32,7 @@ class FileState:
         (once) if rows were added. Costs one ``stat`` while the file is unchanged."""
         if not isinstance(self.file, str):
             return
-        now = _identity(self.file)
+        now = version_of(self.file)
         if now == self.identity:
             return
         with open_file(self.file, self.file_kwargs) as f:
