@@ -1,7 +1,8 @@
 """A dask array of an HDF5 dataset whose tasks read whole chunks through multitables' read paths.
 
 ``from_hdf5(filename, path)`` checks the dataset in the caller and returns a ``dask.array.Array``
-with one block per run of whole HDF5 chunks along the first axis. Each task reads its rows with
+with one block per run of whole HDF5 chunks along the first axis; over a list or glob of files,
+the files' datasets concatenated, each file's blocks its own. Each task reads its rows with
 :func:`multitables._hdf5.hyperslab.read_selection`, the code the Streamer's workers run (``pread``
 past HDF5 for unfiltered data, ISA-L/Blosc decoders for compressed chunks), straight into the
 block's array. The graph holds no h5py object: a task is the file name, the dataset path, the h5py
@@ -47,6 +48,7 @@ import dask.array as da
 import numpy as np
 from dask.array.core import graph_from_arraylike
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 from dask.utils import parse_bytes
 
 from ._engine import hooks
@@ -54,7 +56,7 @@ from ._engine._lent import Lent
 from ._hdf5.chunkcache import chunk_cache
 from ._hdf5.hyperslab import read_selection, result_layout
 from ._hdf5.rawread import RawRows
-from ._hdf5.remote import RemoteFile, file_of
+from ._hdf5.remote import RemoteFile, file_of, name_of
 from ._hdf5.source import (
     DatasetInfo,
     FileRef,
@@ -64,6 +66,7 @@ from ._hdf5.source import (
     describe,
 )
 from ._keys._indexing import translate
+from ._loader.files import each_file, expand, file_infos
 
 __all__ = ["close_files", "from_hdf5"]
 
@@ -82,7 +85,12 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
     ----------
     filename, path
         The file (a path every process that computes the array can open, or a URL:
-        ``s3://bucket/key.h5``, ``http(s)://...``) and the dataset in it.
+        ``s3://bucket/key.h5``, ``http(s)://...``) and the dataset in it. Many files read as
+        one array, their rows concatenated along axis 0: a list of paths or URLs, or a glob
+        pattern (``"shards/*.h5"``, matches sorted by name; ``s3://bucket/part-*.h5`` lists
+        the bucket's prefix). Every file must hold ``path`` with the same dtype and row shape;
+        files may differ in row counts, chunks and filters, and each file's blocks are its
+        own whole chunks (a block never spans two files).
     chunks
         Rows per block, rounded to a whole number of HDF5 chunks (at least one). By default the
         whole chunks nearest to dask's ``array.chunk-size`` (128 MiB unless configured).
@@ -112,7 +120,13 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
         No dataset ``path`` in the file (``TypeError`` if it is a group).
     ValueError, TypeError
         An unknown ``field``, ``chunks`` not an int >= 1, a scalar or variable-length dataset.
+        Over many files, ValueError naming the file that lacks ``path`` or holds rows of
+        another shape or dtype than the first file's, and for an empty list or a pattern that
+        matches nothing.
     """
+    files = expand(filename, storage_options, cache_dir, cache_limit)
+    if files is not None:
+        return _from_files(files, path, chunks, field, file_kwargs)
     file = file_of(filename, storage_options, cache_dir, cache_limit)
     if not isinstance(file, RemoteFile):
         file = os.path.abspath(file)
@@ -130,15 +144,57 @@ def from_hdf5(filename: str | os.PathLike, path: str, chunks: int | None = None,
     block_chunks = (row_chunks,) + tuple((d,) for d in shape[1:])
     # The file's version (size and modification time, or an object's pinned size and ETag) is
     # in the name: a rewritten file is a new array, never the results a cluster kept of the old.
-    if isinstance(file, RemoteFile):
-        version: tuple = file.source.identity
-    else:
-        stat = os.stat(file)
-        version = (stat.st_size, stat.st_mtime_ns)
-    name = "from-hdf5-" + tokenize(source, block_chunks, *version)
+    name = "from-hdf5-" + tokenize(source, block_chunks, *_version(file))
     graph = graph_from_arraylike(source, block_chunks, shape, name, getitem=_read_block,
                                  inline_array=True, dtype=fdt.base)
     return da.Array(graph, name, block_chunks, meta=np.empty((0,) * len(shape), fdt.base))
+
+
+def _from_files(files: list[FileRef], path: str, chunks: int | None, field: str | None,
+                file_kwargs: dict[str, Any]) -> da.Array:
+    """The datasets ``path`` of ``files`` concatenated along axis 0, each file's blocks its
+    own whole chunks (a block never spans two files)."""
+    files = [f if isinstance(f, RemoteFile) else os.path.abspath(f) for f in files]
+    try:
+        first = describe(files[0], path, file_kwargs)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{name_of(files[0])}: {exc.args[0] if exc.args else exc}; every "
+                         "file must hold the dataset") from None
+    check_rows(first.path, files[0], first.shape, first.vlen_base,
+               scalar=" dataset; read it with h5py", vlen="; a dask array needs a fixed dtype")
+    fdt = first.field_dtype(field)
+    infos = [found[0] for found in each_file(file_infos, files, [first], file_kwargs, None)]
+    kwargs = chunk_cache(file_kwargs, "once")
+    blocks: list[tuple[_BlockSource, int, int]] = []
+    for file, info in zip(files, infos, strict=True):
+        n, rows = info.shape[0], _block_rows(info, fdt, chunks)
+        source = _BlockSource(file, info.path, kwargs, field)
+        blocks += [(source, a, min(a + rows, n)) for a in range(0, n, rows)]
+    if not blocks:  # every file empty: one empty block
+        blocks = [(_BlockSource(files[0], first.path, kwargs, field), 0, 0)]
+    shape = (sum(info.shape[0] for info in infos),) + first.shape[1:] + fdt.shape
+    block_chunks = (tuple(b - a for _, a, b in blocks),) + tuple((d,) for d in shape[1:])
+    # Every file's version in the name, as for one file: a rewritten shard is a new array.
+    name = "from-hdf5-" + tokenize(blocks, [_version(f) for f in files])
+    tail = (0,) * (len(shape) - 1)
+    graph = {(name, k, *tail): (_read_rows, source, a, b)
+             for k, (source, a, b) in enumerate(blocks)}
+    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
+                    block_chunks, meta=np.empty((0,) * len(shape), fdt.base))
+
+
+def _version(file: FileRef) -> tuple:
+    """What identifies the bytes of ``file``: the pinned size and ETag of an object, the size
+    and modification time of a path."""
+    if isinstance(file, RemoteFile):
+        return file.source.identity
+    stat = os.stat(file)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _read_rows(source: _BlockSource, start: int, stop: int) -> np.ndarray:
+    """The task of one block of a dataset over many files: rows ``start:stop`` of one file."""
+    return source.read(start, stop)
 
 
 def _block_rows(info: DatasetInfo, dtype: np.dtype, rows: int | None) -> int:

@@ -16,7 +16,7 @@ import glob
 import multiprocessing
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,15 +127,21 @@ def version_of(file: FileRef) -> tuple[int, Any]:
     return st.st_size, st.st_mtime_ns
 
 
+def file_infos(file: FileRef, first: Sequence[DatasetInfo],
+               kw: dict[str, Any]) -> list[DatasetInfo]:
+    """The datasets of ``file`` at the paths of ``first`` (the first file's), described:
+    ValueError naming the file for a missing one or one of another dtype or row shape."""
+    if isinstance(file, RemoteFile):
+        return _infos(file, first, kw, None)
+    with open_file(file, kw) as opened:  # once for all its columns
+        return _infos(file, first, kw, opened)
+
+
 def describe_shard(file: FileRef, first: Sequence[DatasetInfo],
                    kw: dict[str, Any]) -> Shard:
-    """``file`` checked against the first file's datasets ``first``: ValueError naming the file
-    for a missing column, another dtype or row shape, or columns of unequal lengths."""
-    if isinstance(file, RemoteFile):
-        infos = _infos(file, first, kw, None)
-    else:
-        with open_file(file, kw) as opened:  # once for all its columns
-            infos = _infos(file, first, kw, opened)
+    """``file`` checked against the first file's datasets ``first`` (``file_infos``), and its
+    columns of equal lengths (else ValueError naming the file)."""
+    infos = file_infos(file, first, kw)
     lengths = {info.path: info.shape[0] for info in infos}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{name_of(file)}: the columns must have the same number of rows, got "
@@ -174,27 +180,33 @@ def _describe(file: FileRef, path: str, kw: dict[str, Any],
                        chunks=ds.chunks, compression=ds.compression, vlen_base=None)
 
 
-def _describe_args(args: tuple) -> Shard:
-    return describe_shard(*args)
-
-
-def describe_files(files: Sequence[FileRef], first: Sequence[DatasetInfo], kw: dict[str, Any],
-                   start_method: str | None) -> Files:
-    """Every file of ``files`` described and checked; in parallel processes when there are many
-    local files and workers fork."""
-    jobs = [(file, tuple(first), kw) for file in files]
+def each_file(describe_one: Callable[..., Any], files: Sequence[FileRef],
+              first: Sequence[DatasetInfo], kw: dict[str, Any],
+              start_method: str | None) -> list[Any]:
+    """``describe_one(file, first, kw)`` for every file of ``files``, in order; in parallel
+    processes when there are many local files and workers fork (each call opens its file)."""
+    jobs = [(describe_one, file, tuple(first), kw) for file in files]
     # A daemonic process (a DataLoader worker) may not have children of its own.
     parallel = (len(files) >= PARALLEL_FROM and (start_method or "fork") == "fork"
                 and not any(isinstance(f, RemoteFile) for f in files) and usable_cpus() > 1
                 and not multiprocessing.current_process().daemon)
     if not parallel:
-        return Files([describe_shard(*job) for job in jobs])
+        return [_call(job) for job in jobs]
     n = min(usable_cpus(), 8)
     # An executor, not a Pool: a helper that dies (killed, out of memory) raises
     # BrokenProcessPool here, where a Pool would wait for its lost task for ever.
     with concurrent.futures.ProcessPoolExecutor(n, multiprocessing.get_context("fork")) as pool:
-        shards = list(pool.map(_describe_args, jobs, chunksize=-(-len(jobs) // (4 * n))))
-    return Files(shards)
+        return list(pool.map(_call, jobs, chunksize=-(-len(jobs) // (4 * n))))
+
+
+def _call(job: tuple) -> Any:
+    return job[0](*job[1:])
+
+
+def describe_files(files: Sequence[FileRef], first: Sequence[DatasetInfo], kw: dict[str, Any],
+                   start_method: str | None) -> Files:
+    """Every file of ``files`` described and checked (``describe_shard``, ``each_file``)."""
+    return Files(each_file(describe_shard, files, first, kw, start_method))
 
 
 class Files:
