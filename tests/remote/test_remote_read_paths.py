@@ -63,6 +63,22 @@ def test_a_worker_opens_the_file_from_the_parents_blocks_no_request(http, truth)
         opened.close()
 
 
+def test_every_job_of_a_worker_opens_the_file_from_the_parents_blocks(http, truth):
+    # A worker runs one job per epoch, each with its own copy of the file, closed at the job's
+    # end: the second job still finds the parent's blocks, not the first job's closed ones.
+    parent = RemoteFile(http.url(H5_NAME))
+    describe(parent, "x", {})
+    before = http.counts["requests"]
+    for _ in range(2):
+        opened = OpenFile(pickle.loads(pickle.dumps(parent)), {})
+        try:
+            np.testing.assert_array_equal(_read(opened.dataset("x"), np.s_[3:40]),
+                                          truth["x"][3:40])
+        finally:
+            opened.close()
+    assert http.counts["requests"] - before == 2  # the rows, once a job: no metadata
+
+
 def test_compressed_chunks_decoded_as_each_get_arrives(worker_file, monkeypatch, truth):
     # GETs of about one chunk each: whole chunks are decoded by the fetch threads, the partial edge
     # chunks after the fetch; the result equals the file's.
