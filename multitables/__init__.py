@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     SharedMemoryError,
     StagePoolExhausted,
     SubprocessException,
+    TransformError,
 )
 from .loader import Loader
 from .reader import Reader
@@ -48,5 +49,6 @@ __all__ = [
     "StagePoolExhausted",
     "Streamer",
     "SubprocessException",
+    "TransformError",
     "__version__",
 ]

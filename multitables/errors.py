@@ -68,6 +68,12 @@ class TransferError(MultitablesError, OSError):
     object)."""
 
 
+class TransformError(MultitablesError, RuntimeError):
+    """A Loader's ``transform`` or ``batch_transform`` raised in a worker. The message names the
+    columns, the row (or the batch's rows) and the original exception, and carries the worker's
+    traceback text, the original's included."""
+
+
 def remote_exception(type_: type[BaseException], message: str, where: str, tb_text: str,
                      attrs: dict | None = None) -> BaseException:
     """Rebuild an exception raised in a worker, keeping its type so ``except IndexError`` works.

@@ -37,6 +37,8 @@ from ._loader.filestate import FileState
 from ._loader.job import costliest_chunk_rows, plan_units
 from ._loader.local import Local
 from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
+from ._loader.samples import FIXED, SampleReads, first_slot_bytes, value_kind
+from ._loader.transforms import Pipeline
 from .errors import ClosedError
 
 __all__ = ["Loader"]
@@ -65,7 +67,9 @@ class Loader:
         Dataset paths. One path: batches are arrays. A list: batches are tuples in that order. A
         dict ``name -> path``: batches are dicts. A field of a compound dataset (a PyTables table)
         is spelled as the table's path and the field's name: ``"/table/image"``. All columns must
-        have the same number of rows; they stay aligned row for row.
+        have the same number of rows; they stay aligned row for row. A variable-length
+        dataset (``h5py.vlen_dtype``, ``h5py.string_dtype()``, a PyTables ``VLArray``) comes as
+        a list of its rows: arrays, ``bytes`` (opaque or ASCII) or ``str`` (UTF-8).
     batch_size : int
         Rows per batch. The last batch of an epoch may be shorter, unless ``drop_last``.
     shuffle : bool
@@ -110,6 +114,24 @@ class Loader:
         shared by several Loaders and processes; ignored for a path.
     cache_limit : int, optional
         Bytes the cache may hold (least recently used out first); 10 GiB by default.
+    transform : callable, optional
+        Applied to each sample **in the worker processes**, before batching: it gets the
+        sample spelled as the batch is (a value, a tuple or a dict of the row's columns) and
+        returns the sample to batch, of any shape. Given a keyword parameter ``rng``, it gets
+        ``numpy.random.default_rng([seed, epoch, row])``: the same numbers for the same row
+        wherever and whenever it is made (another worker, a resumed epoch). A batch stacks the
+        results' arrays and numbers of one shape and dtype into arrays (in shared memory, not
+        pickled); other results (strings, arrays of several shapes) come as lists.
+    batch_transform : callable, optional
+        Applied to each whole batch in the workers, after ``transform`` (padding token
+        sequences to the batch's longest, say); it returns the batch to deliver. With ``rng``,
+        it gets ``numpy.random.default_rng([seed, epoch, first row of the batch, 1])``.
+        Transforms must pickle where workers do not fork (``start_method``, or a Loader sent
+        to a spawned DataLoader worker); a transform that raises stops the epoch with a
+        ``TransformError`` naming the row and the columns, the worker's traceback included.
+    allow_pickle : bool
+        Read a PyTables ``VLArray`` of ``ObjectAtom`` (pickled Python objects) by unpickling its
+        rows, which can run any code a file holds: only for files you trust.
     **kw
         Passed to ``h5py.File``.
 
@@ -129,12 +151,14 @@ class Loader:
                  seed: int = 0, window: int | None = None, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None,
                  n_procs: int | None = None, copy: bool = True, start_method: str | None = None,
-                 storage_options=None, cache_dir=None, cache_limit: int | None = None, **kw):
+                 storage_options=None, cache_dir=None, cache_limit: int | None = None,
+                 transform=None, batch_transform=None, allow_pickle: bool = False, **kw):
         self._args = dict(filename=filename, columns=columns, batch_size=batch_size,
                           shuffle=shuffle, seed=seed, window=window, drop_last=drop_last,
                           rank=rank, world_size=world_size, n_procs=n_procs, copy=copy,
                           start_method=start_method, storage_options=storage_options,
-                          cache_dir=cache_dir, cache_limit=cache_limit, **kw)
+                          cache_dir=cache_dir, cache_limit=cache_limit, transform=transform,
+                          batch_transform=batch_transform, allow_pickle=allow_pickle, **kw)
         # Many files (a list, a glob pattern): their rows concatenated (_loader/files.py).
         shards = _files.expand(filename, storage_options, cache_dir, cache_limit)
         # A path as it always was, or a URL's RemoteFile, pinned to its version here (columns).
@@ -156,6 +180,18 @@ class Loader:
         self._args.update(rank=self.rank, world_size=self.world_size, n_procs=self.n_procs)
         self._columns = resolve_columns(self._file, columns, kw)
         infos = self._columns.infos
+        # Variable-length columns and transforms: batches made sample by sample (samples.py).
+        self._kinds = tuple(value_kind(info, bool(allow_pickle)) for info in infos)
+        self._pipeline: Pipeline | None = None
+        self._slot_bytes = 0
+        if transform is not None or batch_transform is not None or any(
+                kind != FIXED for kind in self._kinds):
+            self._pipeline = Pipeline(transform, batch_transform, self.seed,
+                                      inherit=(start_method or "fork") == "fork")
+            if not self._pipeline.inherit:
+                self._pipeline.check_picklable(f"start_method={start_method!r}")
+            self._slot_bytes = first_slot_bytes(self._file, infos, self._kinds, self.batch_size,
+                                                kw)
         self._shards: _files.Files | None = None
         if shards is None:
             self.n_rows = self._columns.n_rows
@@ -311,8 +347,11 @@ class Loader:
         first, last = batches.start * B, min(batches.stop * B, total)
         intervals = cut(plan.intervals(), first, last)
         local, config = self._here(), self._epoch_config()
-        if self._reads_batches():
-            epoch: Reads = BatchReads(config, local, rows_of(order, intervals))
+        if self._pipeline is not None:
+            epoch: Reads | SampleReads = SampleReads(config, local, rows_of(order, intervals),
+                                                     order.epoch)
+        elif self._reads_batches():
+            epoch = BatchReads(config, local, rows_of(order, intervals))
         else:
             epoch = UnitReads(config, local, order, pieces(order, intervals), last - first)
         outputs = None
@@ -320,9 +359,10 @@ class Loader:
             outputs = Outputs(config, epoch.columns)
             for k in batches:
                 self._check_open()
-                arrays = epoch.batch(k * B - first, min((k + 1) * B, total) - first, outputs)
+                batch = epoch.batch(k * B - first, min((k + 1) * B, total) - first, outputs)
                 progress.done = k + 1
-                yield self._columns.pack(arrays)
+                # Batches made in the workers come whole; others as one array per column.
+                yield batch if self._pipeline is not None else self._columns.pack(batch)
         finally:
             epoch.close()
             if outputs is not None:
@@ -335,12 +375,14 @@ class Loader:
         return self._unfiltered
 
     def _epoch_config(self) -> EpochConfig:
+        samples: dict[str, Any] = dict(pipeline=self._pipeline, kinds=self._kinds,
+                                       slot_bytes=self._slot_bytes)
         if self._shards is not None:
             return EpochConfig(self._shards.name, self.file_kwargs, self._columns,
                                self.batch_size, self.unit_rows, self.window_units, self.n_procs,
-                               self.copy, self._shards, _files.open_files_limit())
+                               self.copy, self._shards, _files.open_files_limit(), **samples)
         return EpochConfig(str(self.filename), self.file_kwargs, self._columns, self.batch_size,
-                           self.unit_rows, self.window_units, self.n_procs, self.copy)
+                           self.unit_rows, self.window_units, self.n_procs, self.copy, **samples)
 
     def _here(self) -> Local:
         """What this Loader holds in this process: a forked copy (a DataLoader worker) starts
@@ -367,6 +409,8 @@ class Loader:
         self._closed = True
         hooks.untrack("loaders", self)
         self._local.close()  # in a forked copy, leaves the parent's workers and memory alone
+        if self._pipeline is not None:
+            self._pipeline.release()
 
     def __enter__(self) -> Loader:
         return self
@@ -380,6 +424,10 @@ class Loader:
 
     def __reduce__(self):
         # A Loader travels as its arguments and where it stands; workers start where it lands.
+        if self._pipeline is not None:
+            self._pipeline.check_picklable(
+                "sending the Loader to another process (a DataLoader worker that does not "
+                "fork, say)")
         return _unpickle, (self._args, self.state_dict())
 
     def __repr__(self) -> str:
@@ -412,6 +460,11 @@ class _Epochs:
     def next(self) -> int:
         """The epoch the next iteration plays."""
         return self._loader._next_epoch
+
+    def check_picklable(self, why: str) -> None:
+        """TypeError if the Loader's transforms cannot be pickled, which ``why`` needs."""
+        if self._loader._pipeline is not None:
+            self._loader._pipeline.check_picklable(why)
 
     def batches(self, worker: int, n_workers: int) -> Iterator[Any]:
         """This rank's batches of the next epoch; with ``n_workers`` > 1 only ``worker``'s

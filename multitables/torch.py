@@ -59,15 +59,26 @@ class Loader(IterableDataset):
                  seed: int = 0, window: int | None = None, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None,
                  n_procs: int | None = None, copy: bool = True, start_method: str | None = None,
-                 storage_options=None, cache_dir=None, cache_limit: int | None = None, **kw):
+                 storage_options=None, cache_dir=None, cache_limit: int | None = None,
+                 transform=None, batch_transform=None, allow_pickle: bool = False, **kw):
         super().__init__()
         self._n_procs_given = n_procs is not None
         self.loader = _loader.Loader(
             filename, columns, batch_size, shuffle=shuffle, seed=seed, window=window,
             drop_last=drop_last, rank=rank, world_size=world_size, n_procs=n_procs, copy=copy,
             start_method=start_method, storage_options=storage_options, cache_dir=cache_dir,
-            cache_limit=cache_limit, **kw)
-        for path, dtype in self.loader.epochs.columns.dtypes():
+            cache_limit=cache_limit, transform=transform, batch_transform=batch_transform,
+            allow_pickle=allow_pickle, **kw)
+        if not _workers_fork():
+            self.loader.epochs.check_picklable(
+                "a DataLoader worker started by the default start method "
+                f"{multiprocessing.get_start_method()!r}")
+        columns = self.loader.epochs.columns
+        for column in columns.columns if transform is None else ():  # else: what it makes
+            path, info = column.path, columns.infos[column.dataset]
+            dtype = info.field_dtype(column.field)
+            if info.vlen_base is not None:
+                continue  # lists: of tensors for numbers, of bytes or str for strings
             if dtype.names is not None:
                 raise TypeError(
                     f"column {path!r} is a table ({dtype}); torch has no structured "
@@ -234,6 +245,12 @@ def _refuse_automatic_batching(dataset: Loader, caller: Any) -> None:
             "DataLoader(dataset, batch_size=None)")
 
 
+def _workers_fork() -> bool:
+    """Whether a DataLoader's workers get this dataset without pickling it: they fork unless
+    the default start method says otherwise (then the Loader's transforms must pickle)."""
+    return multiprocessing.get_start_method(allow_none=True) in (None, "fork")
+
+
 def _tensors(batch: Any) -> Any:
     if isinstance(batch, dict):
         return {name: _tensor(a) for name, a in batch.items()}
@@ -242,7 +259,13 @@ def _tensors(batch: Any) -> Any:
     return _tensor(batch)
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    if not array.dtype.isnative:  # torch has native byte order only
-        array = array.astype(array.dtype.newbyteorder("="))
-    return torch.from_numpy(array)
+def _tensor(part: Any) -> Any:
+    """Arrays of numbers as tensors, lists of them as lists of tensors; the rest as it is
+    (strings, bytes, what a transform made)."""
+    if isinstance(part, list):
+        return [_tensor(value) if isinstance(value, np.ndarray) else value for value in part]
+    if not isinstance(part, np.ndarray) or part.dtype.kind not in "biufc":
+        return part
+    if not part.dtype.isnative:  # torch has native byte order only
+        part = part.astype(part.dtype.newbyteorder("="))
+    return torch.from_numpy(part)

@@ -72,6 +72,15 @@ class Ring:
         """A numpy view of the start of ``slot``."""
         return self.arena.ndarray(shape, dtype, self.layout.slots + slot * self.layout.slot_stride)
 
+    def renewed(self) -> Ring:
+        """This ring's memory as a new ring: every slot free, no ticket drawn, not stopped, no
+        error. Only between jobs: no worker may hold it. Its pages stay reserved and mapped, so
+        the next job touches no new memory."""
+        self.stop_word.store(0)
+        self.arena.ndarray((1,), np.uint64, self.layout.tickets)[0] = 0
+        self.errors.clear()
+        return Ring(self.arena, self.layout, create=True)
+
     @property
     def stopped(self) -> bool:
         return self.stop_word.load() != 0

@@ -107,8 +107,7 @@ def _describe_column(filename: FileRef, path: str, kw: dict[str, Any]):
             raise KeyError(f"no dataset {path!r} in {filename}, and {parent!r} has no field "
                            f"{name!r}: {fields}") from None
         field = name
-    check_rows(info.path, filename, info.shape, info.vlen_base,
-               vlen=", which do not fit batches of fixed shape; read it with multitables.Reader")
+    check_rows(info.path, filename, info.shape)  # variable-length rows: samples.py
     return info, field
 
 

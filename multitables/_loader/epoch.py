@@ -44,6 +44,11 @@ class EpochConfig:
     copy: bool
     files: Any = None  # over many files: their Files (``files.py``)
     max_open: int = 0  # over many files: files each worker keeps open at once
+    # Batches made sample by sample (``samples.py``): the transforms, how each dataset's rows
+    # come to a batch, and the bytes a slot starts with.
+    pipeline: Any = None
+    kinds: tuple[str, ...] = ()
+    slot_bytes: int = 0
 
 
 @dataclass

@@ -25,6 +25,7 @@ class Local:
         self.start_method = start_method
         self.workers: StandbyWorkers | None = None
         self.idle_ring: Ring | None = None
+        self.slot_bytes = 0  # batches made sample by sample: the slots the largest needed
         self.reads: weakref.WeakSet[_Closable] = weakref.WeakSet()
         self.closed = False
 

@@ -287,8 +287,6 @@ def test_bad_columns_raise_at_construction(columns_file):
         make(path, "/t/zz")
     with pytest.raises(ValueError, match=r"same number of rows.*1003.*1002"):
         make(path, ["idx", "short"])
-    with pytest.raises(TypeError, match="variable-length"):
-        make(path, "vlen")
     with pytest.raises(KeyError, match="grp/x"):
         make(path, "grp/x")
     with pytest.raises(FileNotFoundError):
