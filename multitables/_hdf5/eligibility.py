@@ -44,6 +44,44 @@ def _declined(what: str) -> DecodePlan | None:
     return None
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """How the stored bytes of chunks of one shape become rows: a codec (None: shuffled
+    only) and the shuffle undone after it."""
+
+    codec: Codec | None
+    shuffle: int  # element size the HDF5 shuffle filter used; 0: none
+    bytes_in: bool  # the codec wants bytes (python-lzf), not a writable view
+    name: str  # the codec's, as counted in ``decoded``
+    remake: Callable[[], Codec] | None = field(default=None, compare=False)
+
+
+def pipeline(dtype: np.dtype, chunks: tuple[int, ...],
+             filters: list[tuple[int, int, tuple[int, ...]]]) -> Pipeline | None:
+    """The ``Pipeline`` of chunks ``chunks`` of ``dtype`` stored through ``filters`` (HDF5's
+    (filter id, flags, client values), in pipeline order), or None (counted as declined) when
+    no installed library decodes them."""
+    nbytes = dtype.itemsize * math.prod(chunks)
+    filters = list(filters)
+    # HDF5 applies the filters in pipeline order when writing: shuffle, then one compressor.
+    shuffle = 0
+    if filters[0][0] == SHUFFLE:
+        shuffle = filters.pop(0)[2][0] if filters[0][2] else dtype.itemsize
+    if len(filters) > 1:
+        return _declined("dataset with a checksum, scale-offset or a second compressor")
+    if not filters:
+        return Pipeline(None, shuffle, False, "none")
+    code = filters[0][0]
+    spec = CODECS.get(code)
+    name = spec.name if spec is not None else f"filter {code}"
+    if spec is None or not spec.available():
+        return _declined((spec and spec.unavailable)
+                         or f"dataset compressed by {name}, which no installed library "
+                            "decodes")
+    return Pipeline(spec.make(nbytes, chunks, dtype.itemsize), shuffle, code == LZF, name,
+                    functools.partial(spec.make, nbytes, chunks, dtype.itemsize))
+
+
 def plan(dataset: h5py.Dataset, stored: ChunkMap | None = None) -> DecodePlan | None:
     """The plan for reading ``dataset`` past HDF5's filters, or None when HDF5 must read it.
     ``stored``: the dataset's chunk map, when it is known (then its chunk index is not read)."""
@@ -56,35 +94,19 @@ def plan(dataset: h5py.Dataset, stored: ChunkMap | None = None) -> DecodePlan | 
     if dtype.hasobject or dsid.get_type() != h5py.h5t.py_create(dtype):
         return _declined("dataset of a type HDF5 converts, or of references")
     chunks = tuple(dataset.chunks)
-    row_bytes = dtype.itemsize * math.prod(shape[1:])
-    nbytes = row_bytes * chunks[0]
-    filters = [dcpl.get_filter(i)[:3] for i in range(dcpl.get_nfilters())]
-    # HDF5 applies the filters in pipeline order when writing: shuffle, then one compressor.
-    shuffle = 0
-    if filters[0][0] == SHUFFLE:
-        shuffle = filters.pop(0)[2][0] if filters[0][2] else dtype.itemsize
-    if len(filters) > 1:
-        return _declined("dataset with a checksum, scale-offset or a second compressor")
-    codec, name, remake = None, "none", None
-    if filters:
-        code = filters[0][0]
-        spec = CODECS.get(code)
-        name = spec.name if spec is not None else f"filter {code}"
-        if spec is None or not spec.available():
-            return _declined((spec and spec.unavailable)
-                             or f"dataset compressed by {name}, which no installed library "
-                                "decodes")
-        codec = spec.make(nbytes, chunks, dtype.itemsize)
-        remake = functools.partial(spec.make, nbytes, chunks, dtype.itemsize)
+    nbytes = dtype.itemsize * math.prod(chunks)
+    found = pipeline(dtype, chunks, [dcpl.get_filter(i)[:3] for i in range(dcpl.get_nfilters())])
+    if found is None:
+        return None
     if stored is not None:
         ok, raw_size = _mapped_chunks(stored, shape, chunks, nbytes)
     elif not hasattr(dsid, "chunk_iter"):
         return _declined("h5py built on HDF5 < 1.12.3 (no chunk_iter)")
     else:
         ok, raw_size = _stored_chunks(dsid, shape, chunks, nbytes)
-    return DecodePlan(tuple(shape), row_bytes, chunks[0], ok, raw_size, codec, shuffle,
-                      bytes_in=codec is not None and filters[0][0] == LZF, name=name,
-                      remake=remake)
+    return DecodePlan(tuple(shape), nbytes // chunks[0], chunks[0], ok, raw_size, found.codec,
+                      found.shuffle, bytes_in=found.bytes_in, name=found.name,
+                      remake=found.remake)
 
 
 def _stored_chunks(dsid, shape: tuple[int, ...], chunks: tuple[int, ...],

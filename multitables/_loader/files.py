@@ -11,6 +11,7 @@ a Loader over a thousand shards starts in about a second, not after a thousand s
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import fnmatch
 import glob
 import multiprocessing
@@ -23,6 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .._hdf5.mapped import Layout, MapTable, layout_of
 from .._hdf5.remote import RemoteFile, file_of, is_url, name_of
 from .._hdf5.source import (
     DatasetInfo,
@@ -108,6 +110,9 @@ class Shard:
     unit_rows: int
     size: int
     version: Any  # the mtime (ns) of a path, the ETag of a URL
+    # Where each column's rows lie in a local file (mapped.layout_of), for reads with no HDF5
+    # open; moved into the Files' MapTable once all files are described.
+    layouts: tuple[Layout | None, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -131,24 +136,33 @@ def file_infos(file: FileRef, first: Sequence[DatasetInfo],
                kw: dict[str, Any]) -> list[DatasetInfo]:
     """The datasets of ``file`` at the paths of ``first`` (the first file's), described:
     ValueError naming the file for a missing one or one of another dtype or row shape."""
+    return _described(file, first, kw, False)[0]
+
+
+def _described(file: FileRef, first: Sequence[DatasetInfo], kw: dict[str, Any],
+               layouts: bool) -> tuple[list[DatasetInfo], tuple[Layout | None, ...] | None]:
+    """``file_infos``, and with ``layouts`` the columns' layouts in a local file."""
     if isinstance(file, RemoteFile):
-        return _infos(file, first, kw, None)
+        return _infos(file, first, kw, None), None
     with open_file(file, kw) as opened:  # once for all its columns
-        return _infos(file, first, kw, opened)
+        infos = _infos(file, first, kw, opened)
+        found = tuple(layout_of(get_dataset(opened, info.path)) for info in infos) if (
+            layouts) else None
+    return infos, found
 
 
 def describe_shard(file: FileRef, first: Sequence[DatasetInfo],
                    kw: dict[str, Any]) -> Shard:
     """``file`` checked against the first file's datasets ``first`` (``file_infos``), and its
     columns of equal lengths (else ValueError naming the file)."""
-    infos = file_infos(file, first, kw)
+    infos, layouts = _described(file, first, kw, True)
     lengths = {info.path: info.shape[0] for info in infos}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{name_of(file)}: the columns must have the same number of rows, got "
                          f"{lengths}")
     size, version = version_of(file)
     n_rows = infos[0].shape[0]
-    return Shard(file, n_rows, plan_units(infos) if n_rows else 1, size, version)
+    return Shard(file, n_rows, plan_units(infos) if n_rows else 1, size, version, layouts)
 
 
 def _infos(file: FileRef, first: Sequence[DatasetInfo], kw: dict[str, Any],
@@ -213,7 +227,13 @@ class Files:
     """The files of a Loader, their rows concatenated: where each file's rows and units start."""
 
     def __init__(self, shards: Sequence[Shard]):
-        self.shards = tuple(shards)
+        # The local files' layouts, packed (mapped.MapTable); None when no column of any file
+        # can be read that way.
+        n_columns = max((len(s.layouts) for s in shards if s.layouts), default=0)
+        layouts = [s.layouts or (None,) * n_columns for s in shards]
+        self.maps: MapTable | None = MapTable(layouts) if any(
+            any(row) for row in layouts) else None
+        self.shards = tuple(dataclasses.replace(s, layouts=None) for s in shards)
         counts = [s.n_rows for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_rows = int(self.starts[-1])

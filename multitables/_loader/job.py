@@ -34,6 +34,7 @@ from .._hdf5.badchunk import bad_chunk
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob, OpenFiles
 from .._hdf5.hyperslab import read_selection
+from .._hdf5.mapped import MappedReads
 from .._hdf5.source import DatasetInfo, OpenFile
 from .._keys._indexing import translate
 
@@ -248,18 +249,32 @@ class LoadJob(RingJob, FileJob):
 class ShardsJob(LoadJob):
     """A ``LoadJob`` over many files (``_loader/files.py``): each unit lies in one file, opened
     when a unit of it is read; a worker keeps at most ``plan.max_open`` open, the least recently
-    used closed first, so it never runs out of descriptors. See NOTE [ Worker shutdown logic ]."""
+    used closed first, so it never runs out of descriptors. Columns of local files whose byte
+    ranges the parent mapped are read by ``pread`` on a plain descriptor, with no HDF5 open
+    (``_hdf5/mapped.py``): over small files an open costs more than the rows. See NOTE [ Worker
+    shutdown logic ]."""
 
     def __init__(self, plan: LoadPlan):
         self.plan = plan
         self.filename = plan.files.name
 
     def attach(self, worker: int) -> None:
-        self.open = OpenFiles(self.plan.max_open, self.file_kwargs())
+        # Columns of local files whose rows lie at known byte ranges: read with no HDF5 open
+        # (_hdf5/mapped.py), each file by a plain descriptor. The two share the bound on open
+        # files: HDF5 keeps one where it reads only what fails to decode.
+        maps, limit = self.plan.files.maps, self.plan.max_open
+        by_hdf5 = limit if maps is None else 1 if maps.how.all() else max(1, limit // 2)
+        self.open = OpenFiles(by_hdf5, self.file_kwargs())
+        self.mapped = None if maps is None else MappedReads(
+            maps, [info.dtype for info in self.plan.infos],
+            [info.shape[1:] for info in self.plan.infos], max(1, limit - by_hdf5))
         self.file: int | None = None  # the file of the unit being read, for describe
+        self.datasets = []
         self._attach_ring()
 
     def detach(self) -> None:
+        if self.mapped is not None:
+            self.mapped.close()
         self.open.close()
 
     def run(self, task: tuple[int, int]) -> None:
@@ -268,14 +283,23 @@ class ShardsJob(LoadJob):
         assert isinstance(key, slice)
         files = self.plan.files
         self.failed, self.file = None, files.file_of(key.start)
+        shard = files.shards[self.file]
         base = int(files.starts[self.file])
         local = slice(key.start - base, key.stop - base)
-        source = self.open.get(self.file, files.shards[self.file].file)
-        self.datasets = [source.dataset(info.path) for info in self.plan.infos]
         at, n = slot * self.plan.slot_rows, key.stop - key.start
-        for d, (dataset, region) in enumerate(zip(self.datasets, self.regions, strict=True)):
+        self.datasets = []
+        for d, region in enumerate(self.regions):
             self.failed = d
-            read_selection(dataset, translate((local,), dataset.shape), region[at : at + n])
+            out = region[at : at + n]
+            if self.mapped is not None and self.mapped.read(
+                    self.file, d, shard.file, (shard.size, shard.version), local.start,
+                    local.stop, out):
+                continue
+            if not self.datasets:  # through HDF5
+                source = self.open.get(self.file, shard.file)
+                self.datasets = [source.dataset(info.path) for info in self.plan.infos]
+            dataset = self.datasets[d]
+            read_selection(dataset, translate((local,), dataset.shape), out)
         self.failed = None
         self.ring.headers[slot] = (ticket, n)
         self.ring.full.push(slot)
@@ -293,5 +317,11 @@ class ShardsJob(LoadJob):
             paths = ", ".join(info.path for info in self.plan.infos)
             return f"reading {rows} of {paths} in {name}"
         where = f"reading {rows} of {self.plan.infos[failed].path} in {name}"
+        if not getattr(self, "datasets", None):  # read by its chunk map: HDF5 looks
+            try:
+                source = self.open.get(f, files.shards[f].file)
+                self.datasets = [source.dataset(info.path) for info in self.plan.infos]
+            except Exception:  # the read's own error says the rest
+                return where
         chunk = bad_chunk(self.datasets[failed], key.start - base, key.stop - base)
         return where if chunk is None else f"{where}: {chunk} cannot be read"

@@ -13,19 +13,20 @@ import psutil
 import pytest
 
 import multitables
-from multitables._hdf5.filejob import OpenFiles
 from multitables._loader import files as files_module
+from multitables._loader.job import ShardsJob
 
 # Rows per shard: they differ, and no batch size divides them.
 COUNTS = [37, 100, 1, 64, 90, 23, 51]
 
 
-def write_shard(path, start, n, chunks=16, compression="gzip"):
+def write_shard(path, start, n, chunks=16, compression="gzip", **kw):
     idx = np.arange(start, start + n, dtype=np.int64)
     with h5py.File(path, "w") as f:
-        f.create_dataset("idx", data=idx, chunks=(min(chunks, n),), compression=compression)
+        f.create_dataset("idx", data=idx, chunks=(min(chunks, n),), compression=compression,
+                         **kw)
         f.create_dataset("x", data=np.stack([idx, -idx], axis=1).astype("f4"),
-                         chunks=(min(chunks * 2, n), 2), compression=compression)
+                         chunks=(min(chunks * 2, n), 2), compression=compression, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -189,19 +190,23 @@ def test_bad_file_lists(shards, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_workers_keep_a_bounded_number_of_files_open(tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_by", ["chunk map", "hdf5", "both"])
+def test_workers_keep_a_bounded_number_of_files_open(tmp_path, monkeypatch, read_by):
     n_files, limit = 120, 5
     folder = tmp_path / "shards"
     folder.mkdir()
     paths = [str(folder / f"s{i:03d}.h5") for i in range(n_files)]
     for i, path in enumerate(paths):
-        write_shard(path, 4 * i, 4, chunks=2)
+        # A checksum: no chunk map, HDF5 reads the file.
+        checksum = read_by == "hdf5" or (read_by == "both" and i % 2)
+        write_shard(path, 4 * i, 4, chunks=2, fletcher32=checksum)
     monkeypatch.setattr(files_module, "MAX_OPEN_FILES", limit)
-    # Each worker (forked after this patch) notes the most shard descriptors it held at once.
-    get = OpenFiles.get
+    # Each worker (forked after this patch) notes the most shard descriptors it held at once,
+    # after each unit: those HDF5 opened and those of the reads by chunk map together.
+    run = ShardsJob.run
 
-    def counted(self, key, filename):
-        source = get(self, key, filename)
+    def counted(self, task):
+        run(self, task)
         held = 0
         for fd in os.listdir("/proc/self/fd"):
             try:  # the listing's own descriptor is gone by now
@@ -211,9 +216,8 @@ def test_workers_keep_a_bounded_number_of_files_open(tmp_path, monkeypatch):
         note = tmp_path / f"held-{os.getpid()}"
         before = int(note.read_text()) if note.exists() else 0
         note.write_text(str(max(before, held)))
-        return source
 
-    monkeypatch.setattr(OpenFiles, "get", counted)
+    monkeypatch.setattr(ShardsJob, "run", counted)
     # Fewer descriptors than the shards need: without the bound a worker would fail to open.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = psutil.Process().num_fds() + 4 * limit + 20
@@ -321,3 +325,19 @@ def test_many_files_in_a_daemonic_process(tmp_path):
     with multiprocessing.get_context("fork").Pool(1) as pool:  # its workers are daemonic
         rows = pool.apply_async(_loader_rows_in_a_daemon, (files,)).get(timeout=50)
     assert rows == list(range(3 * n))
+
+
+def test_local_files_are_read_by_their_chunk_maps(shards):
+    """Rows whose byte ranges the parent noted are read with no HDF5 open in the workers; what
+    the map cannot read (no fast codec for lzf) is left to HDF5."""
+    from multitables._hdf5.mapped import DECODED, RAW
+    from multitables._hdf5.source import describe
+
+    paths, _ = shards
+    first = [describe(paths[0], p, {}) for p in ("idx", "x")]
+    files = files_module.describe_files(paths, first, {}, None)
+    how = files.maps.how.tolist()
+    assert [how[i] for i in (0, 2, 3, 4, 6)] == [[DECODED] * 2, [RAW] * 2, [DECODED] * 2,
+                                                 [RAW] * 2, [DECODED] * 2]
+    assert {*how[1], *how[5]} <= {0, DECODED}  # lzf: by its codec if installed, else HDF5
+    assert all(s.layouts is None for s in files.shards)  # packed in the table, not per file
