@@ -38,7 +38,7 @@ from ._loader.job import costliest_chunk_rows, plan_units
 from ._loader.local import Local
 from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
 from ._loader.samples import FIXED, SampleReads, first_slot_bytes, value_kind
-from ._loader.transforms import Pipeline
+from ._loader.transforms import Pipeline, sample_rng
 from .errors import ClosedError
 
 __all__ = ["Loader"]
@@ -117,15 +117,17 @@ class Loader:
     transform : callable, optional
         Applied to each sample **in the worker processes**, before batching: it gets the
         sample spelled as the batch is (a value, a tuple or a dict of the row's columns) and
-        returns the sample to batch, of any shape. Given a keyword parameter ``rng``, it gets
-        ``numpy.random.default_rng([seed, epoch, row])``: the same numbers for the same row
-        wherever and whenever it is made (another worker, a resumed epoch). A batch stacks the
+        returns the sample to batch, of any shape. Given a parameter ``rng``, it gets a
+        ``numpy.random.Generator`` seeded from (``seed``, epoch, row): the same numbers for the
+        same row wherever and whenever it is made (another worker, a resumed epoch), as
+        ``sample_rng(epoch, row)`` gives them; valid during the call only (the next sample
+        reseeds it). A batch stacks the
         results' arrays and numbers of one shape and dtype into arrays (in shared memory, not
         pickled); other results (strings, arrays of several shapes) come as lists.
     batch_transform : callable, optional
         Applied to each whole batch in the workers, after ``transform`` (padding token
         sequences to the batch's longest, say); it returns the batch to deliver. With ``rng``,
-        it gets ``numpy.random.default_rng([seed, epoch, first row of the batch, 1])``.
+        it gets a generator seeded from (``seed``, epoch, the batch's first row).
         Transforms must pickle where workers do not fork (``start_method``, or a Loader sent
         to a spawned DataLoader worker); a transform that raises stops the epoch with a
         ``TransformError`` naming the row and the columns, the worker's traceback included.
@@ -264,6 +266,11 @@ class Loader:
         return EpochOrder(self.n_rows, self.unit_rows, self.window_units, shuffle=self.shuffle,
                           seed=self.seed, epoch=epoch,
                           unit_starts=None if self._shards is None else self._shards.unit_starts)
+
+    def sample_rng(self, epoch: int, row: int) -> np.random.Generator:
+        """The random numbers ``transform`` gets for ``row`` (of the rows concatenated) in
+        ``epoch``, as a generator of their own: to check or redo an augmentation."""
+        return sample_rng(self.seed, check_epoch(epoch), row)
 
     # ---- resuming ----
 

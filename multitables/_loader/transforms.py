@@ -9,6 +9,7 @@ which ``check_picklable`` tries when the Loader is made, so that the reason come
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import pickle
@@ -36,16 +37,38 @@ def takes_rng(function: Callable) -> bool:
                                             inspect.Parameter.KEYWORD_ONLY)
 
 
-def sample_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
-    """The generator a transform gets for ``row`` of ``epoch``: the same wherever and whenever
-    the row is made (another worker, a resumed epoch)."""
-    return np.random.default_rng([seed, epoch, row])
+def sample_rng(seed: int, epoch: int, row: int, *, fresh: bool = True) -> np.random.Generator:
+    """The generator a transform gets for ``row`` of ``epoch``: the same numbers wherever and
+    whenever the row is made (another worker, a resumed epoch). Its PCG64 state and increment
+    are a BLAKE2b hash of the three numbers. ``fresh=False`` (the workers) reseeds one bit
+    generator per process instead of making one, which costs 15-30 us a sample."""
+    return _seeded(b"%d %d %d" % (seed, epoch, row), fresh)
 
 
-def batch_rng(seed: int, epoch: int, first_row: int) -> np.random.Generator:
-    """The generator a batch transform gets: keyed on the batch's first row (a fourth word
-    keeps it apart from that row's own)."""
-    return np.random.default_rng([seed, epoch, first_row, 1])
+def batch_rng(seed: int, epoch: int, first_row: int, *, fresh: bool = True
+              ) -> np.random.Generator:
+    """The generator a batch transform gets: keyed on the batch's first row, apart from that
+    row's own."""
+    return _seeded(b"%d %d %d batch" % (seed, epoch, first_row), fresh)
+
+
+_SHARED: np.random.PCG64 | None = None
+
+
+def _seeded(key: bytes, fresh: bool) -> np.random.Generator:
+    global _SHARED
+    digest = hashlib.blake2b(key, digest_size=32).digest()
+    state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+             "state": {"state": int.from_bytes(digest[:16], "little"),
+                       "inc": int.from_bytes(digest[16:], "little") | 1}}
+    if fresh:
+        bits = np.random.PCG64()
+    else:
+        if _SHARED is None:
+            _SHARED = np.random.PCG64()
+        bits = _SHARED
+    bits.state = state
+    return np.random.Generator(bits)
 
 
 class Pipeline:
@@ -100,7 +123,8 @@ class Pipeline:
         assert self.transform is not None
         try:
             if self.transform_rng:
-                return self.transform(sample, rng=sample_rng(self.seed, epoch, row))
+                return self.transform(sample, rng=sample_rng(self.seed, epoch, row,
+                                                                fresh=False))
             return self.transform(sample)
         except Exception as exc:
             raise _error("transform", exc, where()) from exc
@@ -111,7 +135,8 @@ class Pipeline:
         assert self.batch_transform is not None
         try:
             if self.batch_rng:
-                return self.batch_transform(batch, rng=batch_rng(self.seed, epoch, first_row))
+                return self.batch_transform(
+                    batch, rng=batch_rng(self.seed, epoch, first_row, fresh=False))
             return self.batch_transform(batch)
         except Exception as exc:
             raise _error("batch_transform", exc, where()) from exc

@@ -193,12 +193,12 @@ def crop_flip(sample, rng):
     return {"x": window.copy(), "y": sample["label"], "n": len(sample["text"])}
 
 
-def expected_crops(path, rows, epoch, seed=SEED):
+def expected_crops(loader, path, rows, epoch):
     i32, text = truth(path, "i32"), truth(path, "text")
     out = []
     for row in rows:
         sample = {"i32": i32[row], "label": np.int64(row), "text": text[row]}
-        out.append(crop_flip(sample, np.random.default_rng([seed, epoch, row]))["x"])
+        out.append(crop_flip(sample, loader.sample_rng(epoch, row))["x"])
     return np.stack(out)
 
 
@@ -211,10 +211,19 @@ def test_transform_runs_in_workers_with_reproducible_rng(vlen_file):
             assert sorted(rows.tolist()) == list(range(N))
             x = np.concatenate([b["x"] for b in batches])
             assert x.dtype == np.int32 and x.shape == (N, 4)
-            assert np.array_equal(x, expected_crops(vlen_file, rows, epoch))
+            assert np.array_equal(x, expected_crops(loader, vlen_file, rows, epoch))
             assert isinstance(batches[0]["n"], np.ndarray)  # Python ints stack too
             assert batches[0]["n"].tolist() == [len(truth(vlen_file, "text")[r])
                                                 for r in batches[0]["y"]]
+
+
+def test_sample_rngs_differ_by_seed_epoch_and_row(vlen_file):
+    with make(vlen_file, "label", seed=1) as a, make(vlen_file, "label", seed=2) as b:
+        draws = [r.integers(0, 2**62, 4).tolist() for r in (
+            a.sample_rng(0, 5), a.sample_rng(0, 5), a.sample_rng(1, 5), a.sample_rng(0, 6),
+            b.sample_rng(0, 5))]
+    assert draws[0] == draws[1]
+    assert len({tuple(d) for d in draws}) == 4
 
 
 def test_transform_resumed_epoch_equals_uninterrupted(vlen_file):

@@ -1,0 +1,230 @@
+"""Images and text: the Loader's variable-length columns and transforms in its workers, against
+one core's rate of the same work, torch's DataLoader, and the fixed-size Loader.
+
+    python bench/bench_samples.py [--images 20000] [--sequences 200000] [--rounds 3]
+
+**JPEG**: ``--images`` JPEG-encoded 128x128 RGB images (quality 90) in a variable-length uint8
+dataset, with int64 labels. The transform decodes (simplejpeg, which decodes these about 1.9x
+faster than Pillow here; Pillow when simplejpeg is missing), takes a random 112x112 crop and a
+random flip, giving uint8 (112, 112, 3); its ``rng`` is the Loader's.
+  - ``one core``: the transform over the images in this process, one after another (the rows
+    read beforehand, one generator for all): the rate of the work itself. ``limit`` is twice
+    it, the 2 cores.
+  - ``mt Loader``: ``Loader(n_procs=2, batch_size=256, shuffle=True, transform=...)``, one
+    Loader for all rounds, an epoch per round, timed from the start of the iteration.
+  - ``torch DataLoader``: ``DataLoader(num_workers=2, batch_size=256, shuffle=True)`` over a
+    Dataset whose ``__getitem__`` reads one row of each column with h5py (each worker opens the
+    file itself, and makes one generator) and applies the same transform; timed from the start
+    of the iteration.
+**Tokens**: ``--sequences`` variable-length int32 sequences of 16-512 tokens; a shuffled Loader
+whose ``batch_transform`` pads each batch to its longest sequence, in MB/s of tokens read,
+against the fixed-size Loader over float32 rows of the same bytes (a dataset of rows of 264
+floats, the sequences' mean, shuffled with the same batch size). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+
+import datafiles
+import h5py
+import numpy as np
+
+import multitables
+
+try:
+    import simplejpeg
+except ImportError:  # Pillow instead
+    simplejpeg = None
+
+SIDE, CROP, BATCH = 128, 112, 256
+
+
+def encode(image: np.ndarray) -> bytes:
+    if simplejpeg is not None:
+        return simplejpeg.encode_jpeg(image, quality=90)
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def decode(data: np.ndarray) -> np.ndarray:
+    if simplejpeg is not None:
+        return simplejpeg.decode_jpeg(data)
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"))
+
+
+def augment(sample, rng):
+    """Decode, a random 112x112 crop, a random horizontal flip."""
+    image = decode(sample[0])
+    y, x = rng.integers(0, SIDE - CROP + 1, 2)
+    image = image[y : y + CROP, x : x + CROP]
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image), sample[1]
+
+
+def pad(batch):
+    """Token sequences padded with -1 to the batch's longest."""
+    tokens = batch
+    longest = max(len(t) for t in tokens)
+    out = np.full((len(tokens), longest), -1, np.int32)
+    for i, t in enumerate(tokens):
+        out[i, : len(t)] = t
+    return out
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def image_file(directory: str, n: int) -> str:
+    filename = os.path.join(directory, f"jpeg-{n}.h5")
+    if os.path.exists(filename):
+        return filename
+    rng = np.random.default_rng(0)
+    tmp = filename + ".tmp"
+    with h5py.File(tmp, "w") as f:
+        jpegs = f.create_dataset("jpeg", (n,), h5py.vlen_dtype(np.uint8), chunks=(min(1024, n),))
+        f.create_dataset("label", data=rng.integers(0, 1000, n), chunks=(min(4096, n),))
+        for start in range(0, n, 1000):
+            k = min(1000, n - start)
+            grey = datafiles.images(rng, 3 * k).reshape(k, 3, 64, 64)
+            rgb = np.ascontiguousarray(grey.repeat(2, 2).repeat(2, 3).transpose(0, 2, 3, 1))
+            jpegs[start : start + k] = [np.frombuffer(encode(im), np.uint8) for im in rgb]
+    os.replace(tmp, filename)
+    return filename
+
+
+def token_files(directory: str, n: int) -> tuple[str, str]:
+    """The token sequences, and float32 rows of the same bytes."""
+    tokens, floats = (os.path.join(directory, f"{name}-{n}.h5") for name in ("tokens", "f32tok"))
+    if os.path.exists(tokens) and os.path.exists(floats):
+        return tokens, floats
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(16, 513, n)
+    with h5py.File(tokens + ".tmp", "w") as f:
+        seqs = f.create_dataset("tokens", (n,), h5py.vlen_dtype(np.int32),
+                                    chunks=(min(4096, n),))
+        for start in range(0, n, 10_000):
+            part = lengths[start : start + 10_000]
+            seqs[start : start + len(part)] = [rng.integers(0, 50_000, k, dtype=np.int32)
+                                               for k in part]
+    row = 264
+    with h5py.File(floats + ".tmp", "w") as f:
+        f.create_dataset("x", data=rng.random((int(lengths.sum()) // row, row), np.float32))
+    os.replace(tokens + ".tmp", tokens)
+    os.replace(floats + ".tmp", floats)
+    return tokens, floats
+
+
+# ---- readers --------------------------------------------------------------------------------
+
+
+class H5Images:
+    """What a torch user writes: one row of each column per item, the file opened lazily."""
+
+    def __init__(self, filename: str, n: int):
+        self.filename, self.n, self.file, self.rng = filename, n, None, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if self.file is None:
+            self.file = h5py.File(self.filename, "r")
+            self.rng = np.random.default_rng()
+        sample = (self.file["jpeg"][i], self.file["label"][i])
+        return augment(sample, self.rng)
+
+
+def one_core(filename: str, n: int) -> float:
+    """Images/s of the transform alone, in this process, with one generator for all."""
+    with h5py.File(filename, "r") as f:
+        jpegs, labels = f["jpeg"][:n], f["label"][:n]
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for i in range(n):
+        augment((jpegs[i], labels[i]), rng)
+    return n / (time.perf_counter() - t)
+
+
+def epoch_rate(loader, units) -> float:
+    t = time.perf_counter()
+    done = sum(units(batch) for batch in loader)
+    return done / (time.perf_counter() - t)
+
+
+def torch_epoch(filename: str, n: int) -> float:
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(H5Images(filename, n), batch_size=BATCH, shuffle=True, num_workers=2)
+    return epoch_rate(loader, lambda batch: len(batch[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=20_000)
+    p.add_argument("--sequences", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dir", default=datafiles.DEFAULT_DIR)
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
+    print(f"decoder: {'simplejpeg' if simplejpeg is not None else 'Pillow'}; "
+          f"medians of {args.rounds} rounds; 2 cores", file=sys.stderr)
+    images = image_file(args.dir, args.images)
+    tokens, floats = token_files(args.dir, args.sequences)
+    rows: dict[str, list[float]] = {}
+
+    def note(name: str, value: float) -> None:
+        rows.setdefault(name, []).append(value)
+
+    mt = multitables.Loader(images, ["jpeg", "label"], BATCH, shuffle=True, n_procs=2,
+                            transform=augment)
+    text = multitables.Loader(tokens, "tokens", BATCH, shuffle=True, n_procs=2,
+                              batch_transform=pad)
+    fixed = multitables.Loader(floats, "x", BATCH, shuffle=True, n_procs=2)
+    token_bytes = {}
+
+    def tokens_of(batch) -> int:
+        return int((batch >= 0).sum()) * 4
+
+    try:
+        for r in range(args.rounds):
+            core = one_core(images, min(args.images, 4000))
+            note("one core (images/s)", core)
+            loader = epoch_rate(mt, lambda batch: len(batch[1]))
+            note("mt Loader (images/s)", loader)
+            note("mt Loader / limit", loader / (2 * core))
+            if not args.no_torch:
+                torch = torch_epoch(images, args.images)
+                note("torch DataLoader (images/s)", torch)
+                note("mt Loader / torch", loader / torch)
+            token_bytes[r] = epoch_rate(text, tokens_of) / 1e6
+            note("tokens Loader (MB/s)", token_bytes[r])
+            f32 = epoch_rate(fixed, lambda batch: batch.nbytes) / 1e6
+            note("f32 Loader (MB/s)", f32)
+            note("tokens / f32", token_bytes[r] / f32)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in rows.items()),
+                  file=sys.stderr)
+    finally:
+        mt.close()
+        text.close()
+        fixed.close()
+    width = max(map(len, rows))
+    for name, values in rows.items():
+        print(f"{name:<{width}}  {statistics.median(values):10.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
