@@ -99,7 +99,7 @@ def plan(dataset: h5py.Dataset, stored: ChunkMap | None = None) -> DecodePlan | 
     if found is None:
         return None
     if stored is not None:
-        ok, raw_size = _mapped_chunks(stored, shape, chunks, nbytes)
+        ok, raw_size = mapped_chunks(stored, shape, chunks, nbytes)
     elif not hasattr(dsid, "chunk_iter"):
         return _declined("h5py built on HDF5 < 1.12.3 (no chunk_iter)")
     else:
@@ -131,18 +131,37 @@ def _stored_chunks(dsid, shape: tuple[int, ...], chunks: tuple[int, ...],
     return ok, max(sizes)
 
 
-def _mapped_chunks(stored: ChunkMap, shape: tuple[int, ...], chunks: tuple[int, ...],
-                   nbytes: int) -> tuple[np.ndarray, int]:
+def mapped_chunks(stored: ChunkMap, shape: tuple[int, ...], chunks: tuple[int, ...],
+                  nbytes: int) -> tuple[np.ndarray, int]:
     """``_stored_chunks`` from a chunk map."""
-    n_chunks = -(-shape[0] // chunks[0])
-    ok = np.zeros(n_chunks, bool)
     k = stored.chunk_offsets[:, 0] // chunks[0] if len(stored) else np.zeros(0, np.int64)
+    return chunks_ok(k, stored.filter_masks, stored.sizes, shape[0], chunks[0], nbytes)
+
+
+def chunks_ok(k: np.ndarray, masks: np.ndarray, sizes: np.ndarray, n_rows: int,
+              chunk_rows: int, nbytes: int) -> tuple[np.ndarray, int]:
+    """Which chunks of rows are stored with every filter applied, given each stored chunk's
+    number ``k``, filter mask and size, and the largest one's size."""
+    n_chunks = -(-n_rows // chunk_rows)
+    ok = np.zeros(n_chunks, bool)
     inside = k < n_chunks
-    ok[k[inside]] = stored.filter_masks[inside] == 0
-    if shape[0] % chunks[0] and ok[-1]:
+    ok[k[inside]] = masks[inside] == 0
+    if n_rows % chunk_rows and ok[-1]:
         last = np.flatnonzero(k == n_chunks - 1)
-        ok[-1] = not (len(last) and int(stored.sizes[last[0]]) == nbytes)  # see _stored_chunks
-    return ok, int(stored.sizes.max()) if len(stored) else 0
+        ok[-1] = not (len(last) and int(sizes[last[0]]) == nbytes)  # see _stored_chunks
+    return ok, int(sizes.max()) if len(sizes) else 0
+
+
+def decodable(dtype: np.dtype, filters: list[tuple[int, int, tuple[int, ...]]]) -> bool:
+    """Whether ``pipeline`` decodes chunks of ``dtype`` stored through ``filters`` (without
+    making a codec)."""
+    filters = list(filters)
+    if filters and filters[0][0] == SHUFFLE:
+        filters.pop(0)
+    if len(filters) > 1:
+        return False
+    spec = CODECS.get(filters[0][0]) if filters else None
+    return not filters or (spec is not None and spec.available())
 
 
 def _stored_raw(dsid, chunks: tuple[int, ...], n_chunks: int, nbytes: int) -> bool:

@@ -14,6 +14,7 @@ both are read through HDF5, so results are identical either way.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,9 +23,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .._sources.chunkmap import chunk_map
 from .decode import unshuffle
-from .eligibility import Pipeline, pipeline, plan
+from .eligibility import Pipeline, chunks_ok, decodable, pipeline
 from .fallback import Undecodable, decoded, fall_back
 from .libraries import DECODE_ERRORS
 
@@ -47,39 +47,50 @@ class Layout:
     filters: tuple[tuple[int, int, tuple[int, ...]], ...]
 
 
-def layout_of(dataset: h5py.Dataset) -> Layout | None:
-    """The ``Layout`` of an open local ``dataset``, or None where HDF5 must read it."""
+def layout_of(dataset: h5py.Dataset, driver: str | None = None) -> Layout | None:
+    """The ``Layout`` of an open local ``dataset``, or None where HDF5 must read it.
+    ``driver``: its file's driver, when the caller knows it."""
     shape, dtype = dataset.shape, dataset.dtype
-    if not shape or not shape[0] or dataset.file.driver != "sec2" or dataset.is_virtual or \
-            dataset.external or dtype.hasobject:
+    if driver is None:
+        driver = dataset.file.driver
+    if not shape or not shape[0] or driver != "sec2" or dtype.hasobject:
         return None
     dsid = dataset.id
+    dcpl = dsid.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout not in (h5py.h5d.CHUNKED, h5py.h5d.CONTIGUOUS) or dcpl.get_external_count():
+        return None  # virtual, compact or external
     if dsid.get_type() != h5py.h5t.py_create(dtype):
         return None  # converted by HDF5: not the bytes in the file
-    stored = chunk_map(dataset)
-    if len(stored) > MAX_CHUNKS or not len(stored):
+    row_bytes = dtype.itemsize * math.prod(shape[1:])
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dsid.get_offset()
+        if offset is None:
+            return None  # never written: HDF5 supplies the fill value
+        return Layout(RAW, shape[0], np.array([offset], np.int64),
+                      np.array([shape[0] * row_bytes], np.int64), ())
+    chunks = dcpl.get_chunk()
+    if tuple(chunks[1:]) != tuple(shape[1:]) or not hasattr(dsid, "chunk_iter"):
         return None
-    if stored.layout == "contiguous":
-        return Layout(RAW, shape[0], stored.byte_offsets.astype(np.int64),
-                      stored.sizes.astype(np.int64), ())
-    if stored.layout != "chunked" or stored.chunks is None or \
-            tuple(stored.chunks[1:]) != tuple(shape[1:]):
-        return None
-    chunk_rows = stored.chunks[0]
-    k = stored.chunk_offsets[:, 0] // chunk_rows
+    chunk_rows = chunks[0]
     n_chunks = -(-shape[0] // chunk_rows)
-    if len(k) != n_chunks or not np.array_equal(np.sort(k), np.arange(n_chunks)) or \
-            stored.filter_masks.any():
-        return None  # chunks never written (the fill value), or stored with a filter skipped
+    if n_chunks > MAX_CHUNKS:
+        return None
+    found: list[tuple[int, int, int, int]] = []
+    dsid.chunk_iter(lambda info: found.append(
+        (info.chunk_offset[0] // chunk_rows, info.byte_offset, info.size, info.filter_mask)))
+    table = np.array(found, np.int64).reshape(-1, 4)
+    k = table[:, 0]
+    if len(k) != n_chunks or not np.array_equal(np.sort(k), np.arange(n_chunks)):
+        return None  # chunks never written read as the fill value
     order = np.argsort(k)
-    offsets = stored.byte_offsets[order].astype(np.int64)
-    sizes = stored.sizes[order].astype(np.int64)
-    filters = tuple((code, flags, values) for code, flags, values, _ in stored.filters)
+    offsets, sizes = table[order, 1], table[order, 2]
+    filters = tuple(dcpl.get_filter(i)[:3] for i in range(dcpl.get_nfilters()))
     if not filters:
         return Layout(RAW, chunk_rows, offsets, sizes, ())
-    decodes = plan(dataset, stored)
-    if decodes is None or not decodes.ok.all():
-        return None
+    ok, _ = chunks_ok(k, table[:, 3], table[:, 2], shape[0], chunk_rows, chunk_rows * row_bytes)
+    if not ok.all() or not decodable(dtype, list(filters)):
+        return None  # a chunk stored with a filter skipped, or no codec installed
     return Layout(DECODED, chunk_rows, offsets, sizes, filters)
 
 

@@ -146,7 +146,8 @@ def _described(file: FileRef, first: Sequence[DatasetInfo], kw: dict[str, Any],
         return _infos(file, first, kw, None), None
     with open_file(file, kw) as opened:  # once for all its columns
         infos = _infos(file, first, kw, opened)
-        found = tuple(layout_of(get_dataset(opened, info.path)) for info in infos) if (
+        driver = opened.driver
+        found = tuple(layout_of(opened[info.path], driver) for info in infos) if (
             layouts) else None
     return infos, found
 

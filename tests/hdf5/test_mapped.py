@@ -13,7 +13,7 @@ from helpers import sample
 from multitables._hdf5 import fallback
 from multitables._hdf5.mapped import DECODED, RAW, MappedReads, MapTable, layout_of
 
-N = 45  # the last chunk is partial (but for shuffle alone: see eligibility._mapped_chunks)
+N = 45  # the last chunk is partial (but for shuffle alone: see eligibility.chunks_ok)
 
 # name: (dtype, row shape, h5py options, how the map reads it)
 MAPPED = {
