@@ -58,7 +58,7 @@ _SHARED: np.random.PCG64 | None = None
 def _seeded(key: bytes, fresh: bool) -> np.random.Generator:
     global _SHARED
     digest = hashlib.blake2b(key, digest_size=32).digest()
-    state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+    state: Any = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
              "state": {"state": int.from_bytes(digest[:16], "little"),
                        "inc": int.from_bytes(digest[16:], "little") | 1}}
     if fresh:
