@@ -444,3 +444,19 @@ def test_readme_images_and_text_examples_run(tmp_path, monkeypatch):
     # Row i is arange(i % 9 + 1): its padded line holds i % 9 numbers above 0, then zeros.
     assert sum(int((b > 0).sum()) for b in batches) == sum(i % 9 for i in range(70))
     assert all(b.shape[1] == (b > 0).sum(1).max() + 1 for b in batches)
+
+
+def test_torch_dataloader_workers_run_a_lambda_transform(vlen_file):
+    """DataLoader workers fork from the training process and the Loader's workers from them:
+    a lambda reaches both without pickling."""
+    torch = pytest.importorskip("torch")
+    import multitables.torch
+
+    with multitables.torch.Loader(vlen_file, ["label", "i32"], batch_size=16, n_procs=1,
+                                  transform=lambda s: (s[0] * 2, len(s[1]))) as dataset:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        doubled, lengths = zip(*loader, strict=True)
+    expected = truth(vlen_file, "i32")
+    rows = torch.cat(doubled) // 2
+    assert sorted(rows.tolist()) == list(range(N))
+    assert torch.cat(lengths).tolist() == [len(expected[r]) for r in rows.tolist()]
