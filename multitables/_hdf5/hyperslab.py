@@ -20,6 +20,7 @@ from h5py import h5s, h5t
 from multitables._hdf5._rows import runs
 from multitables._hdf5.decode import ChunkDecoder
 from multitables._hdf5.rawread import RawRows, row_range
+from multitables._hdf5.virtualread import VirtualRows
 from multitables._keys._indexing import Selection
 
 try:
@@ -139,7 +140,12 @@ def read_selection(dataset, sel: Selection, out: np.ndarray, field: str | None =
         return
     if raw is None and field is None and sel.local_key is None:
         rows = row_range(sel)
-        decoder = ChunkDecoder.of(dataset) if rows is not None else None
+        # A virtual dataset's rows from its sources, each through these same paths.
+        virtual = VirtualRows.of(dataset) if rows is not None else None
+        if virtual is not None and rows is not None and virtual.read_rows(
+                rows[0], rows[1], out, read_selection):
+            return
+        decoder = ChunkDecoder.of(dataset) if rows is not None and virtual is None else None
         if decoder is not None and rows is not None and decoder.read_rows(rows[0], rows[1], out):
             return
     box = view if sel.local_key is None else _scratch(sel.read_shape, mem_dtype)
