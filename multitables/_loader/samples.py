@@ -33,6 +33,7 @@ from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import OpenFiles
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.source import DatasetInfo, FileRef, open_file
+from .._hdf5.vlenread import VlenRows
 from .._keys._indexing import translate
 from ..errors import SubprocessException
 from .columns import Columns
@@ -102,6 +103,9 @@ def read_values(dataset: h5py.Dataset, kind: str, rows: np.ndarray,
         assert out is not None
         read_selection(dataset, translate((rows,), dataset.shape), out)
         return out
+    heap = VlenRows.of(dataset)  # rows straight from the file's heap, where it can
+    if heap is not None:
+        return [_value(kind, stored) for stored in heap.take(rows)]
     unique, inverse = np.unique(rows, return_inverse=True)
     values = [_value(kind, stored) for stored in dataset[unique]]  # h5py: increasing rows
     return [values[i] for i in inverse]
