@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import textwrap
 
 import h5py
@@ -460,3 +461,21 @@ def test_torch_dataloader_workers_run_a_lambda_transform(vlen_file):
     rows = torch.cat(doubled) // 2
     assert sorted(rows.tolist()) == list(range(N))
     assert torch.cat(lengths).tolist() == [len(expected[r]) for r in rows.tolist()]
+
+
+def die_on_row_5(row):
+    if row == 5 and os.path.exists(os.environ["DIE_FLAG"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return row
+
+
+def test_a_worker_killed_in_a_transform_raises_then_next_epoch_works(vlen_file, tmp_path,
+                                                                      monkeypatch):
+    flag = tmp_path / "die"
+    flag.write_text("")
+    monkeypatch.setenv("DIE_FLAG", str(flag))
+    with make(vlen_file, "label", batch_size=4, transform=die_on_row_5) as loader:
+        with pytest.raises(multitables.SubprocessException, match="signal 9|SIGKILL"):
+            list(loader)
+        flag.unlink()
+        assert np.concatenate(list(loader)).tolist() == list(range(N))
