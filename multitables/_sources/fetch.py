@@ -132,6 +132,31 @@ class Fetcher:
         its bytes, from the thread whose GET completed it, while other GETs are still running:
         so a caller can use each range (decode a chunk) as it arrives. An exception it raises
         is the fetch's error, as a failed GET's is."""
+        todo, gets, run = self._prepare(requests, done)
+        if len(gets) <= 1 or self.max_in_flight == 1:
+            for g in gets:
+                run(g)
+        else:
+            self._run_parallel(gets, run)
+        self._keep(todo)
+
+    def start(self, requests: Iterable[tuple[int, int, Any]],
+              done: Callable[[int], None] | None = None,
+              end: Callable[[BaseException | None], None] | None = None) -> None:
+        """``fetch`` that returns at once: the GETs run on the thread pool, ``done(i)`` as
+        ``fetch`` calls it, then ``end(error)`` once, from the thread of the last GET to finish,
+        once no GET writes into a destination any more: with None when every request holds its
+        bytes, else with the first error (the GETs not yet begun are then skipped). A request
+        found in the cache is ``done`` before ``start`` returns; ``start`` itself raises only
+        for requests it cannot take (a destination too small, a range past the end)."""
+        todo, gets, run = self._prepare(requests, done)
+        _Started(self, todo, gets, run, end or _ignore).submit(self._executor())
+
+    def _prepare(self, requests: Iterable[tuple[int, int, Any]],
+                 done: Callable[[int], None] | None
+                 ) -> tuple[list[tuple[int, memoryview]], list[Get], Callable[[Get], None]]:
+        """The ranges to fetch (those the cache does not hold), their GETs, and what runs
+        one GET."""
         todo: list[tuple[int, memoryview]] = []
         indices: list[int] = []  # of each ``todo`` entry among the requests
         needed = 0
@@ -158,11 +183,10 @@ class Fetcher:
         self.source.stats.add(needed=needed)
         gets = plan(todo, self.merge_gap, self.split_size)
         run = self._run if done is None else _Completion(todo, indices, gets, done, self._run)
-        if len(gets) <= 1 or self.max_in_flight == 1:
-            for g in gets:
-                run(g)
-        else:
-            self._run_parallel(gets, run)
+        return todo, gets, run
+
+    def _keep(self, todo: list[tuple[int, memoryview]]) -> None:
+        """What was fetched, given to the cache."""
         if self.cache is not None:
             for offset, view in todo:
                 self.cache.put(self.source.identity, offset, view)
@@ -261,6 +285,52 @@ class _Completion:
                     finished.append(self._indices[k])
         for i in finished:
             self._done(i)
+
+
+class _Started:
+    """The GETs of one ``Fetcher.start``, each a task of the fetcher's pool; the last to finish
+    gives the fetched ranges to the cache and calls ``end``."""
+
+    def __init__(self, fetcher: Fetcher, todo: list[tuple[int, memoryview]], gets: list[Get],
+                 run: Callable[[Get], None], end: Callable[[BaseException | None], None]):
+        self._fetcher, self._todo, self._run, self._end = fetcher, todo, run, end
+        self._gets = sorted(gets, key=lambda g: -g.nbytes)  # largest first, as fetch does
+        self._left = len(gets)
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        if not self._gets:
+            self._finish()
+        for g in self._gets:
+            pool.submit(self._one, g)
+
+    def _one(self, g: Get) -> None:
+        try:
+            if self._error is None:  # after an error, the GETs not yet begun are skipped
+                self._run(g)
+        except BaseException as e:  # noqa: BLE001 - handed to ``end``
+            with self._lock:
+                if self._error is None:
+                    self._error = e
+        with self._lock:
+            self._left -= 1
+            last = not self._left
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        error = self._error
+        if error is None:
+            try:
+                self._fetcher._keep(self._todo)
+            except BaseException as e:  # noqa: BLE001 - handed to ``end``
+                error = e
+        self._end(error)
+
+
+def _ignore(error: BaseException | None) -> None:
+    pass
 
 
 _live: weakref.WeakSet[Fetcher] = weakref.WeakSet()

@@ -4,6 +4,7 @@ several GETs in flight, the bytes straight into the destinations, errors after e
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 
 import numpy as np
@@ -232,3 +233,89 @@ def test_fetcher_after_fork_makes_its_own_threads_and_connections(http, blob):
         reqs = requests_of(len(blob), spec)
         f.fetch(reqs)  # the parent's still work
         check(reqs, blob)
+
+
+class _Ended:
+    """``end`` of a ``Fetcher.start``: what it was called with, and a wait for it."""
+
+    def __init__(self):
+        self.calls: list[BaseException | None] = []
+        self.event = threading.Event()
+
+    def __call__(self, error):
+        self.calls.append(error)
+        self.event.set()
+
+    def wait(self):
+        assert self.event.wait(10), "end was never called"
+        time.sleep(0.01)  # a second call would come now
+        assert len(self.calls) == 1, self.calls
+        return self.calls[0]
+
+
+def test_start_returns_at_once_and_ends_once_every_request_is_in(http, blob, tmp_path):
+    # Merged neighbours, a split range, an empty one: done(i) once each, then end(None) once,
+    # after the last; the second start finds everything in the cache and ends before returning.
+    spec = [(10_000 + i * 1500, 1000) for i in range(20)] + [(2_000_000, 3000), (5, 0),
+                                                             (900_000, 10)]
+    src = open_source(http.url(BLOB_NAME))
+    gate, read = threading.Event(), src.read_segments
+
+    def gated(offset, segments):  # no GET ends before start has returned
+        assert gate.wait(10)
+        read(offset, segments)
+
+    src.read_segments = gated
+    with src, src.fetcher(merge_gap=1000, split_size=700,
+                          cache=ByteCache(str(tmp_path / "c"), 1 << 20)) as f:
+        for cached in (False, True):
+            reqs = requests_of(len(blob), spec)
+            seen: list[int] = []
+            ended = _Ended()
+
+            def end(error, seen=seen, ended=ended):
+                assert sorted(seen) == list(range(len(spec)))
+                ended(error)
+
+            gate.clear()
+            f.start(reqs, seen.append, end)
+            assert ended.event.is_set() == cached
+            gate.set()
+            assert ended.wait() is None
+            check(reqs, blob)
+            assert f.cache_hits == (len(spec) - 1 if cached else 0)  # the empty one aside
+
+
+def test_start_ends_with_the_first_error_once_no_get_writes(http, blob):
+    src = open_source(http.url(BLOB_NAME))
+    running = []
+    read = src.read_segments
+
+    def slow_or_failing(offset, segments):
+        running.append(offset)
+        try:
+            if offset == 0:
+                raise ConnectionAbortedError("the first GET fails at once")
+            time.sleep(0.05)
+            read(offset, segments)
+        finally:
+            running.remove(offset)
+
+    src.read_segments = slow_or_failing
+    with src.fetcher(max_in_flight=4, merge_gap=0) as f:
+        ended = _Ended()
+        f.start(requests_of(len(blob), [(i * 200_000, 10) for i in range(10)]), None,
+                lambda error: ended((error, list(running))))
+        error, still_running = ended.wait()
+        assert isinstance(error, ConnectionAbortedError) and still_running == []
+    src.close()
+
+
+def test_start_ends_with_an_error_raised_by_done(http, blob):
+    def done(i):
+        raise KeyError("decoder")
+
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(merge_gap=0) as f:
+        ended = _Ended()
+        f.start(requests_of(len(blob), [(0, 10), (500_000, 10)]), done, ended)
+        assert isinstance(ended.wait(), KeyError)
