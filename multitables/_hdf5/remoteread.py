@@ -12,8 +12,10 @@ written) is read by HDF5 over the worker's ``BlockFile``: correct, one request a
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import h5py
@@ -41,6 +43,17 @@ class RemoteRows(RawRows):
         self.end = int(chunk_offsets.max()) + chunk_rows * row_bytes
 
     def _read_run(self, row: int, count: int, out: memoryview) -> None:
+        self.fetcher.fetch(self._ranges(row, count, out))
+
+    def requests(self, start: int, stop: int, out: np.ndarray
+                 ) -> tuple[list[tuple[int, int, Any]], list[Callable[[], None] | None]]:
+        """What rows ``start:stop`` need fetched, for ``RowsAhead``: the ranges that write
+        them straight into ``out`` (C-contiguous, their bytes), and nothing to do as each
+        lands."""
+        ranges = self._ranges(start, stop - start, out.reshape(-1).view(np.uint8).data)
+        return ranges, [None] * len(ranges)
+
+    def _ranges(self, row: int, count: int, out: memoryview) -> list[tuple[int, int, Any]]:
         ranges, at = [], 0
         while count:
             chunk, first = divmod(row, self.chunk_rows)
@@ -51,7 +64,7 @@ class RemoteRows(RawRows):
             at += nbytes
             row += n
             count -= n
-        self.fetcher.fetch(ranges)
+        return ranges
 
     def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         rb = self.row_bytes
@@ -190,6 +203,52 @@ class RemoteDecoder(ChunkDecoder):
                 self._placed.add(k)
 
         self._fetcher.fetch(ranges, arrived)
+
+    @property
+    def threadsafe(self) -> bool:
+        """Whether fetch threads may decode at once (each makes its own codec)."""
+        return self._remake is not None or self._codec is None
+
+    def requests(self, start: int, stop: int, out: np.ndarray
+                 ) -> tuple[list[tuple[int, int, Any]], list[Callable[[], None] | None]] | None:
+        """What rows ``start:stop`` need fetched, for ``RowsAhead``: the stored chunks, each
+        into a buffer of its own, and for each what decodes it into its place in ``out``
+        (C-contiguous, those rows), safe in any fetch thread; None where some chunk must go
+        through HDF5 (not stored, or stored with a filter skipped)."""
+        cr, rb = self.chunk_rows, self.row_bytes
+        if not (0 <= start < stop <= self.n_rows and out.flags.c_contiguous
+                and out.nbytes == (stop - start) * rb):
+            return None
+        k0, k1 = start // cr, (stop - 1) // cr + 1
+        if not self.ok[k0:k1].all():
+            return None
+        sizes = self._sizes[k0:k1]
+        body = np.empty(int(sizes.sum()), np.uint8)
+        dest = out.reshape(-1).view(np.uint8)
+        ranges: list[tuple[int, int, Any]] = []
+        actions: list[Callable[[], None] | None] = []
+        at = 0
+        for k, size in zip(range(k0, k1), sizes.tolist(), strict=True):
+            raw = body[at : at + size].data
+            at += size
+            first, last = max(start, k * cr), min(stop, (k + 1) * cr)
+            place = dest[(first - start) * rb : (last - start) * rb]
+            ranges.append((int(self._offsets[k]), size, raw))
+            actions.append(functools.partial(self._decode_whole, raw, place)
+                           if last - first == cr else
+                           functools.partial(self._decode_part, raw, place,
+                                             (first - k * cr) * rb))
+        return ranges, actions
+
+    def _decode_part(self, raw: memoryview, dest: np.ndarray, skip: int) -> None:
+        """The bytes of chunk ``raw`` from ``skip`` on, decoded into ``dest``: the chunk
+        whole into this thread's scratch, then the part copied."""
+        local = self._local
+        chunk = getattr(local, "chunk", None)
+        if chunk is None:
+            chunk = local.chunk = np.empty(self.chunk_bytes, np.uint8)
+        self._decode_whole(raw, chunk)
+        dest[:] = chunk[skip : skip + dest.nbytes]
 
     def _decode_whole(self, raw: memoryview, dest: np.ndarray) -> None:
         """Chunk bytes ``raw`` decoded into ``dest``, safe in any fetch thread: with this

@@ -29,12 +29,14 @@ import numpy as np
 from .._engine import timeouts
 from .._engine.ring import Ring, RingJob, RingLayout
 from .._engine.shm import SharedArena, round_up
+from .._engine.worker import worker_place
 from .._hdf5 import rawread
 from .._hdf5.badchunk import bad_chunk
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob, OpenFiles
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.mapped import MappedReads
+from .._hdf5.remoteahead import RowsAhead
 from .._hdf5.source import DatasetInfo, OpenFile
 from .._keys._indexing import translate
 
@@ -182,6 +184,7 @@ class LoadJob(RingJob, FileJob):
 
     name = "Loader"
     plan: LoadPlan
+    ahead: RowsAhead | None = None  # units of a file in an object store: fetched ahead
 
     def __init__(self, plan: LoadPlan):
         self.plan = plan
@@ -201,6 +204,14 @@ class LoadJob(RingJob, FileJob):
         # translate per batch (bench/README.md, "The Loader's workers").
         self.raw = [rawread.RawRows.of(d) if self.plan.kind == BATCHES else None
                     for d in self.datasets]
+        if self.plan.kind == UNITS:
+            self.ahead = RowsAhead.of(self.datasets)
+            self.where = worker_place(self.name, worker)
+
+    def detach(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()  # no fetch thread writes into a slot past the job
+        super().detach()
 
     def _attach_ring(self) -> None:
         rawread.keep_maps()  # the rows of the next epochs lie in the same pages
@@ -210,9 +221,15 @@ class LoadJob(RingJob, FileJob):
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket to read into it; None when done."""
+        if self.ahead is not None and not self.ahead.wait_for_room(
+                lambda: self.ring.stopped or not parent_alive()):
+            return None
         return self.ring.take_ticket(self.plan.n_tickets, timeouts.WAIT_SLICE, parent_alive)
 
     def run(self, task: tuple[int, int]) -> None:
+        if self.ahead is not None:
+            self._run_ahead(task)
+            return
         slot, ticket = task
         key = self.plan.key(ticket)
         at = slot * self.plan.slot_rows
@@ -228,6 +245,22 @@ class LoadJob(RingJob, FileJob):
         self.failed = None
         self.ring.headers[slot] = (ticket, n)
         self.ring.full.push(slot)
+
+    def _run_ahead(self, task: tuple[int, int]) -> None:
+        """Units over a URL: this task's and those of the slots free now, fetched at once in
+        the background, each slot full as soon as its unit lands (``RowsAhead``)."""
+        def unit(slot: int, ticket: int) -> tuple[list, int]:
+            key = self.plan.key(ticket)
+            assert isinstance(key, slice)
+            at, n = slot * self.plan.slot_rows, key.stop - key.start
+            return [(key.start, key.stop, [r[at : at + n] for r in self.regions])], n
+
+        def failed(exc: BaseException, ticket: int, dataset: int | None) -> None:
+            self.failed = dataset  # the job is over: no other read uses it
+            self.fail(exc, f"{self.where}, {self.describe((0, ticket))}")
+
+        assert self.ahead is not None
+        self.ahead.run(self.ring, task, self.plan.n_tickets, unit, failed)
 
     def describe(self, task: tuple[int, int]) -> str:
         """What the failed ``task`` read: the dataset that failed (every one, if it failed

@@ -15,9 +15,11 @@ import numpy as np
 from .._engine import timeouts
 from .._engine.ring import Ring, RingJob, RingLayout
 from .._engine.shm import SharedArena
+from .._engine.worker import worker_place
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob
 from .._hdf5.hyperslab import read_selection
+from .._hdf5.remoteahead import RowsAhead
 from .._hdf5.source import DatasetInfo, OpenFile, check_positive_int, default_block_size
 from .._keys._indexing import translate
 
@@ -117,6 +119,7 @@ class StreamJob(RingJob, FileJob):
 
     name = "Streamer"
     plan: StreamPlan
+    ahead: RowsAhead | None = None  # slots of a file in an object store: fetched ahead
 
     def __init__(self, plan: StreamPlan):
         self.plan = plan
@@ -131,13 +134,30 @@ class StreamJob(RingJob, FileJob):
         self.ring = Ring(plan.arena, plan.layout)
         self.dataset = source.dataset(plan.info.path)
         self.slots = slot_arrays(plan, self.ring)
+        # Whole rows of a file in an object store: the next slots' chunks are fetched while
+        # this one's decode (``RowsAhead``).
+        self.ahead = RowsAhead.of([self.dataset]) if plan.field is None else None
+        self.where = worker_place(self.name, worker)
+
+    def detach(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()  # no fetch thread writes into a slot past the job
+        super().detach()
 
     def next_task(self, parent_alive) -> tuple[int, int] | None:
         """A free slot and the ticket of the blocks to read into it; None when done. See NOTE
         [ Worker shutdown logic ], steps (2) and (4)."""
+        if self.ahead is not None and not self.ahead.wait_for_room(
+                lambda: self.ring.stopped or not parent_alive()):
+            return None
         return self.ring.take_ticket(self.plan.n_slot_tickets, timeouts.WAIT_SLICE, parent_alive)
 
     def run(self, task: tuple[int, int]) -> None:
+        if self.ahead is not None:
+            self.ahead.run(self.ring, task, self.plan.n_slot_tickets, self._pieces,
+                           lambda exc, ticket, _: self.fail(
+                               exc, f"{self.where}, {self.describe((0, ticket))}"))
+            return
         slot, ticket = task
         dest, shape, at = self.slots[slot], self.plan.info.shape, 0
         for start, stop in self.plan.rows_of(ticket):
@@ -146,6 +166,14 @@ class StreamJob(RingJob, FileJob):
             at += stop - start
         self.ring.headers[slot] = (ticket, at)
         self.ring.full.push(slot)
+
+    def _pieces(self, slot: int, ticket: int) -> tuple[list, int]:
+        """The row ranges of slot ``ticket``, each with its place in ``slot``, and their rows."""
+        pieces, at = [], 0
+        for start, stop in self.plan.rows_of(ticket):
+            pieces.append((start, stop, [self.slots[slot][at : at + stop - start]]))
+            at += stop - start
+        return pieces, at
 
     def describe(self, task: tuple[int, int]) -> str:
         rows = ", ".join(f"{a}:{b}" for a, b in self.plan.rows_of(task[1]))

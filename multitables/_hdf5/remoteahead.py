@@ -1,0 +1,257 @@
+"""Reads of whole rows of a file in an object store into a ring's slots, fetched ahead in the
+background: the Loader's units and the Streamer's slots over a URL (internal).
+
+A worker that reads one slot at a time waits a round trip for each, and decodes nothing
+meanwhile (a unit of 64 gzip images decodes in 0.6 ms behind 20 ms of latency). Here a worker
+that takes a free slot also takes the tickets of every slot free now, hands them to
+``RowsAhead.run`` and goes back for more: the stored bytes of those slots, of every dataset,
+are one ``Fetcher.start`` (neighbours merged, several GETs in flight), each chunk decoded into
+its place by the fetch thread whose GET brought it, and each slot handed over full as soon as
+its rows are in. A worker keeps at most ``AHEAD_BYTES`` of rows in flight, so that every
+worker of a job takes its share of the slots (and of their decoding).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .._engine import timeouts
+from .._engine.ring import TIMEOUT, Ring
+from .._keys._indexing import translate
+from .decode import ChunkDecoder
+from .fallback import Undecodable
+from .hyperslab import read_selection
+from .libraries import DECODE_ERRORS
+from .rawread import RawRows
+from .remote import file_of_dataset
+from .remoteread import RemoteDecoder, RemoteRows
+
+# Bytes of rows a worker keeps in flight: 64 Loader units of 64 gzip images of 4 KiB (about
+# 7 MB stored), or two Streamer slots; enough to cover a round trip of 20 ms at the rate two
+# cores decode (bench/README.md, "Remote files").
+AHEAD_BYTES = 16 << 20
+# A worker at the limit waits until no more than this is in flight, then takes the slots free
+# by then at once: their requests share GETs (a GET costs the client and the server about
+# 0.5 ms of CPU together, as much as decoding a unit).
+AHEAD_LOW_BYTES = AHEAD_BYTES // 2
+
+# One slot's rows: pieces (start, stop, one destination per dataset), with the slot's header.
+Piece = tuple[int, int, Sequence[np.ndarray]]
+Pieces = Callable[[int, int], tuple[list[Piece], int]]
+# What a job is told of a read that failed: the error, the ticket, and the dataset whose read
+# through HDF5 raised it (None when a GET failed).
+Failed = Callable[[BaseException, int, "int | None"], None]
+
+
+class RowsAhead:
+    """Whole rows of every one of ``datasets`` (all opened from one ``RemoteFile``) read into
+    a ring's slots in the background. See the module doc, and NOTE [ Worker shutdown logic ]
+    in multitables/_engine/pool.py: a job that uses it waits in ``wait_for_room`` with the
+    checks of its ``next_task``, and ``close`` waits for every read it started (each bounded
+    by the source's timeout and retries) before the job ends."""
+
+    def __init__(self, datasets: Sequence[h5py.Dataset],
+                 parts: Sequence[RemoteRows | RemoteDecoder], fetcher: Any):
+        self.datasets, self.parts, self.fetcher = list(datasets), list(parts), fetcher
+        self.in_flight = 0  # bytes of rows started and not yet in their slots
+        self._room = threading.Condition()
+        self._slow: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    @classmethod
+    def of(cls, datasets: Sequence[h5py.Dataset]) -> RowsAhead | None:
+        """The reads ahead of ``datasets``; None unless they all come from one object store
+        and all have a fast path (unfiltered rows, or chunks any fetch thread can decode)."""
+        files = [file_of_dataset(d) for d in datasets]
+        if not files or files[0] is None or any(f is not files[0] for f in files):
+            return None
+        parts: list[RemoteRows | RemoteDecoder] = []
+        for d in datasets:
+            part: Any = RawRows.of(d) or ChunkDecoder.of(d)
+            if not (isinstance(part, RemoteRows) or
+                    isinstance(part, RemoteDecoder) and part.threadsafe):
+                return None
+            parts.append(part)
+        return cls(datasets, parts, files[0].fetcher())
+
+    def wait_for_room(self, give_up: Callable[[], bool]) -> bool:
+        """Wait until reads may start (True): at once below ``AHEAD_BYTES`` in flight, else
+        once no more than ``AHEAD_LOW_BYTES`` are, checking ``give_up()`` every
+        ``timeouts.WAIT_SLICE`` s (False once it says so)."""
+        with self._room:
+            if self.in_flight < AHEAD_BYTES:
+                return True
+            while self.in_flight > AHEAD_LOW_BYTES:
+                if give_up():
+                    return False
+                self._room.wait(timeouts.WAIT_SLICE)
+        return True
+
+    def run(self, ring: Ring, task: tuple[int, int], end: int | None, pieces: Pieces,
+            failed: Failed) -> None:
+        """Start reading the rows of ``task`` (a free slot and its ticket) and of the slots
+        free now (their tickets taken from ``ring`` below ``end``; None: endless), up to
+        ``AHEAD_BYTES`` in flight, and return. ``pieces(slot, ticket)`` says what a slot
+        holds; each slot is handed over full once its rows are in, or ``failed(error, ticket,
+        dataset)`` is called for the first that cannot be read."""
+        slots, reads = [task], [pieces(*task)]
+        nbytes = [_bytes(reads[0][0])]
+        with self._room:
+            self.in_flight += nbytes[0]
+        try:
+            while not ring.stopped and (end is None or ring.tickets.load() < end):
+                if self.in_flight >= AHEAD_BYTES:
+                    break
+                slot = ring.free.try_pop()
+                if slot == TIMEOUT:
+                    break
+                ticket = ring.tickets.fetch_add(1)
+                if end is not None and ticket >= end:
+                    ring.free.push(slot)
+                    break
+                slots.append((slot, ticket))
+                reads.append(pieces(slot, ticket))
+                nbytes.append(_bytes(reads[-1][0]))
+                with self._room:
+                    self.in_flight += nbytes[-1]
+        except BaseException:
+            self._release(sum(nbytes))  # nothing started: the job fails (its ring stops)
+            raise
+        _Reads(self, ring, slots, reads, nbytes, failed).start()
+
+    def _release(self, nbytes: int) -> None:
+        with self._room:
+            self.in_flight -= nbytes
+            self._room.notify_all()
+
+    def read_again(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (a read through HDF5) on this worker's one thread for such reads: never
+        on a fetch thread, whose pool such a read needs."""
+        if self._slow is None or self._pid != os.getpid():
+            self._slow = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="multitables-again")
+            self._pid = os.getpid()
+        self._slow.submit(job)
+
+    def close(self) -> None:
+        """Wait for every started read, then stop this worker's threads (idempotent)."""
+        with self._room:
+            while self.in_flight > 0:
+                self._room.wait(timeouts.WAIT_SLICE)
+        slow, self._slow = self._slow, None
+        if slow is not None and self._pid == os.getpid():
+            slow.shutdown(wait=True)
+
+
+def _bytes(pieces: list[Piece]) -> int:
+    return max(1, sum(d.nbytes for _, _, dests in pieces for d in dests))
+
+
+class _Reads:
+    """The slots of one ``RowsAhead.run``: their requests in one ``Fetcher.start``, each
+    chunk decoded as it lands, each slot handed over once its last request is in."""
+
+    def __init__(self, ahead: RowsAhead, ring: Ring, slots: list[tuple[int, int]],
+                 reads: list[tuple[list[Piece], int]], nbytes: list[int], failed: Failed):
+        self.ahead, self.ring, self.slots, self.reads = ahead, ring, slots, reads
+        self.nbytes, self.failed = nbytes, failed
+        self.pending = [0] * len(slots)  # requests of each slot not yet in
+        self.again: set[int] = set()  # slots HDF5 reads: a chunk only it reads, or undecodable
+        self.owner: list[int] = []  # the slot of each request
+        self.actions: list[Callable[[], None] | None] = []
+        self.lock = threading.Lock()
+        self.over = [False] * len(slots)  # handed over, failed, or abandoned
+
+    def start(self) -> None:
+        requests: list[tuple[int, int, Any]] = []
+        try:
+            for i, (pieces, _) in enumerate(self.reads):
+                for start, stop, dests in pieces:
+                    for part, dest in zip(self.ahead.parts, dests, strict=True):
+                        found = part.requests(start, stop, dest)
+                        if found is None:
+                            self.again.add(i)
+                            continue
+                        requests += found[0]
+                        self.actions += found[1]
+                        self.owner += [i] * len(found[0])
+                        self.pending[i] += len(found[0])
+            for i in range(len(self.slots)):
+                if not self.pending[i] and i not in self.again:
+                    self._deliver(i)  # nothing to fetch
+            self.ahead.fetcher.start(requests, self._landed, self._end)
+        except BaseException as exc:  # noqa: BLE001 - the job's error, as a read's
+            self._end(exc)
+
+    def _landed(self, j: int) -> None:
+        i, action = self.owner[j], self.actions[j]
+        if action is not None and i not in self.again:
+            try:
+                action()
+            except (Undecodable, *DECODE_ERRORS):
+                self.again.add(i)  # HDF5 reads it, and says what is wrong
+        with self.lock:
+            self.pending[i] -= 1
+            last = not self.pending[i]
+        if last and i not in self.again:
+            self._deliver(i)
+
+    def _deliver(self, i: int) -> None:
+        with self.lock:
+            if self.over[i]:
+                return
+            self.over[i] = True
+        slot, ticket = self.slots[i]
+        try:
+            if not self.ring.stopped:
+                self.ring.headers[slot] = (ticket, self.reads[i][1])
+                self.ring.full.push(slot)
+        finally:
+            self.ahead._release(self.nbytes[i])
+
+    def _end(self, error: BaseException | None) -> None:
+        """Every GET is over: the slots HDF5 reads go to it; after an error, the first slot
+        not handed over fails the job and the others are given up."""
+        if error is None and self.again:
+            self.ahead.read_again(self._read_again)
+            return
+        self._close(error)
+
+    def _read_again(self) -> None:
+        """The slots a fetch thread could not decode, or that hold chunks only HDF5 reads,
+        read as a worker reads without ``RowsAhead``: a chunk that cannot be read fails there
+        too, and the job names it."""
+        error: BaseException | None = None
+        failing: int | None = None  # the dataset being read
+        try:
+            for i in sorted(self.again):
+                for start, stop, dests in self.reads[i][0]:
+                    for k, (dataset, dest) in enumerate(zip(self.ahead.datasets, dests,
+                                                            strict=True)):
+                        failing = k
+                        read_selection(dataset, translate((slice(start, stop),),
+                                                          dataset.shape), dest)
+                failing = None
+                self._deliver(i)
+        except BaseException as exc:  # noqa: BLE001 - the job's error, as a read's
+            error = exc
+        self._close(error, failing)
+
+    def _close(self, error: BaseException | None, dataset: int | None = None) -> None:
+        with self.lock:
+            left = [i for i in range(len(self.slots)) if not self.over[i]]
+            for i in left:
+                self.over[i] = True
+        try:
+            if left or error is not None:
+                self.failed(error or RuntimeError("a read ahead ended unfinished"),
+                            self.slots[left[0] if left else 0][1], dataset)
+        finally:
+            self.ahead._release(sum(self.nbytes[i] for i in left))
