@@ -341,3 +341,24 @@ def test_local_files_are_read_by_their_chunk_maps(shards):
                                                  [RAW] * 2, [DECODED] * 2]
     assert {*how[1], *how[5]} <= {0, DECODED}  # lzf: by its codec if installed, else HDF5
     assert all(s.layouts is None for s in files.shards)  # packed in the table, not per file
+
+
+@pytest.mark.timeout(60)
+def test_a_corrupt_chunk_of_a_shard_is_named_with_its_file(tmp_path):
+    """A chunk the map's decoder cannot decode is read by HDF5, whose error names the file,
+    the dataset and the chunk; the other files' rows came by their chunk maps."""
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"s{i}.h5"))
+        write_shard(paths[-1], 40 * i, 40, chunks=10)
+    with h5py.File(paths[1], "r") as f:
+        info = f["x"].id.get_chunk_info(1)  # rows 20:40 of the second file
+    with open(paths[1], "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(b"\xff" * info.size)
+    with make(paths, batch_size=10, n_procs=1) as loader:
+        with pytest.raises(OSError) as raised:
+            list(loader)
+    where = str(raised.value).split("the worker's traceback")[0]
+    assert (f"of /x in {paths[1]}: chunk 1 (rows 20:40, at byte offset {info.byte_offset:,}, "
+            f"{info.size:,} bytes stored) cannot be read") in where
