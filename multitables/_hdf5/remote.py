@@ -23,6 +23,7 @@ from typing import Any
 
 import h5py
 
+from .._engine import worker
 from .._sources import Source, open_source, parse_location
 from .._sources import storage_options as check_storage_options
 from .._sources.blockfile import BlockFile
@@ -61,13 +62,14 @@ class RemoteFile:
 
     ``str()`` is the URL without credentials or query string, for messages. Pickles as the
     pinned version (or the URL and options before the pin), the chunk maps and the cache
-    settings, never a connection.
+    settings, never a connection. A copy made by pickling keeps its connections and fetch
+    threads when closed in a worker, for the next job over the same object (see ``_KEPT``).
     """
 
     def __init__(self, url: str, options: StorageOptions | Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, cache_limit: int | None = None,
                  source: Source | None = None, maps: dict[str, ChunkMap] | None = None,
-                 meta_blocks: tuple[int, ...] = ()):
+                 meta_blocks: tuple[int, ...] = (), copy: bool = False):
         self.url = url
         self.options = check_storage_options(options)
         self.name = parse_location(url).display
@@ -77,6 +79,7 @@ class RemoteFile:
         # The blocks of the file that h5py read in the parent (HDF5's metadata), which a worker
         # fetches at once (and through the cache) before h5py opens the file there.
         self.meta_blocks = meta_blocks
+        self._copy = copy
         self._pid = 0  # of the process that made the per-process objects below
         self._blockfile: BlockFile | None = None
         self._fetcher: Any = None
@@ -104,7 +107,7 @@ class RemoteFile:
         if self._pid == os.getpid() and self._blockfile is not None:
             blocks = tuple(sorted(self._blockfile.touched.union(blocks)))
         return (RemoteFile, (self.url, self.options, self.cache_dir, self.cache_limit,
-                             self._source, self.maps, blocks))
+                             self._source, self.maps, blocks, True))
 
     def keywords(self) -> dict[str, Any]:
         """The front door's keywords that made this file (for a copy made by pickling)."""
@@ -115,6 +118,16 @@ class RemoteFile:
     def _mine(self) -> None:
         if self._pid != os.getpid():  # a forked child: nothing of the parent's is ours
             self._pid, self._blockfile, self._fetcher = os.getpid(), None, None
+            kept = _take_kept(self._kept_key())
+            if kept is not None:  # an earlier job's, over the same version of the object
+                self._fetcher, self._source = kept, kept.source
+
+    def _kept_key(self) -> tuple | None:
+        """What a kept fetcher must match: the pinned object and the settings of its fetcher
+        (None before the pin)."""
+        if self._source is None:
+            return None
+        return (self._source.identity, self.options, self.cache_dir, self.cache_limit)
 
     def blockfile(self) -> BlockFile:
         """This process's block-cached file object (kept: the metadata stays cached)."""
@@ -164,10 +177,14 @@ class RemoteFile:
             return  # the parent's, not ours to close
         fetcher, blockfile, self._fetcher, self._blockfile = (self._fetcher, self._blockfile,
                                                               None, None)
-        if fetcher is not None:
-            fetcher.close()
         if blockfile is not None:
             blockfile.close()
+        if self._copy and fetcher is not None and fetcher.source is self._source and \
+                _in_worker():
+            _keep(self._kept_key(), fetcher)  # its source's connections with it
+            return
+        if fetcher is not None:
+            fetcher.close()
         if self._source is not None:
             self._source.close()
 
@@ -224,6 +241,45 @@ def location_of(file: str | RemoteFile) -> str:
 def keywords_of(file: str | RemoteFile) -> dict[str, Any]:
     """The front door keywords that remake ``file`` with ``file_of`` (none for a path)."""
     return file.keywords() if isinstance(file, RemoteFile) else {}
+
+
+# A worker's fetcher (its threads, its source's connections) outlives the job whose file made
+# it: the next job over the same version of the object (the Loader's next epoch, the Streamer's
+# next pass) takes it, where making them again cost a thread start and a new connection for each
+# GET in flight at the start of every job, before its first byte (bench/README.md, "Remote
+# files"). One per process: keeping another closes it. [(pid, key, fetcher)]
+_KEPT: list[tuple[int, tuple, Any]] = []
+
+
+def _keep(key: tuple | None, fetcher: Any) -> None:
+    old = _KEPT[:]
+    _KEPT[:] = [(os.getpid(), key, fetcher)] if key is not None else []
+    for pid, _, other in old:
+        if pid == os.getpid() and other is not fetcher:
+            other.close()
+            other.source.close()
+    if key is None:
+        fetcher.close()
+        fetcher.source.close()
+
+
+def _in_worker() -> bool:
+    try:
+        worker.parent_channel()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _take_kept(key: tuple | None) -> Any:
+    """The kept fetcher of ``key`` in this process, taken out; None if none."""
+    if key is None or not _KEPT:
+        return None
+    pid, kept_key, fetcher = _KEPT[0]
+    if pid != os.getpid() or kept_key != key:
+        return None
+    _KEPT.clear()
+    return fetcher
 
 
 # Each process's block files by the pinned object's identity (URL, size, version), which a forked

@@ -128,3 +128,17 @@ def test_a_server_that_stops_answering_raises_within_the_timeout(served):
         server.knobs.stall = True  # after the open: every GET of the epoch stalls
         with pytest.raises(SourceTimeoutError, match=AHEAD_NAME):
             list(loader)
+
+
+def test_a_workers_next_job_reuses_its_connections(served):
+    # Each pass is a job; the second finds the first's connections (and threads) in the worker.
+    server, _, truth = served
+    with multitables.Streamer(server.url(AHEAD_NAME)) as streamer:
+        opened = []
+        for _ in range(3):
+            before = server.counts["connections"]
+            with streamer.get_queue("b", n_procs=1, block_size=100, ordered=True) as q:
+                got = [g.__enter__().copy() for g in q.iter()]
+            np.testing.assert_array_equal(np.concatenate(got), truth["b"])
+            opened.append(server.counts["connections"] - before)
+    assert opened[0] > 0 and opened[1:] == [0, 0], opened

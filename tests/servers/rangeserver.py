@@ -45,8 +45,8 @@ class Knobs:
 
 class RangeServer:
     """``with RangeServer(root) as srv: srv.url("a.h5")``. ``forbidden`` holds names answered
-    403; ``counts`` counts requests, GETs, statuses and injected faults; ``log`` keeps (method,
-    path, Range, status) of each request."""
+    403; ``counts`` counts connections, requests, GETs, statuses and injected faults; ``log``
+    keeps (method, path, Range, status) of each request."""
 
     def __init__(self, root: str | os.PathLike, **knobs) -> None:
         self.root = Path(root)
@@ -172,6 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.owner._lock:
             self.owner._conns.add(self.connection)
+            self.owner.counts["connections"] += 1
 
     abort = False
 
