@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -94,10 +94,15 @@ class Source(abc.ABC):
         """What names this version of the object, for cache keys: (url, size, version)."""
 
     @abc.abstractmethod
-    def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
+    def read_segments(self, offset: int, segments: Sequence[memoryview],
+                      landed: Callable[[int], None] | None = None) -> None:
         """Fill ``segments`` (writable byte views, in order) with the bytes from ``offset`` on,
         exactly, or raise: one request for the whole run of bytes. The building block of every
-        read; ``fetch.Fetcher`` uses it to merge neighbouring ranges without a copy."""
+        read; ``fetch.Fetcher`` uses it to merge neighbouring ranges without a copy.
+
+        ``landed(k)``, when given, is called once segment ``k`` holds its bytes, in order, as
+        they arrive (the rest of the body may still be coming). A request retried after some
+        segments landed never writes into those again: their bytes go to a scratch buffer."""
 
     def read_into(self, offset: int, buffer: Any) -> None:
         """Fill the writable ``buffer`` with the bytes at ``offset`` exactly, or raise."""

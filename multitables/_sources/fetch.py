@@ -4,7 +4,6 @@ bytes straight into the destinations."""
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures
 import dataclasses
 import os
@@ -25,11 +24,13 @@ DEFAULT_IN_FLIGHT = 8
 class Get:
     """One request to the source: fill ``segments`` from ``offset`` on. ``scatter`` is set for
     a merged range whose parts overlap: the body goes to one scratch buffer and is copied out
-    to (view, position in the body) pairs."""
+    to (view, position in the body) pairs. ``owners`` says which of the ranges given to ``plan``
+    each segment (each scatter pair) writes, -1 for a gap between them."""
 
     offset: int
     segments: list[memoryview]
     scatter: list[tuple[memoryview, int]] | None = None
+    owners: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -49,21 +50,22 @@ def plan(requests: Iterable[tuple[int, memoryview]], merge_gap: int, split_size:
     >>> [(g.offset, g.nbytes) for g in plan([(0, memoryview(bytearray(25)))], 8, 10)]
     [(0, 10), (10, 10), (20, 5)]
     """
-    todo = sorted(((off, v) for off, v in requests if v.nbytes), key=lambda r: r[0])
+    todo = sorted(((off, v, n) for n, (off, v) in enumerate(requests) if v.nbytes),
+                  key=lambda r: r[0])
     gets: list[Get] = []
     i = 0
     while i < len(todo):
-        start, first = todo[i]
+        start, first, owner = todo[i]
         if first.nbytes > split_size:
             for a in range(0, first.nbytes, split_size):
-                gets.append(Get(start + a, [first[a:a + split_size]]))
+                gets.append(Get(start + a, [first[a:a + split_size]], owners=[owner]))
             i += 1
             continue
         group = [todo[i]]
         end = start + first.nbytes
         i += 1
         while i < len(todo):
-            off, v = todo[i]
+            off, v, _ = todo[i]
             new_end = max(end, off + v.nbytes)
             if off - end > merge_gap or new_end - start > split_size:
                 break
@@ -74,22 +76,25 @@ def plan(requests: Iterable[tuple[int, memoryview]], merge_gap: int, split_size:
     return gets
 
 
-def _merged(group: list[tuple[int, memoryview]], start: int, end: int) -> Get:
+def _merged(group: list[tuple[int, memoryview, int]], start: int, end: int) -> Get:
     overlapping = any(group[k][0] < group[k - 1][0] + group[k - 1][1].nbytes
                       for k in range(1, len(group)))
     if overlapping:
         # Rare (the same bytes wanted twice): one scratch body, copied to each destination.
         body = memoryview(bytearray(end - start))
-        return Get(start, [body], [(v, off - start) for off, v in group])
+        return Get(start, [body], [(v, off - start) for off, v, _ in group],
+                   [owner for _, _, owner in group])
     gaps = [group[k][0] - (group[k - 1][0] + group[k - 1][1].nbytes)
             for k in range(1, len(group))]
     scratch = memoryview(bytearray(max(gaps, default=0)))
-    segments = [group[0][1]]
-    for gap, (_, v) in zip(gaps, group[1:], strict=True):
+    segments, owners = [group[0][1]], [group[0][2]]
+    for gap, (_, v, owner) in zip(gaps, group[1:], strict=True):
         if gap:
             segments.append(scratch[:gap])  # the same scratch for every gap: it is dropped
+            owners.append(-1)
         segments.append(v)
-    return Get(start, segments)
+        owners.append(owner)
+    return Get(start, segments, owners=owners)
 
 
 class Fetcher:
@@ -132,13 +137,13 @@ class Fetcher:
         its bytes, from the thread whose GET completed it, while other GETs are still running:
         so a caller can use each range (decode a chunk) as it arrives. An exception it raises
         is the fetch's error, as a failed GET's is."""
-        todo, gets, run = self._prepare(requests, done)
+        keep, gets, run = self._prepare(requests, done)
         if len(gets) <= 1 or self.max_in_flight == 1:
             for g in gets:
                 run(g)
         else:
             self._run_parallel(gets, run)
-        self._keep(todo)
+        self._keep(keep)
 
     def start(self, requests: Iterable[tuple[int, int, Any]],
               done: Callable[[int], None] | None = None,
@@ -149,14 +154,15 @@ class Fetcher:
         bytes, else with the first error (the GETs not yet begun are then skipped). A request
         found in the cache is ``done`` before ``start`` returns; ``start`` itself raises only
         for requests it cannot take (a destination too small, a range past the end)."""
-        todo, gets, run = self._prepare(requests, done)
-        _Started(self, todo, gets, run, end or _ignore).submit(self._executor())
+        keep, gets, run = self._prepare(requests, done)
+        _Started(self, keep, gets, run, end or _ignore).submit(self._executor())
 
     def _prepare(self, requests: Iterable[tuple[int, int, Any]],
                  done: Callable[[int], None] | None
                  ) -> tuple[list[tuple[int, memoryview]], list[Get], Callable[[Get], None]]:
-        """The ranges to fetch (those the cache does not hold), their GETs, and what runs
-        one GET."""
+        """The ranges to give the cache once every GET has run, the GETs, and what runs one
+        GET. With ``done``, each range goes to the cache as it lands instead, before ``done``
+        hands it over: its destination is then its owner's, to reuse."""
         todo: list[tuple[int, memoryview]] = []
         indices: list[int] = []  # of each ``todo`` entry among the requests
         needed = 0
@@ -182,8 +188,12 @@ class Fetcher:
             indices.append(i)
         self.source.stats.add(needed=needed)
         gets = plan(todo, self.merge_gap, self.split_size)
-        run = self._run if done is None else _Completion(todo, indices, gets, done, self._run)
-        return todo, gets, run
+        if done is None:
+            return todo, gets, self._run
+        if self.cache is not None:
+            done = _CachedFirst(self.cache, self.source.identity,
+                                dict(zip(indices, todo, strict=True)), done)
+        return [], gets, _Completion(todo, indices, gets, done, self._run)
 
     def _keep(self, todo: list[tuple[int, memoryview]]) -> None:
         """What was fetched, given to the cache."""
@@ -191,8 +201,11 @@ class Fetcher:
             for offset, view in todo:
                 self.cache.put(self.source.identity, offset, view)
 
-    def _run(self, g: Get) -> None:
-        self.source.read_segments(g.offset, g.segments)
+    def _run(self, g: Get, landed: Callable[[int], None] | None = None) -> None:
+        if landed is None:
+            self.source.read_segments(g.offset, g.segments)
+        else:
+            self.source.read_segments(g.offset, g.segments, landed)
         if g.scatter is not None:
             body = g.segments[0]
             for view, at in g.scatter:
@@ -245,46 +258,50 @@ class Fetcher:
 
 
 class _Completion:
-    """Runs the GETs of one fetch and calls ``done(i)`` for each request once every GET that
-    writes into it has run (a request larger than the split size takes several)."""
+    """Runs the GETs of one fetch and calls ``done(i)`` for each request once every segment
+    that writes it holds its bytes (a request larger than the split size takes several GETs):
+    as each segment lands, while the rest of its GET's body is still coming, so that a caller
+    decodes a chunk while the next ones arrive."""
 
     def __init__(self, todo: list[tuple[int, memoryview]], indices: list[int], gets: list[Get],
-                 done: Callable[[int], None], run: Callable[[Get], None]) -> None:
-        self._done, self._run = done, run
+                 done: Callable[[int], None], run: Callable[..., None]) -> None:
+        self._done, self._run, self._indices = done, run, indices
         self._lock = threading.Lock()
-        order = sorted(range(len(todo)), key=lambda k: todo[k][0])
-        starts = [todo[k][0] for k in order]
-        self._covers: dict[int, list[int]] = {}  # by id of the GET: the requests it writes
-        self._pending = [0] * len(todo)
-        longest = max((v.nbytes for _, v in todo), default=0)
+        self._pending = [0] * len(todo)  # segments of each request not yet in
         for g in gets:
-            end = g.offset + g.nbytes
-            mine = []
-            # Requests are sorted by offset and rarely overlap: look back from the last one that
-            # starts before the GET ends until one ends before the GET starts.
-            k = bisect.bisect_left(starts, end) - 1
-            while k >= 0:
-                offset, view = todo[order[k]]
-                if offset + view.nbytes > g.offset:
-                    mine.append(order[k])
-                elif offset + longest <= g.offset:
-                    break
-                k -= 1
-            for k in mine:
-                self._pending[k] += 1
-            self._covers[id(g)] = mine
-        self._indices = indices
+            for k in g.owners:
+                if k >= 0:
+                    self._pending[k] += 1
 
     def __call__(self, g: Get) -> None:
-        self._run(g)
-        finished = []
+        if g.scatter is None:
+            self._run(g, lambda s: self._landed(g.owners[s]))
+        else:  # the destinations are written after the body: all at the end
+            self._run(g)
+            for k in g.owners:
+                self._landed(k)
+
+    def _landed(self, k: int) -> None:
+        if k < 0:
+            return  # a gap
         with self._lock:
-            for k in self._covers[id(g)]:
-                self._pending[k] -= 1
-                if not self._pending[k]:
-                    finished.append(self._indices[k])
-        for i in finished:
-            self._done(i)
+            self._pending[k] -= 1
+            finished = not self._pending[k]
+        if finished:
+            self._done(self._indices[k])
+
+
+class _CachedFirst:
+    """``done(i)`` after request ``i``'s bytes went to the cache."""
+
+    def __init__(self, cache: Any, identity: tuple, ranges: dict[int, tuple[int, memoryview]],
+                 done: Callable[[int], None]) -> None:
+        self._cache, self._identity, self._ranges, self._done = cache, identity, ranges, done
+
+    def __call__(self, i: int) -> None:
+        offset, view = self._ranges[i]
+        self._cache.put(self._identity, offset, view)
+        self._done(i)
 
 
 class _Started:

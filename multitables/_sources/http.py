@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import urllib3
 
@@ -40,9 +40,10 @@ class HTTPSource(RemoteSource):
             pin = self.transport.probe(location.url, headers, self.url)
         self.pin_to(pin)
 
-    def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
+    def read_segments(self, offset: int, segments: Sequence[memoryview],
+                      landed: Callable[[int], None] | None = None) -> None:
         self.transport.get_range(self.location.url, offset, segments, self.pin, self.url,
-                                 headers=self._headers)
+                                 headers=self._headers, landed=landed)
 
     def close(self) -> None:
         self.transport.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import ObjectChangedError
 from .base import Source
@@ -60,7 +60,8 @@ class LocalSource(Source):
                 f"{self.url} changed since it was opened: {self.size} bytes, mtime_ns "
                 f"{self.mtime_ns} then; {st.st_size} bytes, mtime_ns {st.st_mtime_ns} now")
 
-    def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
+    def read_segments(self, offset: int, segments: Sequence[memoryview],
+                      landed: Callable[[int], None] | None = None) -> None:
         fd = self._descriptor()
         views = [memoryview(s) for s in segments]
         pos = offset
@@ -78,6 +79,9 @@ class LocalSource(Source):
             if n:
                 views[0] = views[0][n:]
         self.stats.add(requests=1)
+        if landed is not None:
+            for k in range(len(segments)):
+                landed(k)
 
     def close(self) -> None:
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .base import RemoteSource, SourceStats
@@ -148,10 +148,11 @@ class S3Source(RemoteSource):
             pin = self.client.probe(location.bucket, location.key, self.url)
         self.pin_to(pin)
 
-    def read_segments(self, offset: int, segments: Sequence[memoryview]) -> None:
+    def read_segments(self, offset: int, segments: Sequence[memoryview],
+                      landed: Callable[[int], None] | None = None) -> None:
         self.client.transport.get_range(self._object_url, offset, segments, self.pin, self.url,
                                         sign=self.client.sign,
-                                        headers=dict(self.options.headers))
+                                        headers=dict(self.options.headers), landed=landed)
 
     def close(self) -> None:
         self.client.close()

@@ -303,13 +303,23 @@ class Transport:
 
     def get_range(self, url: str, offset: int, segments: Sequence[memoryview], pin: Pin,
                   display: str, sign: Callable[[str, str, dict], dict] | None = None,
-                  headers: Mapping[str, str] | None = None) -> None:
+                  headers: Mapping[str, str] | None = None,
+                  landed: Callable[[int], None] | None = None) -> None:
         """Fill ``segments`` with the bytes from ``offset`` on by one ranged GET (retried),
-        checking the status, ``Content-Range``, ``Content-Length`` and the pinned version."""
+        checking the status, ``Content-Range``, ``Content-Length`` and the pinned version;
+        ``landed(k)`` once segment ``k`` is in (``Source.read_segments``)."""
         length = sum(s.nbytes for s in segments)
         end = offset + length - 1
+        reported = 0  # segments handed to ``landed``: a retry writes them no more
+
+        def land(k: int) -> None:
+            nonlocal reported
+            if k >= reported and landed is not None:
+                reported = k + 1
+                landed(k)
 
         def attempt(timeout: float) -> None:
+            into = segments if not reported else _spared(segments, reported)
             resp = self._ranged_get(url, f"{offset}-{end}", headers or {}, pin.conditions(),
                                     sign, timeout)
             done = False
@@ -324,7 +334,7 @@ class Transport:
                                             f"{offset}-{end}", display)
                     pin.check(resp.headers, display, cr[2])
                     self._expect_length(resp, length)
-                    self._read(resp, segments, length, deadline_of(timeout, length))
+                    self._read(resp, into, length, deadline_of(timeout, length), land)
                 elif resp.status == 200:
                     pin.check(resp.headers, display, None)
                     self._expect_length(resp, pin.size)
@@ -338,7 +348,7 @@ class Transport:
                         n = min(offset - pos, skip.nbytes)
                         self._read(resp, [skip[:n]], n, deadline_of(timeout, n))
                         pos += n
-                    self._read(resp, segments, length, deadline_of(timeout, length))
+                    self._read(resp, into, length, deadline_of(timeout, length), land)
                     # The rest of the object is not wanted: the connection is closed below.
                     return
                 else:
@@ -361,14 +371,15 @@ class Transport:
                         "identity was asked")
 
     def _read(self, resp: urllib3.BaseHTTPResponse, segments: Sequence[memoryview],
-              length: int, deadline: float) -> None:
+              length: int, deadline: float,
+              landed: Callable[[int], None] | None = None) -> None:
         # urllib3's readinto() reads into a new bytes object and copies; the http.client
         # response beneath it reads from the socket into the buffer itself.
         fp = getattr(resp, "_fp", None)
         readinto = fp.readinto if isinstance(fp, http.client.HTTPResponse) else resp.readinto
         got = 0
         try:
-            for seg in segments:
+            for k, seg in enumerate(segments):
                 pos = 0
                 while pos < seg.nbytes:
                     if time.monotonic() > deadline:
@@ -378,10 +389,19 @@ class Transport:
                         raise Retry(f"short body: {got} of {length} bytes")
                     pos += n
                     got += n
+                if landed is not None:
+                    landed(k)
         except http.client.IncompleteRead:
             raise Retry(f"short body: {got} of {length} bytes") from None
         finally:
             self.stats.add(fetched=got)
+
+
+def _spared(segments: Sequence[memoryview], upto: int) -> list[memoryview]:
+    """``segments`` with the first ``upto`` (already handed over) replaced by a scratch buffer
+    of their sizes: a retried GET reads their bytes again and drops them."""
+    scratch = memoryview(bytearray(max(s.nbytes for s in segments[:upto])))
+    return [scratch[:s.nbytes] if k < upto else s for k, s in enumerate(segments)]
 
 
 def deadline_of(timeout: float, nbytes: int) -> float:

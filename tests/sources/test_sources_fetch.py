@@ -261,9 +261,9 @@ def test_start_returns_at_once_and_ends_once_every_request_is_in(http, blob, tmp
     src = open_source(http.url(BLOB_NAME))
     gate, read = threading.Event(), src.read_segments
 
-    def gated(offset, segments):  # no GET ends before start has returned
+    def gated(offset, segments, *landed):  # no GET ends before start has returned
         assert gate.wait(10)
-        read(offset, segments)
+        read(offset, segments, *landed)
 
     src.read_segments = gated
     with src, src.fetcher(merge_gap=1000, split_size=700,
@@ -319,3 +319,71 @@ def test_start_ends_with_an_error_raised_by_done(http, blob):
         ended = _Ended()
         f.start(requests_of(len(blob), [(0, 10), (500_000, 10)]), done, ended)
         assert isinstance(ended.wait(), KeyError)
+
+
+def test_done_comes_as_each_range_lands_while_its_get_still_runs(http, blob):
+    # Two neighbours in one GET: the first is done before the GET reads the second's bytes.
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher() as f:
+        reqs = requests_of(len(blob), [(1000, 5000), (6000, 500_000)])
+        seen = []
+
+        def done(i):
+            if i == 0:
+                assert not reqs[1][2].any()  # not read yet
+            seen.append(i)
+
+        f.fetch(reqs, done)
+        assert seen == [0, 1] and src.stats.requests == 1 + 1
+        check(reqs, blob)
+
+
+def test_a_retried_get_never_writes_again_into_a_range_already_done(http, blob, monkeypatch):
+    # Once done(i), a destination is its owner's (a slot handed over, then reused): the retry
+    # of a GET cut after it landed reads those bytes again into scratch, not into it.
+    from multitables._sources import transport
+
+    real_read, cut = transport.Transport._read, []
+
+    def cut_once(self, resp, segments, length, deadline, landed=None):
+        if not cut and landed is not None:
+            cut.append(1)
+            real_read(self, resp, segments[:1], segments[0].nbytes, deadline, landed)
+            raise transport.Retry("cut after the first range")
+        real_read(self, resp, segments, length, deadline, landed)
+
+    monkeypatch.setattr(transport.Transport, "_read", cut_once)
+    with open_source(http.url(BLOB_NAME), {"retries": 2}) as src, src.fetcher() as f:
+        reqs = requests_of(len(blob), [(1000, 5000), (6000, 50_000)])
+
+        def done(i):
+            if i == 0:
+                reqs[0][2][:] = 7  # its owner writes it
+
+        f.fetch(reqs, done)
+        assert cut and src.stats.retries == 1
+        assert (reqs[0][2] == 7).all()
+        assert reqs[1][2].tobytes() == blob[6000:56_000]
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_the_cache_keeps_a_range_before_done_hands_it_over(http, blob, tmp_path, started):
+    # After done(i) the destination is its owner's (a slot the consumer reuses at once): what
+    # the cache keeps must be the fetched bytes, not what the owner writes there next.
+    spec = [(i * 100_000, 4000) for i in range(6)]
+    with open_source(http.url(BLOB_NAME)) as src, \
+            src.fetcher(cache=ByteCache(str(tmp_path / "c"), 1 << 20)) as f:
+        reqs = requests_of(len(blob), spec)
+
+        def reuse(i):
+            reqs[i][2][:] = 0xEE
+
+        if started:
+            ended = _Ended()
+            f.start(reqs, reuse, ended)
+            assert ended.wait() is None
+        else:
+            f.fetch(reqs, reuse)
+        again = requests_of(len(blob), spec)
+        f.fetch(again)
+        assert f.cache_hits == len(spec)
+        check(again, blob)
