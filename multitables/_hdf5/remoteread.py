@@ -254,25 +254,25 @@ class RemoteDecoder(ChunkDecoder):
         """Chunk bytes ``raw`` decoded into ``dest``, safe in any fetch thread: with this
         thread's own codec and shuffle scratch."""
         local = self._local
+        # A shuffle of 1-byte elements moves no byte: such a chunk is decoded into its place.
+        planes = self._shuffle if self._shuffle > 1 else 0
         codec = getattr(local, "codec", None)
         if codec is None and self._remake is not None:
             codec = local.codec = self._remake()
-            local.shuffled = np.empty(self.chunk_bytes if self._shuffle else 0, np.uint8)
+            local.shuffled = np.empty(self.chunk_bytes if planes else 0, np.uint8)
         shuffled = getattr(local, "shuffled", None)
         if shuffled is None:
-            shuffled = local.shuffled = np.empty(self.chunk_bytes if self._shuffle else 0,
-                                                 np.uint8)
+            shuffled = local.shuffled = np.empty(self.chunk_bytes if planes else 0, np.uint8)
         if codec is None:
             data: Any = raw
         else:
-            data = codec(bytes(raw) if self._bytes_in else raw,
-                         shuffled if self._shuffle else dest)
+            data = codec(bytes(raw) if self._bytes_in else raw, shuffled if planes else dest)
         if len(data) != self.chunk_bytes:
             raise Undecodable(f"failed: {self.name} gave a chunk of the wrong size")
         with self._count_lock:
             decoded[self.name] += 1
-        if self._shuffle:
-            unshuffle(np.frombuffer(data, np.uint8), dest, self._shuffle)
+        if planes:
+            unshuffle(np.frombuffer(data, np.uint8), dest, planes)
         elif data is not dest:
             dest[:] = np.frombuffer(data, np.uint8)
 

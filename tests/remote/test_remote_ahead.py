@@ -19,9 +19,10 @@ N = 2000
 
 @pytest.fixture
 def served(http):
-    """``(server, local path, truth)``: a file of ``N`` rows in the server's folder: ``a`` gzip
-    in chunks of 70 rows, ``b`` gzip+shuffle in chunks of 50 (a unit of ``b``'s chunks reads
-    ``a``'s in part), ``c`` unfiltered in chunks of 64, ``d`` contiguous."""
+    """``(server, local path, truth)``: a file of ``N`` rows in the server's folder: ``a``
+    uint8 gzip+shuffle in chunks of 70 rows, ``b`` int32 gzip+shuffle in chunks of 50 (a unit
+    of ``b``'s chunks reads ``a``'s in part), ``c`` unfiltered in chunks of 64, ``d``
+    contiguous."""
     rng = np.random.default_rng(5)
     truth = {"a": rng.integers(0, 9, (N, 40), dtype=np.uint8),
              "b": np.cumsum(rng.integers(-2, 3, (N, 16)), axis=1).astype(np.int32),
@@ -29,7 +30,8 @@ def served(http):
              "d": np.arange(N, dtype=np.int64) * 3}
     path = http.root / AHEAD_NAME
     with h5py.File(path, "w") as f:
-        f.create_dataset("a", data=truth["a"], chunks=(70, 40), compression="gzip")
+        f.create_dataset("a", data=truth["a"], chunks=(70, 40), compression="gzip",
+                         shuffle=True)  # of 1-byte elements: no byte moves
         f.create_dataset("b", data=truth["b"], chunks=(50, 16), compression="gzip",
                          shuffle=True)
         f.create_dataset("c", data=truth["c"], chunks=(64, 8))
