@@ -58,6 +58,14 @@ def _virtual_sources(ds: Any) -> tuple[str, int]:
 
 
 def _dtype(dt: np.dtype) -> str:
+    import h5py
+
+    string = h5py.check_string_dtype(dt)
+    if string is not None:
+        return f"vlen str ({string.encoding})" if string.length is None else str(dt)
+    vlen = h5py.check_vlen_dtype(dt)
+    if vlen is not None:
+        return f"vlen {_dtype(np.dtype(vlen))}"
     if dt.names:
         parts = []
         for name in dt.names:
@@ -86,7 +94,8 @@ def describe(filename: FileRef) -> list[dict[str, Any]]:
         if obj.is_virtual and not isinstance(filename, RemoteFile):
             entry["filters"], entry["stored"] = _virtual_sources(obj)
         entry["remainder"] = None
-        if len(shape) >= 1 and shape[0] > 0:
+        # Variable-length rows are not streamed (a Loader reads them as lists).
+        if len(shape) >= 1 and shape[0] > 0 and h5py.check_vlen_dtype(obj.dtype) is None:
             entry["block_size"] = m.default_block_size(shape, obj.dtype, obj.chunks)
             # A queue streams whole blocks only, unless made with remainder=True.
             entry["remainder"] = shape[0] % entry["block_size"]

@@ -185,3 +185,16 @@ def test_info_says_where_the_loaders_default_shuffle_is_not_uniform(tmp_path):
     training = out.stdout.split("default shuffle is uniform on unfiltered data):")[1]
     assert "/gz: the Loader's default shuffle here mixes windows of chunks" in training
     assert "/raw" not in training
+
+
+def test_info_names_variable_length_rows(tmp_path):
+    filename = str(tmp_path / "vlen.h5")
+    with h5py.File(filename, "w") as f:
+        f.create_dataset("tokens", (10,), h5py.vlen_dtype(np.int32))
+        f.create_dataset("text", (10,), h5py.string_dtype())
+        f.create_dataset("jpeg", (10,), h5py.vlen_dtype(np.uint8))
+    out = run_cli("info", filename, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("/")}
+    assert "vlen int32" in lines["/tokens"] and "vlen uint8" in lines["/jpeg"]
+    assert "vlen str (utf-8)" in lines["/text"]
