@@ -13,7 +13,8 @@ NOTE [ Worker shutdown logic ]
     ─────────────────────                          ────────────────────────────────
     StandbyWorkers.run(job, n) ──Channel: job───▶  (1) idle: blocks on its channel
       idle workers first, fresh ones started      (2) maps the job's arenas, opens the file,
-      lazily (also from a daemonic process)            runs tasks, publishes with release stores
+      lazily (also from a daemonic process);           runs tasks, publishes with release stores
+      Crew.add(job): one more, later
     ring jobs (Streamer, Loader):                      ring: free queue → slot → full queue
       wait on the ring's futex words    ◀──────    (3) Reader: stages from its queue, the
     Reader: request in the stage,      ───────▶        request in the stage's header, result
@@ -27,9 +28,13 @@ NOTE [ Worker shutdown logic ]
                                                        parent seen between waits
 
 Steps:
-(1) Start and stand by (``StandbyWorkers.run``, ``_worker_main``, ``_next_job``): workers start
-    when a job first needs them and are kept between jobs; an idle worker blocks on its channel
-    in IDLE_CHECK slices, checking its parent between them.
+(1) Start and stand by (``StandbyWorkers.run``, ``worker.worker_main``, ``_next_job``): workers
+    start when a job first needs them and are kept between jobs; an idle worker blocks on its
+    channel in IDLE_CHECK slices, checking its parent between them. A job may take more workers
+    while it runs (``Crew.add``: a Reader starts its first worker with its first request, the
+    others only once the started ones fall behind, ``_reader/dispatch.py``); each joins the
+    crew as it starts, so every step below treats it as the others, and none starts once the
+    pool is closed.
 (2) A job (``_run_job``): the job arrives pickled, each ``SharedArena`` in it as a descriptor
     (``Channel``); the worker opens the HDF5 file, serves tasks until the job's ``next_task``
     returns None, and reports a failure in the job's ``ErrorBox``.
@@ -232,31 +237,42 @@ class StandbyWorkers:
         hooks.track("pools", self)
 
     def run(self, job: Job, n_procs: int) -> Crew:
-        """Start ``job`` on ``n_procs`` workers, idle ones first, fresh ones for the rest."""
+        """Start ``job`` on ``n_procs`` workers, idle ones first, fresh ones for the rest; a
+        crew may take more later (``Crew.add``)."""
         if self._closed:
             raise ClosedError(f"this {self.name} is closed")
         self._reap_idle()
         crew: list[_Worker] = []
         try:
             while len(crew) < n_procs:
-                worker = self._take_idle()
-                fresh = worker is None
-                if worker is None:
-                    with self._lock:
-                        number, self._started = self._started, self._started + 1
-                    worker = _Worker(self._ctx, self.name, number, self._niceness)
-                crew.append(worker)  # from here on ended with the crew if anything fails
-                try:
-                    worker.send(job)
-                except OSError:
-                    crew.pop().wait_or_kill(0)
-                    if fresh:
-                        raise
-                    # An idle one died since _reap_idle: take another.
+                crew.append(self.lend(job))
         except BaseException:
             _end_all(crew, 0)
             raise
         return Crew(self, crew)
+
+    def lend(self, job: Job) -> _Worker:
+        """One worker running ``job``: an idle one, else one started now."""
+        if self._closed:
+            raise ClosedError(f"this {self.name} is closed")
+        while True:
+            worker = self._take_idle()
+            fresh = worker is None
+            if worker is None:
+                with self._lock:
+                    number, self._started = self._started, self._started + 1
+                worker = _Worker(self._ctx, self.name, number, self._niceness)
+            try:
+                worker.send(job)
+            except OSError:
+                worker.wait_or_kill(0)
+                if fresh:
+                    raise
+                continue  # an idle one died since _reap_idle: take another
+            except BaseException:
+                _end_all([worker], 0)
+                raise
+            return worker
 
     def _reap_idle(self) -> None:
         """Reap the idle workers that died (killed while standing by): left in the list, each
@@ -326,6 +342,15 @@ class Crew:
     def check(self) -> None:
         """Raise ``SubprocessException`` if a worker died: workers never exit during a job."""
         _raise_if_dead(self.name, self.procs, lambda: self.stop(join_timeout=0))
+
+    def add(self, job: Job) -> None:
+        """Lend one more worker to this crew's job (``job``: that job, as this worker is to
+        run it): a front door may start workers as it finds them worth it (a Reader's second
+        worker, once the first falls behind). See NOTE [ Worker shutdown logic ], step (1)."""
+        standby = self._standby()
+        if standby is None:
+            raise ClosedError(f"this {self.name}'s workers are closed")
+        self._workers.append(standby.lend(job))
 
     def send(self, worker: int, message: Any, check: Callable[[], None] = no_check) -> None:
         """Send ``message`` to the job's ``worker``-th worker, in slices that call ``check``."""
