@@ -34,8 +34,11 @@ class Reader:
         The HDF5 file: a path, or a URL (``s3://bucket/key.h5``, ``http(s)://...``); opened
         (read-only) by ``get_dataset``, so a missing file raises there.
     n_procs : int, optional
-        Worker processes serving requests. By default the CPUs this process may run on
-        (``os.sched_getaffinity``), at most 4.
+        Worker processes serving requests, at most. By default the CPUs this process may run
+        on (``os.sched_getaffinity``), at most 4. The first starts with the first request,
+        each other once requests wait on the started ones for longer than a worker takes to
+        start (or for a large read split over them): a loop whose requests come back as fast
+        as it makes them is served by one, and pays for no other's start-up.
     start_method : {'fork', 'spawn', 'forkserver'}, optional
         How workers start; fork by default.
     allow_pickle : bool

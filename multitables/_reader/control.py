@@ -1,6 +1,6 @@
 """The control memory a Reader shares with its workers (internal): which worker watches its
-queue, per worker the count of requests it finished and its queue of work, then an ``ErrorBox``
-for failures of a worker itself.
+queue, per worker the count of requests it finished, its CPU time, when it became ready and its
+queue of work, then an ``ErrorBox`` for failures of a worker itself.
 
 The Reader's side (``dispatch``) and the workers' (``job``) map the same layout; the sizes are
 read when the memory is mapped, so a test may shrink the queues before a Reader starts.
@@ -16,7 +16,7 @@ from .stages import MAX_PARTS
 ERROR_BYTES = 1 << 16
 SPINNER = 0  # the word naming the watching worker (its index + 1; 0: none)
 WORKERS = 64  # where the first worker's area starts
-DONE_BYTES = 128  # a worker's count of finished requests, its busy time, then its queue
+DONE_BYTES = 192  # per worker: its count of finished requests, busy time, ready stamp, queue
 QUEUE_ITEMS = 1024  # a caller with more requests pending on one worker waits for room
 PER_WORKER = DONE_BYTES + SlotQueue.nbytes(QUEUE_ITEMS)
 
@@ -46,6 +46,13 @@ def spinner(buffer) -> Word:
 def done_counter(buffer, worker: int) -> Counter:
     """The count of requests ``worker`` finished (the caller prefers awake workers)."""
     return Counter(buffer, WORKERS + PER_WORKER * worker)
+
+
+def ready_stamp(buffer, worker: int) -> Counter:
+    """When ``worker`` became ready to serve (``time.monotonic_ns()``, a clock every process
+    shares; 0 before): what starting a worker costs, for the caller to weigh starting another
+    (``Dispatcher.worth_starting``)."""
+    return Counter(buffer, WORKERS + PER_WORKER * worker + 128)
 
 
 def busy_counter(buffer, worker: int) -> Counter:

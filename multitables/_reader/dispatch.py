@@ -36,10 +36,18 @@ PACE_WEIGHT = 1 / 16
 # ... of gaps between requests of at most this long (a pause between epochs is no one's cost).
 PACE_GAP = 10e-3
 QUEUE_FULL_WAIT = 1e-4
+# A Reader starts its first worker with its first request, and another only once every started
+# one has had a request pending for this many times what the first took to start (a fork, the
+# file opened): a second worker costs its start-up and its own first touches of the file's
+# pages, which a loop whose requests come back in microseconds never earns back (bench/README.md,
+# "The caller's CPU, the default n_procs and cold starts"). A multiple, not one start-up: a
+# worker that lost its core for a while on a busy machine delays a request by about that much.
+START_AFTER = 3
 
 
 class Dispatcher:
-    """Hands a Reader's requests to its workers, started with the first one.
+    """Hands a Reader's requests to its workers: the first started with the first request, the
+    others as the started ones fall behind (``worth_starting``).
 
     Made anew in each process (a forked copy of a Reader starts workers of its own). The caller
     holds the Reader's lock around ``dispatch`` and ``stop``; ``check`` is the Reader's own
@@ -57,6 +65,9 @@ class Dispatcher:
         self.check = check
         self.workers: StandbyWorkers | None = None
         self.pool: Crew | None = None
+        self.started = 0  # workers of the crew: the first ``started`` of the n_procs queues
+        self.started_ns = 0  # when the first worker was started (time.monotonic_ns)
+        self.start_cost: float | None = None  # seconds it took to be ready, once known
         self.arena: SharedArena | None = None
         self.errors: ErrorBox | None = None
         self.done: list[Counter] = []
@@ -68,6 +79,7 @@ class Dispatcher:
         # What a request costs the caller (the time between its requests, less the time it
         # waited for results: ``waited``) and a worker (their busy counters), running means.
         self.busy: list[Counter] = []
+        self.ready: list[Counter] = []  # when each worker became ready (control.ready_stamp)
         self.caller_cost = 0.0
         self.worker_cost: float | None = None
         self.last_sent = 0.0
@@ -86,12 +98,18 @@ class Dispatcher:
             self.check()  # a dead worker among live ones never times a wait out
         several = self.n_procs > 1  # else there is no choice to make, nor to keep track of
         if parts == 1:
-            workers = [self.pick_worker(self.pending())] if several else [0]
             if several:
+                busy = self.pending()
                 self._pace()
+                workers = [self._start_one() if self.started < self.n_procs
+                           and self.worth_starting(busy) else self.pick_worker(busy)]
+            else:
+                workers = [0]
         else:
+            while self.started < parts:  # a large read: it is worth every worker it is split over
+                self._start_one()
             busy = self.pending()
-            workers = sorted(range(self.n_procs), key=busy.__getitem__)[:parts]
+            workers = sorted(range(self.started), key=busy.__getitem__)[:parts]
             stage.memory.parts_done.store(0)
             stage.memory.parts_failed.store(0)
         dropped = self.memory.dropped
@@ -133,10 +151,10 @@ class Dispatcher:
             raise
 
     def pending(self) -> list[int]:
-        """The requests each worker has not finished."""
+        """The requests each started worker has not finished."""
         busy = []
-        for w, done in enumerate(self.done):
-            sent_at, finished = self.sent_at[w], done.load()
+        for w in range(self.started):
+            sent_at, finished = self.sent_at[w], self.done[w].load()
             for _ in range(finished - self.finished[w]):
                 sent_at.popleft()
             self.finished[w] = finished
@@ -167,6 +185,28 @@ class Dispatcher:
         costs the caller, by WAKE_RATIO (not known before the first few requests are done: a
         second worker woken needlessly at a cold start maps the file too, at a cost)."""
         return self.worker_cost is not None and self.worker_cost > WAKE_RATIO * self.caller_cost
+
+    def worth_starting(self, busy: list[int]) -> bool:
+        """Whether to start one more worker for the next request: every started one has a
+        request pending for START_AFTER times what the first took to start, so that a new one
+        would have served the next sooner (a caller with one request at a time never starts
+        one: there is nothing a second worker could do meanwhile). A worker's CPU per request
+        does not decide it, as it does a wake-up (``worth_waking``): the reads of a file in an
+        object store wait on the network, and a first pass's requests cost a worker its first
+        touches of the file's pages, which a new worker would pay again."""
+        if not all(busy) or (start_cost := self._start_cost()) is None:
+            return False
+        # The latest of the workers' oldest requests: every one has waited at least this long.
+        sent = max(self.sent_at[w][0] for w in range(self.started))
+        return time.monotonic() - sent > START_AFTER * max(start_cost, WAKE_AFTER)
+
+    def _start_cost(self) -> float | None:
+        """What starting the first worker took, from the fork to its file open (once known)."""
+        if self.start_cost is None and self.ready:
+            ready = self.ready[0].load()
+            if ready:
+                self.start_cost = max(ready - self.started_ns, 0) * 1e-9
+        return self.start_cost
 
     def pick_worker(self, busy: list[int]) -> int:
         """The worker for the next request: an awake one (it has requests pending, or it is
@@ -213,12 +253,15 @@ class Dispatcher:
                 time.sleep(QUEUE_FULL_WAIT)
 
     def _start(self) -> Crew:
-        """Lend ``n_procs`` workers, started now or standing by, to this Reader's one job."""
+        """The control memory of ``n_procs`` workers, and the first worker (started now, or
+        standing by) on this Reader's one job; the others start as they are worth it
+        (``worth_starting``)."""
         n = self.n_procs
         self.arena = SharedArena(control.nbytes(n), name="multitables-reader")
         buffer = self.arena.buffer
         self.spinner = control.spinner(buffer)
         self.done = [control.done_counter(buffer, w) for w in range(n)]
+        self.ready = [control.ready_stamp(buffer, w) for w in range(n)]
         self.busy = [control.busy_counter(buffer, w) for w in range(n)]
         self.queues = [control.work_queue(buffer, w, True) for w in range(n)]
         self.errors = control.error_box(buffer, n)
@@ -226,8 +269,21 @@ class Dispatcher:
         self.finished = [0] * n
         if self.workers is None:
             self.workers = StandbyWorkers(self.start_method, "Reader", niceness=0)
-        job = RequestJob(self.filename, self.file_kwargs, n, self.arena)
-        return self.workers.run(job, n)
+        self.started_ns = time.monotonic_ns()
+        crew = self.workers.run(self._job(0), 1)
+        self.started = 1
+        return crew
+
+    def _job(self, worker: int) -> RequestJob:
+        assert self.arena is not None
+        return RequestJob(self.filename, self.file_kwargs, self.n_procs, self.arena, worker)
+
+    def _start_one(self) -> int:
+        """Start the next worker (see NOTE [ Worker shutdown logic ], step (1)); its index."""
+        assert self.pool is not None
+        self.pool.add(self._job(self.started))
+        self.started += 1
+        return self.started - 1
 
     def raise_failure(self) -> None:
         """Raise the workers' failure, if any: a worker's own error, or a worker that died."""
@@ -253,5 +309,6 @@ class Dispatcher:
         if self.arena is not None:
             # Drop the views first: a mapping with views left lives as long as this object.
             self.done, self.busy, self.queues, self.errors = [], [], [], None
+            self.ready = []
             self.spinner = None
             self.arena.close()

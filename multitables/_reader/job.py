@@ -47,16 +47,20 @@ class RequestJob(FileJob):
 
     name = "Reader"
 
-    def __init__(self, filename: FileRef, file_kwargs: dict[str, Any], n_procs: int, arena):
+    def __init__(self, filename: FileRef, file_kwargs: dict[str, Any], n_procs: int, arena,
+                 worker: int):
         self.filename = filename
         self.kwargs = file_kwargs
         self.n_procs = n_procs
         self.control = arena
+        self.worker = worker  # which of the control memory's queues is this worker's
 
     def file_kwargs(self) -> dict[str, Any]:
         return chunk_cache(self.kwargs, "random")
 
     def attach_file(self, source: OpenFile, worker: int) -> None:
+        # ``worker``, the process's number in its pool, names it; the job says which it serves.
+        worker = self.worker
         self.channel = parent_channel()
         buffer = self.control.buffer
         self.done = control.done_counter(buffer, worker)
@@ -64,9 +68,9 @@ class RequestJob(FileJob):
         self.queue = control.work_queue(buffer, worker)
         self.spinner = control.spinner(buffer)
         self.me = worker + 1  # as the spinner word names it
-        self.worker = worker
         self.memories: dict[int, StageMemory] = {}
         self.dtypes: dict[tuple, np.dtype] = {}  # see _dataset
+        control.ready_stamp(buffer, worker).store(time.monotonic_ns())
 
     def next_task(self, parent_alive) -> Task | None:
         """(memory id, part, parts, the request or None when it lies in the header), or None at

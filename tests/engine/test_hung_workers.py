@@ -27,13 +27,21 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+@pytest.fixture(autouse=True)
+def _small_split(monkeypatch):
+    """Reads of a few rows split over the workers: a split read starts every worker it needs
+    (a Reader starts its second worker only once the first falls behind)."""
+    monkeypatch.setattr(multitables._reader.proxies, "SPLIT_BYTES", 64)
+
+
 def _hung_reader(path: str, truth: np.ndarray):
     """A Reader whose N_PROCS workers have served a request and are now stopped."""
     before = _children()
     reader = multitables.Reader(path, n_procs=N_PROCS)
     ds = reader.get_dataset("x")
     stage = ds.create_stage(N_PROCS * 64)
-    # Rows of several chunks: every worker has a part to read, so every worker is running.
+    # A read split over the workers (``_small_split``): every worker has a part to read, so
+    # every worker is running.
     np.testing.assert_array_equal(reader.request(ds[: N_PROCS * 64], stage).get(),
                                   truth[: N_PROCS * 64])
     pids = sorted(_children() - before)

@@ -13,10 +13,12 @@ from helpers import Child, alive_after, shm_entries
 pytestmark = pytest.mark.timeout(60)
 
 
-# A child with a running cyclic queue and a Reader with a request never collected; it prints
-# the pids of their workers. The scripts below go on from there.
+# A child with a running cyclic queue and a Reader with a request never collected (split over
+# both workers, so that the second starts too); it prints the pids of their workers. The scripts
+# below go on from there.
 _QUEUE_AND_PENDING_REQUEST = """
     import json, sys, time, multitables
+    multitables._reader.proxies.SPLIT_BYTES = 64
     path = sys.argv[1]
     queue = multitables.Streamer(path).get_queue("x", n_procs=2, cyclic=True, block_size=10)
     with queue.get():

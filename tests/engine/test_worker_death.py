@@ -66,13 +66,18 @@ def test_worker_killed_during_finite_stream(data_files, monkeypatch):
 
 
 @pytest.mark.parametrize("victim", [0, 1])
-def test_worker_killed_then_requests(data_files, victim):
+def test_worker_killed_then_requests(data_files, victim, monkeypatch):
+    """Either worker, the first or the one started later (by a read split over both)."""
+    monkeypatch.setattr(multitables._reader.proxies, "SPLIT_BYTES", 64)
     path, _, truth = data_files
     reader = multitables.Reader(path, n_procs=2)
     try:
         ds = reader.get_dataset("x")
         stage = ds.create_stage(100)
         np.testing.assert_array_equal(reader.request(ds[0:5], stage).get(), truth["x"][0:5])
+        np.testing.assert_array_equal(reader.request(ds[0:100], stage).get(),
+                                      truth["x"][0:100])
+        assert len(reader._pool.procs) == 2
         pids = [p.pid for p in reader._pool.procs]
         os.kill(pids[victim], signal.SIGKILL)
         assert alive_after([pids[victim]], 2) == []

@@ -134,11 +134,12 @@ def test_a_worker_holds_only_its_own_end_of_its_channel(path):
 
 
 def test_a_request_goes_to_a_worker_that_is_not_busy(path):
-    """One worker is stuck in a read (stopped): the next request goes to the other one."""
+    """One worker is stuck in a read (stopped): the next request goes to the other one, started
+    for it (a request pending for longer than a worker takes to start)."""
     with multitables.Reader(path, n_procs=2) as reader:
         ds = reader.get_dataset("x")
         stages = [ds.create_stage(1) for _ in range(2)]
-        reader.request(ds[0], stages[0]).get()  # both workers start
+        reader.request(ds[0], stages[0]).get()  # the first worker starts
         time.sleep(0.2)  # worker 0 counts its task done after the result is out
         stuck = reader._pool.procs[0].pid
         os.kill(stuck, signal.SIGSTOP)
@@ -161,10 +162,13 @@ def test_a_request_goes_to_a_worker_that_is_not_busy(path):
         np.testing.assert_array_equal(pending.get(), np.arange(8, 16))
 
 
-def test_reader_workers_stand_by_at_the_callers_priority(path):
+def test_reader_workers_stand_by_at_the_callers_priority(path, monkeypatch):
+    """Both workers, the second started later than the first (by a read split over them)."""
+    monkeypatch.setattr(multitables._reader.proxies, "SPLIT_BYTES", 64)
     with multitables.Reader(path, n_procs=2) as reader:
         ds = reader.get_dataset("x")
         reader.request(ds[3], ds.create_stage(1)).get()
+        reader.request(ds[:64], ds.create_stage(64)).get()
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in reader._pool.procs] == [mine] * 2
 

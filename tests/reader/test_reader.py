@@ -471,10 +471,61 @@ def test_requests_beyond_a_full_worker_queue_wait_for_room(files, monkeypatch):
             np.testing.assert_array_equal(request.get(), truth[[i, 0, i]])
 
 
-def test_a_second_worker_is_woken_when_the_first_falls_behind(tmp_path):
-    """Slow requests (64 rows, each decoding a compressed chunk) queue up on the awake worker;
-    once the older of two has waited WAKE_AFTER (and a request is known to cost a worker more
-    than the caller), the next go to the sleeping one: both serve."""
+def test_a_caller_bound_loop_starts_one_worker(files, monkeypatch):
+    """A Reader starts its first worker with its first request and no other up front: a loop
+    whose requests come back about as fast as it makes them (here: never one pending for as
+    long as START_AFTER says, made huge) is served by that one, its results right."""
+    from multitables._reader import dispatch
+
+    monkeypatch.setattr(dispatch, "START_AFTER", 1e9)
+    truth = files[2]["f4"]
+    with multitables.Reader(files[0], n_procs=2) as reader:
+        ds = reader.get_dataset("f4")
+        pool = ds.create_stage_pool(8, 5)
+        reqs = multitables.RequestPool()
+        keys = [np.random.default_rng(i).choice(len(truth), 8, replace=False) for i in range(60)]
+        for i, key in enumerate(keys):
+            reqs.add(reader.request(ds[key.tolist(), ...], pool))
+            if i >= 4:
+                np.testing.assert_array_equal(reqs.next().get(), truth[keys[i - 4]])
+        for key in keys[-4:]:
+            np.testing.assert_array_equal(reqs.next().get(), truth[key])
+        assert len(reader._pool.procs) == 1 and reader._dispatcher.started == 1
+
+
+def test_another_worker_starts_once_every_started_one_has_a_request_waiting_too_long():
+    """worth_starting: only once every started worker has a request pending for START_AFTER
+    times what the first worker took to start (known once it is ready); a worker with none
+    pending, or a younger request, keeps to the workers started."""
+    import collections
+
+    from multitables._engine._ringbuf import Counter
+    from multitables._reader import dispatch
+    from multitables._reader.memory import MemoryKeeper
+
+    d = dispatch.Dispatcher("f.h5", {}, 3, None, MemoryKeeper(), lambda: None)
+    words = bytearray(64)
+    d.ready = [Counter(words, 0)]
+    d.started, d.started_ns = 2, time.monotonic_ns()
+    now = time.monotonic()
+    old = now - 3.5 * dispatch.START_AFTER * 0.01  # well past START_AFTER start-ups of 10 ms
+    d.sent_at = [collections.deque([old] * 2), collections.deque([old])]
+    assert not d.worth_starting([2, 1])  # the first worker is not ready: no start-up known
+    d.ready[0].store(d.started_ns + 10_000_000)  # ready 10 ms after it was started
+    assert d.worth_starting([2, 1])
+    assert d.start_cost == pytest.approx(0.01)
+    assert not d.worth_starting([2, 0])  # one of them is idle: it takes the next request
+    d.sent_at[1] = collections.deque([now + 60])  # a request just sent to the second
+    assert not d.worth_starting([2, 1])
+
+
+def test_a_second_worker_starts_when_the_first_falls_behind(tmp_path, monkeypatch):
+    """Slow requests (64 rows, each decoding a compressed chunk) queue up on the first worker;
+    once each pending one has waited longer than a worker takes to start (START_AFTER made 1
+    here: the test's requests are slow, but not by much), the second starts, and both serve."""
+    from multitables._reader import dispatch
+
+    monkeypatch.setattr(dispatch, "START_AFTER", 1)
     truth = sample((4096, 256), "<f8")
     write_h5py(tmp_path / "slow.h5", "x", truth, chunks=(64, 256), compression="gzip")
     keys = [np.random.default_rng(i).choice(4096, 64, replace=False) for i in range(24)]
@@ -489,6 +540,7 @@ def test_a_second_worker_is_woken_when_the_first_falls_behind(tmp_path):
             pending.append((key, reader.request(ds[key], pool)))
         for done_key, request in pending:
             np.testing.assert_array_equal(request.get(), truth[done_key])
+        assert reader._dispatcher.started == 2
         assert all(reader._dispatcher.finished), reader._dispatcher.finished
 
 
@@ -681,7 +733,8 @@ def test_one_worker_serves_while_a_second_is_not_worth_waking():
     from multitables._reader.memory import MemoryKeeper
 
     d = dispatch.Dispatcher("f.h5", {}, 3, None, MemoryKeeper(), lambda: None)
-    d.sent_at = [collections.deque([time.monotonic()] * n) for n in (3, 2, 0)]
+    just = time.monotonic() + 60  # sent just now: not WAKE_AFTER ago, however slow the host
+    d.sent_at = [collections.deque([just] * n) for n in (3, 2, 0)]
     d.caller_cost, d.worker_cost = 1e-3, 1e-3
     assert d.pick_worker([3, 2, 0]) == 0
     assert d.pick_worker([0, 2, 0]) == 1
@@ -691,5 +744,5 @@ def test_one_worker_serves_while_a_second_is_not_worth_waking():
     assert d.pick_worker([3, 2, 0]) == 2  # worker 0 is stuck: not behind it
     d.worker_cost = 2e-3
     assert d.pick_worker([3, 2, 0]) == 2  # both awake ones fell behind: the sleeping one
-    d.sent_at = [collections.deque([time.monotonic()] * n) for n in (3, 2, 0)]
+    d.sent_at = [collections.deque([just] * n) for n in (3, 2, 0)]
     assert d.pick_worker([3, 2, 0]) == 1  # the least busy awake one
