@@ -25,13 +25,13 @@ import numpy as np
 from .._engine import timeouts
 from .._engine.ring import TIMEOUT, Ring
 from .._keys._indexing import translate
-from .decode import ChunkDecoder
 from .fallback import Undecodable
 from .hyperslab import read_selection
 from .libraries import DECODE_ERRORS
 from .rawread import RawRows
 from .remote import file_of_dataset
-from .remoteread import RemoteDecoder, RemoteRows
+from .remotechunks import RemoteChunkRows
+from .remoteread import RemoteRows
 
 # Bytes of rows a worker keeps in flight: 64 Loader units of 64 gzip images of 4 KiB (about
 # 7 MB stored), or two Streamer slots; enough to cover a round trip of 20 ms at the rate two
@@ -58,7 +58,7 @@ class RowsAhead:
     by the source's timeout and retries) before the job ends."""
 
     def __init__(self, datasets: Sequence[h5py.Dataset],
-                 parts: Sequence[RemoteRows | RemoteDecoder], fetcher: Any):
+                 parts: Sequence[RemoteRows | RemoteChunkRows], fetcher: Any):
         self.datasets, self.parts, self.fetcher = list(datasets), list(parts), fetcher
         self.in_flight = 0  # bytes of rows started and not yet in their slots
         self._room = threading.Condition()
@@ -72,11 +72,10 @@ class RowsAhead:
         files = [file_of_dataset(d) for d in datasets]
         if not files or files[0] is None or any(f is not files[0] for f in files):
             return None
-        parts: list[RemoteRows | RemoteDecoder] = []
+        parts: list[RemoteRows | RemoteChunkRows] = []
         for d in datasets:
-            part: Any = RawRows.of(d) or ChunkDecoder.of(d)
-            if not (isinstance(part, RemoteRows) or
-                    isinstance(part, RemoteDecoder) and part.threadsafe):
+            part = RawRows.of(d)
+            if not isinstance(part, (RemoteRows, RemoteChunkRows)):
                 return None
             parts.append(part)
         return cls(datasets, parts, files[0].fetcher())

@@ -81,15 +81,22 @@ class RemoteRows(RawRows):
                                 strict=True)])
 
 
-def remote_rows(dataset: h5py.Dataset) -> RemoteRows | None:
-    """``RawRows.of`` for a dataset opened from a ``RemoteFile``: None where HDF5 must read."""
+def remote_rows(dataset: h5py.Dataset) -> RawRows | None:
+    """``RawRows.of`` for a dataset opened from a ``RemoteFile``: its rows fetched as they lie
+    (``RemoteRows``) or as compressed chunks decoded (``remotechunks.RemoteChunkRows``); None
+    where HDF5 must read."""
     file = file_of_dataset(dataset)
     if file is None or dataset.is_virtual or dataset.external:
         return None
     dsid, shape = dataset.id, dataset.shape
-    if dsid.get_create_plist().get_nfilters() or \
-            dsid.get_type() != h5py.h5t.py_create(dataset.dtype):
-        return None  # decoded or converted by HDF5: not the bytes in the file
+    if dsid.get_create_plist().get_nfilters():
+        decoder = ChunkDecoder.of(dataset)
+        if isinstance(decoder, RemoteDecoder) and decoder.threadsafe:
+            from .remotechunks import RemoteChunkRows
+            return RemoteChunkRows(decoder)
+        return None
+    if dsid.get_type() != h5py.h5t.py_create(dataset.dtype):
+        return None  # converted by HDF5: not the bytes in the file
     found = file.chunk_map(dataset)
     offsets = _row_chunk_offsets(found, shape)
     if offsets is None:
