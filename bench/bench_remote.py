@@ -236,8 +236,9 @@ def loader_epoch(loader: Any) -> int:
     return total
 
 
-def reader_batches(reader: Any, batches: list[np.ndarray]) -> tuple[int, list[float]]:
-    ds = reader.get_dataset(RAW)
+def reader_batches(reader: Any, batches: list[np.ndarray], path: str = RAW
+                   ) -> tuple[int, list[float]]:
+    ds = reader.get_dataset(path)
     stage = ds.create_stage(BATCH)
     lat, total = [], 0
     for rows in batches:
@@ -388,6 +389,17 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
           f"({p50 / args.latency:.2f}x the first-byte latency)" if args.latency else
           f"Reader, {BATCH} random rows: median {p50 * 1e3:.1f} ms a batch", end="")
     print(f"; h5py+fsspec (1 MiB blockcache) {base50 * 1e3:.1f} ms: {base50 / p50:.1f}x")
+    # The same of the gzip images: each row decoded from its chunk, the URL's against the file's
+    with h5py.File(local, "r") as f:
+        n_images = f[GZ_IMAGES].shape[0]
+    gz_batches = [rng.integers(0, n_images, BATCH) for _ in range(args.batches)]
+    gz_p50 = {}
+    for where, opts in ((url, options), (local, None)):
+        with multitables.Reader(where, n_procs=n, storage_options=opts) as reader:
+            reader_batches(reader, gz_batches[:2], GZ_IMAGES)
+            gz_p50[where] = float(np.median(reader_batches(reader, gz_batches, GZ_IMAGES)[1]))
+    print(f"Reader, {BATCH} random gzip images: median {gz_p50[url] * 1e3:.1f} ms a batch; "
+          f"the local file {gz_p50[local] * 1e3:.1f} ms ({gz_p50[local] / gz_p50[url]:.2f}x)")
 
     # Loader: a shuffled epoch of gzip images with labels; the second epoch from cache_dir
     cols = [GZ_IMAGES, GZ_LABELS]
@@ -398,12 +410,20 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
             multitables.Loader(url, cols, storage_options=options, cache_dir=cache,
                                **kw) as cached:
         loader_epoch(cached)  # fills the cache
+        # An epoch of each first, as in training, where every epoch but the first finds its
+        # workers started, their files open and (over a URL) their connections made.
+        loader_epoch(here)
+        loader_epoch(there)
         lreport = m.run_rounds({"Loader gzip, local": lambda: loader_epoch(here),
                                 "Loader gzip, URL": lambda: loader_epoch(there),
                                 "Loader gzip, URL, cache_dir (later epoch)":
                                     lambda: loader_epoch(cached)},
                                args.rounds, baseline="Loader gzip, local")
         print(lreport.table())
+        loader_url = lreport.median("Loader gzip, URL")
+        print(f"  Loader gzip over the URL {loader_url:.0f} MB/s: "
+              f"{loader_url / bound['bound_mb_s']:.2f}x what the cores allow the same chunks "
+              "(the gzip bound above)")
         if server is not None:
             server.reset()
             loader_epoch(there)
@@ -415,6 +435,7 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
     return {"stream": report.to_dict(), "gzip": gz_report.to_dict(), "gzip_bound": bound,
             "loader":
             lreport.to_dict(), "reader_ms": p50 * 1e3, "reader_h5py_fsspec_ms": base50 * 1e3,
+            "reader_gzip_ms": gz_p50[url] * 1e3, "reader_gzip_local_ms": gz_p50[local] * 1e3,
             "counts": counted}
 
 
