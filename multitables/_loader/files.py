@@ -144,12 +144,10 @@ def _described(file: FileRef, first: Sequence[DatasetInfo], kw: dict[str, Any],
     """``file_infos``, and with ``layouts`` the columns' layouts in a local file."""
     if isinstance(file, RemoteFile):
         return _infos(file, first, kw, None), None
+    found: list[Layout | None] | None = [] if layouts else None
     with open_file(file, kw) as opened:  # once for all its columns
-        infos = _infos(file, first, kw, opened)
-        driver = opened.driver
-        found = tuple(layout_of(opened[info.path], driver) for info in infos) if (
-            layouts) else None
-    return infos, found
+        infos = _infos(file, first, kw, opened, found)
+    return infos, None if found is None else tuple(found)
 
 
 def describe_shard(file: FileRef, first: Sequence[DatasetInfo],
@@ -167,11 +165,15 @@ def describe_shard(file: FileRef, first: Sequence[DatasetInfo],
 
 
 def _infos(file: FileRef, first: Sequence[DatasetInfo], kw: dict[str, Any],
-           opened: h5py.File | None) -> list[DatasetInfo]:
+           opened: h5py.File | None, layouts: list[Layout | None] | None = None
+           ) -> list[DatasetInfo]:
+    """The datasets' infos (``_describe``), checked against ``first``; with ``layouts`` (a
+    list) and ``opened``, their layouts appended to it."""
     infos = []
+    driver = opened.driver if opened is not None and layouts is not None else None
     for want in first:
         try:
-            info = _describe(file, want.path, kw, opened)
+            info, ds = _describe(file, want.path, kw, opened)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{name_of(file)}: {exc.args[0] if exc.args else exc}; every "
                              "file must hold every column") from None
@@ -180,19 +182,22 @@ def _infos(file: FileRef, first: Sequence[DatasetInfo], kw: dict[str, Any],
                 f"{name_of(file)}: {info.path} holds rows of {info.shape[1:]} {info.dtype}, "
                 f"the first file's hold {want.shape[1:]} {want.dtype}")
         infos.append(info)
+        if layouts is not None and opened is not None:
+            layouts.append(None if ds is None else layout_of(ds, driver))
     return infos
 
 
 def _describe(file: FileRef, path: str, kw: dict[str, Any],
-              opened: h5py.File | None) -> DatasetInfo:
-    """``source.describe(file, path, kw)``; a plain dataset of a local file from ``opened``."""
+              opened: h5py.File | None) -> tuple[DatasetInfo, h5py.Dataset | None]:
+    """``source.describe(file, path, kw)``; a plain dataset of a local file from ``opened``,
+    returned with it."""
     if opened is None:
-        return describe(file, path, kw)
+        return describe(file, path, kw), None
     ds = get_dataset(opened, path)
     if ds.is_virtual or h5py.check_vlen_dtype(ds.dtype) is not None:
-        return describe(file, path, kw)
+        return describe(file, path, kw), ds
     return DatasetInfo(filename=file, path=ds.name, shape=tuple(ds.shape), dtype=ds.dtype,
-                       chunks=ds.chunks, compression=ds.compression, vlen_base=None)
+                       chunks=ds.chunks, compression=ds.compression, vlen_base=None), ds
 
 
 def each_file(describe_one: Callable[..., Any], files: Sequence[FileRef],
