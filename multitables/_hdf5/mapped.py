@@ -1,6 +1,6 @@
 """Rows of datasets in many local files read by their chunk maps, with no HDF5 open (internal).
 
-A Loader over many small files reads each unit from a file its worker has not open: an HDF5 open
+A Loader over many small files reads each unit from a file its worker has not opened: an HDF5 open
 and close of the file, its datasets and their chunk indexes cost about 2 ms, more than reading
 and decoding 100 rows of images (bench/README.md, "Many files"). Where a dataset's rows lie at
 byte ranges known in advance, the parent notes them when it describes the files (``layout_of``,
@@ -122,10 +122,6 @@ class MapTable:
         empty = np.zeros(0, np.int64)
         self.offsets = np.concatenate(offsets) if offsets else empty
         self.sizes = np.concatenate(sizes) if sizes else empty
-
-    def mapped(self, f: int) -> bool:
-        """Whether any dataset of file ``f`` is mapped."""
-        return bool(self.how[f].any())
 
 
 class MappedReads:
