@@ -197,6 +197,9 @@ class S3Settings:
     access_key: str | None = dataclasses.field(default=None, repr=False)
     secret_key: str | None = dataclasses.field(default=None, repr=False)
     session_token: str | None = dataclasses.field(default=None, repr=False)
+    # Credentials from the AWS environment that expire (a session's, a role's, SSO's, the
+    # instance's): when, in seconds since the epoch; the signer resolves them again before.
+    expires: float | None = None
 
     @property
     def signed(self) -> bool:
@@ -216,7 +219,9 @@ def resolve_s3(options: StorageOptions) -> S3Settings:
     ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, the shared config and credentials files (and,
     as boto3 does, the container and instance-metadata providers when nothing else gives keys).
 
-    Credentials are frozen here: temporary credentials are not refreshed in the workers.
+    Credentials are frozen here, with their expiry when the environment's expire (``expires``):
+    the signer resolves them again shortly before (``s3.S3Client.sign``), in whichever process
+    signs, as boto3 refreshes its own.
     """
     session = None
 
@@ -242,6 +247,7 @@ def resolve_s3(options: StorageOptions) -> S3Settings:
     if endpoint is None:
         endpoint = f"https://s3.{region}.amazonaws.com"
     key = secret = token = None
+    expires: float | None = None
     if not options.anon:
         if options.key is not None or options.secret is not None:
             if options.key is None or options.secret is None:
@@ -253,4 +259,7 @@ def resolve_s3(options: StorageOptions) -> S3Settings:
             if credentials is not None:
                 frozen = credentials.get_frozen_credentials()
                 key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
-    return S3Settings(endpoint.rstrip("/"), region, path_style, key, secret, token)
+                expiry = getattr(credentials, "_expiry_time", None)  # RefreshableCredentials
+                if expiry is not None:
+                    expires = expiry.timestamp()
+    return S3Settings(endpoint.rstrip("/"), region, path_style, key, secret, token, expires)

@@ -3,6 +3,10 @@ same transport as HTTP, plus a bounded prefix listing (ListObjectsV2) for globs.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import threading
+import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +22,8 @@ from .options import (
     storage_options,
 )
 from .transport import Pin, Transport
+
+log = logging.getLogger("multitables.sources")
 
 # A listing stops with an error past this many keys, rather than paging for ever.
 MAX_LIST_KEYS = 1_000_000
@@ -36,13 +42,30 @@ class S3Client:
         self.settings, self.options = settings, options
         self.transport = Transport(options.timeout, options.retries, stats, maxsize=maxsize,
                                    redirects=0)
-        self._auth: Any = None
-        if settings.signed:
-            from botocore.auth import S3SigV4Auth
-            from botocore.credentials import Credentials
-            self._auth = S3SigV4Auth(
-                Credentials(settings.access_key, settings.secret_key, settings.session_token),
-                "s3", settings.region)
+        self._auth: Any = _signer(settings)
+        self._lock = threading.Lock()
+        self._tried = 0.0  # when credentials were last resolved again (monotonic)
+
+    def _fresh(self) -> Any:
+        """The signer, with the environment's credentials resolved again first when they
+        expire within ``REFRESH_BEFORE`` s (at most once every ``REFRESH_EVERY`` s)."""
+        expires = self.settings.expires
+        if expires is None or time.time() < expires - REFRESH_BEFORE:
+            return self._auth
+        with self._lock:
+            if time.time() >= self.settings.expires - REFRESH_BEFORE and \
+                    time.monotonic() - self._tried >= REFRESH_EVERY:
+                self._tried = time.monotonic()
+                found = resolve_s3(self.options)
+                if found.signed:
+                    self.settings = dataclasses.replace(
+                        self.settings, access_key=found.access_key,
+                        secret_key=found.secret_key, session_token=found.session_token,
+                        expires=found.expires)
+                    self._auth = _signer(self.settings)
+                    log.debug("%s: AWS credentials resolved again before they expire",
+                              self.settings.endpoint_url)
+            return self._auth
 
     def url(self, bucket: str, key: str = "", query: Mapping[str, str] | None = None) -> str:
         parts = urllib.parse.urlsplit(self.settings.endpoint_url)
@@ -59,11 +82,12 @@ class S3Client:
     def sign(self, method: str, url: str, headers: dict[str, str]) -> dict[str, str]:
         """``headers`` plus SigV4's (Authorization, X-Amz-Date, X-Amz-Content-SHA256, and
         X-Amz-Security-Token with a session token); unchanged when anonymous."""
-        if self._auth is None:
+        auth = self._fresh()
+        if auth is None:
             return headers
         from botocore.awsrequest import AWSRequest
         request = AWSRequest(method=method, url=url, headers=headers)
-        self._auth.add_auth(request)
+        auth.add_auth(request)
         return dict(request.headers.items())
 
     @property
@@ -102,6 +126,22 @@ class S3Client:
 
     def close(self) -> None:
         self.transport.close()
+
+
+# Temporary credentials from the environment are resolved again this long before they expire
+# (boto3 refreshes its own 10-15 minutes before), and at most this often if that fails.
+REFRESH_BEFORE = 10 * 60.0
+REFRESH_EVERY = 30.0
+
+
+def _signer(settings: S3Settings) -> Any:
+    """SigV4 with ``settings``' credentials; None without credentials (anonymous)."""
+    if not settings.signed:
+        return None
+    from botocore.auth import S3SigV4Auth
+    from botocore.credentials import Credentials
+    return S3SigV4Auth(Credentials(settings.access_key, settings.secret_key,
+                                   settings.session_token), "s3", settings.region)
 
 
 def _parse_listing(body: bytes) -> tuple[list[tuple[str, int, str | None]], str | None]:

@@ -4,8 +4,10 @@ errors naming the object with wrong keys or a missing bucket or key, listings, t
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import shutil
+import time
 
 import pytest
 from conftest import BLOB_NAME, BUCKET, H5_NAME
@@ -126,3 +128,77 @@ def test_addressing():
     assert custom.url("bkt", "k.h5") == "http://127.0.0.1:9/s3/bkt/k.h5"
     assert custom.sign("GET", "http://127.0.0.1:9/s3/bkt/k.h5", {"Range": "bytes=0-0"}) == \
         {"Range": "bytes=0-0"}  # anonymous: unsigned
+
+
+def _expiring(rclone, key: str, secret: str, in_s: float):
+    from multitables._sources.options import S3Settings
+    return S3Settings(rclone.endpoint, "us-east-1", True, key, secret, "a-session-token",
+                      time.time() + in_s)
+
+
+def test_credentials_about_to_expire_are_resolved_again_before_signing(rclone, blob,
+                                                                      monkeypatch):
+    # Settings whose (temporary) keys expire within the margin: the signer resolves the
+    # environment's credentials again first. Here the old keys are wrong, so only a refresh
+    # can read; a source pickled to another process refreshes there too.
+    from multitables._sources import s3
+
+    resolved = []
+
+    def resolve(options):
+        resolved.append(options)
+        return _expiring(rclone, rclone.access_key, rclone.secret_key, 3600)
+
+    monkeypatch.setattr(s3, "resolve_s3", resolve)
+    options = {"endpoint_url": rclone.endpoint}
+    src = S3Source(f"s3://{BUCKET}/{BLOB_NAME}", options,
+                   settings=_expiring(rclone, "OLDKEY", "old-secret", 60))
+    with src:
+        assert src.read(10, 100) == blob[10:110] and len(resolved) == 1
+        assert src.read(1000, 10) == blob[1000:1010] and len(resolved) == 1  # fresh now
+
+
+def test_credentials_that_do_not_expire_are_never_resolved_again(rclone, blob, monkeypatch):
+    from multitables._sources import s3
+
+    def resolve(options):
+        raise AssertionError("resolved again")
+
+    with open_source(f"s3://{BUCKET}/{BLOB_NAME}", rclone.options()) as src:
+        monkeypatch.setattr(s3, "resolve_s3", resolve)  # after the open's own
+        assert src.settings.expires is None
+        assert src.read(0, 10) == blob[:10]
+
+
+CREDENTIAL_PROCESS = """\
+import datetime, json, os, sys
+with open(sys.argv[1], "a") as log:
+    log.write(f"{os.getppid()}\\n")
+expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+print(json.dumps({"Version": 1, "AccessKeyId": sys.argv[2], "SecretAccessKey": sys.argv[3],
+                  "Expiration": expires.isoformat()}))
+"""
+
+
+def test_workers_resolve_expiring_credentials_of_the_environment_again(rclone, tmp_path,
+                                                                        monkeypatch):
+    # A profile's credential_process gives keys that expire in 5 minutes (inside the margin):
+    # the workers resolve them again themselves (the process runs with a worker as parent).
+    import sys
+
+    import numpy as np
+
+    import multitables
+
+    script, calls = tmp_path / "creds.py", tmp_path / "calls.txt"
+    script.write_text(CREDENTIAL_PROCESS)
+    (tmp_path / "aws-config").write_text(
+        f"[default]\ncredential_process = {sys.executable} {script} {calls} "
+        f"{rclone.access_key} {rclone.secret_key}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    url = f"s3://{BUCKET}/{H5_NAME}"
+    with multitables.Streamer(url, storage_options={"endpoint_url": rclone.endpoint}) as s:
+        rows = np.array(list(s.get_generator("contig", n_procs=2, ordered=True)))
+    assert len(rows)
+    parents = {int(line) for line in calls.read_text().split()}
+    assert parents - {os.getpid()}, parents  # some worker ran the process
