@@ -257,7 +257,7 @@ class RemoteDecoder(ChunkDecoder):
         self._decode_whole(raw, chunk)
         dest[:] = chunk[skip : skip + dest.nbytes]
 
-    def _decode_whole(self, raw: memoryview, dest: np.ndarray) -> None:
+    def _decode_whole(self, raw: Any, dest: np.ndarray) -> None:
         """Chunk bytes ``raw`` decoded into ``dest``, safe in any fetch thread: with this
         thread's own codec and shuffle scratch."""
         local = self._local

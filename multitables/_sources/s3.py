@@ -53,7 +53,8 @@ class S3Client:
         if expires is None or time.time() < expires - REFRESH_BEFORE:
             return self._auth
         with self._lock:
-            if time.time() >= self.settings.expires - REFRESH_BEFORE and \
+            expires = self.settings.expires  # another thread's refresh may have moved it on
+            if expires is not None and time.time() >= expires - REFRESH_BEFORE and \
                     time.monotonic() - self._tried >= REFRESH_EVERY:
                 self._tried = time.monotonic()
                 found = resolve_s3(self.options)
