@@ -41,6 +41,9 @@ AHEAD_BYTES = 16 << 20
 # by then at once: their requests share GETs (a GET costs the client and the server about
 # 0.5 ms of CPU together, as much as decoding a unit).
 AHEAD_LOW_BYTES = AHEAD_BYTES // 2
+# Fetch threads a worker starts before its first slots: about the GETs of AHEAD_BYTES of gzip
+# images in 1 MiB GETs, and a few more for the other columns' ranges.
+AHEAD_THREADS = 16
 
 # One slot's rows: pieces (start, stop, one destination per dataset), with the slot's header.
 Piece = tuple[int, int, Sequence[np.ndarray]]
@@ -78,7 +81,11 @@ class RowsAhead:
             if not isinstance(part, (RemoteRows, RemoteChunkRows)):
                 return None
             parts.append(part)
-        return cls(datasets, parts, files[0].fetcher())
+        fetcher = files[0].fetcher()
+        # The GETs of the first slots a job takes start at once: their threads are started
+        # here, while the worker is idle (``Fetcher.prestart``); a worker's next job finds them.
+        fetcher.prestart(AHEAD_THREADS)
+        return cls(datasets, parts, fetcher)
 
     def wait_for_room(self, give_up: Callable[[], bool]) -> bool:
         """Wait until reads may start (True): at once below ``AHEAD_BYTES`` in flight, else

@@ -18,6 +18,9 @@ from .base import Source, as_writable
 DEFAULT_MERGE_GAP = 64 << 10
 DEFAULT_SPLIT_SIZE = 8 << 20
 DEFAULT_IN_FLIGHT = 8
+# How long ``Fetcher.prestart`` waits for its threads to start (threads busy with GETs of
+# another fetch would hold up its tasks: then it gives up).
+PRESTART_WAIT = 0.5
 
 
 @dataclasses.dataclass
@@ -228,6 +231,22 @@ class Fetcher:
         if error is not None:
             raise error
 
+    def prestart(self, n: int) -> None:
+        """Start ``n`` of the thread pool's threads now (at most ``max_in_flight``). The pool
+        starts one when a GET finds none idle, and ``Thread.start`` waits for the new thread
+        to run: behind fetch threads busy reading and decoding, a GIL switch interval (5 ms)
+        each. A process about to start many GETs at once (a worker at a job's start) starts
+        its threads first, while it is idle."""
+        n = min(n, self.max_in_flight)
+        if n < 1 or not self.source.remote:
+            return
+        pool = self._executor()
+        # Each task holds its thread until all have one, so that each submit starts a thread.
+        everyone = threading.Barrier(n + 1)
+        for _ in range(n):
+            pool.submit(_meet, everyone)
+        _meet(everyone)
+
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         pool = self._pool
         if pool is not None and self._pid == os.getpid():
@@ -348,6 +367,13 @@ class _Started:
 
 def _ignore(error: BaseException | None) -> None:
     pass
+
+
+def _meet(barrier: threading.Barrier) -> None:
+    try:
+        barrier.wait(PRESTART_WAIT)
+    except threading.BrokenBarrierError:
+        pass  # a thread was slow to start: the others go on without it
 
 
 _live: weakref.WeakSet[Fetcher] = weakref.WeakSet()

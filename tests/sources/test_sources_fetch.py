@@ -387,3 +387,18 @@ def test_the_cache_keeps_a_range_before_done_hands_it_over(http, blob, tmp_path,
         f.fetch(again)
         assert f.cache_hits == len(spec)
         check(again, blob)
+
+
+def test_prestart_starts_the_threads_before_the_gets(http, blob):
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(max_in_flight=6) as f:
+        f.prestart(4)
+        assert f._pool is not None and len(f._pool._threads) == 4
+        f.prestart(10)  # no more than max_in_flight; the idle ones are used first
+        assert len(f._pool._threads) == 6
+        reqs = requests_of(len(blob), [(i * 300_000, 100) for i in range(6)])
+        f.fetch(reqs)
+        check(reqs, blob)
+        assert len(f._pool._threads) == 6
+    with open_source(str(http.root / BLOB_NAME)) as local, local.fetcher() as f:
+        f.prestart(4)  # a local source reads inline: no threads
+        assert f._pool is None
