@@ -17,6 +17,8 @@ opening and worker start-up are left out), each run from a freshly read page cac
     ``ds[idx.tolist(), ...]``, a pool of 2 * n_procs + 1 stages with as many requests in
     flight, --batches batches timed from the first request (worker start-up included) to the
     last result: the first epoch of a training loop, where the default n_procs must not cost.
+    A Reader starts its second worker only once requests wait on the first: the line under the
+    table gives the workers each of its runs started.
 Then the CPU a batch costs the caller and a worker, and the bounds those allow; what a process
 wake-up costs here; the median round trip of a one-row request (request, then get) in
 microseconds, beside h5py's ``ds[i:i + 1]``.
@@ -44,6 +46,13 @@ BATCH = 64
 # Reader n_procs=2 over h5py with its chunk cache off, by file: a uniform 64-row batch of 4 KiB
 # rows costs h5py a chunk lookup and a read per row; the Reader gathers them from mapped pages.
 RDCC0_TARGET = {"f32": 20, "table": 5}
+# The workers each Reader run started, by reader label: a Reader starts its second worker only
+# once requests wait on the first (multitables/_reader/dispatch.py, START_AFTER).
+STARTED: dict[str, list[int]] = {}
+
+
+def note_started(label: str, reader) -> None:
+    STARTED.setdefault(label, []).append(getattr(reader._dispatcher, "started", reader.n_procs))
 
 
 def h5py_batches(filename: str, path: str, batches: list[np.ndarray],
@@ -62,7 +71,7 @@ def h5py_batches(filename: str, path: str, batches: list[np.ndarray],
 
 
 def mt_batches(filename: str, path: str, batches: list[np.ndarray], n_procs: int,
-               in_flight: int, warm: list[np.ndarray]) -> tuple[int, float]:
+               in_flight: int, warm: list[np.ndarray], label: str = "") -> tuple[int, float]:
     """The Reader's run, timed after the ``warm`` batches: a training loop's steady state, where
     every worker has mapped the pages of the file it reads (a first touch of a page costs a
     worker a page fault, and each worker maps the file for itself)."""
@@ -83,13 +92,14 @@ def mt_batches(filename: str, path: str, batches: list[np.ndarray], n_procs: int
         t0 = time.perf_counter()
         total = pipeline(reader, ds, pool, reqs, batches[1:], in_flight)
         elapsed = time.perf_counter() - t0
+        note_started(label, reader)
         return total, elapsed
     finally:
         reader.close(wait=True)
 
 
 def cold_loop(filename: str, path: str, batches: list[np.ndarray],
-              n_procs: int) -> tuple[int, float]:
+              n_procs: int, label: str = "") -> tuple[int, float]:
     """A new Reader's whole run of ``batches`` by Python list keys (2.0.1's spelling), a pool
     of ``2 * n_procs + 1`` stages with as many requests in flight; the bytes and seconds."""
     keys = [(idx.tolist(), Ellipsis) for idx in batches]  # as a caller holds them
@@ -101,6 +111,7 @@ def cold_loop(filename: str, path: str, batches: list[np.ndarray],
         pool = ds.create_stage_pool(BATCH, in_flight)
         total = pipeline(reader, ds, pool, multitables.RequestPool(), keys, in_flight)
         elapsed = time.perf_counter() - t0
+        note_started(label, reader)
     return total, elapsed
 
 
@@ -279,10 +290,11 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
     mts = {p: f"mt Reader n_procs={p}" for p in args.n_procs} if has_reader else {}
     for procs, label in mts.items():
         readers[label] = functools.partial(mt_batches, filename, path, batches, procs,
-                                           args.in_flight, warm)
+                                           args.in_flight, warm, label)
     colds = {p: f"mt cold 2.0.1 loop n_procs={p}" for p in args.n_procs} if has_reader else {}
     for procs, label in colds.items():
-        readers[label] = functools.partial(cold_loop, filename, path, batches[1:], procs)
+        readers[label] = functools.partial(cold_loop, filename, path, batches[1:], procs, label)
+    STARTED.clear()
     report = m.run_rounds(readers, args.rounds, baseline="h5py default cache")
     cores = len(os.sched_getaffinity(0))
     bound = cpu_bound(filename, path, batches, args.in_flight, cores) if has_reader else {}
@@ -294,6 +306,9 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
           f"{len(few) - 1}), {args.in_flight} requests in flight, {args.rounds} rounds; load "
           f"average {os.getloadavg()[0]:.1f} on {cores} cores")
     print(report.table())
+    if STARTED:
+        print("workers started, each round: " + "; ".join(
+            f"{label} {', '.join(map(str, n))}" for label, n in STARTED.items()))
     print("one-row round trip (us): " + ", ".join(f"{k} {v:.1f}" for k, v in trips.items()))
     if not has_reader:
         print("multitables.Reader is not available in this build: its figures are missing")
@@ -325,7 +340,8 @@ def bench_file(name: str, filename: str, path: str, args: argparse.Namespace, to
     print(m.check("one-row round trip, median", trips["mt Reader median_us"], 50,
                   at_least=False, unit=" us"))
     return {"rows": n, "chunks": chunks, "row_bytes": row_bytes, "round_trip_us": trips,
-            "cpu_bound": bound, "wake_up_us": wake_us, "report": report.to_dict()}
+            "cpu_bound": bound, "wake_up_us": wake_us, "workers_started": dict(STARTED),
+            "report": report.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from helpers import N_ROWS, _mp_helpers, alive_after, drain_rows, sample, write_
 import multitables
 from multitables._engine.channel import TIMEOUT, Channel
 from multitables._engine.shm import SharedArena
+from multitables._reader.dispatch import START_AFTER, WAKE_AFTER
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,6 +152,10 @@ def test_a_request_goes_to_a_worker_that_is_not_busy(path):
                     break
                 pending.get()
             assert not pending.done()
+            # Pending for longer than the second worker's start is worth (dispatch.START_AFTER
+            # times the first's start-up), however slow the host.
+            d = reader._dispatcher
+            time.sleep(2 * START_AFTER * max(d._start_cost(), WAKE_AFTER))
             served = reader.request(ds[2], stages[1])
             deadline = time.monotonic() + 5
             while not served.done():
