@@ -105,7 +105,8 @@ def read_values(dataset: h5py.Dataset, kind: str, rows: np.ndarray,
         return out
     heap = VlenRows.of(dataset)  # rows straight from the file's heap, where it can
     if heap is not None:
-        return [_value(kind, stored) for stored in heap.take(rows)]
+        stored = heap.take(rows)
+        return stored if kind == ARRAY else [_value(kind, value) for value in stored]
     unique, inverse = np.unique(rows, return_inverse=True)
     values = [_value(kind, stored) for stored in dataset[unique]]  # h5py: increasing rows
     return [values[i] for i in inverse]
