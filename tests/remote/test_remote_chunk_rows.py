@@ -120,8 +120,8 @@ def test_a_readers_random_compressed_rows(served):
 
 
 def test_the_chunks_of_scattered_reads_stay_a_while(opened, served):
-    # Kept in memory as HDF5's reads stay in the BlockFile: the same rows again need no GET;
-    # rows of kept chunks and of new ones are decoded while the new ones arrive.
+    # Kept decoded in memory, as HDF5 keeps them in its chunk cache: the same rows again need
+    # no GET; a read of kept chunks and new ones fetches only the new ones.
     server, truth = served
     gz = opened.dataset("gz")
     np.testing.assert_array_equal(_read(gz, np.s_[[3, 800]]), truth["gz"][[3, 800]])
