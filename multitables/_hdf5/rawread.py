@@ -38,7 +38,7 @@ class RawRows:
         self.chunk_rows = chunk_rows  # rows per chunk (all rows for contiguous data)
         self.chunk_offsets = chunk_offsets  # file offset of chunk k's first row
         self.end = int(chunk_offsets.max()) + chunk_rows * row_bytes  # where the data ends
-        self._map: list[np.ndarray] = []  # see _file_map
+        self._map: list[np.ndarray] = []  # see file_map
 
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> RawRows | None:
@@ -72,7 +72,7 @@ class RawRows:
         self._gather(rows, out)
 
     def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
-        gather_rows(_file_map(self.fd, self.end, self._map), out.reshape(-1).view(np.uint8), rows,
+        gather_rows(file_map(self.fd, self.end, self._map), out.reshape(-1).view(np.uint8), rows,
                     self.chunk_offsets, self.chunk_rows, self.row_bytes)
 
     def _read_run(self, row: int, count: int, out: memoryview) -> None:
@@ -111,15 +111,15 @@ def keep_maps() -> None:
         _MAPS = {}
 
 
-def _file_map(fd: int, end: int, mine: list) -> np.ndarray:
+def file_map(fd: int, end: int, mine: list) -> np.ndarray:
     """The bytes of the file open as ``fd``, mapped; checks that they reach ``end``. ``mine``
     holds the map when this process keeps none."""
     st = os.fstat(fd)
     if st.st_size < end:  # mapped pages past the end of a file raise SIGBUS: check first
         raise _truncated(end, st.st_size)
     if _MAPS is None:
-        if not mine:
-            mine.append(np.frombuffer(mmap.mmap(fd, end, access=mmap.ACCESS_READ), np.uint8))
+        if not mine or len(mine[0]) < end:
+            mine[:] = [np.frombuffer(mmap.mmap(fd, end, access=mmap.ACCESS_READ), np.uint8)]
         return mine[0]
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     found = _MAPS.pop(key, None)

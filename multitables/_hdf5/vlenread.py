@@ -15,16 +15,17 @@ Anything else is None, and the caller reads through h5py.
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import h5py
 import numpy as np
 
 from ._vlen import gather, walk
+from .rawread import file_map
 from .source import per_dataset
 
 _REF = np.dtype([("length", "<u4"), ("address", "<u8"), ("index", "<u4")])
@@ -58,12 +59,8 @@ class VlenRows:
         self.base = base  # where the heap addresses count from (after a userblock)
         self.fd = fd
         self._image = np.frombuffer(b"", np.uint8)  # the file, mapped read-only (_reach)
-        # Collection address -> first << _SHIFT | count: object i < count of it is slot
-        # first + i of the tables (file offset of its data, -1 when it holds no object i; size).
-        self._heaps: dict[int, int] = {}
-        self._offsets = np.empty(0, np.int64)
-        self._sizes = np.empty(0, np.int64)
-        self._used = 0
+        self._mine: list[np.ndarray] = []  # its map, where this process keeps none
+        self.heaps = _heaps_of(fd, base)
 
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> VlenRows | None:
@@ -103,7 +100,7 @@ class VlenRows:
     def _locate(self, rows: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """File offsets and sizes of the heap objects ``refs`` (of rows ``rows``) name."""
         addresses = refs["address"]
-        listed, seen = addresses.tolist(), self._heaps
+        listed, seen = addresses.tolist(), self.heaps.where
         new = {a for a in listed if a not in seen}
         if new:
             self._parse(np.array(sorted(new), np.uint64), rows, addresses)
@@ -111,7 +108,7 @@ class VlenRows:
         index = refs["index"].astype(np.int64)
         held = index < (where & _COUNT)
         slot = (where >> _SHIFT) + np.where(held, index, 0)
-        offsets, sizes = self._offsets[slot], self._sizes[slot]
+        offsets, sizes = self.heaps.offsets[slot], self.heaps.sizes[slot]
         held &= offsets >= 0
         if not held.all():
             k = int(np.argmin(held))
@@ -155,18 +152,19 @@ class VlenRows:
         key = np.sort(which * _COUNT + index)
         if (twice := key[1:] == key[:-1]).any():
             raise fail(int(key[1:][twice][0] // _COUNT), "holds two objects of one index")
-        first = self._used + np.cumsum(counts) - counts
-        total = self._used + int(counts.sum())
-        if total > self._offsets.size:
-            grown = max(total, 2 * self._offsets.size, 1024)
-            self._offsets = np.resize(self._offsets, grown)
-            self._sizes = np.resize(self._sizes, grown)
-        self._offsets[self._used : total] = -1
-        self._offsets[first[which] + index] = offsets
-        self._sizes[first[which] + index] = sizes
-        self._used = total
+        heaps = self.heaps
+        first = heaps.used + np.cumsum(counts) - counts
+        total = heaps.used + int(counts.sum())
+        if total > heaps.offsets.size:
+            grown = max(total, 2 * heaps.offsets.size, 1024)
+            heaps.offsets = np.resize(heaps.offsets, grown)
+            heaps.sizes = np.resize(heaps.sizes, grown)
+        heaps.offsets[heaps.used : total] = -1
+        heaps.offsets[first[which] + index] = offsets
+        heaps.sizes[first[which] + index] = sizes
+        heaps.used = total
         where = (first << _SHIFT) | counts
-        self._heaps.update(zip(found.tolist(), where.tolist(), strict=True))
+        heaps.where.update(zip(found.tolist(), where.tolist(), strict=True))
 
     def _read(self, at: np.ndarray) -> np.ndarray:
         """The 16 bytes at each file offset ``at``, one row each."""
@@ -179,8 +177,8 @@ class VlenRows:
         if len(self._image) < end:
             size = os.fstat(self.fd).st_size
             if size > len(self._image):
-                self._image = np.frombuffer(
-                    mmap.mmap(self.fd, size, access=mmap.ACCESS_READ), np.uint8)
+                # A worker's map is kept for its next jobs and populated ahead (rawread).
+                self._image = file_map(self.fd, size, self._mine)
             if check and size < end:
                 raise OSError(f"{self.where}: the file ends at byte {size} but its HDF5 "
                               f"metadata puts data up to byte {end} (truncated while being read?)")
@@ -211,6 +209,34 @@ def _element(ftype: h5py.h5t.TypeID, dtype: np.dtype) -> tuple[bool, np.dtype | 
     if want.itemsize > 1 and base.get_order() != _NATIVE:
         return False, None
     return base == h5py.h5t.py_create(native), native
+
+
+class _Heaps:
+    """The global heap collections of one file parsed so far: every vlen dataset of the file
+    shares them, and a worker's next jobs over the same file find them (``_heaps_of``)."""
+
+    def __init__(self) -> None:
+        # Collection address -> first << _SHIFT | count: object i < count of it is slot
+        # first + i of the tables (file offset of its data, -1 when it holds no object i; size).
+        self.where: dict[int, int] = {}
+        self.offsets = np.empty(0, np.int64)
+        self.sizes = np.empty(0, np.int64)
+        self.used = 0
+
+
+# The heaps of the files read last, by the file's identity (a changed file is another).
+_HEAPS: OrderedDict[tuple[int, ...], _Heaps] = OrderedDict()
+_MAX_FILES = 8
+
+
+def _heaps_of(fd: int, base: int) -> _Heaps:
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, base)
+    heaps = _HEAPS.pop(key, None) or _Heaps()
+    while len(_HEAPS) >= _MAX_FILES:
+        _HEAPS.popitem(last=False)
+    _HEAPS[key] = heaps  # the most recently used
+    return heaps
 
 
 @per_dataset  # a reader goes with its dataset (its heap tables and descriptor with it)

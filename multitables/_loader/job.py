@@ -127,7 +127,7 @@ def ring_for(infos: Sequence[DatasetInfo], slot_rows: int, n_slots: int, n_seque
     if reuse is not None and reuse.layout.n_slots >= n_slots:
         offsets = _offsets(infos, slot_rows, reuse.layout.n_slots, reuse.layout.slots)
         if offsets[-1] + 8 * n_sequence <= reuse.layout.nbytes:
-            return _emptied(reuse), offsets
+            return reuse.renewed(), offsets
     # RingLayout cuts the slot area into n_slots equal slots; ours is cut per dataset instead,
     # so ask for slots that add up to at least the regions.
     regions_end = _offsets(infos, slot_rows, n_slots, 0)[-1]
@@ -143,15 +143,6 @@ def _offsets(infos: Sequence[DatasetInfo], slot_rows: int, n_slots: int, at: int
     return offsets
 
 
-def _emptied(ring: Ring) -> Ring:
-    """``ring`` as new: every slot free, no ticket drawn, not stopped, no error. Only between
-    jobs: no worker may hold it."""
-    ring.stop_word.store(0)
-    ring.arena.ndarray((1,), np.uint64, ring.layout.tickets)[0] = 0
-    ring.errors.clear()
-    return Ring(ring.arena, ring.layout, create=True)
-
-
 # In a worker: the arena of the last epoch, as mapped then. A Loader reuses its ring from one
 # epoch to the next; mapping it anew would fault every page of it in again each epoch (see
 # bench/README.md, "The Loader's workers"), so the worker keeps its mapping while the same memory
@@ -159,7 +150,7 @@ def _emptied(ring: Ring) -> Ring:
 _LAST_ARENA: tuple[tuple[int, int], SharedArena] | None = None
 
 
-def _mapped_before(arena: SharedArena) -> SharedArena:
+def mapped_before(arena: SharedArena) -> SharedArena:
     """``arena``, or this process's earlier mapping of the same memory (then ``arena`` closes)."""
     global _LAST_ARENA
     st = os.fstat(arena.fd)
@@ -215,7 +206,7 @@ class LoadJob(RingJob, FileJob):
 
     def _attach_ring(self) -> None:
         rawread.keep_maps()  # the rows of the next epochs lie in the same pages
-        self.plan.arena = _mapped_before(self.plan.arena)
+        self.plan.arena = mapped_before(self.plan.arena)
         self.ring = Ring(self.plan.arena, self.plan.layout)
         self.regions = regions(self.plan)
 

@@ -29,6 +29,7 @@ import numpy as np
 from .._engine import timeouts
 from .._engine.ring import CLOSED, FilledSlots, Ring, RingJob, RingLayout
 from .._engine.shm import PAGE, SharedArena, round_up
+from .._hdf5 import rawread
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import OpenFiles
 from .._hdf5.hyperslab import read_selection
@@ -38,6 +39,7 @@ from .._keys._indexing import translate
 from ..errors import SubprocessException
 from .columns import Columns
 from .epoch import POISON, EpochConfig
+from .job import mapped_before
 from .local import Local
 from .payload import SlotWriter, read_batch
 from .transforms import Pipeline, collate
@@ -174,6 +176,8 @@ class SampleJob(RingJob):
 
     def attach(self, worker: int) -> None:
         plan = self.plan
+        rawread.keep_maps()  # the rows of the next epochs lie in the same pages
+        plan.arena = mapped_before(plan.arena)  # the ring's pages, touched last epoch
         self.ring = Ring(plan.arena, plan.layout)
         self.rows = plan.rows.ndarray((plan.n_rows,), np.int64)
         # Rows of a batch are scattered: compressed chunks are often read again.

@@ -290,3 +290,29 @@ def test_damage_found_after_a_good_read_still_raises(tmp_path):
         assert_same(rows.take(np.array([0])), [np.arange(3, dtype=np.int32)])
         with pytest.raises(OSError, match="row 1 names object 40"):
             rows.take(np.array([0, 1]))
+
+
+def test_heap_tables_serve_every_open_of_an_unchanged_file(tmp_path):
+    """A worker reopens its file each epoch: the heap collections parsed before are kept for
+    the same file, not for one written since."""
+    path = str(tmp_path / "again.h5")
+    rows = [np.arange(i % 11, dtype=np.int32) for i in range(N)]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("a", (N,), h5py.vlen_dtype(np.int32))[:] = rows
+        f.create_dataset("b", (N,), h5py.vlen_dtype(np.int32))[:] = rows[::-1]
+    with h5py.File(path, "r") as f:
+        first = VlenRows.of(f["a"])
+        assert all(np.array_equal(r, e) for r, e in zip(first.take(np.arange(N)), rows,
+                                                            strict=True))
+        assert VlenRows.of(f["b"]).heaps is first.heaps  # one file, one set of collections
+    with h5py.File(path, "r") as f:
+        again = VlenRows.of(f["b"])
+        assert again.heaps is first.heaps and again.heaps.used > 0
+        assert all(np.array_equal(r, e) for r, e in zip(again.take(np.arange(N)), rows[::-1],
+                                                            strict=True))
+    with h5py.File(path, "a") as f:
+        f["a"][0] = np.arange(5, dtype=np.int32) + 100
+    with h5py.File(path, "r") as f:
+        changed = VlenRows.of(f["a"])
+        assert changed.heaps is not first.heaps
+        assert np.array_equal(changed.take(np.array([0]))[0], np.arange(5) + 100)

@@ -548,10 +548,10 @@ def test_a_worker_keeps_its_mapping_of_a_reused_ring(monkeypatch):
     first = SharedArena(1 << 16)
     first.buffer[:4] = b"ring"
     again = SharedArena(1 << 16, _fd=os.dup(first.fd))  # as a job brings it to a worker
-    assert loadjob._mapped_before(first) is first
-    assert loadjob._mapped_before(again) is first
+    assert loadjob.mapped_before(first) is first
+    assert loadjob.mapped_before(again) is first
     assert again._fd is None  # the duplicate was closed
     other = SharedArena(1 << 16)
-    assert loadjob._mapped_before(other) is other
+    assert loadjob.mapped_before(other) is other
     first.close()
     other.close()
