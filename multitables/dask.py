@@ -177,8 +177,8 @@ def _from_files(files: list[FileRef], path: str, chunks: int | None, field: str 
     # Every file's version in the name, as for one file: a rewritten shard is a new array.
     name = "from-hdf5-" + tokenize(blocks, [_version(f) for f in files])
     tail = (0,) * (len(shape) - 1)
-    graph = {(name, k, *tail): (_read_rows, source, a, b)
-             for k, (source, a, b) in enumerate(blocks)}
+    graph: dict[Any, Any] = {(name, k, *tail): (_read_rows, source, a, b)
+                             for k, (source, a, b) in enumerate(blocks)}
     return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
                     block_chunks, meta=np.empty((0,) * len(shape), fdt.base))
 

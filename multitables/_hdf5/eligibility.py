@@ -12,6 +12,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import h5py
 import numpy as np
@@ -38,8 +39,9 @@ class DecodePlan:
     remake: Callable[[], Codec] | None = field(default=None, compare=False)
 
 
-def _declined(what: str) -> DecodePlan | None:
-    """A compressed dataset left to HDF5 as a whole (no plan): counted once per dataset opened."""
+def _declined(what: str) -> Any:
+    """A compressed dataset left to HDF5 as a whole (no plan, no pipeline: None), counted once
+    per dataset opened."""
     fall_back(f"declined: {what}")
     return None
 

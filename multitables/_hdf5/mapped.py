@@ -19,6 +19,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h5py
 import numpy as np
@@ -208,13 +209,16 @@ class MappedReads:
             self._raw = np.empty(max(size, 2 * self._raw.nbytes), np.uint8)
         raw = self._raw[:size]
         _pread(fd, raw, int(self.table.offsets[j]))
+        data: Any
         if found.codec is None:
             data = raw
         else:
             if found.shuffle and self._shuffled.nbytes < dest.nbytes:
                 self._shuffled = np.empty(dest.nbytes, np.uint8)
             into = self._shuffled[: dest.nbytes] if found.shuffle else dest
-            data = found.codec(bytes(raw) if found.bytes_in else raw.data, into)
+            # A codec that wants bytes (bytes_in) takes them where others take a memoryview.
+            source: Any = bytes(raw) if found.bytes_in else raw.data
+            data = found.codec(source, into)
         if len(data) != dest.nbytes:
             raise Undecodable(f"failed: {found.name} gave a chunk of the wrong size")
         decoded[found.name] += 1
