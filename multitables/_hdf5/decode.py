@@ -120,13 +120,19 @@ class ChunkDecoder:
             data = raw
         else:
             data = self._codec(raw, self._shuffled if self._shuffle else dest)
-        if len(data) != self.chunk_bytes:
-            raise Undecodable(f"failed: {self.name} gave a chunk of the wrong size")
-        decoded[self.name] += 1
-        if self._shuffle:
-            unshuffle(np.frombuffer(data, np.uint8), dest, self._shuffle)
-        elif data is not dest:
-            dest[:] = np.frombuffer(data, np.uint8)
+        place(data, dest, self._shuffle, self.name)
+
+
+def place(data: Any, dest: np.ndarray, shuffle: int, name: str) -> None:
+    """A chunk as ``name`` decoded it (``data``) into ``dest``: unshuffled by ``shuffle`` bytes,
+    or copied unless decoded there; Undecodable if it is not ``dest``'s size."""
+    if len(data) != dest.nbytes:
+        raise Undecodable(f"failed: {name} gave a chunk of the wrong size")
+    decoded[name] += 1
+    if shuffle:
+        unshuffle(np.frombuffer(data, np.uint8), dest, shuffle)
+    elif data is not dest:
+        dest[:] = np.frombuffer(data, np.uint8)
 
 
 def unshuffle(src: np.ndarray, dest: np.ndarray, size: int) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .decode import unshuffle
+from .decode import place
 from .eligibility import Pipeline, chunks_ok, decodable, pipeline
-from .fallback import Undecodable, decoded, fall_back
+from .fallback import Undecodable, fall_back
 from .libraries import DECODE_ERRORS
 
 RAW, DECODED = 1, 2
@@ -219,13 +219,7 @@ class MappedReads:
             # A codec that wants bytes (bytes_in) takes them where others take a memoryview.
             source: Any = bytes(raw) if found.bytes_in else raw.data
             data = found.codec(source, into)
-        if len(data) != dest.nbytes:
-            raise Undecodable(f"failed: {found.name} gave a chunk of the wrong size")
-        decoded[found.name] += 1
-        if found.shuffle:
-            unshuffle(np.frombuffer(data, np.uint8), dest, found.shuffle)
-        elif data is not dest:
-            dest[:] = np.frombuffer(data, np.uint8)
+        place(data, dest, found.shuffle, found.name)
 
     def _pipeline(self, f: int, c: int, chunk_rows: int) -> Pipeline | None:
         key = (c, int(self.table.pipeline[f, c]), chunk_rows)

