@@ -110,9 +110,10 @@ def test_an_error_raises_after_every_get_ends(http, blob):
     src.close()
 
 
-def test_no_get_still_writes_when_fetch_raises(http, blob):
-    src = open_source(http.url(BLOB_NAME))
-    running = []
+def _first_get_fails(src) -> list[int]:
+    """Make ``src``'s GET at offset 0 fail at once and the others take 50 ms; the offsets of
+    the GETs running, as they run."""
+    running: list[int] = []
     read = src.read_segments
 
     def slow_or_failing(offset, segments):
@@ -126,6 +127,12 @@ def test_no_get_still_writes_when_fetch_raises(http, blob):
             running.remove(offset)
 
     src.read_segments = slow_or_failing
+    return running
+
+
+def test_no_get_still_writes_when_fetch_raises(http, blob):
+    src = open_source(http.url(BLOB_NAME))
+    running = _first_get_fails(src)
     with src.fetcher(max_in_flight=4) as f:
         with pytest.raises(ConnectionAbortedError):
             f.fetch(requests_of(len(blob), [(i * 200_000, 10) for i in range(10)]))
@@ -288,20 +295,7 @@ def test_start_returns_at_once_and_ends_once_every_request_is_in(http, blob, tmp
 
 def test_start_ends_with_the_first_error_once_no_get_writes(http, blob):
     src = open_source(http.url(BLOB_NAME))
-    running = []
-    read = src.read_segments
-
-    def slow_or_failing(offset, segments):
-        running.append(offset)
-        try:
-            if offset == 0:
-                raise ConnectionAbortedError("the first GET fails at once")
-            time.sleep(0.05)
-            read(offset, segments)
-        finally:
-            running.remove(offset)
-
-    src.read_segments = slow_or_failing
+    running = _first_get_fails(src)
     with src.fetcher(max_in_flight=4, merge_gap=0) as f:
         ended = _Ended()
         f.start(requests_of(len(blob), [(i * 200_000, 10) for i in range(10)]), None,
