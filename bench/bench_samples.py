@@ -21,7 +21,14 @@ random flip, giving uint8 (112, 112, 3); its ``rng`` is the Loader's.
 **Tokens**: ``--sequences`` variable-length int32 sequences of 16-512 tokens; a shuffled Loader
 whose ``batch_transform`` pads each batch to its longest sequence, in MB/s of tokens read,
 against the fixed-size Loader over float32 rows of the same bytes (a dataset of rows of 264
-floats, the sequences' mean, shuffled with the same batch size). See bench/README.md.
+floats, the sequences' mean, shuffled with the same batch size).
+  - ``tokens Loader, Pad``: ``batch_transform=multitables.Pad(-1)``, done by the reads.
+    ``tokens Loader, numpy pad``: the same padding written in numpy (``pad`` below).
+  - ``padded / token bytes``: a padded batch is larger than its tokens (about twice, for
+    lengths uniform in 16-512), and every byte of it is written in the worker and copied to
+    the caller (``copy=True``). ``tokens / (f32 x token/padded bytes)``: the tokens Loader
+    against the fixed-size Loader's own rate applied to the padded bytes it delivers.
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -190,6 +197,23 @@ def torch_epoch(filename: str, n: int) -> float:
     return epoch_rate(loader, lambda batch: len(batch[1]))
 
 
+def images_round(images: str, args, mt, note) -> None:
+    """One round of the JPEG figures."""
+    core = one_core(images, min(args.images, 4000))
+    note("one core (images/s)", core)
+    both = two_cores(images, min(args.images // 2, 4000))
+    note("two processes at once (images/s)", both)
+    note("two processes / (2 x one core)", both / (2 * core))
+    loader = epoch_rate(mt, lambda batch: len(batch[1]))
+    note("mt Loader (images/s)", loader)
+    note("mt Loader / (2 x one core)", loader / (2 * core))
+    note("mt Loader / two processes", loader / both)
+    if not args.no_torch:
+        torch = torch_epoch(images, args.images)
+        note("torch DataLoader (images/s)", torch)
+        note("mt Loader / torch", loader / torch)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=20_000)
@@ -197,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dir", default=datafiles.DEFAULT_DIR)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--only", choices=("images", "tokens"), help="run one of the two parts")
     args = p.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
     print(f"decoder: {'simplejpeg' if simplejpeg is not None else 'Pillow'}; "
@@ -211,38 +236,38 @@ def main(argv: list[str] | None = None) -> int:
     mt = multitables.Loader(images, ["jpeg", "label"], BATCH, shuffle=True, n_procs=2,
                             transform=augment)
     text = multitables.Loader(tokens, "tokens", BATCH, shuffle=True, n_procs=2,
-                              batch_transform=pad)
+                              batch_transform=multitables.Pad(-1))
+    text_numpy = multitables.Loader(tokens, "tokens", BATCH, shuffle=True, n_procs=2,
+                                    batch_transform=pad)
     fixed = multitables.Loader(floats, "x", BATCH, shuffle=True, n_procs=2)
-    token_bytes = {}
+    sizes = [0, 0]  # bytes of tokens, of padded batches
 
     def tokens_of(batch) -> int:
+        sizes[0] += int(batch[1].sum()) * 4
+        sizes[1] += batch[0].nbytes
         return int(batch[1].sum()) * 4
 
     try:
         for r in range(args.rounds):
-            core = one_core(images, min(args.images, 4000))
-            note("one core (images/s)", core)
-            both = two_cores(images, min(args.images // 2, 4000))
-            note("two processes at once (images/s)", both)
-            note("two processes / (2 x one core)", both / (2 * core))
-            loader = epoch_rate(mt, lambda batch: len(batch[1]))
-            note("mt Loader (images/s)", loader)
-            note("mt Loader / (2 x one core)", loader / (2 * core))
-            note("mt Loader / two processes", loader / both)
-            if not args.no_torch:
-                torch = torch_epoch(images, args.images)
-                note("torch DataLoader (images/s)", torch)
-                note("mt Loader / torch", loader / torch)
-            token_bytes[r] = epoch_rate(text, tokens_of) / 1e6
-            note("tokens Loader (MB/s)", token_bytes[r])
-            f32 = epoch_rate(fixed, lambda batch: batch.nbytes) / 1e6
-            note("f32 Loader (MB/s)", f32)
-            note("tokens / f32", token_bytes[r] / f32)
+            if args.only != "tokens":
+                images_round(images, args, mt, note)
+            if args.only != "images":
+                token = epoch_rate(text, tokens_of) / 1e6
+                note("tokens Loader, Pad (MB/s)", token)
+                note("tokens Loader, numpy pad (MB/s)",
+                     epoch_rate(text_numpy, lambda batch: int(batch[1].sum()) * 4) / 1e6)
+                f32 = epoch_rate(fixed, lambda batch: batch.nbytes) / 1e6
+                note("f32 Loader (MB/s)", f32)
+                note("tokens / f32", token / f32)
+                note("padded / token bytes", sizes[1] / sizes[0])
+                note("tokens / (f32 x token/padded bytes)",
+                     token / (f32 * sizes[0] / sizes[1]))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in rows.items()),
                   file=sys.stderr)
     finally:
         mt.close()
         text.close()
+        text_numpy.close()
         fixed.close()
     width = max(map(len, rows))
     for name, values in rows.items():

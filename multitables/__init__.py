@@ -25,7 +25,7 @@ from .errors import (  # noqa: E402
     SubprocessException,
     TransformError,
 )
-from .loader import Loader
+from .loader import Loader, Pad
 from .reader import Reader
 from .streamer import Guard, Queue, Streamer
 
@@ -37,6 +37,7 @@ __all__ = [
     "Loader",
     "MultitablesError",
     "ObjectChangedError",
+    "Pad",
     "Queue",
     "QueueClosed",
     "QueueClosedException",

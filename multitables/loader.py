@@ -37,11 +37,12 @@ from ._loader.filestate import FileState
 from ._loader.job import costliest_chunk_rows, plan_units
 from ._loader.local import Local
 from ._loader.order import EpochOrder, check_epoch, plan_rank, worker_batches
+from ._loader.pad import Pad
 from ._loader.samples import FIXED, SampleReads, first_slot_bytes, value_kind
 from ._loader.transforms import Pipeline, sample_rng
 from .errors import ClosedError
 
-__all__ = ["Loader"]
+__all__ = ["Loader", "Pad"]
 
 # A default window holds at least this many chunks (of the costliest dataset, which a unit may
 # hold several of) and about this many bytes of rows.
@@ -125,8 +126,10 @@ class Loader:
         results' arrays and numbers of one shape and dtype into arrays (in shared memory, not
         pickled); other results (strings, arrays of several shapes) come as lists.
     batch_transform : callable, optional
-        Applied to each whole batch in the workers, after ``transform`` (padding token
-        sequences to the batch's longest, say); it returns the batch to deliver. With ``rng``,
+        Applied to each whole batch in the workers, after ``transform``; it returns the batch
+        to deliver. ``multitables.Pad`` pads variable-length columns (token sequences) to the
+        batch's longest row: without a ``transform``, the reads do it, each row copied from
+        the file to its place in the padded batch. With ``rng``,
         it gets a generator seeded from (``seed``, epoch, the batch's first row).
         Transforms must pickle where workers do not fork (``start_method``, or a Loader sent
         to a spawned DataLoader worker); a transform that raises stops the epoch with a

@@ -12,7 +12,10 @@ import numpy as np
 
 cimport cython
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+
+cdef extern from *:
+    void prefetch "__builtin_prefetch" (const void *address) noexcept nogil
 
 cdef enum:
     _HEAD = 16  # bytes of a collection's header and of an object's, with 8-byte lengths
@@ -127,3 +130,120 @@ def gather(const unsigned char[::1] image, const int64_t[::1] offsets,
             if sizes[i]:
                 memcpy(&out[at], &image[offsets[i]], sizes[i])
                 at += sizes[i]
+
+
+# What ``locate`` found at the row it stopped at (``OK``: every row located).
+OK, PAST, UNKNOWN, NO_OBJECT, WRONG_SIZE, RANGE = range(6)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def locate(const unsigned char[::1] image, const int64_t[::1] rows, int64_t n_rows,
+           int64_t chunk_rows,
+           const int64_t[::1] chunk_offsets, dict where, const int64_t[::1] table_offsets,
+           const int64_t[::1] table_sizes, int64_t itemsize, int64_t[::1] offsets,
+           int64_t[::1] sizes):
+    """The file offset and size of each row's heap object, into ``offsets`` and ``sizes``: row
+    r's 16-byte reference lies at ``chunk_offsets[r // chunk_rows] + r % chunk_rows * 16`` of
+    ``image``; ``where`` maps a collection's address to ``first << 17 | count``, its objects
+    being entries ``first + index`` of the tables. A null reference is an empty object.
+
+    Returns ``(OK, n)``, or ``(what, i)`` at the first row i that stops it: its reference lies
+    ``PAST`` the image, or names a collection not in ``where`` (``UNKNOWN``), an object the
+    collection does not hold (``NO_OBJECT``) or one of another size than the row's length in
+    elements of ``itemsize`` bytes (``WRONG_SIZE``), or the row is not in ``range(n_rows)``
+    (``RANGE``)."""
+    cdef Py_ssize_t n = rows.shape[0], i
+    cdef int64_t row, at, w, slot, size, limit = image.shape[0]
+    cdef uint64_t length, address, index
+    cdef const unsigned char *p
+    cdef object found
+    # Three passes, each loading what the next needs for every row first, so that the cache
+    # misses of scattered rows overlap rather than follow one another: the references, then
+    # the entries of the tables they name, then (for the caller's copy) the objects.
+    for i in range(n):
+        row = rows[i]
+        if not 0 <= row < n_rows:
+            return RANGE, i
+        at = chunk_offsets[row // chunk_rows] + row % chunk_rows * _HEAD
+        if 0 <= at and at + _HEAD <= limit:
+            prefetch(&image[at])
+    for i in range(n):  # offsets and sizes hold each row's entry and length meanwhile
+        row = rows[i]
+        at = chunk_offsets[row // chunk_rows] + row % chunk_rows * _HEAD
+        if at < 0 or at + _HEAD > limit:
+            return PAST, i
+        p = &image[at]
+        length, address, index = _le(p, 4), _le(p + 4, 8), _le(p + 12, 4)
+        if address == 0:  # never written: read as empty (H5T vlen isnull)
+            offsets[i] = -1
+            continue
+        found = where.get(address)
+        if found is None:
+            return UNKNOWN, i
+        w = found
+        if index >= <uint64_t>(w & ((1 << 17) - 1)):
+            return NO_OBJECT, i
+        slot = (w >> 17) + <int64_t>index
+        offsets[i] = slot
+        sizes[i] = <int64_t>length * itemsize
+        prefetch(&table_offsets[slot])
+        prefetch(&table_sizes[slot])
+    for i in range(n):
+        slot = offsets[i]
+        if slot < 0:
+            offsets[i] = sizes[i] = 0
+            continue
+        if table_offsets[slot] < 0:
+            return NO_OBJECT, i
+        size = table_sizes[slot]
+        if sizes[i] != size:
+            return WRONG_SIZE, i
+        offsets[i] = table_offsets[slot]
+        if size:
+            prefetch(&image[offsets[i]])  # for the copy that follows
+    return OK, n
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def gather_rows(const unsigned char[::1] image, const int64_t[::1] offsets,
+                const int64_t[::1] sizes, const int64_t[::1] dest, unsigned char[:, ::1] out,
+                const unsigned char[::1] fill):
+    """Copy ``image[offsets[i]:offsets[i] + sizes[i]]`` to the start of row ``dest[i]`` of
+    ``out`` for each i, cut to the row's width, and fill the rest of the row with ``fill``
+    repeated (one element's bytes). Raises (copying nothing) ``ValueError`` for a span outside
+    ``image``, a row outside ``out`` or a width that is not whole elements."""
+    cdef Py_ssize_t n = offsets.shape[0], i, k, width = out.shape[1], step = fill.shape[0]
+    cdef int64_t size, limit = image.shape[0], rows = out.shape[0]
+    cdef bint same = True
+    cdef unsigned char *row
+    if step == 0 or width % step:
+        raise ValueError(f"rows of {width} bytes are not whole elements of {step} bytes")
+    if dest.shape[0] != n or sizes.shape[0] != n:
+        raise ValueError(f"{n} offsets, {sizes.shape[0]} sizes, {dest.shape[0]} rows")
+    for i in range(n):
+        if offsets[i] < 0 or sizes[i] < 0 or offsets[i] + sizes[i] > limit:
+            raise ValueError(f"span {offsets[i]}:{offsets[i] + sizes[i]} is outside the image "
+                             f"of {limit} bytes")
+        if not 0 <= dest[i] < rows:
+            raise ValueError(f"row {dest[i]} is outside the {rows} rows")
+    if width == 0:
+        return
+    for k in range(1, step):
+        same = same and fill[k] == fill[0]
+    with nogil:
+        for i in range(n):
+            if i + 4 < n and sizes[i + 4]:
+                prefetch(&image[offsets[i + 4]])
+            row = &out[dest[i], 0]
+            size = min(sizes[i], width)
+            if size:
+                memcpy(row, &image[offsets[i]], size)
+            if same:
+                memset(row + size, fill[0], width - size)
+            else:
+                k = size
+                while k < width:
+                    memcpy(row + k, &fill[0], step)
+                    k += step

@@ -24,7 +24,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._vlen import gather, walk
+from ._vlen import NO_OBJECT, OK, PAST, RANGE, UNKNOWN, gather, gather_rows, locate, walk
+
+__all__ = ["VlenRows", "gather_rows"]
 from .rawread import file_map
 from .source import per_dataset
 
@@ -69,22 +71,7 @@ class VlenRows:
 
     def take(self, rows: np.ndarray) -> list[Any]:
         """The values of rows ``rows`` (any order, repeats allowed), each its own object."""
-        rows = np.asarray(rows).astype(np.int64, copy=False).reshape(-1)
-        n = self.n_rows
-        if rows.size and (rows.min() < -n or rows.max() >= n):
-            bad = rows[(rows < -n) | (rows >= n)][0]
-            raise IndexError(f"index {bad} is out of bounds for axis 0 with size {n}")
-        rows = np.where(rows < 0, rows + n, rows)
-        if os.fstat(self.fd).st_size < len(self._image):  # mapped pages past the end: SIGBUS
-            raise OSError(f"{self.where}: the file is shorter than when it was mapped "
-                          f"({len(self._image)} bytes; truncated while being read?)")
-        chunk, first = np.divmod(rows, self.chunk_rows)
-        refs = self._read(self.chunk_offsets[chunk] + first * _REF.itemsize).view(_REF)[:, 0]
-        live = refs["address"] != 0  # 0: a null reference, read as empty (H5T vlen isnull)
-        offsets = np.zeros(rows.size, np.int64)
-        sizes = np.zeros(rows.size, np.int64)
-        if live.any():
-            offsets[live], sizes[live] = self._locate(rows[live], refs[live])
+        offsets, sizes = self.spans(rows)
         buf = np.empty(int(sizes.sum()), np.uint8)
         gather(self._image, offsets, sizes, buf)
         ends = np.cumsum(sizes)
@@ -97,30 +84,62 @@ class VlenRows:
         cuts = zip(((ends - sizes) // size).tolist(), (ends // size).tolist(), strict=True)
         return [data[b:e] for b, e in cuts]
 
-    def _locate(self, rows: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """File offsets and sizes of the heap objects ``refs`` (of rows ``rows``) name."""
-        addresses = refs["address"]
-        listed, seen = addresses.tolist(), self.heaps.where
-        new = {a for a in listed if a not in seen}
-        if new:
-            self._parse(np.array(sorted(new), np.uint64), rows, addresses)
-        where = np.fromiter(map(seen.__getitem__, listed), np.int64, len(listed))
-        index = refs["index"].astype(np.int64)
-        held = index < (where & _COUNT)
-        slot = (where >> _SHIFT) + np.where(held, index, 0)
-        offsets, sizes = self.heaps.offsets[slot], self.heaps.sizes[slot]
-        held &= offsets >= 0
-        if not held.all():
-            k = int(np.argmin(held))
-            raise self._damaged(rows[k], f"names object {index[k]} of the global heap collection "
-                                f"at address {addresses[k]}, which holds no such object")
+    @property
+    def image(self) -> np.ndarray:
+        """The file, mapped read-only: where ``spans`` point."""
+        return self._image
+
+    def spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the values of rows ``rows`` lie in ``image``: their offsets and sizes in bytes
+        (0 and 0 for a row never written)."""
+        rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+        if os.fstat(self.fd).st_size < len(self._image):  # mapped pages past the end: SIGBUS
+            raise OSError(f"{self.where}: the file is shorter than when it was mapped "
+                          f"({len(self._image)} bytes; truncated while being read?)")
+        offsets = np.empty(rows.size, np.int64)
+        sizes = np.empty(rows.size, np.int64)
         itemsize = 1 if self.dtype is None else self.dtype.itemsize
-        wrong = refs["length"].astype(np.int64) * itemsize != sizes
-        if wrong.any():
-            k = int(np.argmax(wrong))
-            raise self._damaged(rows[k], f"holds {refs['length'][k]} elements of {itemsize} "
-                                f"bytes but its heap object holds {sizes[k]} bytes")
-        return offsets, sizes
+        heaps = self.heaps
+        for _ in range(4):  # a pass puts right what stopped it for all rows left: a 4th ends
+            what, i = locate(self._image, rows, self.n_rows, self.chunk_rows,
+                             self.chunk_offsets, heaps.where, heaps.offsets, heaps.sizes,
+                             itemsize, offsets, sizes)
+            if what == OK:
+                return offsets, sizes
+            tail = rows[i:]
+            if what == RANGE:
+                rows = self._in_range(rows)
+            elif what == PAST:
+                chunk, first = np.divmod(tail, self.chunk_rows)
+                self._reach(int((self.chunk_offsets[chunk] + first * _HEAD).max()) + _HEAD)
+            elif what == UNKNOWN:
+                refs = self._refs(tail)
+                addresses = refs["address"]
+                new = {a for a in addresses.tolist() if a and a not in heaps.where}
+                self._parse(np.array(sorted(new), np.uint64), tail, addresses)
+            else:
+                ref = self._refs(rows[i : i + 1])[0]
+                if what == NO_OBJECT:
+                    raise self._damaged(rows[i], f"names object {ref['index']} of the global "
+                                        f"heap collection at address {ref['address']}, which "
+                                        "holds no such object")
+                slot = (heaps.where[int(ref["address"])] >> _SHIFT) + int(ref["index"])
+                raise self._damaged(rows[i], f"holds {ref['length']} elements of {itemsize} "
+                                    f"bytes but its heap object holds {heaps.sizes[slot]} bytes")
+        raise AssertionError(f"{self.where}: rows not located after four passes")
+
+    def _in_range(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` with negative ones counted from the end; IndexError for one out of range."""
+        n = self.n_rows
+        if (rows < -n).any() or (rows >= n).any():
+            bad = rows[(rows < -n) | (rows >= n)][0]
+            raise IndexError(f"index {bad} is out of bounds for axis 0 with size {n}")
+        return np.where(rows < 0, rows + n, rows)
+
+    def _refs(self, rows: np.ndarray) -> np.ndarray:
+        """The references of rows ``rows``."""
+        chunk, first = np.divmod(rows, self.chunk_rows)
+        return self._read(self.chunk_offsets[chunk] + first * _REF.itemsize).view(_REF)[:, 0]
 
     def _parse(self, found: np.ndarray, rows: np.ndarray, addresses: np.ndarray) -> None:
         """Add the objects of the collections at ``found`` (heap addresses) to the tables."""

@@ -41,6 +41,7 @@ from .columns import Columns
 from .epoch import POISON, EpochConfig
 from .job import mapped_before
 from .local import Local
+from .pad import Pad
 from .payload import SlotWriter, read_batch
 from .transforms import Pipeline, collate
 
@@ -196,15 +197,17 @@ class SampleJob(RingJob):
         B = plan.batch_size
         rows = self.rows[ticket * B : min((ticket + 1) * B, plan.n_rows)]
         writer = SlotWriter(self.ring.slot_array(slot, (plan.layout.slot_bytes,), np.uint8))
-        # Untransformed fixed-size rows are read straight into the slot.
-        direct = not plan.pipeline.transforms
-        values = self._read(rows, writer.array if direct else np.empty)
+        pad = plan.pipeline.fused_pad
+        # Fixed-size rows nothing transforms are read straight into the slot.
+        direct = not plan.pipeline.transforms or pad is not None
+        values = self._read(rows, writer.array if direct else np.empty, pad)
         batch = self._batch(rows, plan.columns.cut(values), writer)
         self.ring.headers[slot] = (ticket, writer.finish(batch))
         self.ring.full.push(slot)
 
-    def _read(self, rows: np.ndarray, allocate: Callable) -> list[Any]:
-        """Each dataset's ``rows``: an array of fixed-size rows, or a list."""
+    def _read(self, rows: np.ndarray, allocate: Callable, pad: Pad | None) -> list[Any]:
+        """Each dataset's ``rows``: an array of fixed-size rows, or a list; with ``pad``,
+        variable-length arrays padded (``Pad``), into ``allocate``'s array."""
         infos, kinds, files = self.plan.columns.infos, self.plan.kinds, self.plan.files
         n = len(rows)
         outs: list[Any] = [allocate((n, *info.shape[1:]), info.dtype) if kind == FIXED
@@ -219,8 +222,11 @@ class SampleJob(RingJob):
                 mine = np.flatnonzero(which == f)
                 parts.append((self.open.get(int(f), files.shards[f].file),
                               rows[mine] - files.starts[f], mine))
-        for source, local, at in parts:
-            for d, (info, kind) in enumerate(zip(infos, kinds, strict=True)):
+        for d, (info, kind) in enumerate(zip(infos, kinds, strict=True)):
+            if pad is not None and kind == ARRAY:
+                outs[d] = self._padded(info, parts, n, pad, allocate, rows)
+                continue
+            for source, local, at in parts:
                 dataset = source.dataset(info.path)
                 if at is None:
                     outs[d] = read_values(dataset, kind, local, outs[d])
@@ -232,11 +238,38 @@ class SampleJob(RingJob):
                         outs[d][i] = value
         return outs
 
+    def _padded(self, info: DatasetInfo, parts: list, n: int, pad: Pad, allocate: Callable,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``pad`` of a variable-length array column's rows: each copied from the file's heap
+        to its place in the padded batch (h5py's arrays where the heap cannot be read)."""
+        pieces, dtype = [], np.dtype(info.vlen_base)
+        for source, local, at in parts:
+            dest = np.arange(n) if at is None else at
+            dataset = source.dataset(info.path)
+            heap = VlenRows.of(dataset)
+            if heap is not None:
+                offsets, sizes = heap.spans(local)  # maps what it reads: image after
+                pieces.append((heap.image, offsets, sizes, dest))
+                dtype = np.dtype(heap.dtype)
+                continue
+            values = read_values(dataset, ARRAY, local)
+            sizes = np.array([v.nbytes for v in values], np.int64)
+            image = np.concatenate([np.ascontiguousarray(v).view(np.uint8) for v in values])
+            pieces.append((image, np.cumsum(sizes) - sizes, sizes, dest))
+            dtype = values[0].dtype
+        try:
+            return pad.gather(pieces, n, dtype, (), allocate)
+        except Exception as exc:  # as Pad raises when it runs after the reads
+            raise self.plan.pipeline.batch_error(exc, f"the batch of {self._where_rows(rows)}"
+                                                 ) from exc
+
     def _batch(self, rows: np.ndarray, values: list[Any], writer: SlotWriter) -> Any:
         """The batch of ``rows`` (each column's ``values``), transformed."""
         plan, pipeline = self.plan, self.plan.pipeline
         if pipeline.transform is None:
             batch = plan.columns.pack(values)
+            if pipeline.fused_pad is not None:
+                return batch  # padded by the reads (_padded)
         else:
             samples = []
             for i, row in enumerate(rows.tolist()):

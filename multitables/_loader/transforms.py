@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TransformError
+from .pad import Pad
 
 # Pipelines this process made, by number: a forked worker finds its job's here.
 _INHERITED: dict[int, Pipeline] = {}
@@ -90,6 +91,13 @@ class Pipeline:
             weakref.finalize(self, _INHERITED.pop, self.number, None)
 
     @property
+    def fused_pad(self) -> Pad | None:
+        """The ``Pad`` the reads do in place of the transforms, when it is the only one."""
+        if self.transform is None and isinstance(self.batch_transform, Pad):
+            return self.batch_transform
+        return None
+
+    @property
     def transforms(self) -> bool:
         return self.transform is not None or self.batch_transform is not None
 
@@ -139,7 +147,11 @@ class Pipeline:
                     batch, rng=batch_rng(self.seed, epoch, first_row, fresh=False))
             return self.batch_transform(batch)
         except Exception as exc:
-            raise _error("batch_transform", exc, where()) from exc
+            raise self.batch_error(exc, where()) from exc
+
+    def batch_error(self, exc: Exception, where: str) -> TransformError:
+        """What the training process is told when ``batch_transform`` raised ``exc``."""
+        return _error("batch_transform", exc, where)
 
 
 def _inherited(number: int) -> Pipeline:

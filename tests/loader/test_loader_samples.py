@@ -438,13 +438,18 @@ def test_readme_images_and_text_examples_run(tmp_path, monkeypatch):
     names["loader"].close()
     assert [s[0] for s in seen] == [(20, 112, 112, 3)] and seen[0][1] == np.uint8
     assert sorted(seen[0][2].tolist()) == list(range(20))
-    exec(blocks[1], names)
-    with names["text"] as text:
-        batches = list(text)
-    assert [len(b) for b in batches] == [64, 6]
-    # Row i is arange(i % 9 + 1): its padded line holds i % 9 numbers above 0, then zeros.
-    assert sum(int((b > 0).sum()) for b in batches) == sum(i % 9 for i in range(70))
-    assert all(b.shape[1] == (b > 0).sum(1).max() + 1 for b in batches)
+    batches: list = []
+    names["batches"] = batches
+    exec(blocks[1].replace("    ...", "    batches.append((tokens, lengths))"), names)
+    names["text"].close()
+    assert [len(t) for t, _ in batches] == [64, 6]
+    # Row i is arange(i % 9 + 1): its padded line holds its i % 9 + 1 numbers, then -1.
+    assert sorted(n for _, lengths in batches for n in lengths.tolist()) == sorted(
+        i % 9 + 1 for i in range(70))
+    for tokens, lengths in batches:
+        assert tokens.shape[1] == lengths.max() and tokens.dtype == np.int32
+        for line, n in zip(tokens, lengths.tolist(), strict=True):
+            assert line[:n].tolist() == list(range(n)) and (line[n:] == -1).all()
 
 
 def test_torch_dataloader_workers_run_a_lambda_transform(vlen_file):
