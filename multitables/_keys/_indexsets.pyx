@@ -11,13 +11,16 @@ import numpy as np
 cimport cython
 cimport numpy as cnp
 from cpython.long cimport PyLong_AsLongLongAndOverflow
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 cnp.import_array()
 
-# Index arrays up to this long are sorted by a C insertion sort (see _unique_positions).
+# Index arrays up to this long are sorted as values and positions packed into one word (see
+# _unique_positions): a position takes _POSITION_BITS, a value the rest.
 cdef enum:
     _SMALL_SORT = 128
+    _POSITION_BITS = 7
+    _POSITION_MASK = 127
 
 
 cdef int64_t _progression_step(const int64_t *a, Py_ssize_t n) noexcept nogil:
@@ -83,38 +86,52 @@ cdef tuple _unique_positions(object flat):
     """``np.unique(flat, return_inverse=True)`` (a contiguous 1-D int64 array) in one sort and a
     C loop: numpy's costs tens of microseconds on a 64-row batch."""
     cdef const int64_t *values = _int64_data(flat)
-    cdef Py_ssize_t i, j, k = -1, n = flat.shape[0]
+    cdef Py_ssize_t i, k = -1, n = flat.shape[0]
     cdef int64_t v
-    cdef Py_ssize_t small[_SMALL_SORT]
-    cdef Py_ssize_t *order = small
-    if n <= _SMALL_SORT:
-        # A batch's rows: an insertion sort of their positions by value, in place of numpy's
-        # argsort (a call, an array and a conversion).
-        for i in range(n):
-            v = values[i]
-            j = i
-            while j > 0 and values[small[j - 1]] > v:
-                small[j] = small[j - 1]
-                j -= 1
-            small[j] = i
-    else:
-        sorted_positions = flat.argsort().astype(np.intp, copy=False)
-        order = <Py_ssize_t *>cnp.PyArray_DATA(sorted_positions)
     cdef cnp.npy_intp dim = n
     unique_array = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INT64, 0)
     pos_array = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INTP, 0)
     cdef int64_t *unique = <int64_t *>cnp.PyArray_DATA(unique_array)
     cdef Py_ssize_t *pos = <Py_ssize_t *>cnp.PyArray_DATA(pos_array)
-    for i in range(n):
-        v = values[order[i]]
-        if k < 0 or v != unique[k]:
-            k += 1
-            unique[k] = v
-        pos[order[i]] = k
+    cdef const Py_ssize_t *order
+    cdef uint64_t key
+    if n <= _SMALL_SORT and _pack_keys(values, n, <uint64_t *>unique):
+        # A batch's rows: each value and its position in one word, sorted as plain integers by
+        # numpy's vectorised sort in place (a comparison sort of random rows mispredicts a
+        # branch per step: twice the time), then split again.
+        cnp.PyArray_Sort(unique_array, 0, cnp.NPY_QUICKSORT)
+        for i in range(n):
+            key = (<uint64_t *>unique)[i]
+            v = <int64_t>(key >> _POSITION_BITS)
+            if k < 0 or v != unique[k]:
+                k += 1
+            unique[k] = v  # k <= i: the keys still to read lie past it
+            pos[key & _POSITION_MASK] = k
+    else:
+        sorted_positions = flat.argsort().astype(np.intp, copy=False)
+        order = <Py_ssize_t *>cnp.PyArray_DATA(sorted_positions)
+        for i in range(n):
+            v = values[order[i]]
+            if k < 0 or v != unique[k]:
+                k += 1
+                unique[k] = v
+            pos[order[i]] = k
     if k + 1 == n:  # no repeats (a batch's rows): the slice is a Python call
         return unique_array, pos_array
     return unique_array[:k + 1], pos_array
 
+
+cdef bint _pack_keys(const int64_t *values, Py_ssize_t n, uint64_t *keys) noexcept nogil:
+    """``keys[i] = values[i] << _POSITION_BITS | i``: sorted, they give the values in order and
+    where each came from (equal values by position). False, leaving ``keys`` half written, for a
+    value that does not fit in the bits left (n <= _SMALL_SORT): the keys are sorted as int64,
+    so the sign bit stays clear."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if <uint64_t>values[i] >> (63 - _POSITION_BITS):
+            return False
+        keys[i] = (<uint64_t>values[i] << _POSITION_BITS) | <uint64_t>i
+    return True
 
 
 cdef object _int_list(list key):

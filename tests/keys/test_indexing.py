@@ -661,8 +661,27 @@ def test_string_and_enum_datasets_read_after_same_layout_ones(tmp_path):
             np.testing.assert_array_equal(out, ds[()])
 
 
+@pytest.mark.parametrize("rows", [
+    [2**58 + 5, 3, 2**58 + 5, 0],  # past the bits a packed value may take
+    [2**56 - 1, 2**56, 7, 2**56 - 1],  # either side of them
+    [2**60 - 1, 0, 2**60 - 1],
+])
+def test_rows_too_large_to_pack_sort_as_well(rows):
+    """A value that leaves no room for its position in one word is sorted the other way; the
+    plan is numpy's unique values and where each row went, either way."""
+    sel = translate(np.array(rows), (2**60,))
+    unique, inverse = np.unique(rows, return_inverse=True)
+    entry = sel.dims[0]  # two values make a progression: (start, step, count)
+    if isinstance(entry, tuple):
+        entry = [entry[0] + entry[1] * k for k in range(entry[2])]
+    np.testing.assert_array_equal(entry, unique)
+    np.testing.assert_array_equal(sel.local_key[0], inverse)
+    assert sel.result_shape == (len(rows),)
+
+
 def test_index_arrays_either_side_of_the_small_sort():
-    # Up to _SMALL_SORT rows sort by insertion in C, longer ones by numpy's argsort.
+    # Up to _SMALL_SORT rows sort as values and positions packed in one word, longer ones by
+    # numpy's argsort.
     arr = np.arange(300 * 2).reshape(300, 2)
     rng = np.random.default_rng(5)
     for n in (127, 128, 129, 500):
