@@ -17,7 +17,6 @@ See NOTE [ Worker shutdown logic ] in _engine/pool.py for the waits and the shut
 
 from __future__ import annotations
 
-import functools
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -271,11 +270,9 @@ class SampleJob(RingJob):
             if pipeline.fused_pad is not None:
                 return batch  # padded by the reads (_padded)
         else:
-            samples = []
-            for i, row in enumerate(rows.tolist()):
-                sample = plan.columns.pack([column[i] for column in values])
-                samples.append(pipeline.apply(sample, plan.epoch, row,
-                                              functools.partial(self._where, row)))
+            pack, apply, epoch, where = plan.columns.pack, pipeline.apply, plan.epoch, self._where
+            samples = [apply(pack(list(sample)), epoch, row, where) for row, sample in
+                       zip(rows.tolist(), zip(*values, strict=True), strict=True)]
             # Stacked straight into the slot, unless a batch transform makes the batch anew.
             allocate = writer.array if pipeline.batch_transform is None else np.empty
             try:

@@ -53,23 +53,24 @@ def batch_rng(seed: int, epoch: int, first_row: int, *, fresh: bool = True
     return _seeded(b"%d %d %d batch" % (seed, epoch, first_row), fresh)
 
 
-_SHARED: np.random.PCG64 | None = None
+# The workers' one generator, reseeded for each sample (``fresh=False``).
+_SHARED: np.random.Generator | None = None
 
 
 def _seeded(key: bytes, fresh: bool) -> np.random.Generator:
     global _SHARED
     digest = hashlib.blake2b(key, digest_size=32).digest()
     state: Any = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
-             "state": {"state": int.from_bytes(digest[:16], "little"),
-                       "inc": int.from_bytes(digest[16:], "little") | 1}}
+                  "state": {"state": int.from_bytes(digest[:16], "little"),
+                            "inc": int.from_bytes(digest[16:], "little") | 1}}
     if fresh:
-        bits = np.random.PCG64()
+        generator = np.random.Generator(np.random.PCG64())
     else:
         if _SHARED is None:
-            _SHARED = np.random.PCG64()
-        bits = _SHARED
-    bits.state = state
-    return np.random.Generator(bits)
+            _SHARED = np.random.Generator(np.random.PCG64())
+        generator = _SHARED
+    generator.bit_generator.state = state  # a Generator keeps no numbers of its own
+    return generator
 
 
 class Pipeline:
@@ -126,16 +127,16 @@ class Pipeline:
 
     # ---- in the workers ----
 
-    def apply(self, sample: Any, epoch: int, row: int, where: Callable[[], str]) -> Any:
-        """``transform(sample)`` (with its ``rng``); TransformError naming ``where()``."""
+    def apply(self, sample: Any, epoch: int, row: int, where: Callable[[int], str]) -> Any:
+        """``transform(sample)`` (with its ``rng``); TransformError naming ``where(row)``."""
         assert self.transform is not None
         try:
             if self.transform_rng:
-                return self.transform(sample, rng=sample_rng(self.seed, epoch, row,
-                                                                fresh=False))
+                return self.transform(sample, rng=_seeded(b"%d %d %d" % (self.seed, epoch, row),
+                                                          False))
             return self.transform(sample)
         except Exception as exc:
-            raise _error("transform", exc, where()) from exc
+            raise _error("transform", exc, where(row)) from exc
 
     def apply_batch(self, batch: Any, epoch: int, first_row: int,
                     where: Callable[[], str]) -> Any:
