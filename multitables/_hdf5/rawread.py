@@ -102,6 +102,7 @@ _MAX_MAPS = 8
 # A worker's new map of a file up to this size is populated (``_rows.populate``): an eighth of
 # the machine's memory, so that a file that is not in the page cache is not read whole.
 _POPULATE_MAX = os.sysconf("SC_PHYS_PAGES") * mmap.PAGESIZE // 8
+_POPULATE_STEP = 8 << 20  # bytes of a map populated by one call (see _populate)
 
 
 def keep_maps() -> None:
@@ -138,10 +139,17 @@ def file_map(fd: int, end: int, mine: list) -> np.ndarray:
 
 def _populate(image: np.ndarray) -> None:
     """``populate`` at the lowest priority: with the CPU that reads leave idle (on a machine
-    whose cores the caller and the workers keep busy, reads fault their pages in as before)."""
+    whose cores the caller and the workers keep busy, reads fault their pages in as before).
+
+    A call per _POPULATE_STEP, each taking the interpreter's lock again: one call for the whole
+    map left a Reader's cold loop on 2 cores 15% slower (bench/README.md, "The caller's CPU, the
+    default n_procs and cold starts")."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    populate(image)
+    for start in range(0, image.size, _POPULATE_STEP):
+        if not populate(image, start, start + _POPULATE_STEP):
+            populate(image, start + _POPULATE_STEP)  # an older kernel: read the rest ahead
+            return
 
 
 def _truncated(needed: int, size: int) -> OSError:

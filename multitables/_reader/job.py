@@ -16,6 +16,7 @@ from .._engine._ringbuf import CLOSED
 from .._engine._ringbuf import TIMEOUT as TIMEOUT_ITEM
 from .._engine.channel import END, TIMEOUT
 from .._engine.worker import parent_channel, worker_place
+from .._hdf5 import rawread
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob
 from .._hdf5.source import FileRef, OpenFile
@@ -61,6 +62,10 @@ class RequestJob(FileJob):
     def attach_file(self, source: OpenFile, worker: int) -> None:
         # ``worker``, the process's number in its pool, names it; the job says which it serves.
         worker = self.worker
+        # This process's map of the file is populated ahead of the reads (a thread maps its pages
+        # in large steps, where random rows would fault them in a few at a time: 200-300 us a
+        # 64-row batch of a cold map, 60-80 warm) and kept while the process serves.
+        rawread.keep_maps()
         self.channel = parent_channel()
         buffer = self.control.buffer
         self.done = control.done_counter(buffer, worker)

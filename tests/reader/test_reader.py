@@ -746,3 +746,62 @@ def test_one_worker_serves_while_a_second_is_not_worth_waking():
     assert d.pick_worker([3, 2, 0]) == 2  # both awake ones fell behind: the sleeping one
     d.sent_at = [collections.deque([just] * n) for n in (3, 2, 0)]
     assert d.pick_worker([3, 2, 0]) == 1  # the least busy awake one
+
+
+def test_a_workers_map_of_the_file_is_populated_ahead_of_its_reads(tmp_path):
+    """Scattered rows are copied from the worker's map of the file; the map is populated ahead
+    of the reads (every page of it mapped, where the reads alone would map a few around each
+    row), as the Loader's workers populate theirs."""
+    import os
+
+    path = tmp_path / "rows.h5"
+    truth = sample((2048, 1024), "<f4")  # 8 MiB of 4 KiB rows
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=truth, chunks=(64, 1024))
+    size = os.path.getsize(path)
+    with multitables.Reader(str(path), n_procs=1) as reader:
+        ds = reader.get_dataset("x")
+        stage = ds.create_stage(2)
+        np.testing.assert_array_equal(reader.request(ds[[1500, 3]], stage).get(), truth[[1500, 3]])
+        pid = reader._pool.procs[0].pid
+        deadline = time.monotonic() + 30
+        while (mapped := _mapped_kib(pid, str(path))) < size // 1024 - 4:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    assert mapped >= size // 1024 - 4, (mapped, size // 1024)
+
+
+def _mapped_kib(pid: int, path: str) -> int:
+    """The kibibytes of ``path`` mapped in process ``pid`` (its maps' Rss)."""
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+def test_a_map_is_populated_a_step_at_a_time_and_read_ahead_where_the_kernel_cannot(monkeypatch):
+    """Each step is a call of its own, in order, over the whole map; once a call finds that the
+    kernel cannot populate, the rest is left to one call (which reads it ahead instead)."""
+    from multitables._hdf5 import rawread
+
+    image = np.zeros(5 * rawread._POPULATE_STEP // 2, np.uint8)
+    for works in (True, False):
+        calls = []
+
+        def populate(image, start=0, stop=-1, calls=calls, works=works):
+            calls.append((start, stop))
+            return works
+
+        monkeypatch.setattr(rawread, "populate", populate)
+        rawread._populate(image)
+        step = rawread._POPULATE_STEP
+        if works:
+            assert calls == [(0, step), (step, 2 * step), (2 * step, 3 * step)]
+        else:
+            assert calls == [(0, step), (step, -1)]
