@@ -3,6 +3,8 @@ by a Loader's reads (values against h5py and against Pad run on the unpadded bat
 
 from __future__ import annotations
 
+import pickle
+
 import h5py
 import numpy as np
 import pytest
@@ -244,3 +246,11 @@ def test_loader_pad_to_a_length_past_the_slots_grows_them(text_file):
                             batch_transform=multitables.Pad(-1, length=20_000)) as loader:
         seen = check_batches(loader, truth(text_file, "tokens"), -1, 20_000)
     assert sorted(seen) == list(range(N))
+
+
+def test_rows_all_empty_pad_to_nothing_and_pad_pickles():
+    padded, lengths = multitables.Pad(-1)([np.zeros(0, np.int32)] * 2)
+    assert padded.shape == (2, 0) and padded.dtype == np.int32 and lengths.tolist() == [0, 0]
+    pad = pickle.loads(pickle.dumps(multitables.Pad(5, length=3)))
+    assert repr(pad) == "Pad(fill=5, length=3)"
+    assert pad([np.arange(2)])[0].tolist() == [[0, 1, 5]]
