@@ -22,7 +22,7 @@ from typing import Any
 MAX_REQUESTS = 100_000
 IDLE_TIMEOUT = 10.0       # a keep-alive connection idle this long is closed
 STALL_LIMIT = 30.0        # a stalled answer gives up after this long even if never stopped
-SEND_PIECE = 64 << 10
+SEND_PIECE = 64 << 10  # bytes sent between two checks of the bandwidth knob
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -136,16 +136,6 @@ class RangeServer:
                 self.counts[k] += 1
 
 
-class _Zeros:
-    """A HEAD's body: only its length is used."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # socketserver's default backlog of 5 drops the SYNs of a client opening dozens of
@@ -239,41 +229,41 @@ class _Handler(BaseHTTPRequestHandler):
             st = os.fstat(f.fileno())
             size = st.st_size
             etag = f'"{size:x}-{st.st_mtime_ns:x}"'
-            status, start, body = self.body(f, size, rng, head)
-        if status == 416:
-            return self.plain(416, b"", {"Content-Range": f"bytes */{size}"})
-        if_match = self.headers.get("If-Match")
-        if if_match is not None and if_match != "*" and etag not in [
-                t.strip() for t in if_match.split(",")]:
-            return self.plain(412, b"precondition failed")
-        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
-        if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{size}"
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if head:
-            return status
-        if srv.draw(knobs.preset):
-            srv.count("fault reset")
-            self.send_body(body[: len(body) // 2])
-            self.abort = True  # see finish()
-            self.close_connection = True
-            return status
-        if srv.draw(knobs.pshort):
-            srv.count("fault short")
-            self.send_body(body[: len(body) // 2])
-            self.close_connection = True
-            return status
-        self.send_body(body)
+            status, start, n = self.body(size, rng, head)
+            if status == 416:
+                return self.plain(416, b"", {"Content-Range": f"bytes */{size}"})
+            if_match = self.headers.get("If-Match")
+            if if_match is not None and if_match != "*" and etag not in [
+                    t.strip() for t in if_match.split(",")]:
+                return self.plain(412, b"precondition failed")
+            headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+            if status == 206:
+                headers["Content-Range"] = f"bytes {start}-{start + n - 1}/{size}"
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            if head:
+                return status
+            if srv.draw(knobs.preset):
+                srv.count("fault reset")
+                self.send_body(f, start, n // 2)
+                self.abort = True  # see finish()
+                self.close_connection = True
+                return status
+            if srv.draw(knobs.pshort):
+                srv.count("fault short")
+                self.send_body(f, start, n // 2)
+                self.close_connection = True
+                return status
+            self.send_body(f, start, n)
         return status
 
-    def body(self, f: Any, size: int, rng: str, head: bool) -> tuple[int, int, Any]:
-        """(status, first byte, body) for the Range asked (206), or the whole object (200)
-        when none is asked or the fault knob ignores it; 416 for a range past the end. Reads
-        only the bytes it sends (a HEAD's body is a view of zeros of the right length)."""
+    def body(self, size: int, rng: str, head: bool) -> tuple[int, int, int]:
+        """(status, first byte, length) of the body for the Range asked (206), or of the whole
+        object (200) when none is asked or the fault knob ignores it; 416 for a range past the
+        end."""
         srv, knobs = self.owner, self.owner.knobs
         m = _RANGE.fullmatch(rng.strip())
         if m and not (not head and srv.draw(knobs.pignore_range)):
@@ -283,12 +273,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 start, stop = int(first), min(int(last) + 1 if last else size, size)
             if start >= size or start >= stop:
-                return 416, b""
-            n = stop - start
-            return 206, start, os.pread(f.fileno(), n, start) if not head else _Zeros(n)
+                return 416, 0, 0
+            return 206, start, stop - start
         if m:
             srv.count("fault ignore range")
-        return 200, 0, f.read() if not head else _Zeros(size)
+        return 200, 0, size
 
     def plain(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> int:
         self.send_response(status)
@@ -300,19 +289,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         return status
 
-    def send_body(self, body: bytes) -> None:
+    def send_body(self, f: Any, start: int, n: int) -> None:
+        """Bytes ``start:start + n`` of file ``f``, by ``sendfile`` (the kernel copies them from
+        the page cache: this server's CPU is not what a client's figures measure), paced to
+        the bandwidth knob a piece at a time."""
         rate = self.owner.knobs.bandwidth
-        view = memoryview(body)
+        piece = SEND_PIECE if rate else max(n, 1)
         t0 = time.monotonic()
         sent = 0
-        while sent < len(view):
-            piece = view[sent:sent + SEND_PIECE]
-            self.wfile.write(piece)
-            sent += len(piece)
-            with self.owner._lock:
-                self.owner.counts["bytes sent"] += len(piece)
-            if rate:
-                ahead = sent / rate - (time.monotonic() - t0)
-                if ahead > 0 and self.owner._stopping.wait(ahead):
+        try:
+            while sent < n:
+                got = self.connection.sendfile(f, start + sent, min(piece, n - sent))
+                if not got:  # the file was cut short under us: a short body
                     self.close_connection = True
                     return
+                sent += got
+                if rate:
+                    ahead = sent / rate - (time.monotonic() - t0)
+                    if ahead > 0 and self.owner._stopping.wait(ahead):
+                        self.close_connection = True
+                        return
+        finally:
+            with self.owner._lock:
+                self.owner.counts["bytes sent"] += sent
