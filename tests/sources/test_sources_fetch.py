@@ -396,3 +396,22 @@ def test_prestart_starts_the_threads_before_the_gets(http, blob):
     with open_source(str(http.root / BLOB_NAME)) as local, local.fetcher() as f:
         f.prestart(4)  # a local source reads inline: no threads
         assert f._pool is None
+
+
+def test_prestart_again_wakes_no_thread_once_they_have_met(http, blob, monkeypatch):
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(max_in_flight=6) as f:
+        f.prestart(4)
+        pool = f._pool
+        submitted = []
+        submit = pool.submit
+        monkeypatch.setattr(pool, "submit", lambda *a, **k: submitted.append(a) or submit(*a, **k))
+        f.prestart(4)  # a kept fetcher's next job: its threads run already
+        f.prestart(2)
+        assert submitted == []
+        f.prestart(6)  # more than met before: they meet again
+        assert len(submitted) == 6 and len(pool._threads) == 6
+        f.prestart(5)
+        assert len(submitted) == 6
+        reqs = requests_of(len(blob), [(i * 300_000, 100) for i in range(6)])
+        f.fetch(reqs)
+        check(reqs, blob)
