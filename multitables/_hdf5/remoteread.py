@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from .._sources.chunkmap import ChunkMap
+from .._sources.scratch import SCRATCH, Countdown
 from .decode import ChunkDecoder, unshuffle
 from .eligibility import DecodePlan, plan
 from .fallback import Undecodable, decoded, fall_back
@@ -230,7 +231,10 @@ class RemoteDecoder(ChunkDecoder):
         if not self.ok[k0:k1].all():
             return None
         sizes = self._sizes[k0:k1]
-        body = np.empty(int(sizes.sum()), np.uint8)
+        # A buffer of the pool, back to it once its last chunk is decoded: fresh memory would
+        # be faulted in page by page by the GETs.
+        body = SCRATCH.take(int(sizes.sum()))
+        done = Countdown(SCRATCH, body, k1 - k0)
         dest = out.reshape(-1).view(np.uint8)
         ranges: list[tuple[int, int, Any]] = []
         actions: list[Callable[[], None] | None] = []
@@ -241,11 +245,20 @@ class RemoteDecoder(ChunkDecoder):
             first, last = max(start, k * cr), min(stop, (k + 1) * cr)
             place = dest[(first - start) * rb : (last - start) * rb]
             ranges.append((int(self._offsets[k]), size, raw))
-            actions.append(functools.partial(self._decode_whole, raw, place)
-                           if last - first == cr else
-                           functools.partial(self._decode_part, raw, place,
-                                             (first - k * cr) * rb))
+            actions.append(functools.partial(self._decode_then, raw, place,
+                                             -1 if last - first == cr else (first - k * cr) * rb,
+                                             done))
         return ranges, actions
+
+    def _decode_then(self, raw: memoryview, dest: np.ndarray, skip: int, done: Countdown
+                     ) -> None:
+        """Chunk ``raw`` decoded into ``dest`` (whole, or from byte ``skip`` on), then its
+        buffer's countdown told."""
+        if skip < 0:
+            self._decode_whole(raw, dest)
+        else:
+            self._decode_part(raw, dest, skip)
+        done.one_done()
 
     def _decode_part(self, raw: memoryview, dest: np.ndarray, skip: int) -> None:
         """The bytes of chunk ``raw`` from ``skip`` on, decoded into ``dest``: the chunk

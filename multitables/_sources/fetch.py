@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._engine import hooks
+from . import scratch
 from .base import Source, as_writable
 
 DEFAULT_MERGE_GAP = 64 << 10
@@ -394,6 +395,7 @@ _live: weakref.WeakSet[Fetcher] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for f in list(_live):
         f._after_fork_in_child()
+    scratch.SCRATCH._after_fork_in_child()
 
 
 hooks.on_fork("fetchers", after_in_child=_after_fork_in_child)

@@ -151,3 +151,25 @@ def test_open_costs_few_requests_and_info_says_so(http, capsys):
     assert cli.main(["info", url]) == 0
     out = capsys.readouterr().out
     assert f"opened {url} with 2 request(s)" in out and "/gz" in out
+
+
+def test_reads_ahead_take_their_chunks_buffer_from_the_pool_and_give_it_back(
+        worker_file, truth, monkeypatch):
+    from multitables._hdf5 import remoteread
+    from multitables._sources.scratch import Scratch
+
+    pool = Scratch()
+    monkeypatch.setattr(remoteread, "SCRATCH", pool)
+    gz = worker_file.dataset("gz")
+    decoder = ChunkDecoder.of(gz)
+    assert isinstance(decoder, RemoteDecoder)
+    at = []
+    for start, stop in ((0, 1000), (20, 980), (999, 1000)):
+        out = np.empty((stop - start, *gz.shape[1:]), gz.dtype)
+        ranges, actions = decoder.requests(start, stop, out)
+        at.append(np.frombuffer(ranges[0][2], np.uint8).ctypes.data)  # the buffer's start
+        assert pool.kept == 0  # taken
+        decoder._fetcher.fetch(ranges, lambda j, actions=actions: actions[j]())
+        np.testing.assert_array_equal(out, truth["gz"][start:stop])
+        assert pool.kept >= sum(size for _, size, _ in ranges)  # back once all are decoded
+    assert at[1] == at[0] and at[2] == at[0]  # the same memory each time: no new pages
