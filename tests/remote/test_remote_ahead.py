@@ -144,3 +144,32 @@ def test_a_workers_next_job_reuses_its_connections(served):
             np.testing.assert_array_equal(np.concatenate(got), truth["b"])
             opened.append(server.counts["connections"] - before)
     assert opened[0] > 0 and opened[1:] == [0, 0], opened
+
+
+def test_prefault_maps_pages_for_writing_and_keeps_their_bytes():
+    import mmap
+    import os
+    import resource
+
+    from multitables._hdf5 import remoteahead
+
+    page, n = mmap.PAGESIZE, 256
+    fd = os.memfd_create("prefault")
+    try:
+        os.posix_fallocate(fd, 0, n * page)  # as a ring's memory is made
+        data = np.random.default_rng(1).integers(0, 255, n * page, dtype=np.uint8).tobytes()
+        os.pwrite(fd, data, 0)
+        m = mmap.mmap(fd, n * page)
+        a = np.frombuffer(m, np.uint8)
+        remoteahead.prefault([a[100 : n * page - 100], a[:0]])  # unaligned at both ends
+        if not remoteahead._madvise:
+            pytest.skip("madvise(MADV_POPULATE_WRITE) needs Linux 5.14")
+        assert os.pread(fd, n * page, 0) == data  # not a byte changed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a[:] = 7  # a write of every page: a fault each, unless mapped already
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        assert faults < n // 8, faults
+        del a
+        m.close()
+    finally:
+        os.close(fd)
