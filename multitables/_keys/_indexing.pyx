@@ -28,10 +28,10 @@ from multitables._keys._plan cimport (
     _plan_basic_items, _product_selection,
 )
 # The type under another name: a cimported name is not one of the module's Python names, and
-# importers take ``Selection`` and ``from_plain`` from here.
+# importers take ``Selection`` and the plain requests' reader from here.
 from multitables._keys._selection cimport Selection as _Selection, _count, _prod
 
-from multitables._keys._selection import Selection, from_plain
+from multitables._keys._selection import PLAIN_TAG, Selection, read_plain, take_plain
 
 cnp.import_array()
 

@@ -21,7 +21,7 @@ from . import control
 from .control import NOTICE, encode_item
 from .job import RequestJob
 from .memory import MemoryKeeper
-from .readspec import ReadSpec, to_wire
+from .readspec import ReadSpec, put_wire
 from .stages import IDLE, PENDING, Stage
 
 # A sleeping worker is woken for a request once the awake ones have each had a request pending
@@ -122,7 +122,7 @@ class Dispatcher:
             if worker not in memory.sent_to:
                 self._tell(worker, ("map", memory.id, memory.arena))
                 memory.sent_to.add(worker)
-        if parts == 1 and memory.put_request(to_wire(specs[0])):
+        if parts == 1 and put_wire(specs[0], memory):
             worker = workers[0]  # the commonest: one request, in the header
             memory.state.set(PENDING)
             try:
@@ -133,13 +133,11 @@ class Dispatcher:
             if several:
                 self.sent_at[worker].append(time.monotonic())
             return
-        messages = [to_wire(spec) for spec in specs]
         memory.state.set(PENDING)
         part = 0
         try:
-            for part, (worker, spec, message) in enumerate(
-                    zip(workers, specs, messages, strict=True)):
-                if memory.put_request(message, part, parts):
+            for part, (worker, spec) in enumerate(zip(workers, specs, strict=True)):
+                if put_wire(spec, memory, part, parts):
                     self._push(worker, encode_item(memory.id, part, parts))
                 else:
                     self._tell(worker, ("read", memory.id, spec, part, parts))

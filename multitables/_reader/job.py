@@ -22,7 +22,7 @@ from .._hdf5.filejob import FileJob
 from .._hdf5.source import FileRef, OpenFile
 from . import control
 from .control import NOTICE, Task, decode_item
-from .readspec import ReadSpec, element_dtype, execute, from_wire
+from .readspec import ReadSpec, element_dtype, execute, take_wire
 from .stages import DONE, FAILED, StageMemory
 
 # A worker that finished a request watches its queue this long before sleeping: a caller's next
@@ -135,7 +135,7 @@ class RequestJob(FileJob):
                 self.busy.fetch_add(time.thread_time_ns() - start)
             return
         if spec is None:
-            spec = from_wire(memory.request())
+            spec = take_wire(memory)
         execute(spec, self._dataset(spec), memory)
         self.busy.fetch_add(time.thread_time_ns() - start)  # before the caller can see it done
         memory.state.store(DONE)
@@ -159,7 +159,7 @@ class RequestJob(FileJob):
         memory_id, part, parts, spec = task
         try:
             if spec is None:
-                spec = from_wire(memory.request(part, parts))
+                spec = take_wire(memory, part, parts)
             execute(spec, self._dataset(spec), memory)
         except Exception as exc:
             if memory.parts_failed.fetch_add(1) == 0:

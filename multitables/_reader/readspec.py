@@ -17,7 +17,7 @@ import numpy as np
 
 from .._engine._lent import view_array
 from .._hdf5.hyperslab import read_selection
-from .._keys._indexing import Selection, from_plain, translate
+from .._keys._indexing import PLAIN_TAG, Selection, read_plain, take_plain, translate
 from .stages import StageMemory, check_fits
 
 # Kinds of request.
@@ -68,31 +68,67 @@ class ReadSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-# ---- on the wire ---------------------------------------------------------------------------
+# ---- on the wire ----------------------------------------------------------------------------
 
 # A request travels to its worker in the stage's header as bytes. The commonest, rows of an
-# array by a slice or an index array, goes as a tuple of plain values (marshal) behind this tag:
-# pickling the objects (ReadSpec, Selection, numpy arrays) costs both sides several times more.
-_PLAIN = b"M"
+# array by a slice or an index array, goes as int64 words that the Cython core writes into the
+# header and reads from it (``Selection.put_plain``, ``read_plain``): pickling the objects
+# (ReadSpec, Selection, numpy arrays) costs both sides several times more, and so did marshal's
+# tuples (2 us a side for a 64-row batch). The dataset's path and field go before the plan as
+# ``marshal`` bytes, made once per dataset (and read once per dataset in a worker).
+_HEADS: dict[tuple[str, str | None], bytes] = {}
+_PATHS: dict[bytes, tuple[str, str | None]] = {}
+
+
+def _head(spec: ReadSpec) -> bytes:
+    key = (spec.path, spec.field)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _HEADS[key] = marshal.dumps(key)
+    return head
+
+
+def put_wire(spec: ReadSpec, memory: StageMemory, part: int = 0, parts: int = 1) -> bool:
+    """Write ``spec`` (or part ``part`` of ``parts``) into ``memory``'s header for a worker to
+    take (``take_wire``); False when it does not fit (it travels down the channel then)."""
+    sel = spec.selection
+    if spec.kind == ARRAY and sel is not None:
+        start, room = memory.request_area(part, parts)
+        if sel.put_plain(memory.header, start, room, _head(spec), spec.shape, spec.at):
+            return True
+    return memory.put_request(to_wire(spec), part, parts)
+
+
+def take_wire(memory: StageMemory, part: int = 0, parts: int = 1) -> ReadSpec:
+    """The request that ``put_wire`` wrote (in the worker)."""
+    start, room = memory.request_area(part, parts)
+    plain = take_plain(memory.header, start, room)
+    if plain is None:
+        return from_wire(memory.request(part, parts))
+    return _array_spec(*plain)
 
 
 def to_wire(spec: ReadSpec) -> bytes:
     """``spec`` as bytes for ``from_wire`` (in a worker of the same build)."""
     sel = spec.selection
-    plain = sel.plain() if spec.kind == ARRAY and sel is not None else None
-    if plain is not None:
-        try:
-            return _PLAIN + marshal.dumps((spec.path, spec.field, spec.shape, spec.at, plain))
-        except ValueError:  # a value marshal does not take (a numpy integer): pickle it
-            pass
+    if spec.kind == ARRAY and sel is not None:
+        data = sel.plain_request(_head(spec), spec.shape, spec.at)
+        if data is not None:
+            return data
     return pickle.dumps(spec, pickle.HIGHEST_PROTOCOL)
 
 
-def from_wire(data: bytes) -> ReadSpec:
-    if data[:1] != _PLAIN:
+def from_wire(data) -> ReadSpec:
+    if data[:1] != PLAIN_TAG:
         return pickle.loads(data)
-    path, field, shape, at, plain = marshal.loads(data[1:])
-    return ReadSpec(ARRAY, path, field, from_plain(plain), shape, None, at=at)
+    return _array_spec(*read_plain(data))
+
+
+def _array_spec(head: bytes, at: int, shape: tuple[int, ...], sel: Selection) -> ReadSpec:
+    names = _PATHS.get(head)
+    if names is None:
+        names = _PATHS[head] = marshal.loads(head)
+    return ReadSpec(ARRAY, names[0], names[1], sel, shape, None, at=at)
 
 
 def pickle_refused(path: str) -> ValueError:

@@ -35,7 +35,7 @@ _PARTS_DONE = 128
 _PARTS_FAILED = 192
 _ERRORS = 256
 _ERROR_BYTES = 16 << 10
-# The request (readspec.to_wire) behind its length: most fit (a 64-row batch takes ~1.1 KB); a
+# The request (readspec.put_wire) behind its length: most fit (a 64-row batch takes ~1.1 KB); a
 # larger one travels down the worker's channel instead. The parts of a split request share the area.
 _REQUEST = _ERRORS + _ERROR_BYTES
 _REQUEST_BYTES = 48 << 10
@@ -71,6 +71,7 @@ class StageMemory:
         self.capacity = arena.nbytes - _DATA
         self.state = Word(arena.buffer, 0)
         self.meta = arena.ndarray((_N_META,), np.int64, _META)
+        self.header = arena.ndarray((_DATA,), np.uint8)  # where requests are written in place
         self.raw = arena.ndarray((self.capacity,), np.uint8, _DATA)  # the data area's bytes
         self.parts_done = Counter(arena.buffer, _PARTS_DONE)
         self.parts_failed = Counter(arena.buffer, _PARTS_FAILED)
@@ -84,6 +85,11 @@ class StageMemory:
         """A view of the data area, from byte ``at``, as ``shape`` and ``dtype``; the caller
         checked that it fits."""
         return self.arena.ndarray(shape, dtype, _DATA + at)
+
+    def request_area(self, part: int = 0, parts: int = 1) -> tuple[int, int]:
+        """Where part ``part`` of a request in ``parts`` parts lies in ``header``, and its room
+        (its length, then its bytes: see ``put_request``)."""
+        return _request_area(part, parts)
 
     def put_request(self, message: bytes, part: int = 0, parts: int = 1) -> bool:
         """Write a request's bytes (or part ``part`` of ``parts``) for a worker to take; False
@@ -106,7 +112,7 @@ class StageMemory:
     def close(self) -> None:
         """Drop the descriptor and this object's views; the pages go with the last object using
         them (a waiter in another thread keeps them mapped: it holds the state word)."""
-        self.meta = self.raw = None  # type: ignore[assignment]
+        self.meta = self.raw = self.header = None  # type: ignore[assignment]
         self.arena.close()
 
     def discard(self) -> None:

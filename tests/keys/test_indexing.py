@@ -21,7 +21,7 @@ from multitables._hdf5 import hyperslab
 from multitables._hdf5._rows import runs
 from multitables._hdf5.hyperslab import field_dtype, read_selection, result_layout
 from multitables._keys import _indexing
-from multitables._keys._indexing import Selection, translate
+from multitables._keys._indexing import PLAIN_TAG, Selection, translate
 from multitables._reader.readspec import ARRAY, ReadSpec, from_wire, to_wire
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -100,7 +100,7 @@ def test_batches_of_rows_travel_without_pickle():
         sel = translate(key, (10, 3))
         spec = ReadSpec(ARRAY, "/x", "field", sel, sel.result_shape, np.dtype("f4"))
         data = to_wire(spec)
-        assert data[:1] == b"M" or isinstance(key, slice) and key.step == -1, key
+        assert data[:1] == PLAIN_TAG or isinstance(key, slice) and key.step == -1, key
         back = from_wire(data)
         assert same_plan(back.selection, sel) and back.field == "field"
 
@@ -687,3 +687,30 @@ def test_index_arrays_either_side_of_the_small_sort():
     for n in (127, 128, 129, 500):
         check_translate(arr, rng.integers(-300, 300, n))  # repeats and negative rows
         check_translate(arr, (rng.permutation(300)[:min(n, 300)], 1))
+
+
+def test_a_plain_request_is_written_in_place_and_read_back_whole():
+    """``put_plain`` writes a request's length and words at an offset of a stage's header, as
+    ``plain_request`` spells them; ``read_plain`` gives back what went in, and refuses bytes cut
+    short or of another kind."""
+    from multitables._keys._indexing import read_plain
+
+    rng = np.random.default_rng(3)
+    for key in (rng.permutation(40)[:9], slice(3, 30, 4), (np.array([7, 3]), ...), [5, 5, 1]):
+        sel = translate(key, (40, 3))
+        data = sel.plain_request(b"head!", (9, 3), 24)
+        assert data is not None
+        header = np.zeros(24 + len(data), np.uint8)
+        assert not sel.put_plain(header, 16, 8 + len(data) - 1, b"head!", (9, 3), 24)
+        assert not header.any()  # too little room: nothing written
+        assert sel.put_plain(header, 16, 8 + len(data), b"head!", (9, 3), 24)
+        assert int(header[16:24].view(np.int64)[0]) == len(data)
+        assert header[24:].tobytes() == data
+        head, at, shape, back = read_plain(data)
+        assert (head, at, shape) == (b"head!", 24, (9, 3)) and same_plan(back, sel)
+        for cut in (0, 7, 8, len(data) - 8):
+            with pytest.raises(ValueError, match="plain request"):
+                read_plain(data[:cut])
+    diagonal = np.arange(200)
+    points = translate((diagonal, diagonal), (200, 200))  # read as points: pickled instead
+    assert points.points is not None and points.plain_request(b"", (200,), 0) is None
