@@ -107,7 +107,7 @@ class Request:
             value = self._wait()
             stage = self.stage
             if (stage is not None and isinstance(value, np.ndarray) and value.ndim
-                    and lendable(value.nbytes, stage.nbytes) and value.dtype != object):
+                    and value.dtype.kind != "O" and lendable(value.nbytes, stage.nbytes)):
                 return self._reader.hand_over(stage, value)
             return copy_result(value)
         finally:

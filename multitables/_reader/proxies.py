@@ -55,16 +55,12 @@ class DatasetProxy:
     def _keyed(self, item) -> DatasetProxy:
         """``self[item]`` for a first key (the commonest indexing by far: a batch's rows):
         ``__init__``'s work without its steps that a first key does not need."""
+        selection = translate(item if type(item) is tuple else (item,), self._full_shape)
         proxy = object.__new__(type(self))
-        proxy.reader = self.reader
-        proxy.info = self.info
-        proxy.field = self.field
+        proxy.__dict__ = self.__dict__.copy()  # reader, info, field, dtype, shape: as they are
         proxy.keys = (item,)
         proxy._chain = None
-        proxy._field_at = self._field_at
-        proxy._dtype = self._dtype
-        proxy._full_shape = full = self._full_shape
-        proxy._selection = translate(item if type(item) is tuple else (item,), full)
+        proxy._selection = selection
         return proxy
 
     @property
@@ -115,7 +111,8 @@ class DatasetProxy:
 
     def spec(self) -> ReadSpec:
         """The request this proxy describes: its whole data when no key was given."""
-        return ReadSpec(ARRAY, self.path, self.field, self._selection, self.shape, self.dtype)
+        sel = self._selection
+        return ReadSpec(ARRAY, self.info.path, self.field, sel, sel.result_shape, self._dtype)
 
     def split(self, n: int) -> list[ReadSpec] | None:
         """The request as up to ``n`` requests for consecutive rows of the result, each at

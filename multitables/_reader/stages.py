@@ -204,7 +204,8 @@ class StagePool:
     def __init__(self, stages: list[Stage]):
         self.stages = stages
         self._turn = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # taken as it is where no wait follows (a free stage)
+        self._cond = threading.Condition(self._lock)
         self._waiting = 0  # threads in take() (raised before they look): free() wakes them
         for stage in stages:
             stage.pool = self
@@ -219,22 +220,36 @@ class StagePool:
         busy one serves a request it made and kept, ``_only_this_thread_can_free``). See NOTE
         [ Worker shutdown logic ], step (3).
         """
-        with self._cond:
-            self._waiting += 1  # before looking: a stage freed after the look wakes this wait
+        with self._lock:
+            stage = self._next_free()
+            if stage is not None:  # the commonest: no wait
+                stage.claim(request)
+                return stage
+            self._waiting += 1  # before looking again: a stage freed after that look wakes the wait
             try:
                 return self._claim_or_wait(request, check)
             finally:
                 self._waiting -= 1
 
+    def _next_free(self) -> Stage | None:
+        """The next free stage in turn (None if none is), the turn moved past it; under the
+        lock."""
+        stages = self.stages
+        n, turn = len(stages), self._turn
+        for i in range(turn, turn + n):
+            stage = stages[i % n]
+            if stage.owner is None and not stage.closed:
+                self._turn = (i + 1) % n
+                return stage
+        return None
+
     def _claim_or_wait(self, request: Claimant, check: Callable[[], None] | None) -> Stage:
         lone_since: float | None = None
         while True:
-            for i in range(len(self.stages)):
-                stage = self.stages[(self._turn + i) % len(self.stages)]
-                if stage.owner is None and not stage.closed:
-                    self._turn = (self._turn + i + 1) % len(self.stages)
-                    stage.claim(request)
-                    return stage
+            stage = self._next_free()
+            if stage is not None:
+                stage.claim(request)
+                return stage
             if all(stage.closed for stage in self.stages):
                 raise ClosedError("the stage pool is closed")
             if check is not None:
