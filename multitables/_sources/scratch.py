@@ -14,22 +14,25 @@ import threading
 import numpy as np
 
 # Buffers are rounded up to a multiple of this, so that reads of slightly different sizes share
-# them.
-GRANULE = 1 << 20
-# Bytes of buffers a process keeps idle at most; more are left to the garbage collector.
-KEEP_BYTES = 64 << 20
+# them; a kept buffer serves a read of at least half its size, so that the many small reads of
+# a Loader's units (90 KB each) do not each hold a buffer made for a Streamer's slot (3 MB).
+GRANULE = 64 << 10
+# Bytes of buffers a process keeps idle at most (a worker reads ahead 16 MiB of rows, stored
+# in at most as many bytes); more are left to the garbage collector.
+KEEP_BYTES = 32 << 20
 
 
 class Scratch:
     """A pool of byte buffers: ``take(n)`` gives one of at least ``n`` bytes (the smallest kept
-    that fits, else a new one), ``give(buf)`` keeps it for a later ``take``. Thread-safe.
+    that fits and is at most about twice ``n``, else a new one), ``give(buf)`` keeps it for a
+    later ``take``. Thread-safe.
 
     >>> pool = Scratch(keep_bytes=4 << 20)
-    >>> a = pool.take(1000)
+    >>> a = pool.take(100_000)
     >>> a.nbytes, a.dtype
-    (1048576, dtype('uint8'))
+    (131072, dtype('uint8'))
     >>> pool.give(a)
-    >>> pool.take(500) is a
+    >>> pool.take(60_000) is a
     True
     """
 
@@ -45,7 +48,7 @@ class Scratch:
         back."""
         with self._lock:
             i = bisect.bisect_left(self._sizes, nbytes)
-            if i < len(self._sizes):
+            if i < len(self._sizes) and self._sizes[i] <= 2 * nbytes + self.granule:
                 del self._sizes[i]
                 buf = self._bufs.pop(i)
                 self.kept -= buf.nbytes

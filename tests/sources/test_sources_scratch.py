@@ -14,7 +14,7 @@ MIB = 1 << 20
 
 
 def test_take_rounds_up_and_gives_back_the_smallest_that_fits():
-    pool = Scratch(keep_bytes=16 * MIB)
+    pool = Scratch(keep_bytes=16 * MIB, granule=MIB)
     small, big = pool.take(10), pool.take(3 * MIB + 1)
     assert (small.nbytes, big.nbytes) == (MIB, 4 * MIB)
     assert small.dtype == np.uint8
@@ -22,14 +22,25 @@ def test_take_rounds_up_and_gives_back_the_smallest_that_fits():
     pool.give(small)
     assert pool.kept == 5 * MIB
     assert pool.take(MIB) is small  # the smallest kept that fits
-    assert pool.take(MIB) is big  # the only one left, bigger than asked
+    assert pool.take(2 * MIB) is big  # the only one left, bigger than asked
     assert pool.kept == 0
     fresh = pool.take(MIB)
     assert fresh is not small and fresh is not big
 
 
+def test_a_small_read_leaves_a_big_buffer_alone():
+    # A Loader's unit (90 KB stored) must not hold a buffer made for a Streamer's slot.
+    pool = Scratch(keep_bytes=16 * MIB, granule=64 << 10)
+    big = pool.take(3 * MIB)
+    pool.give(big)
+    small = pool.take(90_000)
+    assert small is not big and small.nbytes == 128 << 10
+    assert pool.kept == big.nbytes
+    assert pool.take(int(1.6 * MIB)) is big  # about half its size or more: taken
+
+
 def test_keeps_no_more_than_its_bound():
-    pool = Scratch(keep_bytes=3 * MIB)
+    pool = Scratch(keep_bytes=3 * MIB, granule=MIB)
     bufs = [pool.take(MIB) for _ in range(4)]
     for b in bufs:
         pool.give(b)
