@@ -82,12 +82,14 @@ class Request:
         memory = self.stage.memory
         # See NOTE [ Worker shutdown logic ], step (3): wait in slices, check the workers between.
         state = memory.state  # held here: a stage closed meanwhile stays mapped for this wait
-        if state.load() == PENDING:
+        now = state.load()
+        if now == PENDING:
             start = time.monotonic()
             while not state.wait_while(PENDING, timeouts.WAIT_SLICE, REQUEST_SPIN):
                 self._reader.check_serving()
             self._reader.waited(time.monotonic() - start)
-        if memory.state.load() == FAILED:
+            now = state.load()
+        if now == FAILED:
             exc = memory.errors.exception()
             memory.errors.clear()
             self._release()

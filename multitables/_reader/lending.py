@@ -16,8 +16,6 @@ by the thousand must not run the process out of them); later ones are copies unt
 
 from __future__ import annotations
 
-import functools
-import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -46,27 +44,26 @@ class _Loan:
         self.on_return = on_return
         self.forked = False  # shared with a child process: not to be read into again
 
+    def returned(self) -> None:
+        """The last view of the lent result went (the ``Lent`` owner calls it)."""
+        _loans.discard(self)
+        if self.forked:
+            self.memory.discard()  # a child may still view it
+        else:
+            self.on_return(self.memory)
 
-_loans: dict[int, _Loan] = {}
-_numbers = itertools.count()
+
+_loans: set[_Loan] = set()
 
 
 def lend(view: np.ndarray, memory: StageMemory,
          on_return: Callable[[StageMemory], None]) -> np.ndarray:
     """``view`` (the result at the start of ``memory``'s data area) as an array whose last view
     gives ``memory`` to ``on_return``; nothing reads into ``memory`` until then."""
-    number = next(_numbers)
-    lent = lent_array(memory.raw, functools.partial(_returned, number), view.dtype, view.shape)
-    _loans[number] = _Loan(memory, on_return)  # after the owner: if that fails, nothing is lent
+    loan = _Loan(memory, on_return)
+    lent = lent_array(memory.raw, loan.returned, view.dtype, view.shape)
+    _loans.add(loan)  # after the owner: if that fails, nothing is lent
     return lent
-
-
-def _returned(number: int) -> None:
-    loan = _loans.pop(number)
-    if loan.forked:
-        loan.memory.discard()  # a child may still view it
-    else:
-        loan.on_return(loan.memory)
 
 
 def on_loan() -> int:
@@ -77,7 +74,7 @@ def on_loan() -> int:
 def _before_fork() -> None:
     # make_private is a foreign call, which lets other threads run and lend meanwhile: go round
     # until every loan is marked (the fork itself holds the interpreter's lock throughout).
-    while unmarked := [loan for loan in list(_loans.values()) if not loan.forked]:
+    while unmarked := [loan for loan in list(_loans) if not loan.forked]:
         for loan in unmarked:
             loan.forked = True
             loan.memory.arena.make_private()

@@ -204,7 +204,9 @@ class StagePool:
     def __init__(self, stages: list[Stage]):
         self.stages = stages
         self._turn = 0
-        self._lock = threading.Lock()  # taken as it is where no wait follows (a free stage)
+        # Taken as it is where no wait follows (a free stage); reentrant, as the condition's
+        # default lock is: a check failing in a wait closes the Reader, whose stages notify.
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0  # threads in take() (raised before they look): free() wakes them
         for stage in stages:

@@ -226,7 +226,7 @@ def test_a_result_lent_by_another_thread_during_the_fork_hook_is_marked_too(read
                         while_another_thread_lends)
     lending._before_fork()
     assert len(kept) == 2 and lending.on_loan() == 2
-    assert all(loan.forked for loan in lending._loans.values())
+    assert all(loan.forked for loan in lending._loans)
 
 
 def test_lent_and_viewed_arrays_are_numpy_views_of_the_bytes():
