@@ -135,27 +135,29 @@ class BlockFile(io.RawIOBase):
         while len(self._blocks) > max(self.cache_blocks, last - first + 1):
             self._blocks.popitem(last=False)
 
-    def held(self, blocks: Any, wait: bool = True) -> dict[int, bytes]:
-        """The bytes of those of ``blocks`` (block numbers) that the cache holds now. With
-        ``wait=False`` (a forked child reading its parent's copy, whose lock another thread
-        may have held at the fork): none unless the lock is free at once."""
+    def held(self, blocks: Any, wait: bool = True) -> dict[int, bytearray]:
+        """The bytes of those of ``blocks`` (block numbers) that the cache holds now: the
+        cache's own buffers, not copies (a block is never written once fetched; a forked child
+        reads its parent's without faulting its pages in or copying them, at every job start).
+        With ``wait=False`` (a forked child reading its parent's copy, whose lock another
+        thread may have held at the fork): none unless the lock is free at once."""
         if not self._lock.acquire(blocking=wait):
             return {}
         try:
-            return {b: bytes(self._blocks[b]) for b in blocks if b in self._blocks}
+            return {b: self._blocks[b] for b in blocks if b in self._blocks}
         finally:
             self._lock.release()
 
-    def prime(self, blocks: Any, fetcher: Any, given: dict[int, bytes] | None = None) -> None:
+    def prime(self, blocks: Any, fetcher: Any, given: dict[int, Any] | None = None) -> None:
         """Fetch ``blocks`` (block numbers, e.g. another process's ``touched``) with
         ``fetcher.fetch``, all at once, instead of the first read; those in ``given`` (block
         number: its bytes, e.g. another process's ``held``, of the same pinned version) are
-        taken as they are, without a request."""
+        kept as they are, not copied, without a request."""
         with self._lock:
             bs, wanted = self.block_size, []
             for b, data in (given or {}).items():
                 if 0 <= b * bs < self.size and len(data) == min(bs, self.size - b * bs):
-                    self._blocks[b] = bytearray(data)
+                    self._blocks[b] = data
             for b in sorted(set(blocks)):
                 if b not in self._blocks and 0 <= b * bs < self.size:
                     wanted.append((b, bytearray(min(bs, self.size - b * bs))))

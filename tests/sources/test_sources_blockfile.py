@@ -107,3 +107,22 @@ def test_open_and_walk_metadata_in_at_most_4_requests(open_remote):
         maps = [chunk_map(f[name]) for name in described]
         assert sum(len(m) for m in maps) == 20 + 16 + 1 + 0 + 5 + 1
         assert src.stats.requests <= 4, (src.stats, bf)  # here: the open, then the first read
+
+
+def test_prime_keeps_the_blocks_another_file_holds_without_a_copy(http, blob):
+    # A forked worker primes its BlockFile with its parent's blocks at every job start: the
+    # parent's buffers themselves, never written once fetched, so no page of them is copied.
+    with open_source(http.url(BLOB_NAME)) as src:
+        parent = BlockFile(src, block_size=4096, first_read=3 * 4096)
+        parent.read(10)
+        held = parent.held([0, 1, 2, 7])
+        assert sorted(held) == [0, 1, 2]
+        assert all(held[b] is parent._blocks[b] for b in held)
+        child = BlockFile(src, block_size=4096, first_read=0)
+        before = src.stats.snapshot()["requests"]
+        with src.fetcher() as fetcher:
+            child.prime([0, 1, 2], fetcher, held)
+        assert src.stats.snapshot()["requests"] == before
+        assert all(child._blocks[b] is held[b] for b in held)
+        child.seek(4000)
+        assert child.read(9000) == blob[4000:13000]
