@@ -41,7 +41,8 @@ Steps:
 (3) The Reader's requests: a request claims a stage (``Stage.claim``; ``StagePool.take`` waits,
     woken by ``free``/``close``, checking the Reader every CHECK_INTERVAL). The stage's state
     word goes IDLE → PENDING (``Dispatcher.dispatch``, _reader/dispatch.py: the request
-    written into the stage's header (readspec.to_wire) and the stage pushed onto a worker's
+    written into the stage's header (as int64 words by ``Selection.put_plain``; a plan with
+    index arrays by readspec.to_wire) and the stage pushed onto a worker's
     queue in shared memory; the stage memory's arena goes down the worker's channel before its
     first request there, announced on the queue; a full queue and every send wait in slices
     that give up once the worker dies or the Reader closes) → DONE or FAILED (the worker; its
