@@ -115,6 +115,18 @@ def write_virtual(directory, sizes, chunk_rows=40, compression="gzip", width=3, 
     return str(path), data
 
 
+def write_vlen_parts(directory, name: str, rows: list, cuts=((0, 100), (100, 101))) -> list:
+    """``rows`` (int32 arrays) split into files, each a variable-length ``name`` and a ``label``
+    holding the rows' numbers: parts ``cuts``, then the rest; the files' paths."""
+    paths = []
+    for k, (a, b) in enumerate([*cuts, (cuts[-1][1], len(rows))]):
+        paths.append(str(directory / f"part{k}.h5"))
+        with h5py.File(paths[-1], "w") as f:
+            f.create_dataset("label", data=np.arange(a, b))
+            f.create_dataset(name, (b - a,), h5py.vlen_dtype(np.int32))[:] = rows[a:b]
+    return paths
+
+
 def damage(path, how: str) -> None:
     """Cut the file to a third (``truncate``) or write garbage over the middle third of the chunks
     of ``x`` (``garbage``)."""

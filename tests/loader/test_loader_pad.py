@@ -8,6 +8,7 @@ import pickle
 import h5py
 import numpy as np
 import pytest
+from helpers import write_vlen_parts
 
 import multitables
 from multitables._hdf5.vlenread import VlenRows, gather_rows
@@ -199,12 +200,7 @@ def test_padded_by_the_reads_equals_pad_run_on_the_batch(text_file):
 
 def test_loader_pad_of_many_files(text_file, tmp_path):
     expected = truth(text_file, "tokens")
-    paths = []
-    for k, (a, b) in enumerate([(0, 100), (100, 101), (101, N)]):
-        paths.append(str(tmp_path / f"part{k}.h5"))
-        with h5py.File(paths[-1], "w") as f:
-            f.create_dataset("label", data=np.arange(a, b))
-            f.create_dataset("tokens", (b - a,), h5py.vlen_dtype(np.int32))[:] = expected[a:b]
+    paths = write_vlen_parts(tmp_path, "tokens", expected)
     with multitables.Loader(paths, ["tokens", "label"], 16, shuffle=True, n_procs=2,
                             batch_transform=multitables.Pad(7)) as loader:
         seen = check_batches(loader, expected, 7)

@@ -10,6 +10,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
+from helpers import write_vlen_parts
 
 import multitables
 from multitables.errors import TransformError
@@ -373,12 +374,7 @@ def test_module_level_transform_with_spawned_workers(vlen_file):
 
 def test_many_files_of_variable_length_rows(vlen_file, tmp_path):
     expected = truth(vlen_file, "i32")
-    paths = []
-    for k, (a, b) in enumerate([(0, 100), (100, 101), (101, N)]):
-        paths.append(str(tmp_path / f"part{k}.h5"))
-        with h5py.File(paths[-1], "w") as f:
-            f.create_dataset("label", data=np.arange(a, b))
-            f.create_dataset("i32", (b - a,), h5py.vlen_dtype(np.int32))[:] = expected[a:b]
+    paths = write_vlen_parts(tmp_path, "i32", expected)
     with make(paths, ["label", "i32"], batch_size=16, shuffle=True) as loader:
         got = [(r, v) for b in loader for r, v in zip(b[0].tolist(), b[1], strict=True)]
     assert sorted(r for r, _ in got) == list(range(N))
