@@ -321,9 +321,62 @@ def decode_bound(url: str, options: Any, local: str, path: str, server: Server |
     decode_s = (time.process_time() - t) / decoded_mb
     cores = usable_cpus()
     cpu_s = server_s + fetch_s + decode_s
-    return {"server_s_per_mb": server_s, "fetch_s_per_mb": fetch_s,
+    return {"decoded_mb": decoded_mb, "server_s_per_mb": server_s, "fetch_s_per_mb": fetch_s,
             "decode_s_per_mb": decode_s, "cores": cores, "bound_mb_s": cores / cpu_s,
             "pass_mb_s": decoded_mb / (latency + decoded_mb * cpu_s / cores)}
+
+
+def get_cost(url: str, options: Any, local: str, path: str, server: Server) -> dict[str, float]:
+    """CPU seconds a GET of one chunk of ``path`` costs the client (this process, one Fetcher
+    as a worker has, its connections and threads made before) and the server: every chunk
+    fetched once, one GET each, in a shuffled order, 64 at a time (the units a worker takes
+    at once), as a shuffled Loader fetches units whose window lies scattered over the file."""
+    from multitables._hdf5.remote import WORKER_GET_BYTES, WORKER_IN_FLIGHT
+    from multitables._sources.chunkmap import chunk_map
+
+    with h5py.File(local, "r") as f:
+        cm = chunk_map(f[path])
+    order = np.random.default_rng(2).permutation(len(cm.sizes))
+    body = np.empty(int(cm.sizes.max()) * 64, np.uint8)
+    batches = []
+    for a in range(0, len(order), 64):
+        ranges, at = [], 0
+        for i in order[a:a + 64]:
+            size = int(cm.sizes[i])
+            ranges.append((int(cm.byte_offsets[i]), size, body[at:at + size]))
+            at += size
+        batches.append(ranges)
+    src = open_source(url, options, maxsize=WORKER_IN_FLIGHT)
+    with src.fetcher(max_in_flight=WORKER_IN_FLIGHT, split_size=WORKER_GET_BYTES,
+                     merge_gap=0) as fetcher:
+        fetcher.fetch(batches[0])  # connections and threads made
+        before, t = server.cpu(), time.process_time()
+        for ranges in batches:
+            fetcher.fetch(ranges)
+        client_s, server_s = time.process_time() - t, server.cpu() - before
+    src.close()
+    return {"client_s": client_s / len(order), "server_s": server_s / len(order)}
+
+
+def epoch_cpu(loader: Any, server: Server) -> tuple[float, float]:
+    """CPU seconds one epoch of ``loader`` costs its workers (this process's children but the
+    server's) and the server."""
+    import psutil
+
+    def workers() -> float:
+        total = 0.0
+        for child in psutil.Process().children(recursive=True):
+            if child.pid != server.proc.pid:
+                try:
+                    t = child.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += t.user + t.system
+        return total
+
+    before, served = workers(), server.cpu()
+    loader_epoch(loader)
+    return workers() - before, server.cpu() - served
 
 
 # ------------------------------------------------------------------------------------ scenarios
@@ -443,6 +496,19 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
             print(f"  one Loader epoch: {c['requests']} requests, "
                   f"{c['bytes_fetched'] / 1e6:.1f} MB fetched for {gz_bytes / 1e6:.1f} MB "
                   f"stored ({c['bytes_fetched'] / gz_bytes:.3f}x)")
+            # Where the cores are the limit: the CPU of an epoch, here and over the URL.
+            cost = get_cost(url, options, local, GZ_IMAGES, server)
+            here_s, _ = epoch_cpu(here, server)
+            there_s, server_s = epoch_cpu(there, server)
+            cpu_ratio = here_s / (there_s + server_s)
+            print(f"  CPU of an epoch: the local Loader's workers {here_s:.2f} s; over the URL "
+                  f"the workers {there_s:.2f} s and the server {server_s:.2f} s (a GET of one "
+                  f"chunk costs {cost['client_s'] * 1e3:.2f} ms of client and "
+                  f"{cost['server_s'] * 1e3:.2f} ms of server CPU); where the cores they share "
+                  f"are the limit, the URL reaches {cpu_ratio:.2f}x the local Loader; it "
+                  f"reached {lreport.median_ratio('Loader gzip, URL'):.2f}x")
+            counted["Loader CPU"] = {**cost, "local_s": here_s, "url_s": there_s,
+                                     "server_s": server_s, "cpu_share": cpu_ratio}
     return {"stream": report.to_dict(), "gzip": gz_report.to_dict(), "gzip_bound": bound,
             "loader":
             lreport.to_dict(), "reader_ms": p50 * 1e3, "reader_h5py_fsspec_ms": base50 * 1e3,
