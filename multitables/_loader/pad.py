@@ -41,9 +41,14 @@ class Pad:
 
     Examples
     --------
-    >>> loader = multitables.Loader("text.h5", "tokens", batch_size=256, shuffle=True,
-    ...                             batch_transform=multitables.Pad(fill=-1))
-    >>> tokens, lengths = next(iter(loader))   # int32 (256, longest), int64 (256,)
+    >>> import numpy as np, multitables
+    >>> padded, lengths = multitables.Pad(fill=-1)([np.array([1, 2, 3]), np.array([4])])
+    >>> padded.tolist(), lengths.tolist()
+    ([[1, 2, 3], [4, -1, -1]], [3, 1])
+
+    In a Loader, ``batch_transform=multitables.Pad(fill=-1)`` over a variable-length column of
+    token sequences gives ``(tokens, lengths)`` batches: int32 ``(256, longest)``, int64
+    ``(256,)``.
     """
 
     def __init__(self, fill: Any = 0, *, length: int | None = None, truncate: bool = False):
