@@ -146,14 +146,14 @@ _TRIM_THRESHOLD, _MMAP_THRESHOLD = 128 << 20, 32 << 20
 
 
 def keep_heap() -> None:
-    """Keep the memory a batch's samples took for the next batch (this process: a worker).
+    """Keep the memory a batch took for the next batch (this process: a worker).
 
-    A batch's transformed samples (256 images of 37 KB: 9.6 MB) live together until they are
-    stacked, and are freed together; glibc then gives the top of its heap back to the system,
-    and the next batch faults every page in again: 9 us an image, 6% of decoding one
-    (bench/README.md, "Images and text"). Past 128 MiB free, it still does; blocks up to
-    32 MiB (glibc's own ceiling for its adaptive threshold) come from the heap, not from maps
-    of their own, faulted in anew each time."""
+    What a batch frees at its end (the samples a ``batch_transform`` gets, stacked outside the
+    slot; a transform's large temporaries) would otherwise go back to the system as the top of
+    glibc's heap, and the next batch fault every page in again: 9 us an image when a batch's
+    256 decoded images (9.6 MB) were all freed at its end (bench/README.md, "Images and
+    text"). Past 128 MiB free, it still goes back; blocks up to 32 MiB (glibc's own ceiling
+    for its adaptive threshold) come from the heap, not from maps of their own."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
