@@ -3,7 +3,7 @@
 Public as ``multitables.Pad``. Called on a batch, it pads each column that is a list of arrays.
 A Loader whose only transform is a ``Pad`` does the same in its reads (``SampleJob``): each row
 is copied from the file's heap straight to its place in the padded batch, in shared memory, with
-no array made per row: twice the rate of the same padding written in numpy (bench/README.md).
+no array made per row: 1.7-2x the rate of the same padding written in numpy (bench/README.md).
 """
 
 from __future__ import annotations
