@@ -83,6 +83,7 @@ class RemoteFile:
         self._pid = 0  # of the process that made the per-process objects below
         self._blockfile: BlockFile | None = None
         self._fetcher: Any = None
+        self._blocks_kept: set[int] = set()  # metadata blocks put in the disk cache here
 
     @property
     def source(self) -> Source:
@@ -144,6 +145,11 @@ class RemoteFile:
                          if inherited is not None and self.cache_dir is None else None)
                 self._blockfile = _NamedBlockFile(self.source, first_read=0)
                 self._blockfile.prime(self.meta_blocks, self.fetcher(), given)
+            elif (kept_blocks := self._kept_blocks()):
+                # Opened before with this cache_dir: HDF5's metadata is on the local disk, and
+                # the open costs only the request that pinned the object's version.
+                self._blockfile = _NamedBlockFile(self.source, first_read=0)
+                self._blockfile.prime(kept_blocks, self.fetcher())
             else:
                 self._blockfile = _NamedBlockFile(self.source)
             # A worker keeps finding its parent's: its own is closed with each job, and the
@@ -196,16 +202,43 @@ class RemoteFile:
         if found is not None:
             return found
         key = self.source.identity
-        store = (ChunkMapStore(Path(self.cache_dir) / f"multitables-{os.getuid()}-chunkmaps")
-                 if self.cache_dir is not None else None)
+        store = self._store()
         found = store.load(key, dataset.name) if store is not None else None
         if found is None:
             found = chunk_map(dataset, key=key)
             if store is not None:
                 with contextlib.suppress(OSError):  # the store is only a cache
                     store.save(found)
+                    self._keep_blocks(store)
         self.maps[dataset.name] = found
         return found
+
+    def _store(self) -> ChunkMapStore | None:
+        """Where chunk maps and metadata blocks are kept: under ``cache_dir``, if any."""
+        if self.cache_dir is None:
+            return None
+        return ChunkMapStore(Path(self.cache_dir) / f"multitables-{os.getuid()}-chunkmaps")
+
+    def _keep_blocks(self, store: ChunkMapStore) -> None:
+        """The blocks h5py has read here (HDF5's metadata, through this process's BlockFile)
+        into the disk cache, and their numbers into ``store``, for the next open."""
+        blockfile = self._blockfile
+        if blockfile is None or self._pid != os.getpid():
+            return
+        cache = self.fetcher().cache
+        if cache is None:
+            return
+        held = blockfile.held(sorted(blockfile.touched))
+        for b, data in held.items():
+            if b not in self._blocks_kept:
+                cache.put(self.source.identity, b * blockfile.block_size, data)
+                self._blocks_kept.add(b)
+        store.save_blocks(self.source.identity, held)
+
+    def _kept_blocks(self) -> list[int]:
+        """The metadata blocks an earlier open of this version kept under ``cache_dir``."""
+        store = self._store()
+        return [] if store is None else store.load_blocks(self.source.identity)
 
 
 def file_of(filename: Any, storage_options: Mapping[str, Any] | StorageOptions | None = None,

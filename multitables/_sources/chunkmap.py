@@ -134,7 +134,8 @@ def _descr(d: Any) -> Any:
 
 class ChunkMapStore:
     """Chunk maps saved under ``directory``, one ``.npz`` file per (source identity, dataset
-    name), so reopening an unchanged file needs no HDF5 metadata read. Written to a temporary
+    name), so reopening an unchanged file needs no HDF5 metadata read; and per source identity,
+    the numbers of the blocks h5py read to open it (``save_blocks``). Written to a temporary
     file and renamed, so a reader sees a whole map or none; a map whose stored key differs
     (another version, a hash collision) or that cannot be read counts as absent."""
 
@@ -145,6 +146,33 @@ class ChunkMapStore:
         name = "/" + name.lstrip("/")  # "x" and "/x" are the same dataset
         digest = hashlib.sha256(repr((key, name)).encode()).hexdigest()[:40]
         return self.directory / f"chunkmap-{digest}.npz"
+
+    def blocks_path(self, key: tuple) -> Path:
+        digest = hashlib.sha256(repr(("blocks", key)).encode()).hexdigest()[:40]
+        return self.directory / f"metablocks-{digest}.json"
+
+    def save_blocks(self, key: tuple, blocks: Any) -> None:
+        """Keep the block numbers ``blocks`` of the object ``key`` names."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"format": FORMAT, "key": repr(key), "blocks": sorted(blocks)})
+        fd, tmp = tempfile.mkstemp(prefix=".metablocks-", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.blocks_path(key))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load_blocks(self, key: tuple) -> list[int]:
+        """The block numbers kept for ``key``; none when absent, unreadable or another's."""
+        try:
+            found = json.loads(self.blocks_path(key).read_text())
+            if found.get("format") != FORMAT or found.get("key") != repr(key):
+                return []
+            return [int(b) for b in found["blocks"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
 
     def save(self, cm: ChunkMap) -> Path:
         if cm.key is None:

@@ -153,6 +153,29 @@ def test_open_costs_few_requests_and_info_says_so(http, capsys):
     assert f"opened {url} with 2 request(s)" in out and "/gz" in out
 
 
+def test_second_open_with_cache_dir_costs_one_request(http, tmp_path, truth):
+    """An open of a version seen before with this cache_dir reads HDF5's metadata and the chunk
+    maps from the local disk: the request that pins the version is the only one (both kept
+    under the version's identity: its size and ETag)."""
+    url, cache = http.url(H5_NAME), str(tmp_path / "cache")
+    paths = ("x", "gz", "label", "table", "wide")
+
+    def open_and_read() -> int:
+        with multitables.Reader(url, n_procs=1, cache_dir=cache) as reader:
+            datasets = [reader.get_dataset(path) for path in paths]
+            opened = http.counts["requests"]
+            for path, ds in zip(paths, datasets, strict=True):
+                stage = ds.create_stage(20)
+                np.testing.assert_array_equal(reader.request(ds[3:9], stage).get(),
+                                              truth[path][3:9], err_msg=path)
+        return opened
+
+    first = http.counts["requests"]
+    assert open_and_read() - first >= 2  # the pin, then the first 4 MiB of the file
+    second = http.counts["requests"]
+    assert open_and_read() - second == 1
+
+
 def test_reads_ahead_take_their_chunks_buffer_from_the_pool_and_give_it_back(
         worker_file, truth, monkeypatch):
     from multitables._hdf5 import remoteread

@@ -87,6 +87,17 @@ def test_store_misses_another_version(http, tmp_path):
         store.save(chunk_map_without_key(http))
 
 
+def test_store_keeps_metadata_block_numbers_by_version(tmp_path):
+    store = ChunkMapStore(tmp_path / "maps")
+    key = ("http://h/a.h5", 1234, '"etag-1"')
+    assert store.load_blocks(key) == []
+    store.save_blocks(key, {3: b"", 0: b""})
+    assert store.load_blocks(key) == [0, 3]
+    assert store.load_blocks((key[0], key[1], '"etag-2"')) == []  # another version
+    store.blocks_path(key).write_text("{not json")  # damaged: counts as absent
+    assert store.load_blocks(key) == []
+
+
 def chunk_map_without_key(http):
     with open_source(http.url(H5_NAME)) as src, BlockFile(src) as bf, h5py.File(bf, "r") as f:
         return chunk_map(f["gz"])
