@@ -7,10 +7,10 @@ from typing import Any
 
 import h5py
 
-from .._hdf5.source import get_dataset, open_file
+from .._hdf5.source import FileRef, get_dataset, open_file
 
 
-def check_csindex(filename: str, file_kwargs: dict[str, Any], path: str, column: str) -> None:
+def check_csindex(filename: FileRef, file_kwargs: dict[str, Any], path: str, column: str) -> None:
     """``ValueError`` unless column ``column`` of the table at ``path`` has a 'full' index
     (PyTables' ``create_csindex``: 64-bit indices, optlevel 9, not dirty)."""
     with open_file(filename, file_kwargs) as file:

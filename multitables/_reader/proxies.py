@@ -223,7 +223,7 @@ class TableProxy(DatasetProxy):
         """
         self.info.field_dtype(sortby)
         if checkCSI:
-            check_csindex(self.reader.filename, self.reader.file_kwargs, self.path, sortby)
+            check_csindex(self.info.filename, self.reader.file_kwargs, self.path, sortby)
         field = field if field is not None else self.field
         shape, dtype = self._rows_of(field, start, stop, step)
         return ReadSpec(SORTED, self.path, field, None, shape, dtype, (sortby, start, stop, step))

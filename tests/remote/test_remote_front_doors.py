@@ -152,3 +152,31 @@ def test_object_replaced_mid_read_raises_in_the_caller(http, truth, local):
             http.replace(H5_NAME, f.read())  # the same bytes, a new version (ETag)
         with pytest.raises(ObjectChangedError, match=H5_NAME):
             reader.request(ds[500:510], stage).get()
+
+
+def test_reader_read_sorted_and_where_over_a_url(http):
+    """PyTables' sorted reads and conditions over a URL: the index check reads the file's
+    metadata through the block cache, the rows come as from the local file."""
+    tables = pytest.importorskip("tables")
+    rng = np.random.default_rng(4)
+    rows = np.zeros(500, [("score", "f8"), ("vec", "i4", (3,))])
+    rows["score"] = rng.permutation(500) / 7
+    rows["vec"] = rng.integers(0, 99, (500, 3))
+    with tables.open_file(str(http.root / "indexed.h5"), "w") as f:
+        table = f.create_table("/", "indexed", rows.dtype)
+        table.append(rows)
+        table.cols.score.create_csindex()
+        f.create_table("/", "plain", rows.dtype).append(rows)
+    order = np.argsort(rows["score"], kind="stable")
+    with multitables.Reader(http.url("indexed.h5"), n_procs=2) as reader:
+        table = reader.get_dataset("/indexed")
+        stage = table.create_stage(500)
+        got = reader.request(table.read_sorted("score", checkCSI=True), stage).get()
+        np.testing.assert_array_equal(got, rows[order])
+        got = reader.request(table.read_sorted("score", field="vec", start=5, stop=50, step=4),
+                             stage).get()
+        np.testing.assert_array_equal(got, rows["vec"][order[5:50:4]])
+        got = reader.request(table.where("score > 30"), stage).get()
+        np.testing.assert_array_equal(got, rows[rows["score"] > 30])
+        with pytest.raises(ValueError, match="must have associated a 'full' index"):
+            reader.get_dataset("/plain").read_sorted("score", checkCSI=True)
