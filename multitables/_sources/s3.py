@@ -45,6 +45,7 @@ class S3Client:
         self._auth: Any = _signer(settings)
         self._lock = threading.Lock()
         self._tried = 0.0  # when credentials were last resolved again (monotonic)
+        self.transport.renew = self._renew
 
     def _fresh(self) -> Any:
         """The signer, with the environment's credentials resolved again first when they
@@ -67,6 +68,29 @@ class S3Client:
                     log.debug("%s: AWS credentials resolved again before they expire",
                               self.settings.endpoint_url)
             return self._auth
+
+    def _renew(self) -> bool:
+        """A request was refused for its credentials: resolve the environment's again (keys
+        rotated in a credentials file, a token expired without a known expiry), at most once
+        every ``REFRESH_EVERY`` s. True when they differ from those refused. Keys given in
+        ``storage_options`` are the caller's: never replaced."""
+        if self.options.key or self.options.anon or self._auth is None:
+            return False
+        with self._lock:
+            if time.monotonic() - self._tried < REFRESH_EVERY:
+                return False
+            self._tried = time.monotonic()
+            found = resolve_s3(self.options)
+            old = self.settings
+            if not found.signed or (found.access_key, found.secret_key, found.session_token) \
+                    == (old.access_key, old.secret_key, old.session_token):
+                return False
+            self.settings = dataclasses.replace(
+                old, access_key=found.access_key, secret_key=found.secret_key,
+                session_token=found.session_token, expires=found.expires)
+            self._auth = _signer(self.settings)
+            log.debug("%s: AWS credentials refused, resolved again", old.endpoint_url)
+            return True
 
     def url(self, bucket: str, key: str = "", query: Mapping[str, str] | None = None) -> str:
         parts = urllib.parse.urlsplit(self.settings.endpoint_url)

@@ -142,6 +142,9 @@ class Transport:
         self._lock = threading.Lock()
         self._manager: urllib3.PoolManager | None = None
         self._pid = 0
+        # Called once a request is refused for its credentials: True when it found other ones,
+        # and the request is worth sending again (S3Client: keys rotated in the environment).
+        self.renew: Callable[[], bool] | None = None
         _live.add(self)
 
     def manager(self) -> urllib3.PoolManager:
@@ -185,6 +188,7 @@ class Transport:
         attempts or the time run out. Other exceptions pass at once."""
         deadline = time.monotonic() + self.timeout * (self.retries + 1)
         n = 0
+        renewed = False
         while True:
             n += 1
             remaining = deadline - time.monotonic()
@@ -193,6 +197,11 @@ class Transport:
                 return attempt(max(min(self.timeout, remaining), 0.01))
             except Retry as e:
                 failure = e
+            except PermissionError:
+                if renewed or self.renew is None or not self.renew():
+                    raise
+                renewed = True  # once: keys that are refused again are refused
+                continue
             except urllib3.exceptions.MaxRetryError as e:
                 if isinstance(e.reason, urllib3.exceptions.ResponseError):  # too many redirects
                     raise OSError(errno.EIO, scrub(f"Too many redirects ({e.reason})"),

@@ -158,6 +158,40 @@ def test_credentials_about_to_expire_are_resolved_again_before_signing(rclone, b
         assert src.read(1000, 10) == blob[1000:1010] and len(resolved) == 1  # fresh now
 
 
+def test_refused_credentials_of_the_environment_are_resolved_again_once(rclone, blob,
+                                                                         monkeypatch):
+    """Keys from the environment with no known expiry (a token that expired early, keys rotated
+    in a credentials file): the first request refused resolves them again and is sent again
+    with the new ones. Refused again, or keys the caller gave, it raises at once."""
+    from multitables._sources import s3
+
+    resolved = []
+
+    def resolve(options):
+        resolved.append(options)
+        return _expiring(rclone, rclone.access_key, rclone.secret_key, 3600)
+
+    monkeypatch.setattr(s3, "resolve_s3", resolve)
+    url = f"s3://{BUCKET}/{BLOB_NAME}"
+    stale = _expiring(rclone, "ROTATEDKEY", "rotated-secret", 3600)
+    with S3Source(url, {"endpoint_url": rclone.endpoint}, settings=stale) as src:
+        assert src.read(10, 100) == blob[10:110] and len(resolved) == 1
+        assert src.read(1000, 10) == blob[1000:1010] and len(resolved) == 1
+
+    def resolve_stale(options):
+        resolved.append(options)
+        return stale
+
+    monkeypatch.setattr(s3, "resolve_s3", resolve_stale)
+    with pytest.raises(PermissionError, match="Access denied"):
+        S3Source(url, {"endpoint_url": rclone.endpoint}, settings=stale).read(0, 10)
+    assert len(resolved) == 2  # resolved once: the same keys, refused again
+    given = {"endpoint_url": rclone.endpoint, "key": "ROTATEDKEY", "secret": "rotated-secret"}
+    with pytest.raises(PermissionError, match="Access denied"):
+        S3Source(url, given, settings=stale).read(0, 10)
+    assert len(resolved) == 2  # the caller's keys: not resolved again
+
+
 def test_credentials_that_do_not_expire_are_never_resolved_again(rclone, blob, monkeypatch):
     from multitables._sources import s3
 
