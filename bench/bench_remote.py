@@ -43,6 +43,21 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 
 # ------------------------------------------------------------------------------------ the file
+
+def chunk_batches(cm, order: np.ndarray, per: int) -> list[list[tuple]]:
+    """The chunks of ``cm`` in ``order``, ``per`` a batch, each as a fetch's (offset, size,
+    destination): one body buffer that every batch reuses."""
+    body = np.empty(int(cm.sizes.max()) * per, np.uint8)
+    batches = []
+    for a in range(0, len(order), per):
+        ranges, at = [], 0
+        for i in order[a:a + per]:
+            size = int(cm.sizes[i])
+            ranges.append((int(cm.byte_offsets[i]), size, body[at:at + size]))
+            at += size
+        batches.append(ranges)
+    return batches
+
 def write_file(path: str, raw_mb: float, gz_mb: float) -> dict[str, int]:
     """``/raw`` float32 (N, 1024) in chunks of 64 rows (256 KiB); ``/images`` uint8
     (M, 64, 64) gzip+shuffle in chunks of 64 images (256 KiB before compression, about a third
@@ -260,15 +275,8 @@ def fetch_stats(url: str, options: Any, path: str) -> Any:
         cm = chunk_map(f[path])
     opened = src.stats.snapshot()
     src.stats.latencies.clear()  # the chunks' GETs only
-    body = np.empty(int(cm.sizes.max()) * 16, np.uint8)
     with src.fetcher(max_in_flight=32) as fetcher:
-        order = np.argsort(cm.byte_offsets)
-        for a in range(0, len(order), 16):
-            ranges, at = [], 0
-            for i in order[a:a + 16]:
-                size = int(cm.sizes[i])
-                ranges.append((int(cm.byte_offsets[i]), size, body[at:at + size]))
-                at += size
+        for ranges in chunk_batches(cm, np.argsort(cm.byte_offsets), 16):
             fetcher.fetch(ranges)
     src.close()
     now = src.stats.snapshot()
@@ -336,16 +344,7 @@ def get_cost(url: str, options: Any, local: str, path: str, server: Server) -> d
 
     with h5py.File(local, "r") as f:
         cm = chunk_map(f[path])
-    order = np.random.default_rng(2).permutation(len(cm.sizes))
-    body = np.empty(int(cm.sizes.max()) * 64, np.uint8)
-    batches = []
-    for a in range(0, len(order), 64):
-        ranges, at = [], 0
-        for i in order[a:a + 64]:
-            size = int(cm.sizes[i])
-            ranges.append((int(cm.byte_offsets[i]), size, body[at:at + size]))
-            at += size
-        batches.append(ranges)
+    batches = chunk_batches(cm, np.random.default_rng(2).permutation(len(cm.sizes)), 64)
     src = open_source(url, options, maxsize=WORKER_IN_FLIGHT)
     with src.fetcher(max_in_flight=WORKER_IN_FLIGHT, split_size=WORKER_GET_BYTES,
                      merge_gap=0) as fetcher:
@@ -355,7 +354,8 @@ def get_cost(url: str, options: Any, local: str, path: str, server: Server) -> d
             fetcher.fetch(ranges)
         client_s, server_s = time.process_time() - t, server.cpu() - before
     src.close()
-    return {"client_s": client_s / len(order), "server_s": server_s / len(order)}
+    n = len(cm.sizes)
+    return {"client_s": client_s / n, "server_s": server_s / n}
 
 
 def epoch_cpu(loader: Any, server: Server) -> tuple[float, float]:
