@@ -1,10 +1,11 @@
-"""The package imports, and reads local files, without its optional extras: urllib3 and botocore
-(the remote extra), torch, dask. The README's first command installs none of them."""
+"""The package imports, and reads local files, without its optional extras: botocore (the
+remote extra, for s3:// URLs), torch, dask. The README's first command installs none of them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -30,7 +31,7 @@ import multitables
 with multitables.Loader({str(path)!r}, "x", 5, n_procs=1) as loader:
     print(sum(int(b.sum()) for b in loader))
 try:
-    multitables.Reader("http://127.0.0.1:9/x.h5").get_dataset("x")
+    multitables.Reader("s3://bucket/x.h5").get_dataset("x")
 except ImportError as exc:
     print(exc)
 """
@@ -40,3 +41,25 @@ except ImportError as exc:
     lines = out.stdout.splitlines()
     assert lines[0] == "45"
     assert "pip install 'multitables[remote]'" in lines[1]
+
+
+def test_read_over_http_without_extras(tmp_path):
+    """An http(s) URL needs nothing beyond the standard library: no urllib3, no botocore."""
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(1000), chunks=(100,))
+    tests = str(Path(__file__).parent)
+    code = BLOCK + f"""
+sys.path.insert(0, {tests!r})
+import multitables
+from servers.rangeserver import RangeServer
+with RangeServer({str(tmp_path)!r}) as srv:
+    with multitables.Reader(srv.url("x.h5")) as reader:
+        x = reader.get_dataset("x")
+        print(int(reader.request(x[::7], x.create_stage(143)).get().sum()))
+print("urllib3" in sys.modules, "botocore" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(np.arange(1000)[::7].sum()), "False", "False"]

@@ -40,7 +40,8 @@ def open_source(location: str | os.PathLike,
     return HTTPSource(loc, opts, **kwargs)
 
 
-REMOTE_MODULES = ("urllib3", "botocore")
+# What an s3:// URL needs beyond the standard library (SigV4 signing); http(s) needs nothing.
+REMOTE_MODULES = ("botocore",)
 
 
 def _importable(name: str) -> bool:
@@ -54,6 +55,8 @@ def _importable(name: str) -> bool:
 
 def require_remote(display: str) -> None:
     """Say which extra a URL needs, rather than which module failed to import deep inside."""
+    if not display.lower().startswith("s3://"):
+        return
     missing = [name for name in REMOTE_MODULES if not _importable(name)]
     if missing:
         raise ImportError(f"reading {display} needs {' and '.join(missing)}: "

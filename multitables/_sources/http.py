@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Sequence
-
-import urllib3
 
 from .base import RemoteSource
 from .options import Location, StorageOptions, parse_location, storage_options
@@ -34,7 +33,8 @@ class HTTPSource(RemoteSource):
                                    maxsize=maxsize)
         headers = dict(self.options.headers)
         if location.basic_auth:
-            headers.update(urllib3.make_headers(basic_auth=location.basic_auth))
+            token = base64.b64encode(location.basic_auth.encode("utf-8")).decode("ascii")
+            headers["Authorization"] = f"Basic {token}"
         self._headers = headers
         if pin is None:
             pin = self.transport.probe(location.url, headers, self.url)

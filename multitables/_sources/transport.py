@@ -1,25 +1,25 @@
-"""Ranged GETs over urllib3 with checked responses, bounded retries and a per-process, fork-safe
-connection pool: the network machinery under the HTTP and S3 sources."""
+"""Ranged GETs with checked responses, bounded retries and a per-process, fork-safe connection
+pool (:mod:`.wire`): the network machinery under the HTTP and S3 sources."""
 
 from __future__ import annotations
 
 import errno
-import http.client
 import logging
 import os
 import random
 import re
+import ssl
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import urllib3
-
 from .._engine import hooks
 from ..errors import ObjectChangedError, SourceTimeoutError, TransferError
 from .base import SourceStats
+from .wire import Pool, Response, split_url
 
 log = logging.getLogger("multitables.sources")
 
@@ -32,6 +32,9 @@ PIECE = 1 << 20
 # Error bodies are read up to this size (for S3's error code), the rest is dropped.
 ERROR_BODY_LIMIT = 64 << 10
 BACKOFF_BASE = 0.05
+REDIRECTS = (301, 302, 303, 307, 308)
+# Sent to the first host only: a redirect elsewhere drops them (as browsers and urllib3 do).
+PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 BACKOFF_CAP = 5.0
 
 # S3 error codes of a 400 that mean "not allowed" (an expired token, a wrong region in the
@@ -130,9 +133,9 @@ def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, displ
 
 
 class Transport:
-    """A urllib3 pool for one source, made lazily in the process that uses it (after a fork the
-    child makes its own: sockets and TLS state are never shared with the parent), plus the retry
-    loop: jittered exponential backoff on 5xx, 408/429, resets, timeouts and short bodies, all
+    """A connection pool for one source, made lazily in the process that uses it (after a fork
+    the child makes its own: sockets and TLS state are never shared with the parent), plus the
+    retry loop: jittered exponential backoff on 5xx, 408/429, resets, timeouts and short bodies, all
     within ``timeout * (retries + 1)`` seconds."""
 
     def __init__(self, timeout: float, retries: int, stats: SourceStats,
@@ -140,47 +143,56 @@ class Transport:
         self.timeout, self.retries, self.stats = timeout, retries, stats
         self.maxsize, self.redirects = maxsize, redirects
         self._lock = threading.Lock()
-        self._manager: urllib3.PoolManager | None = None
+        self._pool: Pool | None = None
         self._pid = 0
         # Called once a request is refused for its credentials: True when it found other ones,
         # and the request is worth sending again (S3Client: keys rotated in the environment).
         self.renew: Callable[[], bool] | None = None
         _live.add(self)
 
-    def manager(self) -> urllib3.PoolManager:
-        m = self._manager
-        if m is not None and self._pid == os.getpid():
-            return m
+    def pool(self) -> Pool:
+        p = self._pool
+        if p is not None and self._pid == os.getpid():
+            return p
         with self._lock:
-            if self._manager is None or self._pid != os.getpid():
+            if self._pool is None or self._pid != os.getpid():
                 # Never close an inherited pool: its sockets are the parent's connections.
-                # block=False: the callers bound concurrency; extra connections are dropped.
-                self._manager = urllib3.PoolManager(num_pools=4, maxsize=self.maxsize,
-                                                    block=False)
+                self._pool = Pool(self.maxsize)
                 self._pid = os.getpid()
-            return self._manager
+            return self._pool
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # another thread may have held it at the fork
-        self._manager = None
+        self._pool = None
 
     def close(self) -> None:
         with self._lock:
-            m, self._manager = self._manager, None
-            if m is not None and self._pid == os.getpid():
-                m.clear()
+            p, self._pool = self._pool, None
+            if p is not None and self._pid == os.getpid():
+                p.clear()
 
     def send(self, method: str, url: str, headers: dict[str, str], timeout: float,
-             redirect: bool = True) -> urllib3.BaseHTTPResponse:
-        """One request; the body is left unread (``preload_content=False``)."""
-        retries: urllib3.Retry | bool = False
-        if redirect and self.redirects:
-            retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
-                                    redirect=self.redirects, raise_on_redirect=True)
-        return self.manager().request(
-            method, url, headers=headers, preload_content=False, decode_content=False,
-            retries=retries, redirect=bool(redirect and self.redirects),
-            timeout=urllib3.Timeout(connect=timeout, read=timeout))
+             redirect: bool = True) -> Response:
+        """One request, its redirects followed (up to ``redirects``) when ``redirect``; the
+        body is left unread."""
+        hops = self.redirects if redirect else 0
+        for _ in range(hops + 1):
+            resp = self.pool().request(method, url, headers, timeout)
+            if log.isEnabledFor(logging.DEBUG):
+                _, host, port, target = split_url(url)
+                log.debug("%s:%d: %s %s -> %d", host, port, method, scrub(target), resp.status)
+            location = resp.headers.get("Location")
+            if not hops or resp.status not in REDIRECTS or not location:
+                return resp
+            resp.close()
+            target = urllib.parse.urljoin(url, location)
+            if urllib.parse.urlsplit(target)[:2] != urllib.parse.urlsplit(url)[:2]:
+                headers = {k: v for k, v in headers.items()
+                           if k.lower() not in PRIVATE_HEADERS}
+            if resp.status == 303:
+                method = "GET" if method != "HEAD" else method
+            url = target
+        raise OSError(errno.EIO, f"Too many redirects (over {hops})", None)
 
     def with_retries(self, display: str, attempt: Callable[[float], Any]) -> Any:
         """Call ``attempt(timeout)`` until it returns, retrying on ``Retry`` and on transport
@@ -202,16 +214,10 @@ class Transport:
                     raise
                 renewed = True  # once: keys that are refused again are refused
                 continue
-            except urllib3.exceptions.MaxRetryError as e:
-                if isinstance(e.reason, urllib3.exceptions.ResponseError):  # too many redirects
-                    raise OSError(errno.EIO, scrub(f"Too many redirects ({e.reason})"),
-                                  display) from None
-                failure = transport_failure(e.reason or e)
-            except (urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError,
-                    TimeoutError) as e:
-                if isinstance(e, urllib3.exceptions.SSLError) and "CERTIFICATE" in str(e):
-                    raise OSError(errno.EIO, scrub(f"TLS certificate check failed ({e})"),
-                                  display) from None
+            except ssl.SSLCertVerificationError as e:
+                raise OSError(errno.EIO, scrub(f"TLS certificate check failed ({e})"),
+                              display) from None
+            except (ConnectionError, TimeoutError, ssl.SSLError) as e:
                 failure = transport_failure(e)
             finally:
                 self.stats.add(latency=time.monotonic() - t0)
@@ -371,7 +377,7 @@ class Transport:
         self.with_retries(display, attempt)
 
     @staticmethod
-    def _expect_length(resp: urllib3.BaseHTTPResponse, length: int) -> None:
+    def _expect_length(resp: Response, length: int) -> None:
         got = resp.headers.get("Content-Length")
         if got is not None and (not got.isdigit() or int(got) != length):
             raise Retry(f"Content-Length {got!r} where {length} bytes were asked")
@@ -379,13 +385,9 @@ class Transport:
             raise Retry(f"Content-Encoding {resp.headers['Content-Encoding']!r} though "
                         "identity was asked")
 
-    def _read(self, resp: urllib3.BaseHTTPResponse, segments: Sequence[memoryview],
-              length: int, deadline: float,
-              landed: Callable[[int], None] | None = None) -> None:
-        # urllib3's readinto() reads into a new bytes object and copies; the http.client
-        # response beneath it reads from the socket into the buffer itself.
-        fp = getattr(resp, "_fp", None)
-        readinto = fp.readinto if isinstance(fp, http.client.HTTPResponse) else resp.readinto
+    def _read(self, resp: Response, segments: Sequence[memoryview], length: int,
+              deadline: float, landed: Callable[[int], None] | None = None) -> None:
+        readinto = resp.readinto
         got = 0
         try:
             for k, seg in enumerate(segments):
@@ -400,8 +402,6 @@ class Transport:
                     got += n
                 if landed is not None:
                     landed(k)
-        except http.client.IncompleteRead:
-            raise Retry(f"short body: {got} of {length} bytes") from None
         finally:
             self.stats.add(fetched=got)
 
@@ -421,25 +421,10 @@ def deadline_of(timeout: float, nbytes: int) -> float:
 
 
 def transport_failure(e: BaseException) -> Retry:
-    # urllib3's NewConnectionError (refused, no route, DNS) derives from its TimeoutError.
-    timeout = isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError)) and \
-        not isinstance(e, urllib3.exceptions.NewConnectionError)
+    timeout = isinstance(e, TimeoutError)
     reason = "timed out" if timeout else scrub(f"{type(e).__name__}: {e}")
     return Retry(reason, timeout=timeout)
 
-
-class _RedactQueries(logging.Filter):
-    """urllib3 logs each request's path at DEBUG, query string included: a presigned URL's
-    signature would reach the user's log. This rewrites those arguments, nothing else."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(scrub(a) if isinstance(a, str) and "?" in a else a
-                                for a in record.args)
-        return True
-
-
-logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueries())
 
 _live: weakref.WeakSet[Transport] = weakref.WeakSet()
 

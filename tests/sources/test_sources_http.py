@@ -167,8 +167,8 @@ def test_no_secret_in_errors_or_reprs(http):
 
 
 def _child_reads(src, conn):
-    inherited = src.transport._manager
-    conn.send((src.read(1000, 100), src.transport.manager() is not inherited,
+    inherited = src.transport._pool
+    conn.send((src.read(1000, 100), src.transport.pool() is not inherited,
                src.transport._pid))
     src.close()
 

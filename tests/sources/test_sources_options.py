@@ -131,15 +131,15 @@ def test_anonymous_and_half_keys(monkeypatch):
     assert isinstance(resolve_s3(StorageOptions()), S3Settings)
 
 
-def test_a_url_without_the_remote_extra_says_which_extra(monkeypatch):
-    """Without urllib3 a URL failed deep in an import; it names the extra to install."""
+def test_an_s3_url_without_the_remote_extra_says_which_extra(monkeypatch):
+    """Without botocore an s3:// URL failed deep in an import; it names the extra to install."""
     import importlib.util
 
     import multitables._sources as sources
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "urllib3" else real(name, *a))
-    with pytest.raises(ImportError, match=r"reading http://host/a\.h5 needs urllib3: "
+                        lambda name, *a: None if name == "botocore" else real(name, *a))
+    with pytest.raises(ImportError, match=r"reading s3://bkt/a\.h5 needs botocore: "
                                           r"pip install 'multitables\[remote\]'"):
-        sources.open_source("http://host/a.h5")
+        sources.open_source("s3://bkt/a.h5")
