@@ -4,6 +4,7 @@ the job (internal): the engine runs jobs and opens no file itself."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from .source import FileRef, OpenFile
@@ -40,22 +41,53 @@ class FileJob:
 class OpenFiles:
     """A worker's open files of a job over many files, at most ``limit`` at once: opening one
     more closes the least recently used first, so a job over any number of files holds a
-    bounded number of descriptors."""
+    bounded number of descriptors.
 
-    def __init__(self, limit: int, file_kwargs: dict[str, Any]):
+    ``busy(key)``, when given, says whether reads of a file are still in flight (read ahead
+    over URLs): such a file, pushed out, is kept aside until they end (``sweep``), at most one
+    a slot in flight; it is taken back if wanted again meanwhile. ``closing(key)`` is told of
+    each file closed."""
+
+    def __init__(self, limit: int, file_kwargs: dict[str, Any],
+                 busy: Callable[[Any], bool] | None = None,
+                 closing: Callable[[Any], None] | None = None):
         self.limit, self.file_kwargs = max(1, limit), file_kwargs
         self.files: OrderedDict[Any, OpenFile] = OrderedDict()
+        self.aside: dict[Any, OpenFile] = {}
+        self.busy, self.closing = busy, closing
 
     def get(self, key: Any, filename: FileRef) -> OpenFile:
         """``filename`` open (known as ``key``), the most recently used now."""
         source = self.files.pop(key, None)
         if source is None:
+            source = self.aside.pop(key, None)
             while len(self.files) >= self.limit:
-                self.files.popitem(last=False)[1].close()
-            source = OpenFile(filename, self.file_kwargs)
+                self._retire(*self.files.popitem(last=False))
+            if source is None:
+                source = OpenFile(filename, self.file_kwargs)
         self.files[key] = source
         return source
 
+    def _retire(self, key: Any, source: OpenFile) -> None:
+        if self.busy is not None and self.busy(key):
+            self.aside[key] = source
+        else:
+            self._close(key, source)
+
+    def _close(self, key: Any, source: OpenFile) -> None:
+        try:
+            source.close()
+        finally:
+            if self.closing is not None:
+                self.closing(key)
+
+    def sweep(self) -> None:
+        """Close the files kept aside whose reads have ended."""
+        for key in [k for k in self.aside if self.busy is None or not self.busy(k)]:
+            self._close(key, self.aside.pop(key))
+
     def close(self) -> None:
+        while self.aside:
+            self._close(*self.aside.popitem())
         while self.files:
-            self.files.popitem(last=False)[1].close()
+            self._close(*self.files.popitem(last=False))

@@ -9,12 +9,17 @@ are one ``Fetcher.start`` (neighbours merged, several GETs in flight), each chun
 its place by the fetch thread whose GET brought it, and each slot handed over full as soon as
 its rows are in. A worker keeps at most ``AHEAD_BYTES`` of rows in flight, so that every
 worker of a job takes its share of the slots (and of their decoding).
+
+Over many files (a Loader over shards), each slot's rows lie in one file and name it
+(``FileReads``): the slots taken at once may lie in several, one ``Fetcher.start`` each, within
+the one budget of the worker.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import functools
 import mmap
 import os
 import sys
@@ -51,31 +56,29 @@ _madvise: Any = None  # libc's madvise once looked up; False where there is none
 # images in 1 MiB GETs, and a few more for the other columns' ranges.
 AHEAD_THREADS = 16
 
-# One slot's rows: pieces (start, stop, one destination per dataset), with the slot's header.
+# One slot's rows: pieces (start, stop, one destination per dataset), with the slot's header,
+# and the file they lie in (None: the one file of the RowsAhead).
 Piece = tuple[int, int, Sequence[np.ndarray]]
-Pieces = Callable[[int, int], tuple[list[Piece], int]]
+Read = tuple[list[Piece], int, "FileReads | None"]
+Pieces = Callable[[int, int], Read]
 # What a job is told of a read that failed: the error, the ticket, and the dataset whose read
 # through HDF5 raised it (None when a GET failed).
 Failed = Callable[[BaseException, int, "int | None"], None]
 
 
-class RowsAhead:
-    """Whole rows of every one of ``datasets`` (all opened from one ``RemoteFile``) read into
-    a ring's slots in the background. See the module doc, and NOTE [ Worker shutdown logic ]
-    in multitables/_engine/pool.py: a job that uses it waits in ``wait_for_room`` with the
-    checks of its ``next_task``, and ``close`` waits for every read it started (each bounded
-    by the source's timeout and retries) before the job ends."""
+class FileReads:
+    """The datasets of one file in an object store that a worker reads ahead, their fast paths
+    (``parts``; None where HDF5 reads every slot, on the worker's thread for such reads) and
+    the file's fetcher; ``busy`` counts its slots in flight (guarded by the ``RowsAhead``)."""
 
     def __init__(self, datasets: Sequence[h5py.Dataset],
-                 parts: Sequence[RemoteRows | RemoteChunkRows], fetcher: Any):
-        self.datasets, self.parts, self.fetcher = list(datasets), list(parts), fetcher
-        self.in_flight = 0  # bytes of rows started and not yet in their slots
-        self._room = threading.Condition()
-        self._slow: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pid = 0
+                 parts: Sequence[RemoteRows | RemoteChunkRows] | None, fetcher: Any):
+        self.datasets, self.fetcher = list(datasets), fetcher
+        self.parts = None if parts is None else list(parts)
+        self.busy = 0
 
     @classmethod
-    def of(cls, datasets: Sequence[h5py.Dataset]) -> RowsAhead | None:
+    def of(cls, datasets: Sequence[h5py.Dataset]) -> FileReads | None:
         """The reads ahead of ``datasets``; None unless they all come from one object store
         and all have a fast path (unfiltered rows, or chunks any fetch thread can decode)."""
         files = [file_of_dataset(d) for d in datasets]
@@ -87,11 +90,49 @@ class RowsAhead:
             if not isinstance(part, (RemoteRows, RemoteChunkRows)):
                 return None
             parts.append(part)
-        fetcher = files[0].fetcher()
+        return cls(datasets, parts, files[0].fetcher())
+
+    @classmethod
+    def any(cls, datasets: Sequence[h5py.Dataset]) -> FileReads:
+        """``of(datasets)``, else HDF5's reads of them (a local file, a filter no fetch thread
+        decodes): over many files, every slot names a file either way."""
+        return cls.of(datasets) or cls(datasets, None, None)
+
+
+class RowsAhead:
+    """Whole rows of datasets in an object store read into a ring's slots in the background:
+    those of one file (``of``), or of the file each slot names (``many``). See the module doc,
+    and NOTE [ Worker shutdown logic ] in multitables/_engine/pool.py: a job that uses it waits
+    in ``wait_for_room`` with the checks of its ``next_task``, and ``close`` waits for every
+    read it started (each bounded by the source's timeout and retries) before the job ends."""
+
+    def __init__(self, file: FileReads | None):
+        self.file = file
+        self.in_flight = 0  # bytes of rows started and not yet in their slots
+        self._room = threading.Condition()
+        self._slow: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    @classmethod
+    def of(cls, datasets: Sequence[h5py.Dataset]) -> RowsAhead | None:
+        """The reads ahead of ``datasets`` of one file (``FileReads.of``), or None."""
+        file = FileReads.of(datasets)
+        if file is None:
+            return None
         # The GETs of the first slots a job takes start at once: their threads are started
         # here, while the worker is idle (``Fetcher.prestart``); a worker's next job finds them.
-        fetcher.prestart(AHEAD_THREADS)
-        return cls(datasets, parts, fetcher)
+        file.fetcher.prestart(AHEAD_THREADS)
+        return cls(file)
+
+    @classmethod
+    def many(cls) -> RowsAhead:
+        """Reads ahead whose slots each name their file (``Read``)."""
+        return cls(None)
+
+    def wait_idle(self, file: FileReads) -> bool:
+        """Whether no slot of ``file`` is in flight (then it may close)."""
+        with self._room:
+            return not file.busy
 
     def wait_for_room(self, give_up: Callable[[], bool]) -> bool:
         """Wait until reads may start (True): at once below ``AHEAD_BYTES`` in flight, else
@@ -113,11 +154,11 @@ class RowsAhead:
         ``AHEAD_BYTES`` in flight, and return. ``pieces(slot, ticket)`` says what a slot
         holds; each slot is handed over full once its rows are in, or ``failed(error, ticket,
         dataset)`` is called for the first that cannot be read."""
-        slots, reads = [task], [pieces(*task)]
-        nbytes = [_bytes(reads[0][0])]
-        with self._room:
-            self.in_flight += nbytes[0]
+        slots: list[tuple[int, int]] = []
+        reads: list[tuple[list[Piece], int, FileReads]] = []
+        nbytes: list[int] = []
         try:
+            self._take(task, pieces(*task), slots, reads, nbytes)
             while not ring.stopped and (end is None or ring.tickets.load() < end):
                 if self.in_flight >= AHEAD_BYTES:
                     break
@@ -128,23 +169,34 @@ class RowsAhead:
                 if end is not None and ticket >= end:
                     ring.free.push(slot)
                     break
-                slots.append((slot, ticket))
-                reads.append(pieces(slot, ticket))
-                nbytes.append(_bytes(reads[-1][0]))
-                with self._room:
-                    self.in_flight += nbytes[-1]
+                self._take((slot, ticket), pieces(slot, ticket), slots, reads, nbytes)
         except BaseException:
-            self._release(sum(nbytes))  # nothing started: the job fails (its ring stops)
+            # Nothing started: the job fails (its ring stops).
+            self._release(sum(nbytes), [file for _, _, file in reads])
             raise
         _Reads(self, ring, slots, reads, nbytes, failed).start()
         # While the GETs wait for their first bytes, the slots' pages are mapped here: the
         # fetch threads would fault them in one at a time as they decode, on the cores the
         # decoding needs (a new ring's every page, 8,000 for a 32 MB pass).
-        prefault(d for pieces, _ in reads for _, _, dests in pieces for d in dests)
+        prefault(d for pieces, _, _ in reads for _, _, dests in pieces for d in dests)
 
-    def _release(self, nbytes: int) -> None:
+    def _take(self, task: tuple[int, int], read: Read, slots: list, reads: list,
+              nbytes: list[int]) -> None:
+        pieces, n, file = read
+        file = file or self.file
+        assert file is not None, "a RowsAhead.many() slot names its file"
+        slots.append(task)
+        reads.append((pieces, n, file))
+        nbytes.append(_bytes(pieces))
+        with self._room:
+            self.in_flight += nbytes[-1]
+            file.busy += 1
+
+    def _release(self, nbytes: int, files: Iterable[FileReads] = ()) -> None:
         with self._room:
             self.in_flight -= nbytes
+            for file in files:
+                file.busy -= 1
             self._room.notify_all()
 
     def read_again(self, job: Callable[[], None]) -> None:
@@ -203,11 +255,12 @@ def _bytes(pieces: list[Piece]) -> int:
 
 
 class _Reads:
-    """The slots of one ``RowsAhead.run``: their requests in one ``Fetcher.start``, each
+    """The slots of one ``RowsAhead.run``: their requests in one ``Fetcher.start`` a file, each
     chunk decoded as it lands, each slot handed over once its last request is in."""
 
     def __init__(self, ahead: RowsAhead, ring: Ring, slots: list[tuple[int, int]],
-                 reads: list[tuple[list[Piece], int]], nbytes: list[int], failed: Failed):
+                 reads: list[tuple[list[Piece], int, FileReads]], nbytes: list[int],
+                 failed: Failed):
         self.ahead, self.ring, self.slots, self.reads = ahead, ring, slots, reads
         self.nbytes, self.failed = nbytes, failed
         self.pending = [0] * len(slots)  # requests of each slot not yet in
@@ -216,17 +269,25 @@ class _Reads:
         self.actions: list[Callable[[], None] | None] = []
         self.lock = threading.Lock()
         self.over = [False] * len(slots)  # handed over, failed, or abandoned
+        self.fetches = 0  # fetches started and not yet ended
+        self.error: BaseException | None = None  # the first a fetch ended with
 
     def start(self) -> None:
-        requests: list[tuple[int, int, Any]] = []
+        # Per file: its fetcher, its requests, and the index of each among all requests.
+        by_file: dict[int, tuple[Any, list[tuple[int, int, Any]], list[int]]] = {}
         try:
-            for i, (pieces, _) in enumerate(self.reads):
+            for i, (pieces, _, file) in enumerate(self.reads):
+                if file.parts is None:
+                    self.again.add(i)
+                    continue
+                _, requests, indices = by_file.setdefault(id(file), (file.fetcher, [], []))
                 for start, stop, dests in pieces:
-                    for part, dest in zip(self.ahead.parts, dests, strict=True):
+                    for part, dest in zip(file.parts, dests, strict=True):
                         found = part.requests(start, stop, dest)
                         if found is None:
                             self.again.add(i)
                             continue
+                        indices += range(len(self.owner), len(self.owner) + len(found[0]))
                         requests += found[0]
                         self.actions += found[1]
                         self.owner += [i] * len(found[0])
@@ -234,9 +295,35 @@ class _Reads:
             for i in range(len(self.slots)):
                 if not self.pending[i] and i not in self.again:
                     self._deliver(i)  # nothing to fetch
-            self.ahead.fetcher.start(requests, self._landed, self._end)
         except BaseException as exc:  # noqa: BLE001 - the job's error, as a read's
             self._end(exc)
+            return
+        fetches = list(by_file.values()) or [(None, [], [])]
+        self.fetches = len(fetches)
+        for k, (fetcher, requests, indices) in enumerate(fetches):
+            try:
+                if fetcher is None:
+                    self._fetched(None)  # nothing to fetch: HDF5 reads every slot
+                else:
+                    fetcher.start(requests, functools.partial(self._landed_of, indices),
+                                  self._fetched)
+            except BaseException as exc:  # noqa: BLE001 - the job's error, as a read's
+                for _ in fetches[k:]:  # this fetch and those not started end with it
+                    self._fetched(exc)
+                return
+
+    def _landed_of(self, indices: list[int], j: int) -> None:
+        self._landed(indices[j])
+
+    def _fetched(self, error: BaseException | None) -> None:
+        """One fetch is over; once all are, the reads end with the first error."""
+        with self.lock:
+            if self.error is None:
+                self.error = error
+            self.fetches -= 1
+            last = not self.fetches
+        if last:
+            self._end(self.error)
 
     def _landed(self, j: int) -> None:
         i, action = self.owner[j], self.actions[j]
@@ -262,7 +349,7 @@ class _Reads:
                 self.ring.headers[slot] = (ticket, self.reads[i][1])
                 self.ring.full.push(slot)
         finally:
-            self.ahead._release(self.nbytes[i])
+            self.ahead._release(self.nbytes[i], [self.reads[i][2]])
 
     def _end(self, error: BaseException | None) -> None:
         """Every GET is over: the slots HDF5 reads go to it; after an error, the first slot
@@ -281,7 +368,7 @@ class _Reads:
         try:
             for i in sorted(self.again):
                 for start, stop, dests in self.reads[i][0]:
-                    for k, (dataset, dest) in enumerate(zip(self.ahead.datasets, dests,
+                    for k, (dataset, dest) in enumerate(zip(self.reads[i][2].datasets, dests,
                                                             strict=True)):
                         failing = k
                         read_selection(dataset, translate((slice(start, stop),),
@@ -302,4 +389,5 @@ class _Reads:
                 self.failed(error or RuntimeError("a read ahead ended unfinished"),
                             self.slots[left[0] if left else 0][1], dataset)
         finally:
-            self.ahead._release(sum(self.nbytes[i] for i in left))
+            self.ahead._release(sum(self.nbytes[i] for i in left),
+                                [self.reads[i][2] for i in left])

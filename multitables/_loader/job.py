@@ -36,7 +36,8 @@ from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import FileJob, OpenFiles
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.mapped import MappedReads
-from .._hdf5.remoteahead import RowsAhead
+from .._hdf5.remote import RemoteFile
+from .._hdf5.remoteahead import FileReads, RowsAhead
 from .._hdf5.source import DatasetInfo, OpenFile
 from .._keys._indexing import translate
 
@@ -240,11 +241,11 @@ class LoadJob(RingJob, FileJob):
     def _run_ahead(self, task: tuple[int, int]) -> None:
         """Units over a URL: this task's and those of the slots free now, fetched at once in
         the background, each slot full as soon as its unit lands (``RowsAhead``)."""
-        def unit(slot: int, ticket: int) -> tuple[list, int]:
+        def unit(slot: int, ticket: int) -> tuple[list, int, None]:
             key = self.plan.key(ticket)
             assert isinstance(key, slice)
             at, n = slot * self.plan.slot_rows, key.stop - key.start
-            return [(key.start, key.stop, [r[at : at + n] for r in self.regions])], n
+            return [(key.start, key.stop, [r[at : at + n] for r in self.regions])], n, None
 
         def failed(exc: BaseException, ticket: int, dataset: int | None) -> None:
             self.failed = dataset  # the job is over: no other read uses it
@@ -288,20 +289,71 @@ class ShardsJob(LoadJob):
         # files: HDF5 keeps one where it reads only what fails to decode.
         maps, limit = self.plan.files.maps, self.plan.max_open
         by_hdf5 = limit if maps is None else 1 if maps.how.all() else max(1, limit // 2)
-        self.open = OpenFiles(by_hdf5, self.file_kwargs())
+        # Units of files in object stores are fetched ahead, as over one URL (RowsAhead), each
+        # in its file: a file with units in flight stays open until they land.
+        self.ahead = RowsAhead.many() if self.plan.kind == UNITS and any(
+            isinstance(s.file, RemoteFile) for s in self.plan.files.shards) else None
+        self.file_reads: dict[int, FileReads] = {}
+        self.open = OpenFiles(by_hdf5, self.file_kwargs(), self._busy, self._closed)
         self.mapped = None if maps is None else MappedReads(
             maps, [info.dtype for info in self.plan.infos],
             [info.shape[1:] for info in self.plan.infos], max(1, limit - by_hdf5))
         self.file: int | None = None  # the file of the unit being read, for describe
         self.datasets = []
         self._attach_ring()
+        self.where = worker_place(self.name, worker)
 
     def detach(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()  # no fetch thread writes into a slot past the job
         if self.mapped is not None:
             self.mapped.close()
         self.open.close()
 
+    def _closed(self, file: int) -> None:
+        self.file_reads.pop(file, None)
+
+    def _busy(self, file: int) -> bool:
+        reads = self.file_reads.get(file)
+        return reads is not None and self.ahead is not None and not self.ahead.wait_idle(reads)
+
+    def _run_ahead(self, task: tuple[int, int]) -> None:
+        """Units over URLs: this task's and those of the slots free now, fetched at once in the
+        background, one fetch a file (``RowsAhead.many``)."""
+        files = self.plan.files
+        self.open.sweep()
+
+        def unit(slot: int, ticket: int) -> tuple[list, int, FileReads]:
+            key = self.plan.key(ticket)
+            assert isinstance(key, slice)
+            f = files.file_of(key.start)
+            base = int(files.starts[f])
+            source = self.open.get(f, files.shards[f].file)  # also the most recently used now
+            reads = self.file_reads.get(f)
+            if reads is None:
+                reads = self.file_reads[f] = FileReads.any(
+                    [source.dataset(info.path) for info in self.plan.infos])
+            at, n = slot * self.plan.slot_rows, key.stop - key.start
+            return [(key.start - base, key.stop - base, [r[at : at + n] for r in self.regions])], \
+                n, reads
+
+        def failed(exc: BaseException, ticket: int, dataset: int | None) -> None:
+            # On a fetch thread: describe must find the datasets, not open the file.
+            key = self.plan.key(ticket)
+            assert isinstance(key, slice)
+            self.file = files.file_of(key.start)
+            reads = self.file_reads.get(self.file)
+            self.failed, self.datasets = (None, []) if reads is None or dataset is None else \
+                (dataset, reads.datasets)
+            self.fail(exc, f"{self.where}, {self.describe((0, ticket))}")
+
+        assert self.ahead is not None
+        self.ahead.run(self.ring, task, self.plan.n_tickets, unit, failed)
+
     def run(self, task: tuple[int, int]) -> None:
+        if self.ahead is not None:
+            self._run_ahead(task)
+            return
         slot, ticket = task
         key = self.plan.key(ticket)
         assert isinstance(key, slice)

@@ -167,13 +167,13 @@ class StreamJob(RingJob, FileJob):
         self.ring.headers[slot] = (ticket, at)
         self.ring.full.push(slot)
 
-    def _pieces(self, slot: int, ticket: int) -> tuple[list, int]:
+    def _pieces(self, slot: int, ticket: int) -> tuple[list, int, None]:
         """The row ranges of slot ``ticket``, each with its place in ``slot``, and their rows."""
         pieces, at = [], 0
         for start, stop in self.plan.rows_of(ticket):
             pieces.append((start, stop, [self.slots[slot][at : at + stop - start]]))
             at += stop - start
-        return pieces, at
+        return pieces, at, None
 
     def describe(self, task: tuple[int, int]) -> str:
         rows = ", ".join(f"{a}:{b}" for a, b in self.plan.rows_of(task[1]))

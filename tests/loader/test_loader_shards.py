@@ -267,6 +267,111 @@ def test_a_list_of_urls(shards):
         server.stop()
 
 
+@pytest.fixture
+def served(shards):
+    """The shards over our range server: (urls, the server)."""
+    from servers.rangeserver import RangeServer
+
+    paths, _ = shards
+    with RangeServer(os.path.dirname(paths[0])) as server:
+        yield [server.url(os.path.basename(p)) for p in paths], server
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("copy", [True, False])
+def test_urls_read_ahead_as_the_local_files_read(shards, served, monkeypatch, tmp_path, copy):
+    """Units over URLs are fetched ahead, several files' at once (their reads in flight keep a
+    file open past the bound on open files: 2 here), and give the batches of the local files,
+    in the same order, epoch after epoch."""
+    from multitables._hdf5.remoteahead import RowsAhead
+
+    paths, total = shards
+    urls, _ = served
+    monkeypatch.setattr(files_module, "MAX_OPEN_FILES", 2)
+    run = RowsAhead.run
+
+    def noted(self, ring, task, end, pieces, failed):  # in the forked workers: each run's files
+        files = set()
+
+        def seen(slot, ticket):
+            read = pieces(slot, ticket)
+            files.add(id(read[2]))
+            return read
+        run(self, ring, task, end, seen, failed)
+        with open(tmp_path / f"runs-{os.getpid()}", "a") as note:
+            note.write(f"{len(files)}\n")
+
+    monkeypatch.setattr(RowsAhead, "run", noted)
+    kw = dict(shuffle=True, seed=9, window=6, n_procs=2, batch_size=5)
+    with make(paths, **kw) as local, make(urls, copy=copy, **kw) as remote:
+        for _ in range(2):
+            want = [{k: v.copy() for k, v in b.items()} for b in local]
+            got = [{k: np.array(v) for k, v in b.items()} for b in remote]
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g["idx"], w["idx"])
+                np.testing.assert_array_equal(g["x"], w["x"])
+            assert sorted(rows_of(got).tolist()) == list(range(total))
+    # The workers read ahead, and some runs took units of several files at once.
+    runs = [int(n) for note in tmp_path.glob("runs-*") for n in note.read_text().split()]
+    assert runs and max(runs) > 1
+
+
+@pytest.mark.timeout(60)
+def test_urls_resume_mid_epoch(shards, served):
+    urls, _ = served
+    kw = dict(shuffle=True, seed=3, window=4, n_procs=2, batch_size=6)
+    with make(urls, **kw) as loader:
+        whole = [b["idx"].copy() for b in loader]
+    with make(urls, **kw) as loader:
+        batches = iter(loader)
+        first = [next(batches)["idx"].copy() for _ in range(7)]
+        state = loader.state_dict()
+    with make(urls, **kw) as loader:
+        loader.load_state_dict(state)
+        rest = [b["idx"].copy() for b in loader]
+    for g, w in zip(first + rest, whole, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_shard_over_urls_raises_naming_it(shards, served):
+    paths, _ = shards
+    urls, server = served
+    name = os.path.basename(paths[3])
+    with make(urls, shuffle=True, seed=1, n_procs=2) as loader:
+        server.forbidden.add(name)  # after the open: the workers' GETs are refused
+        with pytest.raises(PermissionError, match=name):
+            list(loader)
+        server.forbidden.clear()
+        assert sorted(rows_of(list(loader)).tolist()) == list(range(shards[1]))
+
+
+def test_open_files_keep_busy_files_aside_until_their_reads_end(shards):
+    from multitables._hdf5.filejob import OpenFiles
+
+    paths, _ = shards
+    busy, closed = set(), []
+    files = OpenFiles(2, {}, busy.__contains__, closed.append)
+    a = files.get(0, paths[0])
+    files.get(1, paths[1])
+    busy.add(0)
+    files.get(2, paths[2])  # 0 is the least recently used, but busy: aside, open
+    assert list(files.files) == [1, 2] and list(files.aside) == [0] and closed == []
+    assert files.get(0, paths[0]) is a  # wanted again: taken back, not opened again
+    assert list(files.files) == [2, 0] and closed == [1]
+    files.get(3, paths[3])  # 2 is idle: closed
+    assert closed == [1, 2]
+    files.get(4, paths[4])  # 0 is busy again: aside
+    files.sweep()
+    assert list(files.aside) == [0]
+    busy.clear()
+    files.sweep()
+    assert not files.aside and closed == [1, 2, 0]
+    files.close()
+    assert sorted(closed) == [0, 1, 2, 3, 4]
+
+
 def test_epoch_order_over_units_of_several_files():
     from multitables._loader.order import EpochOrder
 
