@@ -81,6 +81,23 @@ def write_file(path: str, raw_mb: float, gz_mb: float) -> dict[str, int]:
     return stored
 
 
+def write_shards(local: str, folder: str, n: int) -> list[str]:
+    """The images and labels of ``local`` cut into ``n`` shard files of whole chunks, stored
+    as there (gzip+shuffle in chunks of 64 images); their names in ``folder``."""
+    names = []
+    with h5py.File(local, "r") as f:
+        images, labels = f[GZ_IMAGES], f[GZ_LABELS]
+        chunk = images.chunks[0]
+        per = -(-images.shape[0] // chunk // n) * chunk
+        for i, a in enumerate(range(0, images.shape[0], per)):
+            names.append(f"shard-{i:03d}.h5")
+            with h5py.File(os.path.join(folder, names[-1]), "w", meta_block_size=1 << 20) as g:
+                g.create_dataset(GZ_IMAGES, data=images[a:a + per], chunks=images.chunks,
+                                 compression="gzip", shuffle=True)
+                g.create_dataset(GZ_LABELS, data=labels[a:a + per])
+    return names
+
+
 # ------------------------------------------------------------------------------------ servers
 def _serve(root: str, knobs: dict[str, Any], conn: Any) -> None:
     from servers.rangeserver import RangeServer
@@ -509,11 +526,38 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
                   f"reached {lreport.median_ratio('Loader gzip, URL'):.2f}x")
             counted["Loader CPU"] = {**cost, "local_s": here_s, "url_s": there_s,
                                      "server_s": server_s, "cpu_share": cpu_ratio}
+        sreport = shards_scenario(url, options, local, args, kw, there)
     return {"stream": report.to_dict(), "gzip": gz_report.to_dict(), "gzip_bound": bound,
-            "loader":
-            lreport.to_dict(), "reader_ms": p50 * 1e3, "reader_h5py_fsspec_ms": base50 * 1e3,
+            "loader": lreport.to_dict(), "shards": sreport.to_dict(), "reader_ms": p50 * 1e3,
+            "reader_h5py_fsspec_ms": base50 * 1e3,
             "reader_gzip_ms": gz_p50[url] * 1e3, "reader_gzip_local_ms": gz_p50[local] * 1e3,
             "counts": counted}
+
+
+def shards_scenario(url: str, options: Any, local: str, args: argparse.Namespace,
+                    kw: dict[str, Any], one_url: Any) -> Any:
+    """Shuffled epochs over the shards' URLs, against the same shards on disk and the one
+    file's URL (``one_url``, a Loader of it kept open)."""
+    names = args.shard_names
+    folder, base = os.path.dirname(local), url.rsplit("/", 1)[0]
+    cols = [GZ_IMAGES, GZ_LABELS]
+    paths = [os.path.join(folder, name) for name in names]
+    urls = [f"{base}/{name}" for name in names]
+    with multitables.Loader(paths, cols, **kw) as here, \
+            multitables.Loader(urls, cols, storage_options=options, **kw) as there:
+        loader_epoch(here)
+        loader_epoch(there)
+        local_name = f"Loader gzip, {len(names)} shards, local"
+        report = m.run_rounds({local_name: lambda: loader_epoch(here),
+                               "Loader gzip, one file's URL": lambda: loader_epoch(one_url),
+                               f"Loader gzip, {len(names)} shards' URLs":
+                                   lambda: loader_epoch(there)},
+                              args.rounds, baseline=local_name)
+    print(report.table())
+    ratio = report.median(f"Loader gzip, {len(names)} shards' URLs") / \
+        report.median("Loader gzip, one file's URL")
+    print(f"  the shards' URLs: {ratio:.2f}x the one file's URL")
+    return report
 
 
 def faults(root: str, local: str, args: argparse.Namespace) -> None:
@@ -554,11 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-s3", action="store_true", help="leave rclone serve s3 out")
     p.add_argument("--no-http", action="store_true", help="leave our range server out")
     p.add_argument("--no-faults", action="store_true")
+    p.add_argument("--shards", type=int, default=8,
+                   help="shard files the Loader's images are also cut into (default 8)")
     args = p.parse_args(argv)
     m.load_filter_plugins()
     with tempfile.TemporaryDirectory(prefix="mt-bench-remote-") as root:
         local = os.path.join(root, "bench.h5")
         stored = write_file(local, args.raw_mb, args.gz_mb)
+        args.shard_names = write_shards(local, root, args.shards)
         print(f"file: {os.path.getsize(local) / 1e6:.1f} MB ({args.raw_mb:g} MB float32 in "
               f"256 KiB chunks; {stored[GZ_IMAGES] / 1e6:.1f} MB of gzip images); "
               f"{args.bandwidth / 1e6:g} MB/s per connection; n_procs {args.n_procs}; "
@@ -585,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 s3root = os.path.join(root, "s3")
                 os.makedirs(os.path.join(s3root, "bkt"))
-                os.link(local, os.path.join(s3root, "bkt", "bench.h5"))
+                for name in ["bench.h5", *args.shard_names]:
+                    os.link(os.path.join(root, name), os.path.join(s3root, "bkt", name))
                 args.latency = 0.0
                 with RcloneS3(s3root, dir_cache_time="10m") as s3:
                     results["s3"] = scenario("rclone serve s3 (no latency added)",
