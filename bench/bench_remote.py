@@ -526,10 +526,11 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
                   f"reached {lreport.median_ratio('Loader gzip, URL'):.2f}x")
             counted["Loader CPU"] = {**cost, "local_s": here_s, "url_s": there_s,
                                      "server_s": server_s, "cpu_share": cpu_ratio}
-        sreport = shards_scenario(url, options, local, args, kw, there)
+        sreport = shards_scenario(url, options, local, args, kw, there) \
+            if len(args.shard_names) > 1 else None
     return {"stream": report.to_dict(), "gzip": gz_report.to_dict(), "gzip_bound": bound,
-            "loader": lreport.to_dict(), "shards": sreport.to_dict(), "reader_ms": p50 * 1e3,
-            "reader_h5py_fsspec_ms": base50 * 1e3,
+            "loader": lreport.to_dict(), "shards": sreport and sreport.to_dict(),
+            "reader_ms": p50 * 1e3, "reader_h5py_fsspec_ms": base50 * 1e3,
             "reader_gzip_ms": gz_p50[url] * 1e3, "reader_gzip_local_ms": gz_p50[local] * 1e3,
             "counts": counted}
 
@@ -599,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-http", action="store_true", help="leave our range server out")
     p.add_argument("--no-faults", action="store_true")
     p.add_argument("--shards", type=int, default=8,
-                   help="shard files the Loader's images are also cut into (default 8)")
+                   help="shard files the Loader's images are also cut into (default 8; "
+                        "1 leaves them out)")
     args = p.parse_args(argv)
     m.load_filter_plugins()
     with tempfile.TemporaryDirectory(prefix="mt-bench-remote-") as root:
