@@ -44,9 +44,9 @@ class OpenFiles:
     bounded number of descriptors.
 
     ``busy(key)``, when given, says whether reads of a file are still in flight (read ahead
-    over URLs): such a file, pushed out, is kept aside until they end (``sweep``), at most one
-    a slot in flight; it is taken back if wanted again meanwhile. ``closing(key)`` is told of
-    each file closed."""
+    over URLs): such a file, pushed out, is kept aside until they end (``sweep``), so that no
+    more files are open than the bound and the slots in flight; it is taken back if wanted
+    again meanwhile. ``closing(key)`` is told of each file closed."""
 
     def __init__(self, limit: int, file_kwargs: dict[str, Any],
                  busy: Callable[[Any], bool] | None = None,

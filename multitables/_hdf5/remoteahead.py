@@ -129,7 +129,7 @@ class RowsAhead:
         """Reads ahead whose slots each name their file (``Read``)."""
         return cls(None)
 
-    def wait_idle(self, file: FileReads) -> bool:
+    def idle(self, file: FileReads) -> bool:
         """Whether no slot of ``file`` is in flight (then it may close)."""
         with self._room:
             return not file.busy

@@ -315,7 +315,7 @@ class ShardsJob(LoadJob):
 
     def _busy(self, file: int) -> bool:
         reads = self.file_reads.get(file)
-        return reads is not None and self.ahead is not None and not self.ahead.wait_idle(reads)
+        return reads is not None and self.ahead is not None and not self.ahead.idle(reads)
 
     def _run_ahead(self, task: tuple[int, int]) -> None:
         """Units over URLs: this task's and those of the slots free now, fetched at once in the
