@@ -34,6 +34,7 @@ from .._hdf5.source import (
     open_file,
     usable_cpus,
 )
+from .._sources.options import redact_url
 from .job import plan_units
 
 # Files a worker keeps open at once (least recently used closed first), at most; fewer if the
@@ -76,6 +77,12 @@ def expand(files: Any, storage_options: Any, cache_dir: Any,
     pattern = os.fspath(files)
     if not isinstance(pattern, str) or not glob.has_magic(pattern) or os.path.exists(pattern):
         return None
+    if is_url(pattern) and not pattern.lower().startswith("s3://"):
+        # HTTP lists nothing: one object, whose query (a presigned URL's) is no wildcard.
+        if glob.has_magic(pattern.partition("?")[0]):
+            raise ValueError(f"{redact_url(pattern)!r}: glob patterns of URLs are supported "
+                             "for s3:// only; pass the list of URLs")
+        return None
     if is_url(pattern):
         names = _s3_matches(pattern, storage_options)
     else:
@@ -88,9 +95,6 @@ def expand(files: Any, storage_options: Any, cache_dir: Any,
 def _s3_matches(pattern: str, storage_options: Any) -> list[str]:
     """The objects whose keys match ``s3://bucket/pattern``, in key order: one listing of the
     prefix before the pattern's first wildcard."""
-    if not pattern.lower().startswith("s3://"):
-        raise ValueError(f"{pattern!r}: glob patterns of URLs are supported for s3:// only; "
-                         "pass the list of URLs")
     from .._sources import require_remote, s3  # the remote extra: only for URLs
 
     require_remote(pattern)

@@ -347,6 +347,21 @@ def test_a_refused_shard_over_urls_raises_naming_it(shards, served):
         assert sorted(rows_of(list(loader)).tolist()) == list(range(shards[1]))
 
 
+def test_one_url_with_a_query_is_one_file_and_an_http_glob_is_refused(shards, served):
+    """A presigned URL's query held a '?', read as a wildcard: the Loader refused the URL."""
+    paths, _ = shards
+    urls, _ = served
+    with h5py.File(paths[0]) as f:
+        want = f["idx"][:]
+    signed = f"{urls[0]}?X-Amz-Signature=hunter2&x=1"
+    with multitables.Loader(signed, "idx", 8, n_procs=1) as loader:
+        np.testing.assert_array_equal(rows_of(list(loader)), want)
+    pattern = urls[0].replace("part-000", "part-*") + "?X-Amz-Signature=hunter2"
+    with pytest.raises(ValueError, match=r"supported for s3:// only") as e:
+        multitables.Loader(pattern, "idx", 8, n_procs=1)
+    assert "hunter2" not in str(e.value)
+
+
 def test_open_files_keep_busy_files_aside_until_their_reads_end(shards):
     from multitables._hdf5.filejob import OpenFiles
 
