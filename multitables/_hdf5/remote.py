@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,9 +29,10 @@ from .._sources import Source, open_source, parse_location
 from .._sources import storage_options as check_storage_options
 from .._sources.blockfile import BlockFile
 from .._sources.chunkmap import ChunkMap, ChunkMapStore, chunk_map
-from .._sources.options import StorageOptions
+from .._sources.options import StorageOptions, redact_url
 
 URL_PREFIXES = ("s3://", "http://", "https://")
+_OTHER_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 # The cache of fetched ranges holds at most this many bytes when ``cache_dir`` is given alone.
 DEFAULT_CACHE_LIMIT = 10 << 30
 # Ranged GETs each worker keeps in flight: a Reader's batch of 64 scattered rows is at most 64
@@ -257,7 +259,12 @@ def file_of(filename: Any, storage_options: Mapping[str, Any] | StorageOptions |
     if is_url(filename):
         return RemoteFile(filename, options,
                           None if cache_dir is None else os.fspath(cache_dir), cache_limit)
-    return os.fspath(filename)
+    path = os.fspath(filename)
+    other = _OTHER_URL.match(path) if isinstance(path, str) else None
+    if other and not os.path.exists(path):  # gs://, ftp://: not a local path either
+        raise ValueError(f"unsupported URL scheme {other[1]!r} in {redact_url(path)!r}: "
+                         f"URLs read are {', '.join(URL_PREFIXES)}")
+    return path
 
 
 def name_of(file: Any) -> Any:

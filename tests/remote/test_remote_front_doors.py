@@ -118,6 +118,20 @@ def test_bad_storage_options_raise_at_construction():
         multitables.Reader("s3://b/k.h5", cache_limit=10)
 
 
+@pytest.mark.parametrize("open_", [
+    lambda url: multitables.Streamer(url),
+    lambda url: multitables.Reader(url),
+    lambda url: multitables.Loader(url, "x", batch_size=4),
+])
+def test_other_url_schemes_are_refused_by_name(open_):
+    """gs:// and ftp:// were taken for local paths: h5py said no such file."""
+    with pytest.raises(ValueError, match=r"unsupported URL scheme 'gs' in 'gs://b/k\.h5'"):
+        open_("gs://b/k.h5")
+    with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'") as e:
+        open_("ftp://user:hunter2@host/k.h5")
+    assert "hunter2" not in str(e.value)
+
+
 def test_front_doors_pickle_with_url_and_options(remote, truth):
     url, options = remote(H5_NAME)
     streamer = pickle.loads(pickle.dumps(multitables.Streamer(url, storage_options=options)))
