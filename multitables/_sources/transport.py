@@ -148,6 +148,7 @@ class Transport:
         # Called once a request is refused for its credentials: True when it found other ones,
         # and the request is worth sending again (S3Client: keys rotated in the environment).
         self.renew: Callable[[], bool] | None = None
+        self.warned_whole = False  # that the server ignores Range (once: it costs every read)
         _live.add(self)
 
     def pool(self) -> Pool:
@@ -226,8 +227,8 @@ class Transport:
                 if failure.timeout:
                     raise SourceTimeoutError(
                         errno.ETIMEDOUT, f"No answer within {self.timeout:g} s "
-                        f"({n} attempts, retries={self.retries})", display) from None
-                raise TransferError(errno.EIO, f"Transfer failed after {n} attempts: "
+                        f"({_attempts(n)}, retries={self.retries})", display) from None
+                raise TransferError(errno.EIO, f"Transfer failed after {_attempts(n)}: "
                                     f"{failure.reason}", display) from None
             pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (n - 1)))
             if failure.retry_after is not None:
@@ -353,6 +354,10 @@ class Transport:
                 elif resp.status == 200:
                     pin.check(resp.headers, display, None)
                     self._expect_length(resp, pin.size)
+                    if not self.warned_whole:
+                        self.warned_whole = True
+                        log.warning("%s: the server ignores Range; each read fetches the "
+                                    "whole object (%d bytes)", display, pin.size)
                     if pin.size > WHOLE_OBJECT_LIMIT:
                         raise Retry(f"the server ignored Range (HTTP 200 with all {pin.size} "
                                     "bytes); ranged GETs are needed for objects over "
@@ -423,7 +428,13 @@ def deadline_of(timeout: float, nbytes: int) -> float:
 def transport_failure(e: BaseException) -> Retry:
     timeout = isinstance(e, TimeoutError)
     reason = "timed out" if timeout else scrub(f"{type(e).__name__}: {e}")
+    if isinstance(e, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(e):
+        reason += " (does the server speak plain http?)"
     return Retry(reason, timeout=timeout)
+
+
+def _attempts(n: int) -> str:
+    return "1 attempt" if n == 1 else f"{n} attempts"
 
 
 _live: weakref.WeakSet[Transport] = weakref.WeakSet()

@@ -134,10 +134,15 @@ def test_replaced_object_without_if_match_raises(http, blob):
     src.close()
 
 
-def test_range_ignored_on_a_big_object(http_factory, monkeypatch, blob):
+def test_range_ignored_on_a_big_object(http_factory, monkeypatch, blob, caplog):
     srv = http_factory(pignore_range=1.0)
     with open_source(srv.url(BLOB_NAME), {"retries": 1}) as src:
         assert src.read(len(blob) - 5, 5) == blob[-5:]  # small enough: the slice is taken
+        assert src.read(3, 5) == blob[3:8]
+        # Said once, as a warning: every read costs the whole object.
+        warned = [r for r in caplog.records if "ignores Range" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelname == "WARNING"
+        assert f"whole object ({len(blob)} bytes)" in warned[0].getMessage()
         monkeypatch.setattr(transport_module, "WHOLE_OBJECT_LIMIT", 1 << 20)
         with pytest.raises(TransferError, match="the server ignored Range"):
             src.read(0, 5)

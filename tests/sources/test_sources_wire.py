@@ -28,8 +28,9 @@ class Scripted:
     ``limit`` requests in all, each connection idle for at most 5 s."""
 
     def __init__(self, answer: Answer, keep: bool = True, limit: int = 50,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, head_end: bytes = b"\r\n\r\n") -> None:
         self.answer, self.keep, self.limit, self.tls = answer, keep, limit, tls
+        self.head_end = head_end  # b"": any bytes are a request (a TLS hello, say)
         self.requests: list[bytes] = []
         self.connections = 0
         self.current: socket.socket | None = None  # the connection being answered
@@ -63,11 +64,13 @@ class Scripted:
                 while len(self.requests) < self.limit:
                     head = b""
                     try:
-                        while b"\r\n\r\n" not in head:
+                        while True:
                             piece = conn.recv(4096)
                             if not piece:
                                 break
                             head += piece
+                            if self.head_end in head:
+                                break
                     except OSError:
                         break
                     if not head:
@@ -258,4 +261,18 @@ def test_tls(scripted, certificate):
     transport.pool()._tls = ssl.create_default_context(cafile=str(cert))
     assert [transport.with_retries(srv.url(), attempt) for _ in range(3)] == [b"over tls"] * 3
     assert srv.connections == 2  # the refused one, then one for the three
+    transport.close()
+
+
+def test_https_to_a_plain_http_server_says_so(scripted):
+    # A plain server answers the TLS hello with an HTTP error, as web servers do.
+    srv = scripted(lambda head: b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+                   keep=False, limit=5, head_end=b"")
+    transport = Transport(timeout=5, retries=1, stats=SourceStats())
+
+    def attempt(timeout: float) -> None:
+        transport.send("GET", srv.url().replace("http://", "https://"), {}, timeout).close()
+
+    with pytest.raises(TransferError, match=r"after 2 attempts: .*does the server speak plain"):
+        transport.with_retries("https://scripted/x", attempt)
     transport.close()
