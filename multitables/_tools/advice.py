@@ -26,6 +26,8 @@ def _rows_for(nbytes: int, row_bytes: int, n_rows: int) -> int:
 
 def _repack(filename: str, path: str, rows: int, shape: tuple[int, ...]) -> str:
     chunk = "x".join(str(n) for n in (rows, *shape[1:]))
+    if "://" in filename:  # h5repack reads local files only: a copy first
+        return f"h5repack -l {path}:CHUNK={chunk} <a local copy of {filename}> rechunked.h5"
     return f"h5repack -l {path}:CHUNK={chunk} {filename} rechunked.h5"
 
 

@@ -27,6 +27,10 @@ def test_compressed_chunks_of_many_rows_warn_for_random_access():
     assert "1,048,576 bytes for a row of 4,096 (256 rows per chunk)" in line
     # Chunks of 8 rows of 4 KiB suggested: too few rows to warn again.
     assert line.endswith("h5repack -l /x:CHUNK=8x1024 f.h5 rechunked.h5")
+    # h5repack reads no URL: it is told to take a local copy.
+    (line,) = layout_warnings("s3://b/f.h5", entry((4000, 1024), (256, 1024)))
+    assert line.endswith("h5repack -l /x:CHUNK=8x1024 <a local copy of s3://b/f.h5> "
+                         "rechunked.h5")
 
 
 @pytest.mark.parametrize("shape, chunks", [((4000, 256), (16, 256)), ((4000, 1024), (16, 1024)),
