@@ -376,8 +376,14 @@ def get_cost(url: str, options: Any, local: str, path: str, server: Server) -> d
 
 
 def epoch_cpu(loader: Any, server: Server) -> tuple[float, float]:
-    """CPU seconds one epoch of ``loader`` costs its workers (this process's children but the
-    server's) and the server."""
+    """CPU seconds one epoch of ``loader`` costs its workers and this process together, and
+    the server."""
+    return cpu_of(lambda: loader_epoch(loader), server)
+
+
+def cpu_of(run: Any, server: Server) -> tuple[float, float]:
+    """CPU seconds ``run()`` costs this process and its children but the server, and the
+    server."""
     import psutil
 
     def workers() -> float:
@@ -391,9 +397,9 @@ def epoch_cpu(loader: Any, server: Server) -> tuple[float, float]:
                 total += t.user + t.system
         return total
 
-    before, served = workers(), server.cpu()
-    loader_epoch(loader)
-    return workers() - before, server.cpu() - served
+    before, served, here = workers(), server.cpu(), time.process_time()
+    run()
+    return workers() - before + time.process_time() - here, server.cpu() - served
 
 
 # ------------------------------------------------------------------------------------ scenarios
@@ -452,6 +458,19 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
     print(f"  a pass that waits {args.latency * 1e3:g} ms for its first bytes: at most "
           f"{bound['pass_mb_s']:.0f} MB/s ({bound['pass_mb_s'] / gz_local:.2f}x the local "
           f"file's {gz_local:.0f} MB/s); the Streamer {gz_url / bound['pass_mb_s']:.2f}x of it")
+    if server is not None:
+        # The CPU of whole passes, as they run (the fetch threads beside the decoding): what
+        # the cores allow where they are the limit.
+        here_s, _ = cpu_of(lambda: streamer_pass(local, None, GZ_IMAGES, n, local_streamer),
+                           server)
+        there_s, server_s = cpu_of(
+            lambda: streamer_pass(url, options, GZ_IMAGES, n, remote_streamer), server)
+        bound.update(pass_cpu_local_s=here_s, pass_cpu_url_s=there_s,
+                     pass_cpu_server_s=server_s, pass_cpu_share=here_s / (there_s + server_s))
+        print(f"  CPU of a pass: the local Streamer {here_s:.2f} s; over the URL "
+              f"{there_s:.2f} s and the server {server_s:.2f} s; where the cores they share "
+              f"are the limit, the URL reaches {here_s / (there_s + server_s):.2f}x the local "
+              f"file; it reached {gz_url / gz_local:.2f}x")
     remote_streamer.close()
     local_streamer.close()
 
@@ -518,8 +537,8 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
             here_s, _ = epoch_cpu(here, server)
             there_s, server_s = epoch_cpu(there, server)
             cpu_ratio = here_s / (there_s + server_s)
-            print(f"  CPU of an epoch: the local Loader's workers {here_s:.2f} s; over the URL "
-                  f"the workers {there_s:.2f} s and the server {server_s:.2f} s (a GET of one "
+            print(f"  CPU of an epoch (workers and consumer): the local Loader {here_s:.2f} s; "
+                  f"over the URL {there_s:.2f} s and the server {server_s:.2f} s (a GET of one "
                   f"chunk costs {cost['client_s'] * 1e3:.2f} ms of client and "
                   f"{cost['server_s'] * 1e3:.2f} ms of server CPU); where the cores they share "
                   f"are the limit, the URL reaches {cpu_ratio:.2f}x the local Loader; it "
