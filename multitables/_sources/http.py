@@ -9,6 +9,9 @@ from .base import RemoteSource
 from .options import Location, StorageOptions, parse_location, storage_options
 from .transport import Pin, Transport
 
+# The storage_options of S3 only.
+S3_ONLY = ("endpoint_url", "key", "secret", "token", "region", "anon")
+
 
 class HTTPSource(RemoteSource):
     """An object behind an HTTP(S) URL. One GET of its first byte at open pins its size and
@@ -29,6 +32,12 @@ class HTTPSource(RemoteSource):
             raise ValueError(f"HTTPSource needs an http(s) URL, not {location.display!r}")
         self.location, self.options = location, storage_options(options)
         self.url = location.display
+        s3_only = [name for name in S3_ONLY if getattr(self.options, name)]
+        if s3_only:  # they would be dropped, and the server asked without them
+            raise ValueError(f"storage_options {', '.join(map(repr, s3_only))} "
+                             f"{'is' if len(s3_only) == 1 else 'are'} for s3:// URLs only; "
+                             f"{self.url!r} takes headers (Authorization, say), timeout and "
+                             "retries")
         self.transport = Transport(self.options.timeout, self.options.retries, self.stats,
                                    maxsize=maxsize)
         headers = dict(self.options.headers)

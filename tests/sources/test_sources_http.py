@@ -220,3 +220,13 @@ def test_no_secret_in_log_lines(http_factory, blob, caplog):
                 assert src.read(offset, length) == blob[offset:offset + length]
     assert "retry" in caplog.text and "GET /blob.bin?<redacted>" in caplog.text
     assert SECRET not in caplog.text
+
+
+def test_s3_options_on_an_http_url_are_refused(http):
+    """They were dropped: the server was asked without the credentials the caller gave."""
+    with pytest.raises(ValueError, match=r"'key', 'secret' are for s3:// URLs only; "
+                                         r"'http://.*blob\.bin' takes headers") as e:
+        open_source(http.url(BLOB_NAME), {"key": "AKIA", "secret": SECRET})
+    assert SECRET not in str(e.value)
+    with pytest.raises(ValueError, match=r"'anon' is for s3:// URLs only"):
+        open_source(http.url(BLOB_NAME), {"anon": True})
