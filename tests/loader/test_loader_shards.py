@@ -317,6 +317,27 @@ def test_urls_read_ahead_as_the_local_files_read(shards, served, monkeypatch, tm
     assert runs and max(runs) > 1
 
 
+@pytest.mark.timeout(120)
+def test_urls_read_ahead_through_faults(shards):
+    """503s, resets and short bodies on the shards' GETs: retried, the same batches."""
+    from servers.rangeserver import RangeServer
+
+    paths, _ = shards
+    kw = dict(shuffle=True, seed=2, window=6, n_procs=2, batch_size=5)
+    with RangeServer(os.path.dirname(paths[0]), p503=0.05, preset=0.03, pshort=0.03,
+                     seed=5) as server, make(paths, **kw) as local, \
+            make([server.url(os.path.basename(p)) for p in paths],
+                 storage_options={"retries": 10}, **kw) as remote:
+        want = [{k: v.copy() for k, v in b.items()} for b in local]
+        got = [{k: v.copy() for k, v in b.items()} for b in remote]
+        assert server.counts["fault 503"] and server.counts["fault reset"] and \
+            server.counts["fault short"]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g["idx"], w["idx"])
+        np.testing.assert_array_equal(g["x"], w["x"])
+
+
 @pytest.mark.timeout(60)
 def test_urls_resume_mid_epoch(shards, served):
     urls, _ = served
