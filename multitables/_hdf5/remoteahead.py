@@ -41,10 +41,12 @@ from .remote import file_of_dataset
 from .remotechunks import RemoteChunkRows
 from .remoteread import RemoteRows
 
-# Bytes of rows a worker keeps in flight: 64 Loader units of 64 gzip images of 4 KiB (about
-# 7 MB stored), or two Streamer slots; enough to cover a round trip of 20 ms at the rate two
-# cores decode (bench/README.md, "Remote files").
-AHEAD_BYTES = 16 << 20
+# Bytes of rows a worker keeps in flight: 128 Loader units of 64 gzip images of 4 KiB (about
+# 14 MB stored), or four Streamer slots; enough to cover a round trip of 20 ms and a 1 MiB
+# body at 50 MB/s a connection at the rate two cores decode. Half of it left the gzip Streamer
+# waiting for its GETs (7% slower over a URL at 20 ms); twice it gains nothing (bench/README.md,
+# "Remote files").
+AHEAD_BYTES = 32 << 20
 # A worker at the limit waits until no more than this is in flight, then takes the slots free
 # by then at once: their requests share GETs (a GET costs the client and the server about
 # 0.5 ms of CPU together, as much as decoding a unit).
