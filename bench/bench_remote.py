@@ -413,6 +413,10 @@ def scenario(name: str, url: str, options: Any, local: str, stored: dict[str, in
     # One Streamer per reader for all rounds, as a training loop keeps one across epochs.
     remote_streamer = multitables.Streamer(url, storage_options=options)
     local_streamer = multitables.Streamer(local)
+    # A pass of each first, as the Loaders' epochs below: the rounds find the workers started
+    # (the first pass of a Streamer starts them, about as long as a pass of 16 MB here).
+    streamer_pass(url, options, RAW, n, remote_streamer)
+    streamer_pass(local, None, GZ_IMAGES, n, local_streamer)
     readers: dict[str, Any] = {
         "link limit (8 x 8 MiB GETs)": lambda: link_limit(url, options, file_size),
         "h5py+fsspec, default": lambda: h5py_fsspec_stream(url, options, RAW, None),
