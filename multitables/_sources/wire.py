@@ -84,8 +84,9 @@ class Connection:
             sock.close()
             raise
         self.sock: socket.socket | None = sock
-        self.host_header = host if port == (443 if scheme == "https" else 80) else \
-            f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed
+        self.host_header = name if port == (443 if scheme == "https" else 80) else \
+            f"{name}:{port}"
         self._spare = bytearray(HEAD_LIMIT)
 
     def dropped(self) -> bool:
@@ -94,11 +95,12 @@ class Connection:
             return True
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+        try:  # poll, not select: descriptors past 1023 are common in a busy process
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def request(self, method: str, target: str, headers: Mapping[str, str],
                 timeout: float) -> Response:

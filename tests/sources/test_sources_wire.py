@@ -222,6 +222,56 @@ def test_redirects_are_followed_and_credentials_stay_with_their_host(scripted):
     transport.close()
 
 
+def test_kept_connections_past_descriptor_1023(scripted):
+    """select() cannot watch a descriptor past 1023: each such connection was taken for
+    dropped, and every request made a new one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"this process may open only {hard} descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    held = [socket.socket() for _ in range(1030)]  # the next descriptors are past 1023
+    try:
+        srv = scripted(fixed(b"abc"))
+        pool = Pool(4)
+        for _ in range(3):
+            assert get(srv.url(), pool)[2] == b"abc"
+        assert srv.connections == 1
+        pool.clear()
+    finally:
+        for s in held:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_ipv6_host_is_bracketed_in_the_host_header(scripted):
+    try:
+        probe = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    port = probe.getsockname()[1]
+    seen = []
+
+    def serve() -> None:
+        conn, _ = probe.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            seen.append(head)
+            conn.sendall(fixed(b"six")(head))  # type: ignore[arg-type, operator]
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert get(f"http://[::1]:{port}/x")[2] == b"six"
+    finally:
+        thread.join(10)
+        probe.close()
+    assert f"Host: [::1]:{port}\r\n".encode() in seen[0]
+
+
 def test_split_url():
     assert split_url("http://h/a/b?x=1") == ("http", "h", 80, "/a/b?x=1")
     assert split_url("https://h:8443") == ("https", "h", 8443, "/")
