@@ -19,6 +19,7 @@ from typing import Any
 from .._engine import hooks
 from ..errors import ObjectChangedError, SourceTimeoutError, TransferError
 from .base import SourceStats
+from .options import redact_url
 from .wire import Pool, Response, split_url
 
 log = logging.getLogger("multitables.sources")
@@ -33,6 +34,12 @@ PIECE = 1 << 20
 ERROR_BODY_LIMIT = 64 << 10
 BACKOFF_BASE = 0.05
 REDIRECTS = (301, 302, 303, 307, 308)
+# Errors of a connection that was open (the route lost, the interface down): retried, as a
+# reset is. A refused or reset connection is a ConnectionError already.
+NETWORK_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN,
+                            errno.ENETRESET, errno.EHOSTDOWN, errno.ENOTCONN})
+# Some hosts refuse requests that name no client.
+USER_AGENT = "multitables"
 # Sent to the first host only: a redirect elsewhere drops them (as browsers and urllib3 do).
 PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 BACKOFF_CAP = 5.0
@@ -164,6 +171,8 @@ class Transport:
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # another thread may have held it at the fork
+        if self._pool is not None:
+            self._pool.forget_in_child()
         self._pool = None
 
     def close(self) -> None:
@@ -176,7 +185,7 @@ class Transport:
              redirect: bool = True) -> Response:
         """One request, its redirects followed (up to ``redirects``) when ``redirect``; the
         body is left unread."""
-        hops = self.redirects if redirect else 0
+        hops, asked = (self.redirects if redirect else 0), url
         for _ in range(hops + 1):
             resp = self.pool().request(method, url, headers, timeout)
             if log.isEnabledFor(logging.DEBUG):
@@ -193,7 +202,7 @@ class Transport:
             if resp.status == 303:
                 method = "GET" if method != "HEAD" else method
             url = target
-        raise OSError(errno.EIO, f"Too many redirects (over {hops})", None)
+        raise OSError(errno.EIO, f"Too many redirects (over {hops})", redact_url(asked))
 
     def with_retries(self, display: str, attempt: Callable[[float], Any]) -> Any:
         """Call ``attempt(timeout)`` until it returns, retrying on ``Retry`` and on transport
@@ -220,6 +229,10 @@ class Transport:
                               display) from None
             except (ConnectionError, TimeoutError, ssl.SSLError) as e:
                 failure = transport_failure(e)
+            except OSError as e:
+                if e.errno not in NETWORK_ERRNOS:
+                    raise  # ours (FileNotFoundError, ObjectChangedError...) or not the network's
+                failure = transport_failure(e)
             finally:
                 self.stats.add(latency=time.monotonic() - t0)
             remaining = deadline - time.monotonic()
@@ -243,8 +256,8 @@ class Transport:
                     sign: Callable[[str, str, dict], dict] | None, timeout: float) -> Any:
         """One GET of ``bytes=byte_range``, signed when ``sign`` is given (then not redirected:
         a redirect would need a new signature)."""
-        h = {**headers, "Range": f"bytes={byte_range}", "Accept-Encoding": "identity",
-             **conditions}
+        h = {"User-Agent": USER_AGENT, **headers, "Range": f"bytes={byte_range}",
+             "Accept-Encoding": "identity", **conditions}
         if sign is not None:
             h = sign("GET", url, h)
         resp = self.send("GET", url, h, timeout, redirect=sign is None)
@@ -297,7 +310,8 @@ class Transport:
         """A request whose answer is small (a listing page): (headers, body) of a 200, else the
         mapped exception. Bodies over ``limit`` bytes are refused."""
         def attempt(timeout: float) -> tuple[Any, bytes]:
-            h = sign(method, url, dict(headers)) if sign is not None else dict(headers)
+            h = {"User-Agent": USER_AGENT, **headers}
+            h = sign(method, url, h) if sign is not None else h
             resp = self.send(method, url, h, timeout, redirect=sign is None)
             self.stats.add(requests=1)
             try:

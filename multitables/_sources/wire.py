@@ -48,6 +48,9 @@ class Headers(dict):
         return isinstance(name, str) and dict.__contains__(self, name.lower())
 
 
+_SAFE = "/%:@!$&'()*+,;=~-._"
+
+
 @lru_cache(maxsize=256)
 def split_url(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, request target) of an http(s) URL, parsed once per URL."""
@@ -55,7 +58,10 @@ def split_url(url: str) -> tuple[str, str, int, str]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {parts.scheme}://{parts.hostname or ''}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # Percent-encoded as browsers send it (a space, a non-ASCII name); what is encoded already
+    # (a presigned URL, an S3 key) is left as it is: the target of a signature.
+    target = urllib.parse.quote(parts.path or "/", safe=_SAFE) + (
+        f"?{urllib.parse.quote(parts.query, safe=_SAFE + '?')}" if parts.query else "")
     return parts.scheme, parts.hostname, port, target
 
 
@@ -290,7 +296,17 @@ class Pool:
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
         # A pool dropped without ``clear`` (its source never closed) closes its sockets.
-        weakref.finalize(self, _close_idle, self._idle, self._lock)
+        self._finalizer = weakref.finalize(self, _close_idle, self._idle, self._lock)
+
+    def forget_in_child(self) -> None:
+        """In a forked child: drop this (the parent's) pool's copies of its sockets, without
+        its lock, which a parent thread may have held at the fork, and without a finalizer
+        that would wait for it."""
+        self._finalizer.detach()
+        for conns in list(self._idle.values()):
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
 
     def request(self, method: str, url: str, headers: Mapping[str, str],
                 timeout: float) -> Response:

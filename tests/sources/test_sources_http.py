@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import pickle
 import random
+import threading
 import time
 
 import pytest
@@ -176,6 +177,54 @@ def _child_reads(src, conn):
     conn.send((src.read(1000, 100), src.transport.pool() is not inherited,
                src.transport._pid))
     src.close()
+
+
+def _child_after_the_fork(conn):
+    conn.send("alive")
+
+
+def test_a_fork_while_a_thread_holds_the_pool_lock_does_not_hang_the_child(http, blob):
+    """The child dropped the parent's pool, whose finalizer took its lock: held by a parent
+    thread at the fork, the child waited for ever in the fork hook."""
+    src = open_source(http.url(BLOB_NAME))
+    assert src.read(0, 10) == blob[:10]  # a kept connection in the pool
+    lock = src.transport.pool()._lock  # the pool itself is the transport's only
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(5)
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    p = ctx.Process(target=_child_after_the_fork, args=(there,))
+    try:
+        p.start()
+        assert here.poll(10) and here.recv() == "alive", "the child hung after the fork"
+    finally:
+        release.set()
+        holder.join(10)
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+        here.close(), there.close()
+    assert src.read(5, 5) == blob[5:10]  # the parent's connection was not closed
+    src.close()
+
+
+def test_names_with_spaces_and_accents_are_percent_encoded(http_factory, source_dir, blob):
+    import shutil
+
+    """They were sent raw: a space broke the request line (400), an accent went as latin-1."""
+    srv = http_factory()
+    shutil.copy(source_dir[0] / BLOB_NAME, srv.root / "my blob é.bin")
+    with open_source(f"http://127.0.0.1:{srv.port}/my blob é.bin") as src:
+        assert src.read(7, 5) == blob[7:12]
+    assert srv.log[-1][1] == "my blob é.bin"
 
 
 def test_fork_makes_its_own_connections(http, blob):

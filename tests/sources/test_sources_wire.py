@@ -187,7 +187,7 @@ def test_broken_answers_are_retried_then_refused(scripted, answer, match):
 def redirector(target_port: int) -> Answer:
     def answer(head: bytes) -> bytes:
         path = head.split(b" ")[1]
-        if path == b"/loop":
+        if path.startswith(b"/loop"):
             return b"HTTP/1.1 302 Found\r\nLocation: /loop\r\nContent-Length: 0\r\n\r\n"
         if path == b"/away":
             where = f"http://localhost:{target_port}/there"
@@ -213,8 +213,8 @@ def test_redirects_are_followed_and_credentials_stay_with_their_host(scripted):
     resp.release_conn()
     assert b"Authorization" not in other.requests[-1] and b"X-Keep: 1" in other.requests[-1]
     with pytest.raises(OSError, match="Too many redirects") as e:
-        transport.send("GET", srv.url("/loop"), {}, 5)
-    assert e.value.errno == errno.EIO
+        transport.send("GET", srv.url("/loop") + "?sig=hunter2", {}, 5)
+    assert e.value.errno == errno.EIO and e.value.filename.endswith("/loop?<redacted>")
     # Signed requests are not redirected (a new URL needs a new signature): the 3xx is theirs.
     resp = transport.send("GET", srv.url("/here"), {}, 5, redirect=False)
     assert resp.status == 301
@@ -272,8 +272,43 @@ def test_an_ipv6_host_is_bracketed_in_the_host_header(scripted):
     assert f"Host: [::1]:{port}\r\n".encode() in seen[0]
 
 
+def test_network_errors_of_an_open_connection_are_retried_and_ours_are_not():
+    transport = Transport(timeout=5, retries=2, stats=SourceStats())
+    calls = []
+
+    def attempt(timeout: float) -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError(errno.ENETUNREACH, "Network is unreachable")
+        return "done"
+
+    assert transport.with_retries("http://h/x", attempt) == "done" and len(calls) == 3
+
+    def missing(timeout: float) -> None:
+        calls.append(1)
+        raise FileNotFoundError(errno.ENOENT, "No such object", "http://h/x")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        transport.with_retries("http://h/x", missing)
+    assert len(calls) == 1
+
+
+def test_requests_name_their_client(scripted):
+    srv = scripted(fixed(b"x"))
+    transport = Transport(timeout=5, retries=0, stats=SourceStats())
+    transport.small("GET", srv.url(), {}, "http://scripted/x")
+    assert b"\r\nUser-Agent: multitables\r\n" in srv.requests[-1]
+    transport.small("GET", srv.url(), {"User-Agent": "mine"}, "http://scripted/x")
+    assert b"\r\nUser-Agent: mine\r\n" in srv.requests[-1]
+    transport.close()
+
+
 def test_split_url():
     assert split_url("http://h/a/b?x=1") == ("http", "h", 80, "/a/b?x=1")
+    # Encoded as browsers send it; what is encoded already (a signature) is left as it is.
+    assert split_url("http://h/my file/é.h5?X-Amz-Signature=a%2Fb&q=c d")[3] == \
+        "/my%20file/%C3%A9.h5?X-Amz-Signature=a%2Fb&q=c%20d"
     assert split_url("https://h:8443") == ("https", "h", 8443, "/")
     with pytest.raises(ValueError, match="not an http"):
         split_url("ftp://h/x")
