@@ -171,7 +171,14 @@ class RowsAhead:
                 if end is not None and ticket >= end:
                     ring.free.push(slot)
                     break
-                self._take((slot, ticket), pieces(slot, ticket), slots, reads, nbytes)
+                try:
+                    self._take((slot, ticket), pieces(slot, ticket), slots, reads, nbytes)
+                except Exception as exc:
+                    # A later ticket's (over many files, its file's open): the job fails
+                    # naming it, not ``task``. Nothing started; its ring stops.
+                    self._release(sum(nbytes), [file for _, _, file in reads])
+                    failed(exc, ticket, None)
+                    return
         except BaseException:
             # Nothing started: the job fails (its ring stops).
             self._release(sum(nbytes), [file for _, _, file in reads])
@@ -273,16 +280,17 @@ class _Reads:
         self.over = [False] * len(slots)  # handed over, failed, or abandoned
         self.fetches = 0  # fetches started and not yet ended
         self.error: BaseException | None = None  # the first a fetch ended with
+        self.failing: FileReads | None = None  # the file of that fetch
 
     def start(self) -> None:
         # Per file: its fetcher, its requests, and the index of each among all requests.
-        by_file: dict[int, tuple[Any, list[tuple[int, int, Any]], list[int]]] = {}
+        by_file: dict[int, tuple[FileReads, list[tuple[int, int, Any]], list[int]]] = {}
         try:
             for i, (pieces, _, file) in enumerate(self.reads):
                 if file.parts is None:
                     self.again.add(i)
                     continue
-                _, requests, indices = by_file.setdefault(id(file), (file.fetcher, [], []))
+                _, requests, indices = by_file.setdefault(id(file), (file, [], []))
                 for start, stop, dests in pieces:
                     for part, dest in zip(file.parts, dests, strict=True):
                         found = part.requests(start, stop, dest)
@@ -300,28 +308,30 @@ class _Reads:
         except BaseException as exc:  # noqa: BLE001 - the job's error, as a read's
             self._end(exc)
             return
-        fetches = list(by_file.values()) or [(None, [], [])]
+        fetches: list[tuple[FileReads | None, list, list[int]]] = \
+            list(by_file.values()) or [(None, [], [])]
         self.fetches = len(fetches)
-        for k, (fetcher, requests, indices) in enumerate(fetches):
+        for k, (of, requests, indices) in enumerate(fetches):
             try:
-                if fetcher is None:
-                    self._fetched(None)  # nothing to fetch: HDF5 reads every slot
+                if of is None:
+                    self._fetched(None, None)  # nothing to fetch: HDF5 reads every slot
                 else:
-                    fetcher.start(requests, functools.partial(self._landed_of, indices),
-                                  self._fetched)
+                    of.fetcher.start(requests, functools.partial(self._landed_of, indices),
+                                     functools.partial(self._fetched, of))
             except BaseException as exc:  # noqa: BLE001 - the job's error, as a read's
-                for _ in fetches[k:]:  # this fetch and those not started end with it
-                    self._fetched(exc)
+                for other, _, _ in fetches[k:]:  # this fetch and those not started end
+                    self._fetched(other, exc)
                 return
 
     def _landed_of(self, indices: list[int], j: int) -> None:
         self._landed(indices[j])
 
-    def _fetched(self, error: BaseException | None) -> None:
-        """One fetch is over; once all are, the reads end with the first error."""
+    def _fetched(self, file: FileReads | None, error: BaseException | None) -> None:
+        """One fetch (of ``file``) is over; once all are, the reads end with the first error,
+        which names a slot of the file whose fetch failed."""
         with self.lock:
             if self.error is None:
-                self.error = error
+                self.error, self.failing = error, file
             self.fetches -= 1
             last = not self.fetches
         if last:
@@ -357,8 +367,11 @@ class _Reads:
         """Every GET is over: the slots HDF5 reads go to it; after an error, the first slot
         not handed over fails the job and the others are given up."""
         if error is None and self.again:
-            self.ahead.read_again(self._read_again)
-            return
+            try:
+                self.ahead.read_again(self._read_again)
+                return
+            except BaseException as exc:  # noqa: BLE001 - no thread for it: the job's error
+                error = exc
         self._close(error)
 
     def _read_again(self) -> None:
@@ -386,10 +399,14 @@ class _Reads:
             left = [i for i in range(len(self.slots)) if not self.over[i]]
             for i in left:
                 self.over[i] = True
+        # The slot named: one of the file whose fetch failed (over many files, the first
+        # left may be another's, whose read never began).
+        named = next((i for i in left if self.reads[i][2] is self.failing),
+                     left[0] if left else 0)
         try:
             if left or error is not None:
                 self.failed(error or RuntimeError("a read ahead ended unfinished"),
-                            self.slots[left[0] if left else 0][1], dataset)
+                            self.slots[named][1], dataset)
         finally:
             self.ahead._release(sum(self.nbytes[i] for i in left),
                                 [self.reads[i][2] for i in left])

@@ -17,6 +17,7 @@ import glob
 import multiprocessing
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,8 +79,9 @@ def expand(files: Any, storage_options: Any, cache_dir: Any,
     if not isinstance(pattern, str) or not glob.has_magic(pattern) or os.path.exists(pattern):
         return None
     if is_url(pattern) and not pattern.lower().startswith("s3://"):
-        # HTTP lists nothing: one object, whose query (a presigned URL's) is no wildcard.
-        if glob.has_magic(pattern.partition("?")[0]):
+        # HTTP lists nothing: one object, whose query (a presigned URL's) and host ([::1]) are
+        # no wildcards.
+        if glob.has_magic(urllib.parse.urlsplit(pattern).path):
             raise ValueError(f"{redact_url(pattern)!r}: glob patterns of URLs are supported "
                              "for s3:// only; pass the list of URLs")
         return None

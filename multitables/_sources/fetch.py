@@ -349,8 +349,20 @@ class _Started:
     def submit(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
         if not self._gets:
             self._finish()
-        for g in self._gets:
-            pool.submit(self._one, g)
+        for k, g in enumerate(self._gets):
+            try:
+                pool.submit(self._one, g)
+            except BaseException as e:  # noqa: BLE001 - no thread to start: handed to ``end``
+                # The GETs submitted run on; those not are over, failed: ``end`` comes once,
+                # after the last that runs.
+                with self._lock:
+                    if self._error is None:
+                        self._error = e
+                    self._left -= len(self._gets) - k
+                    last = not self._left
+                if last:
+                    self._finish()
+                return
 
     def _one(self, g: Get) -> None:
         try:

@@ -377,10 +377,31 @@ def test_one_url_with_a_query_is_one_file_and_an_http_glob_is_refused(shards, se
     signed = f"{urls[0]}?X-Amz-Signature=hunter2&x=1"
     with multitables.Loader(signed, "idx", 8, n_procs=1) as loader:
         np.testing.assert_array_equal(rows_of(list(loader)), want)
+    # An IPv6 host's brackets are no wildcard either: one file.
+    assert files_module.expand("http://[::1]:9/a.h5?x=[1]", None, None, None) is None
     pattern = urls[0].replace("part-000", "part-*") + "?X-Amz-Signature=hunter2"
     with pytest.raises(ValueError, match=r"supported for s3:// only") as e:
         multitables.Loader(pattern, "idx", 8, n_procs=1)
     assert "hunter2" not in str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_fetch_names_its_own_file(shards, served):
+    """Units of a local file and of a URL taken at once: the URL's GETs refused, the error
+    named the rows of the first unit left, often the local file's, which nothing failed."""
+    paths, _ = shards
+    urls, server = served
+    files = [paths[0], urls[3]]
+    for seed in range(6):
+        with make(files, shuffle=True, seed=seed, n_procs=1, batch_size=4) as loader:
+            server.forbidden.add(os.path.basename(paths[3]))
+            try:
+                with pytest.raises(PermissionError) as e:
+                    list(loader)
+            finally:
+                server.forbidden.clear()
+        text = str(e.value)
+        assert "part-003.h5" in text and f"in {paths[0]}" not in text, text
 
 
 def test_open_files_keep_busy_files_aside_until_their_reads_end(shards):

@@ -305,6 +305,31 @@ def test_start_ends_with_the_first_error_once_no_get_writes(http, blob):
     src.close()
 
 
+def test_start_ends_once_when_a_thread_cannot_be_started(http, blob, monkeypatch):
+    """A submit that raised (no thread to start) left the GETs after it uncounted: ``end``
+    never came, and a worker waiting for its reads waited for ever."""
+    import concurrent.futures
+
+    real = concurrent.futures.ThreadPoolExecutor.submit
+    submitted = []
+
+    def second_fails(self, fn, *args):
+        submitted.append(fn)
+        if len(submitted) == 2:
+            raise RuntimeError("can't start new thread")
+        return real(self, fn, *args)
+
+    with open_source(http.url(BLOB_NAME)) as src, src.fetcher(merge_gap=0) as f:
+        monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", second_fails)
+        ended, calls = _Ended(), []
+        reqs = requests_of(len(blob), [(i * 200_000, 10) for i in range(4)])
+        f.start(reqs, None, lambda error: (calls.append(error), ended(error)))
+        error = ended.wait()
+        assert isinstance(error, RuntimeError) and "new thread" in str(error)
+        time.sleep(0.2)
+        assert len(calls) == 1 and len(submitted) == 2
+
+
 def test_start_ends_with_an_error_raised_by_done(http, blob):
     def done(i):
         raise KeyError("decoder")
