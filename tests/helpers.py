@@ -262,7 +262,15 @@ def worker_pids() -> set[int]:
     test started (with those of earlier tests that still stand by)."""
     helpers, _ = _mp_helpers()
     return {p.pid for p in psutil.Process().children()
-            if p.pid not in helpers and not gone(p.pid)}
+            if p.pid not in helpers and not gone(p.pid) and not _server(p)}
+
+
+def _server(process: psutil.Process) -> bool:
+    """Whether ``process`` is the S3 server a session fixture keeps for the tests after it."""
+    try:
+        return "rclone" in process.name()
+    except psutil.Error:
+        return False
 
 
 def _mp_helpers() -> tuple[set[int], set[int]]:
