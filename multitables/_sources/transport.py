@@ -33,6 +33,7 @@ PIECE = 1 << 20
 # Error bodies are read up to this size (for S3's error code), the rest is dropped.
 ERROR_BODY_LIMIT = 64 << 10
 BACKOFF_BASE = 0.05
+BACKOFF_CAP = 5.0
 REDIRECTS = (301, 302, 303, 307, 308)
 # Errors of a connection that was open (the route lost, the interface down): retried, as a
 # reset is. A refused or reset connection is a ConnectionError already.
@@ -42,7 +43,6 @@ NETWORK_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOW
 USER_AGENT = "multitables"
 # Sent to the first host only: a redirect elsewhere drops them (as browsers and urllib3 do).
 PRIVATE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
-BACKOFF_CAP = 5.0
 
 # S3 error codes of a 400 that mean "not allowed" (an expired token, a wrong region in the
 # credential scope, an unsigned request to a server that needs signatures).
@@ -164,7 +164,8 @@ class Transport:
             return p
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
-                # Never close an inherited pool: its sockets are the parent's connections.
+                # An inherited pool is the parent's: a child drops its copies of the sockets
+                # (``_after_fork_in_child``) and makes its own connections.
                 self._pool = Pool(self.maxsize)
                 self._pid = os.getpid()
             return self._pool
