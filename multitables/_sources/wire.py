@@ -34,6 +34,11 @@ class ProtocolError(ConnectionError):
     ``HEAD_LIMIT``, a broken chunk): the connection is dropped and the request retried."""
 
 
+class NoAnswer(ProtocolError):
+    """The connection closed before a byte of the answer: on a kept connection, the server
+    closed it idle as the request went."""
+
+
 class Headers(dict):
     """A response's headers, by name in any case (stored lower-cased; repeats joined by
     ``", "``)."""
@@ -143,8 +148,9 @@ class Connection:
                 raise ProtocolError(f"an answer's head over {HEAD_LIMIT} bytes")
             n = self.sock.recv_into(view[got:got + HEAD_RECV]) if self.sock is not None else 0
             if not n:
-                raise ProtocolError("the server closed the connection before answering"
-                                    if not got else "the connection closed mid-head")
+                if not got:
+                    raise NoAnswer("the server closed the connection before answering")
+                raise ProtocolError("the connection closed mid-head")
             got += n
 
     def close(self) -> None:
@@ -310,8 +316,8 @@ class Pool:
 
     def request(self, method: str, url: str, headers: Mapping[str, str],
                 timeout: float) -> Response:
-        """Send one request (on an idle connection when one is left; once more on a new one if
-        that connection turns out closed by the server before it answered)."""
+        """Send one request, on an idle connection when one is left; again on another (idle or
+        new) when the server turns out to have closed it before answering."""
         scheme, host, port, target = split_url(url)
         key = (scheme, host, port)
         while True:
@@ -324,9 +330,8 @@ class Pool:
             except (ConnectionError, ssl.SSLEOFError) as e:
                 conn.close()
                 # An idle connection the server closed as the request went: GETs and HEADs
-                # are safe to send again, once, on a fresh one.
-                if reused and (not isinstance(e, ProtocolError) or "before answering" in
-                               str(e)):
+                # are safe to send again. Each pass uses up an idle connection or is the last.
+                if reused and (not isinstance(e, ProtocolError) or isinstance(e, NoAnswer)):
                     continue
                 raise
             except BaseException:
