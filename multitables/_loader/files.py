@@ -78,15 +78,15 @@ def expand(files: Any, storage_options: Any, cache_dir: Any,
     pattern = os.fspath(files)
     if not isinstance(pattern, str) or not glob.has_magic(pattern) or os.path.exists(pattern):
         return None
-    if is_url(pattern) and not pattern.lower().startswith("s3://"):
+    if is_url(pattern) and pattern.lower().startswith("s3://"):
+        names = _s3_matches(pattern, storage_options)
+    elif is_url(pattern):
         # HTTP lists nothing: one object, whose query (a presigned URL's) and host ([::1]) are
         # no wildcards.
         if glob.has_magic(urllib.parse.urlsplit(pattern).path):
             raise ValueError(f"{redact_url(pattern)!r}: glob patterns of URLs are supported "
                              "for s3:// only; pass the list of URLs")
         return None
-    if is_url(pattern):
-        names = _s3_matches(pattern, storage_options)
     else:
         names = sorted(glob.glob(pattern))
     if not names:
