@@ -22,6 +22,13 @@ def locate(
     offsets: np.ndarray, sizes: np.ndarray,
 ) -> tuple[int, int]: ...
 def gather_rows(
-    image: Any, offsets: np.ndarray, sizes: np.ndarray, dest: np.ndarray, out: Any,
-    fill: Any,
+    image: Any, offsets: np.ndarray, sizes: np.ndarray, dest: np.ndarray | None, out: Any,
+    fill: Any, unit: int = 1,
 ) -> None: ...
+def recall(
+    known: np.ndarray, rows: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
+) -> int: ...
+def pack(
+    image: Any, offsets: np.ndarray, sizes: np.ndarray, dest: np.ndarray | None, values: Any,
+    at: int, starts: np.ndarray, lengths: np.ndarray, unit: int,
+) -> tuple[int, int]: ...

@@ -209,24 +209,26 @@ def locate(const unsigned char[::1] image, const int64_t[::1] rows, int64_t n_ro
 @cython.wraparound(False)
 def gather_rows(const unsigned char[::1] image, const int64_t[::1] offsets,
                 const int64_t[::1] sizes, const int64_t[::1] dest, unsigned char[:, ::1] out,
-                const unsigned char[::1] fill):
+                const unsigned char[::1] fill, int64_t unit=1):
     """Copy ``image[offsets[i]:offsets[i] + sizes[i]]`` to the start of row ``dest[i]`` of
-    ``out`` for each i, cut to the row's width, and fill the rest of the row with ``fill``
-    repeated (one element's bytes). Raises (copying nothing) ``ValueError`` for a span outside
-    ``image``, a row outside ``out`` or a width that is not whole elements."""
+    ``out`` (row i when ``dest`` is None) for each i, cut to the row's width, and fill the rest
+    of the row with ``fill`` repeated (one element's bytes). Offsets and sizes count ``unit``
+    bytes. Raises (copying nothing) ``ValueError`` for a span outside ``image``, a row outside
+    ``out`` or a width that is not whole elements."""
     cdef Py_ssize_t n = offsets.shape[0], i, k, width = out.shape[1], step = fill.shape[0]
-    cdef int64_t size, limit = image.shape[0], rows = out.shape[0]
-    cdef bint same = True
+    cdef int64_t size, at, limit = image.shape[0], rows = out.shape[0], j
+    cdef bint same = True, direct = dest is None
     cdef unsigned char *row
-    if step == 0 or width % step:
+    if step == 0 or width % step or unit < 1:
         raise ValueError(f"rows of {width} bytes are not whole elements of {step} bytes")
-    if dest.shape[0] != n or sizes.shape[0] != n:
-        raise ValueError(f"{n} offsets, {sizes.shape[0]} sizes, {dest.shape[0]} rows")
+    if (not direct and dest.shape[0] != n) or sizes.shape[0] != n or (direct and n > rows):
+        raise ValueError(f"{n} offsets, {sizes.shape[0]} sizes, "
+                         f"{n if direct else dest.shape[0]} rows for {rows}")
     for i in range(n):
-        if offsets[i] < 0 or sizes[i] < 0 or offsets[i] + sizes[i] > limit:
-            raise ValueError(f"span {offsets[i]}:{offsets[i] + sizes[i]} is outside the image "
-                             f"of {limit} bytes")
-        if not 0 <= dest[i] < rows:
+        if offsets[i] < 0 or sizes[i] < 0 or offsets[i] + sizes[i] > limit // unit:
+            raise ValueError(f"span {offsets[i] * unit}:{(offsets[i] + sizes[i]) * unit} is "
+                             f"outside the image of {limit} bytes")
+        if not direct and not 0 <= dest[i] < rows:
             raise ValueError(f"row {dest[i]} is outside the {rows} rows")
     if width == 0:
         return
@@ -235,11 +237,11 @@ def gather_rows(const unsigned char[::1] image, const int64_t[::1] offsets,
     with nogil:
         for i in range(n):
             if i + 4 < n and sizes[i + 4]:
-                prefetch(&image[offsets[i + 4]])
-            row = &out[dest[i], 0]
-            size = min(sizes[i], width)
+                prefetch(&image[offsets[i + 4] * unit])
+            row = &out[i if direct else dest[i], 0]
+            size = min(sizes[i] * unit, width)
             if size:
-                memcpy(row, &image[offsets[i]], size)
+                memcpy(row, &image[offsets[i] * unit], size)
             if same:
                 memset(row + size, fill[0], width - size)
             else:
@@ -247,3 +249,77 @@ def gather_rows(const unsigned char[::1] image, const int64_t[::1] offsets,
                 while k < width:
                     memcpy(row + k, &fill[0], step)
                     k += step
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def recall(const int64_t[:, ::1] known, const int64_t[::1] rows, int64_t[::1] offsets,
+           int64_t[::1] sizes):
+    """The offsets and sizes of rows ``rows`` located before: ``known[r, 0] - 1`` and
+    ``known[r, 1]`` for row r (counted from the end when negative). Returns the number of rows
+    not found (never located: ``known[r, 0] == 0``, or out of range), whose offsets are -1."""
+    cdef Py_ssize_t n = rows.shape[0], i, missing = 0
+    cdef int64_t row, n_rows = known.shape[0]
+    if offsets.shape[0] != n or sizes.shape[0] != n or known.shape[1] != 2:
+        raise ValueError("rows, offsets and sizes differ in length, or known is not (rows, 2)")
+    with nogil:
+        for i in range(n):
+            row = rows[i]
+            if row < 0:
+                row += n_rows
+            if 0 <= row < n_rows and known[row, 0] > 0:
+                offsets[i] = known[row, 0] - 1
+                sizes[i] = known[row, 1]
+            else:
+                offsets[i] = -1
+                missing += 1
+    return missing
+
+
+cdef void _copy_spans(const unsigned char *image, const int64_t *offsets,
+                      const int64_t *sizes, Py_ssize_t n, unsigned char *out) noexcept nogil:
+    """Copy ``image[offsets[i]:offsets[i] + sizes[i]]`` for each i, one after another, to
+    ``out``, loading a few spans ahead: scattered spans are cache misses."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if i + 4 < n and sizes[i + 4]:
+            prefetch(image + offsets[i + 4])
+        if sizes[i]:
+            memcpy(out, image + offsets[i], sizes[i])
+            out += sizes[i]
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def pack(const unsigned char[::1] image, const int64_t[::1] offsets, const int64_t[::1] sizes,
+         const int64_t[::1] dest, unsigned char[::1] values, int64_t at,
+         int64_t[::1] starts, int64_t[::1] lengths, int64_t unit):
+    """Copy ``image[offsets[i]:offsets[i] + sizes[i]]`` (bytes) for each i, one after another,
+    into ``values`` from byte ``at``, noting where each goes and its length, in elements of
+    ``unit`` bytes, at ``starts[j]`` and ``lengths[j]``, j being ``dest[i]`` (i itself when
+    ``dest`` is None). Returns where the copies end and the longest length; copies nothing
+    (notes all the same) when they would pass the end of ``values``. Raises (noting nothing)
+    ``ValueError`` for a span outside ``image`` or not whole elements, or a ``dest`` outside
+    the places."""
+    cdef Py_ssize_t n = offsets.shape[0], i
+    cdef int64_t first = at, limit = image.shape[0], places = starts.shape[0], j, longest = 0
+    cdef bint direct = dest is None
+    if (sizes.shape[0] != n or (not direct and dest.shape[0] != n) or lengths.shape[0] != places
+            or (direct and places < n) or at < 0 or unit < 1 or at % unit):
+        raise ValueError(f"{n} offsets and {sizes.shape[0]} sizes for {places} places from {at}")
+    for i in range(n):
+        if offsets[i] < 0 or sizes[i] < 0 or offsets[i] + sizes[i] > limit or sizes[i] % unit:
+            raise ValueError(f"span {offsets[i]}:{offsets[i] + sizes[i]} is outside the image "
+                             f"of {limit} bytes, or not whole elements of {unit}")
+        if not direct and not 0 <= dest[i] < places:
+            raise ValueError(f"row {dest[i]} is outside the {places} places")
+    with nogil:
+        for i in range(n):
+            j = i if direct else dest[i]
+            starts[j] = at // unit
+            lengths[j] = sizes[i] // unit
+            longest = max(longest, lengths[j])
+            at += sizes[i]
+        if at > first and at <= values.shape[0]:
+            _copy_spans(&image[0], &offsets[0], &sizes[0], n, &values[0] + first)
+    return at, longest

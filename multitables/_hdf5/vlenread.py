@@ -24,11 +24,23 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._vlen import NO_OBJECT, OK, PAST, RANGE, UNKNOWN, gather, gather_rows, locate, walk
-
-__all__ = ["VlenRows", "gather_rows"]
+from ._vlen import (
+    NO_OBJECT,
+    OK,
+    PAST,
+    RANGE,
+    UNKNOWN,
+    gather,
+    gather_rows,
+    locate,
+    pack,
+    recall,
+    walk,
+)
 from .rawread import file_map
 from .source import per_dataset
+
+__all__ = ["VlenRows", "gather", "gather_rows", "pack"]
 
 _REF = np.dtype([("length", "<u4"), ("address", "<u8"), ("index", "<u4")])
 _SHIFT, _COUNT = 17, (1 << 17) - 1  # a collection's object count is at most 65536
@@ -36,6 +48,12 @@ _HEAD = 16  # bytes of a collection's header and of an object's, with 8-byte len
 _SPAN = np.arange(_HEAD)
 _GCOL = np.frombuffer(b"GCOL\x01", np.uint8)  # signature and version
 _SUPERBLOCK = b"\x89HDF\r\n\x1a\n"
+# Rows whose objects a process keeps the places of once located, at 16 bytes a row (pages taken
+# as rows are met), over the files of _HEAPS: locating a scattered row costs three cache misses
+# (reference, heap table, object header), looking it up again one (bench/README.md, "Tokens
+# handed over packed").
+KNOWN_ROWS = 4 << 20
+KNOWN_BLOCK = 1024  # rows located together
 _NATIVE = h5py.h5t.ORDER_LE if sys.byteorder == "little" else h5py.h5t.ORDER_BE
 
 
@@ -63,6 +81,9 @@ class VlenRows:
         self._image = np.frombuffer(b"", np.uint8)  # the file, mapped read-only (_reach)
         self._mine: list[np.ndarray] = []  # its map, where this process keeps none
         self.heaps = _heaps_of(fd, base)
+        # Each row's object once located, kept with the heaps for the next epochs (which ask
+        # for every row again): its offset + 1 (0 while not located) and size, side by side.
+        self._known = _known_of(self.heaps, int(chunk_offsets[0]), self.n_rows)
 
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> VlenRows | None:
@@ -93,9 +114,33 @@ class VlenRows:
         """Where the values of rows ``rows`` lie in ``image``: their offsets and sizes in bytes
         (0 and 0 for a row never written)."""
         rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
-        if os.fstat(self.fd).st_size < len(self._image):  # mapped pages past the end: SIGBUS
+        size = os.fstat(self.fd).st_size
+        if size < len(self._image):  # mapped pages past the end: SIGBUS
             raise OSError(f"{self.where}: the file is shorter than when it was mapped "
                           f"({len(self._image)} bytes; truncated while being read?)")
+        if self._known is None:
+            return self._locate(rows)
+        if not len(self._image):  # rows located by an earlier reader: in this file as it is
+            self._reach(size)
+        offsets, sizes = np.empty(rows.size, np.int64), np.empty(rows.size, np.int64)
+        if recall(self._known, rows, offsets, sizes):
+            # The blocks of rows the new ones lie in, located in order: cheaper a row than
+            # scattered rows, and the next batches find more of theirs.
+            new = self._in_range(rows[offsets < 0])
+            blocks = np.unique(new // KNOWN_BLOCK)
+            block = (blocks[:, None] * KNOWN_BLOCK + np.arange(KNOWN_BLOCK)).reshape(-1)
+            block = block[block < self.n_rows]
+            try:
+                located = self._locate(block)
+            except OSError:  # damage in the block: the rows asked for may still be read
+                block = np.unique(new)
+                located = self._locate(block)
+            self._known[block, 0], self._known[block, 1] = located[0] + 1, located[1]
+            recall(self._known, rows, offsets, sizes)
+        return offsets, sizes
+
+    def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``spans`` of ``rows``, from their references and the heap's objects."""
         offsets = np.empty(rows.size, np.int64)
         sizes = np.empty(rows.size, np.int64)
         itemsize = 1 if self.dtype is None else self.dtype.itemsize
@@ -241,6 +286,8 @@ class _Heaps:
         self.offsets = np.empty(0, np.int64)
         self.sizes = np.empty(0, np.int64)
         self.used = 0
+        # A dataset's rows located (VlenRows.spans), by the address of its first references.
+        self.known: dict[int, np.ndarray] = {}
 
 
 # The heaps of the files read last, by the file's identity (a changed file is another).
@@ -256,6 +303,17 @@ def _heaps_of(fd: int, base: int) -> _Heaps:
         _HEAPS.popitem(last=False)
     _HEAPS[key] = heaps  # the most recently used
     return heaps
+
+
+def _known_of(heaps: _Heaps, dataset: int, n_rows: int) -> np.ndarray | None:
+    """The rows located of the dataset at ``dataset``, kept with ``heaps``; None where the
+    files kept hold KNOWN_ROWS rows already."""
+    known = heaps.known.get(dataset)
+    if known is None:
+        if sum(len(k) for h in _HEAPS.values() for k in h.known.values()) + n_rows > KNOWN_ROWS:
+            return None
+        known = heaps.known[dataset] = np.zeros((n_rows, 2), np.int64)
+    return known
 
 
 @per_dataset  # a reader goes with its dataset (its heap tables and descriptor with it)

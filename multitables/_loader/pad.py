@@ -1,9 +1,11 @@
 """``Pad``: the batch transform that pads variable-length rows (token sequences) to one length.
 
 Public as ``multitables.Pad``. Called on a batch, it pads each column that is a list of arrays.
-A Loader whose only transform is a ``Pad`` does the same in its reads (``SampleJob``): each row
-is copied from the file's heap straight to its place in the padded batch, in shared memory, with
-no array made per row: 1.7-2x the rate of the same padding written in numpy (bench/README.md).
+A Loader whose only transform is a ``Pad`` pads with no array made per row: the caller's process
+as it copies each batch out of shared memory (``copy=True``: ``packed.py``), or the workers, each
+row copied from the file's heap straight to its place in the padded batch in the slot
+(``copy=False``: ``SampleJob``). 3-4x the rate of the same padding written in numpy
+(bench/README.md, "Tokens handed over packed").
 """
 
 from __future__ import annotations
@@ -101,7 +103,39 @@ class Pad:
         lengths = np.zeros(n, np.int64)
         for _, _, sizes, dest in pieces:
             lengths[dest] = sizes // element
-        longest = int(lengths.max()) if n else 0
+        width, lengths = self.width(lengths)
+        fill = self.fill_bytes(dtype)
+        out = allocate((n, width, *inner), dtype)
+        rows = out.reshape(n, -1).view(np.uint8)
+        for image, offsets, sizes, dest in pieces:
+            gather_rows(image, offsets, sizes, dest, rows, fill)
+        return out, lengths
+
+    def packed(self, values: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+               dtype: np.dtype, longest: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(padded, lengths)`` into new arrays, of rows of ``dtype`` laid end to end in
+        ``values`` (bytes), row i ``lengths[i]`` elements from element ``starts[i]``, the
+        longest ``longest``: ``gather`` for rows laid out so, in fewer steps (each is a few
+        percent of a batch's time)."""
+        n = len(lengths)
+        width = longest if self.length is None else self.length
+        lengths = self.width(lengths)[1] if longest > width else lengths.copy()
+        out = np.empty((n, width), dtype)
+        gather_rows(values, starts, lengths, None, out.view(np.uint8), self.fill_bytes(dtype),
+                    dtype.itemsize)
+        return out, lengths
+
+    def fill_bytes(self, dtype: np.dtype) -> np.ndarray:
+        """One element of ``dtype`` holding the fill, as bytes; ValueError if it does not fit."""
+        fill = self._fills.get(dtype)
+        if fill is None:
+            fill = self._fills[dtype] = _fill_bytes(self.fill, dtype)
+        return fill
+
+    def width(self, lengths: np.ndarray) -> tuple[int, np.ndarray]:
+        """The padded rows' length for rows of ``lengths``, and the lengths kept of them;
+        ValueError for a row past ``length`` that is not to be cut."""
+        longest = int(lengths.max()) if len(lengths) else 0
         width = longest if self.length is None else self.length
         if longest > width:
             if not self.truncate:
@@ -109,14 +143,7 @@ class Pad:
                 raise ValueError(f"row {row} of the batch is {longest} long, past Pad's length "
                                  f"{width} (truncate=True cuts such rows)")
             lengths = np.minimum(lengths, width)
-        fill = self._fills.get(dtype)
-        if fill is None:
-            fill = self._fills[dtype] = _fill_bytes(self.fill, dtype)
-        out = allocate((n, width, *inner), dtype)
-        rows = out.reshape(n, -1).view(np.uint8)
-        for image, offsets, sizes, dest in pieces:
-            gather_rows(image, offsets, sizes, dest, rows, fill)
-        return out, lengths
+        return width, lengths
 
 
 def _fill_bytes(fill: Any, dtype: np.dtype) -> np.ndarray:

@@ -15,6 +15,7 @@ larger than the slot is not written: ``SlotWriter.finish`` returns the bytes it 
 
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any
 
@@ -46,7 +47,7 @@ class SlotWriter:
         """An array to fill: in the slot while the batch fits, else in private memory (the
         batch will not be written, but its size is counted)."""
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         at = self._take(nbytes)
         if self.end > self.capacity:
             private = np.empty(shape, dtype)

@@ -5,7 +5,9 @@ A Loader with a variable-length column, a ``transform`` or a ``batch_transform``
 Each ticket is one batch: a worker reads the batch's rows of every column in the epoch's order
 (fixed-size rows straight into its slot when nothing transforms them), makes each sample and
 transforms it, collates the batch, transforms it, and lays it out in its slot (``payload``).
-The consumer takes the batches in order (``SampleReads``).
+The consumer takes the batches in order (``SampleReads``). Batches no transform makes (none, or
+only a ``Pad`` with ``copy=True``) of fixed-size rows and arrays of numbers are laid out as
+read instead, with nothing pickled, and the consumer makes the columns (``packed``).
 
 Slots are sized from the columns when the Loader is made. A batch that does not fit (transforms
 may make anything) is not written: its header says what it needs, and the consumer starts the
@@ -34,13 +36,14 @@ from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import OpenFiles
 from .._hdf5.hyperslab import read_selection
 from .._hdf5.source import DatasetInfo, FileRef, open_file
-from .._hdf5.vlenread import VlenRows
+from .._hdf5.vlenread import VlenRows, pack
 from .._keys._indexing import translate
 from ..errors import SubprocessException
 from .columns import Columns
 from .epoch import POISON, EpochConfig
 from .job import mapped_before
 from .local import Local
+from .packed import PackedSlot, read_packed
 from .pad import Pad
 from .payload import SlotWriter, read_batch
 from .transforms import Collator, Pipeline
@@ -138,6 +141,27 @@ def first_slot_bytes(file: FileRef, infos: Sequence[DatasetInfo], kinds: Sequenc
     return round_up(max(MIN_SLOT_BYTES, 2 * total), PAGE)
 
 
+def packed_kinds(infos: Sequence[DatasetInfo], kinds: Sequence[str]
+                 ) -> list[tuple[np.dtype, tuple[int, ...] | None]] | None:
+    """How ``read_packed`` reads each dataset, or None when one cannot be laid out as read:
+    variable-length rows other than arrays of native numbers."""
+    out: list[tuple[np.dtype, tuple[int, ...] | None]] = []
+    for info, kind in zip(infos, kinds, strict=True):
+        if kind == FIXED:
+            out.append((info.dtype, info.shape[1:]))
+        elif kind == ARRAY and info.vlen_base is not None and info.vlen_base.isnative:
+            out.append((np.dtype(info.vlen_base), None))
+        else:
+            return None
+    return out
+
+
+def slot_views(ring: Ring) -> list[np.ndarray]:
+    """Each slot of ``ring`` as bytes (made once: a view costs microseconds a batch)."""
+    return [ring.slot_array(slot, (ring.layout.slot_bytes,), np.uint8)
+            for slot in range(ring.layout.n_slots)]
+
+
 # ---- the workers ----------------------------------------------------------------------------
 
 # glibc's mallopt parameters, and what a worker sets them to (keep_heap).
@@ -178,6 +202,7 @@ class SamplePlan:
     epoch: int
     files: Any = None  # over many files: their Files (rows concatenated)
     max_open: int = 1
+    packed: bool = False  # batches laid out as read (packed.py), not pickled (payload.py)
 
     @property
     def n_tickets(self) -> int:
@@ -202,6 +227,7 @@ class SampleJob(RingJob):
         rawread.keep_maps()  # the rows of the next epochs lie in the same pages
         plan.arena = mapped_before(plan.arena)  # the ring's pages, touched last epoch
         self.ring = Ring(plan.arena, plan.layout)
+        self.slots = slot_views(self.ring)
         self.rows = plan.rows.ndarray((plan.n_rows,), np.int64)
         # Rows of a batch are scattered: compressed chunks are often read again.
         self.open = OpenFiles(plan.max_open, chunk_cache(plan.file_kwargs, "random"))
@@ -218,7 +244,12 @@ class SampleJob(RingJob):
         plan = self.plan
         B = plan.batch_size
         rows = self.rows[ticket * B : min((ticket + 1) * B, plan.n_rows)]
-        writer = SlotWriter(self.ring.slot_array(slot, (plan.layout.slot_bytes,), np.uint8))
+        view = self.slots[slot]
+        if plan.packed:
+            self.ring.headers[slot] = (ticket, self._packed(rows, view))
+            self.ring.full.push(slot)
+            return
+        writer = SlotWriter(view)
         pad = plan.pipeline.fused_pad
         # Fixed-size rows nothing transforms are read straight into the slot.
         direct = not plan.pipeline.transforms or pad is not None
@@ -230,23 +261,15 @@ class SampleJob(RingJob):
     def _read(self, rows: np.ndarray, allocate: Callable, pad: Pad | None) -> list[Any]:
         """Each dataset's ``rows``: an array of fixed-size rows, or a list; with ``pad``,
         variable-length arrays padded (``Pad``), into ``allocate``'s array."""
-        infos, kinds, files = self.plan.columns.infos, self.plan.kinds, self.plan.files
+        infos, kinds = self.plan.columns.infos, self.plan.kinds
         n = len(rows)
         outs: list[Any] = [allocate((n, *info.shape[1:]), info.dtype) if kind == FIXED
                            else [None] * n for info, kind in zip(infos, kinds, strict=True)]
-        parts: list[tuple[Any, np.ndarray, np.ndarray | None]]
-        if files is None:
-            parts = [(self.open.get(0, self.filename), rows, None)]
-        else:
-            which = np.searchsorted(files.starts, rows, side="right") - 1
-            parts = []
-            for f in np.unique(which):
-                mine = np.flatnonzero(which == f)
-                parts.append((self.open.get(int(f), files.shards[f].file),
-                              rows[mine] - files.starts[f], mine))
+        parts = self._parts(rows)
         for d, (info, kind) in enumerate(zip(infos, kinds, strict=True)):
             if pad is not None and kind == ARRAY:
-                outs[d] = self._padded(info, parts, n, pad, allocate, rows)
+                pieces, dtype = self._pieces(info, parts, n)
+                outs[d] = self._padded(pieces, n, dtype, pad, allocate, rows)
                 continue
             for source, local, at in parts:
                 dataset = source.dataset(info.path)
@@ -260,10 +283,77 @@ class SampleJob(RingJob):
                         outs[d][i] = value
         return outs
 
-    def _padded(self, info: DatasetInfo, parts: list, n: int, pad: Pad, allocate: Callable,
-                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``pad`` of a variable-length array column's rows: each copied from the file's heap
-        to its place in the padded batch (h5py's arrays where the heap cannot be read)."""
+    def _parts(self, rows: np.ndarray) -> list[tuple[Any, np.ndarray, np.ndarray | None]]:
+        """``rows`` by file: each file's open source, its rows in it, and their places in
+        ``rows`` (None: all of them, in order, in one file)."""
+        files = self.plan.files
+        if files is None:
+            return [(self.open.get(0, self.filename), rows, None)]
+        which = np.searchsorted(files.starts, rows, side="right") - 1
+        parts: list[tuple[Any, np.ndarray, np.ndarray | None]] = []
+        for f in np.unique(which):
+            mine = np.flatnonzero(which == f)
+            parts.append((self.open.get(int(f), files.shards[f].file),
+                          rows[mine] - files.starts[f], mine))
+        return parts
+
+    def _packed(self, rows: np.ndarray, slot: np.ndarray) -> int:
+        """The batch of ``rows`` laid out in ``slot`` (``packed``): the bytes it holds, or
+        minus the bytes it needs."""
+        infos, kinds, pad = self.plan.columns.infos, self.plan.kinds, self.plan.pipeline.fused_pad
+        n = len(rows)
+        out = PackedSlot(slot, len(infos), n)
+        parts = self._parts(rows)
+        for d, (info, kind) in enumerate(zip(infos, kinds, strict=True)):
+            if kind == FIXED:
+                rows_out = out.rows(d, (n, *info.shape[1:]), info.dtype)
+                for source, local, at in parts:
+                    dataset = source.dataset(info.path)
+                    if at is None:
+                        read_values(dataset, kind, local, rows_out)
+                    else:
+                        rows_out[at] = read_values(dataset, kind, local, np.empty(
+                            (len(at), *info.shape[1:]), info.dtype))
+                continue
+            dtype = np.dtype(info.vlen_base)
+            values, starts, lengths = out.arrays(d)
+            end = longest = 0
+            for source, local, at in parts:
+                end, most = self._pack(source.dataset(info.path), local, at, values, end,
+                                       starts, lengths, dtype.itemsize)
+                longest = max(longest, most)
+            out.close_arrays(end, longest)
+            if pad is not None:  # the consumer pads them: what Pad raises is raised here
+                try:
+                    pad.fill_bytes(dtype)
+                    if pad.length is not None and longest > pad.length and not pad.truncate:
+                        pad.width(lengths)
+                except Exception as exc:
+                    raise self._pad_error(exc, rows) from exc
+        return out.finish()
+
+    @staticmethod
+    def _pack(dataset: h5py.Dataset, rows: np.ndarray, dest: np.ndarray | None,
+              values: np.ndarray, at: int, starts: np.ndarray, lengths: np.ndarray,
+              unit: int) -> tuple[int, int]:
+        """``rows`` of a variable-length array ``dataset`` (elements of ``unit`` bytes), end to
+        end into ``values`` from ``at``, noted at ``dest`` (``vlenread.pack``): from the file's
+        heap, or from the arrays h5py reads where the heap cannot be read. Where they end, and
+        the longest."""
+        heap = VlenRows.of(dataset)
+        if heap is not None:
+            offsets, sizes = heap.spans(rows)
+            return pack(heap.image, offsets, sizes, dest, values, at, starts, lengths, unit)
+        arrays = read_values(dataset, ARRAY, rows)
+        sizes = np.array([a.nbytes for a in arrays], np.int64)
+        image = np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+                                for a in arrays]) if arrays else np.empty(0, np.uint8)
+        return pack(image, np.cumsum(sizes) - sizes, sizes, dest, values, at, starts, lengths,
+                    unit)
+
+    def _pieces(self, info: DatasetInfo, parts: list, n: int) -> tuple[list, np.dtype]:
+        """Where a variable-length array column's rows lie: in the file's heap, or in arrays
+        read through h5py where the heap cannot be read (``pad.Piece``); and their dtype."""
         pieces, dtype = [], np.dtype(info.vlen_base)
         for source, local, at in parts:
             dest = np.arange(n) if at is None else at
@@ -279,11 +369,19 @@ class SampleJob(RingJob):
             image = np.concatenate([np.ascontiguousarray(v).view(np.uint8) for v in values])
             pieces.append((image, np.cumsum(sizes) - sizes, sizes, dest))
             dtype = values[0].dtype
+        return pieces, dtype
+
+    def _padded(self, pieces: list, n: int, dtype: np.dtype, pad: Pad, allocate: Callable,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``pad`` of a variable-length array column's rows: each copied from where it lies to
+        its place in the padded batch."""
         try:
             return pad.gather(pieces, n, dtype, (), allocate)
         except Exception as exc:  # as Pad raises when it runs after the reads
-            raise self.plan.pipeline.batch_error(exc, f"the batch of {self._where_rows(rows)}"
-                                                 ) from exc
+            raise self._pad_error(exc, rows) from exc
+
+    def _pad_error(self, exc: Exception, rows: np.ndarray) -> Exception:
+        return self.plan.pipeline.batch_error(exc, f"the batch of {self._where_rows(rows)}")
 
     def _batch(self, rows: np.ndarray, values: list[Any], writer: SlotWriter) -> Any:
         """The batch of ``rows`` (each column's ``values``), transformed."""
@@ -352,6 +450,12 @@ class SampleReads:
         self.lent: tuple[int, int] | None = None  # copy=False: (ticket, bytes) lent out
         self.poisoned: int | None = None  # the one lent before, poisoned, kept one batch more
         self.slot_of: dict[int, int] = {}
+        # Batches no transform makes are laid out as read (packed.py): with no transform, or
+        # with a Pad the consumer does when it copies the batch anyway.
+        pipeline = config.pipeline
+        self.packed = packed_kinds(config.columns.infos, config.kinds) if (
+            pipeline.transform is None and (pipeline.batch_transform is None or (
+                pipeline.fused_pad is not None and config.copy))) else None
         self._start(0, max(local.slot_bytes, config.slot_bytes))
         local.reads.add(self)  # closed with the Loader
 
@@ -374,7 +478,8 @@ class SampleReads:
             self.rows.ndarray((len(rows),), np.int64)[:] = rows
             plan = SamplePlan(config.columns, config.kinds, config.file_kwargs, B, self.rows,
                               len(rows), self.ring.arena, self.ring.layout, config.pipeline,
-                              self.epoch, config.files, max(1, config.max_open))
+                              self.epoch, config.files, max(1, config.max_open),
+                              self.packed is not None)
             self.crew = self.local.pool().run(SampleJob(plan), config.n_procs)
         except BaseException:
             self.ring.stop()
@@ -382,6 +487,7 @@ class SampleReads:
             self.rows.close()
             raise
         self.filled = FilledSlots(self.ring, self.crew.check)
+        self.slots = slot_views(self.ring)
 
     def batch(self, start: int, stop: int, outputs: Any) -> Any:
         """The batch at sequence offsets ``start:stop`` (a whole batch: ``start`` is a multiple
@@ -395,8 +501,13 @@ class SampleReads:
             if used >= 0:
                 break
             self._grow(k, -used)
-        view = self.ring.slot_array(slot, (self.ring.layout.slot_bytes,), np.uint8)
-        batch = read_batch(view, used, self.config.copy)
+        view = self.slots[slot]
+        config = self.config
+        if self.packed is None:
+            batch = read_batch(view, used, config.copy)
+        else:
+            values = read_packed(view, self.packed, config.copy, config.pipeline.fused_pad)
+            batch = config.columns.pack(config.columns.cut(values))
         if self.config.copy:
             self.ring.free.push(self.slot_of.pop(ticket))
         else:
@@ -427,8 +538,7 @@ class SampleReads:
             self.poisoned = None
         if self.lent is not None:
             ticket, used = self.lent
-            slot = self.ring.slot_array(self.slot_of[ticket], (used,), np.uint8)
-            slot.fill(POISON)
+            self.slots[self.slot_of[ticket]][:used].fill(POISON)
             self.lent, self.poisoned = None, ticket
 
     def _stop(self, keep: bool) -> None:

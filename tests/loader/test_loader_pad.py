@@ -236,9 +236,10 @@ def test_torch_gives_padded_tensors(text_file):
 
 
 def test_loader_pad_to_a_length_past_the_slots_grows_them(text_file):
-    """Batches of 16 x 20,000 int32 (1.3 MB) do not fit the first slots: made again in larger
-    ones."""
+    """Batches of 16 x 20,000 int32 (1.3 MB), padded by the workers (copy=False: the caller
+    gets views of the slots), do not fit the first slots: made again in larger ones."""
     with multitables.Loader(text_file, ["tokens", "label"], 16, shuffle=True, n_procs=2,
+                            copy=False,
                             batch_transform=multitables.Pad(-1, length=20_000)) as loader:
         seen = check_batches(loader, truth(text_file, "tokens"), -1, 20_000)
     assert sorted(seen) == list(range(N))
