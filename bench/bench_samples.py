@@ -21,7 +21,9 @@ random flip, giving uint8 (112, 112, 3); its ``rng`` is the Loader's.
 **Tokens**: ``--sequences`` variable-length int32 sequences of 16-512 tokens; a shuffled Loader
 whose ``batch_transform`` pads each batch to its longest sequence, in MB/s of tokens read,
 against the fixed-size Loader over float32 rows of the same bytes (a dataset of rows of 264
-floats, the sequences' mean, shuffled with the same batch size).
+floats, the sequences' mean, shuffled with the same batch size). Each round times
+``--token-epochs`` epochs of each Loader in turn, after a first epoch of each (``first epoch``:
+the workers start and map the files, and the tokens' workers locate each row's heap object).
   - ``tokens Loader, Pad``: ``batch_transform=multitables.Pad(-1)``, done by the reads.
     ``tokens Loader, numpy pad``: the same padding written in numpy (``pad`` below).
   - ``padded / token bytes``: a padded batch is larger than its tokens (about twice, for
@@ -184,9 +186,9 @@ def two_cores(filename: str, n: int) -> float:
     return 2 * n / max(n / r for r in rates)
 
 
-def epoch_rate(loader, units) -> float:
+def epoch_rate(loader, units, epochs: int = 1) -> float:
     t = time.perf_counter()
-    done = sum(units(batch) for batch in loader)
+    done = sum(units(batch) for _ in range(epochs) for batch in loader)
     return done / (time.perf_counter() - t)
 
 
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=20_000)
     p.add_argument("--sequences", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--token-epochs", type=int, default=3,
+                   help="shuffled epochs of each Loader a round times, after a first one")
     p.add_argument("--dir", default=datafiles.DEFAULT_DIR)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--only", choices=("images", "tokens"), help="run one of the two parts")
@@ -247,21 +251,27 @@ def main(argv: list[str] | None = None) -> int:
         sizes[1] += batch[0].nbytes
         return int(batch[1].sum()) * 4
 
+    def tokens_round() -> None:
+        token = epoch_rate(text, tokens_of, args.token_epochs) / 1e6
+        note("tokens Loader, Pad (MB/s)", token)
+        note("tokens Loader, numpy pad (MB/s)", epoch_rate(
+            text_numpy, lambda batch: int(batch[1].sum()) * 4, args.token_epochs) / 1e6)
+        f32 = epoch_rate(fixed, lambda batch: batch.nbytes, args.token_epochs) / 1e6
+        note("f32 Loader (MB/s)", f32)
+        note("tokens / f32", token / f32)
+        note("padded / token bytes", sizes[1] / sizes[0])
+        note("tokens / (f32 x token/padded bytes)", token / (f32 * sizes[0] / sizes[1]))
+
     try:
+        if args.only != "images":  # first epochs: the workers start, the files are mapped
+            first = epoch_rate(text, tokens_of) / epoch_rate(fixed, lambda b: b.nbytes)
+            note("first epoch: tokens / f32", first)
+            epoch_rate(text_numpy, lambda batch: 0)
         for r in range(args.rounds):
             if args.only != "tokens":
                 images_round(images, args, mt, note)
             if args.only != "images":
-                token = epoch_rate(text, tokens_of) / 1e6
-                note("tokens Loader, Pad (MB/s)", token)
-                note("tokens Loader, numpy pad (MB/s)",
-                     epoch_rate(text_numpy, lambda batch: int(batch[1].sum()) * 4) / 1e6)
-                f32 = epoch_rate(fixed, lambda batch: batch.nbytes) / 1e6
-                note("f32 Loader (MB/s)", f32)
-                note("tokens / f32", token / f32)
-                note("padded / token bytes", sizes[1] / sizes[0])
-                note("tokens / (f32 x token/padded bytes)",
-                     token / (f32 * sizes[0] / sizes[1]))
+                tokens_round()
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in rows.items()),
                   file=sys.stderr)
     finally:
