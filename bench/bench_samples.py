@@ -24,12 +24,14 @@ against the fixed-size Loader over float32 rows of the same bytes (a dataset of 
 floats, the sequences' mean, shuffled with the same batch size). Each round times
 ``--token-epochs`` epochs of each Loader in turn, after a first epoch of each (``first epoch``:
 the workers start and map the files, and the tokens' workers locate each row's heap object).
-  - ``tokens Loader, Pad``: ``batch_transform=multitables.Pad(-1)``, done by the reads.
+  - ``tokens Loader, Pad``: ``batch_transform=multitables.Pad(-1)``, done by the Loader
+    (``copy=True``: the workers hand the rows over packed, the caller's process pads them).
     ``tokens Loader, numpy pad``: the same padding written in numpy (``pad`` below).
+    ``tokens Loader, lists``: no transform, each batch a list of 256 arrays.
   - ``padded / token bytes``: a padded batch is larger than its tokens (about twice, for
-    lengths uniform in 16-512), and every byte of it is written in the worker and copied to
-    the caller (``copy=True``). ``tokens / (f32 x token/padded bytes)``: the tokens Loader
-    against the fixed-size Loader's own rate applied to the padded bytes it delivers.
+    lengths uniform in 16-512), and the caller's process writes every byte of it.
+    ``tokens / (f32 x token/padded bytes)``: the tokens Loader against the fixed-size
+    Loader's own rate applied to the padded bytes it delivers.
 See bench/README.md.
 """
 
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                               batch_transform=multitables.Pad(-1))
     text_numpy = multitables.Loader(tokens, "tokens", BATCH, shuffle=True, n_procs=2,
                                     batch_transform=pad)
+    text_lists = multitables.Loader(tokens, "tokens", BATCH, shuffle=True, n_procs=2)
     fixed = multitables.Loader(floats, "x", BATCH, shuffle=True, n_procs=2)
     sizes = [0, 0]  # bytes of tokens, of padded batches
 
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         note("tokens Loader, Pad (MB/s)", token)
         note("tokens Loader, numpy pad (MB/s)", epoch_rate(
             text_numpy, lambda batch: int(batch[1].sum()) * 4, args.token_epochs) / 1e6)
+        note("tokens Loader, lists (MB/s)", epoch_rate(
+            text_lists, lambda batch: sum(map(len, batch)) * 4, args.token_epochs) / 1e6)
         f32 = epoch_rate(fixed, lambda batch: batch.nbytes, args.token_epochs) / 1e6
         note("f32 Loader (MB/s)", f32)
         note("tokens / f32", token / f32)
@@ -267,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             first = epoch_rate(text, tokens_of) / epoch_rate(fixed, lambda b: b.nbytes)
             note("first epoch: tokens / f32", first)
             epoch_rate(text_numpy, lambda batch: 0)
+            epoch_rate(text_lists, lambda batch: 0)
         for r in range(args.rounds):
             if args.only != "tokens":
                 images_round(images, args, mt, note)
@@ -278,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         mt.close()
         text.close()
         text_numpy.close()
+        text_lists.close()
         fixed.close()
     width = max(map(len, rows))
     for name, values in rows.items():
