@@ -156,6 +156,15 @@ def packed_kinds(infos: Sequence[DatasetInfo], kinds: Sequence[str]
     return out
 
 
+def _end_to_end(arrays: Sequence[np.ndarray] | np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``arrays`` (rows h5py read) as one image of bytes, and each one's offset and size in it."""
+    sizes = np.array([a.nbytes for a in arrays], np.int64)
+    image = np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in arrays]
+                           ) if len(arrays) else np.empty(0, np.uint8)
+    return image, np.cumsum(sizes) - sizes, sizes
+
+
 def slot_views(ring: Ring) -> list[np.ndarray]:
     """Each slot of ``ring`` as bytes (made once: a view costs microseconds a batch)."""
     return [ring.slot_array(slot, (ring.layout.slot_bytes,), np.uint8)
@@ -271,17 +280,28 @@ class SampleJob(RingJob):
                 pieces, dtype = self._pieces(info, parts, n)
                 outs[d] = self._padded(pieces, n, dtype, pad, allocate, rows)
                 continue
+            if kind == FIXED:
+                self._fixed(info, parts, outs[d])
+                continue
             for source, local, at in parts:
                 dataset = source.dataset(info.path)
                 if at is None:
-                    outs[d] = read_values(dataset, kind, local, outs[d])
-                elif kind == FIXED:
-                    outs[d][at] = read_values(
-                        dataset, kind, local, np.empty((len(at), *info.shape[1:]), info.dtype))
+                    outs[d] = read_values(dataset, kind, local)
                 else:
                     for i, value in zip(at, read_values(dataset, kind, local), strict=True):
                         outs[d][i] = value
         return outs
+
+    @staticmethod
+    def _fixed(info: DatasetInfo, parts: list, out: np.ndarray) -> None:
+        """The fixed-size rows of ``info`` that ``parts`` name, into ``out``."""
+        for source, local, at in parts:
+            dataset = source.dataset(info.path)
+            if at is None:
+                read_values(dataset, FIXED, local, out)
+            else:
+                out[at] = read_values(dataset, FIXED, local,
+                                      np.empty((len(at), *info.shape[1:]), info.dtype))
 
     def _parts(self, rows: np.ndarray) -> list[tuple[Any, np.ndarray, np.ndarray | None]]:
         """``rows`` by file: each file's open source, its rows in it, and their places in
@@ -306,14 +326,7 @@ class SampleJob(RingJob):
         parts = self._parts(rows)
         for d, (info, kind) in enumerate(zip(infos, kinds, strict=True)):
             if kind == FIXED:
-                rows_out = out.rows(d, (n, *info.shape[1:]), info.dtype)
-                for source, local, at in parts:
-                    dataset = source.dataset(info.path)
-                    if at is None:
-                        read_values(dataset, kind, local, rows_out)
-                    else:
-                        rows_out[at] = read_values(dataset, kind, local, np.empty(
-                            (len(at), *info.shape[1:]), info.dtype))
+                self._fixed(info, parts, out.rows(d, (n, *info.shape[1:]), info.dtype))
                 continue
             dtype = np.dtype(info.vlen_base)
             values, starts, lengths = out.arrays(d)
@@ -344,12 +357,8 @@ class SampleJob(RingJob):
         if heap is not None:
             offsets, sizes = heap.spans(rows)
             return pack(heap.image, offsets, sizes, dest, values, at, starts, lengths, unit)
-        arrays = read_values(dataset, ARRAY, rows)
-        sizes = np.array([a.nbytes for a in arrays], np.int64)
-        image = np.concatenate([np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-                                for a in arrays]) if arrays else np.empty(0, np.uint8)
-        return pack(image, np.cumsum(sizes) - sizes, sizes, dest, values, at, starts, lengths,
-                    unit)
+        image, offsets, sizes = _end_to_end(read_values(dataset, ARRAY, rows))
+        return pack(image, offsets, sizes, dest, values, at, starts, lengths, unit)
 
     def _pieces(self, info: DatasetInfo, parts: list, n: int) -> tuple[list, np.dtype]:
         """Where a variable-length array column's rows lie: in the file's heap, or in arrays
@@ -365,9 +374,7 @@ class SampleJob(RingJob):
                 dtype = np.dtype(heap.dtype)
                 continue
             values = read_values(dataset, ARRAY, local)
-            sizes = np.array([v.nbytes for v in values], np.int64)
-            image = np.concatenate([np.ascontiguousarray(v).view(np.uint8) for v in values])
-            pieces.append((image, np.cumsum(sizes) - sizes, sizes, dest))
+            pieces.append((*_end_to_end(values), dest))
             dtype = values[0].dtype
         return pieces, dtype
 
