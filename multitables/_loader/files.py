@@ -183,14 +183,24 @@ def _infos(file: FileRef, first: Sequence[DatasetInfo], kw: dict[str, Any],
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{name_of(file)}: {exc.args[0] if exc.args else exc}; every "
                              "file must hold every column") from None
-        if info.dtype != want.dtype or info.shape[1:] != want.shape[1:]:
-            raise ValueError(
-                f"{name_of(file)}: {info.path} holds rows of {info.shape[1:]} {info.dtype}, "
-                f"the first file's hold {want.shape[1:]} {want.dtype}")
+        if _rows_spelled(info) != _rows_spelled(want):
+            raise ValueError(f"{name_of(file)}: {info.path} holds rows of {_rows_spelled(info)}, "
+                             f"the first file's hold {_rows_spelled(want)}")
         infos.append(info)
         if layouts is not None and opened is not None:
             layouts.append(None if ds is None else layout_of(ds, driver))
     return infos
+
+
+def _rows_spelled(info: DatasetInfo) -> str:
+    """What a dataset's rows are, as a message says it; files whose rows are spelled alike
+    can be read as one (numpy's dtypes of variable-length rows all compare equal)."""
+    if info.vlen_base is None:
+        return f"{info.shape[1:]} {info.dtype}"
+    string = h5py.check_string_dtype(info.dtype)
+    if string is not None:
+        return f"variable-length {string.encoding} strings"
+    return f"variable-length {info.pseudo_atom or 'arrays'} of {info.vlen_base}"
 
 
 def _describe(file: FileRef, path: str, kw: dict[str, Any],
