@@ -109,6 +109,18 @@ def walk(const unsigned char[::1] image, const int64_t[::1] at, const int64_t[::
     return found, None
 
 
+cdef inline bint _inside(int64_t offset, int64_t size, int64_t limit) noexcept nogil:
+    """Whether ``offset:offset + size`` lies in ``0:limit`` (the sum is never formed: no
+    overflow lets a span far past the end pass)."""
+    return 0 <= offset <= limit and 0 <= size <= limit - offset
+
+
+def _outside(offset, size, unit, limit):
+    """The message for a span outside an image (Python's integers: no overflow)."""
+    return (f"span {offset * unit}:{(offset + size) * unit} is outside the image of {limit} "
+            "bytes")
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def gather(const unsigned char[::1] image, const int64_t[::1] offsets,
@@ -119,9 +131,8 @@ def gather(const unsigned char[::1] image, const int64_t[::1] offsets,
     cdef Py_ssize_t n = offsets.shape[0], i
     cdef int64_t total = 0, at = 0
     for i in range(n):
-        if offsets[i] < 0 or sizes[i] < 0 or offsets[i] + sizes[i] > image.shape[0]:
-            raise ValueError(f"span {offsets[i]}:{offsets[i] + sizes[i]} is outside the image "
-                             f"of {image.shape[0]} bytes")
+        if not _inside(offsets[i], sizes[i], image.shape[0]):
+            raise ValueError(_outside(offsets[i], sizes[i], 1, image.shape[0]))
         total += sizes[i]
     if total != out.shape[0]:
         raise ValueError(f"out holds {out.shape[0]} bytes, the spans {total}")
@@ -219,15 +230,16 @@ def gather_rows(const unsigned char[::1] image, const int64_t[::1] offsets,
     cdef int64_t size, at, limit = image.shape[0], rows = out.shape[0], j
     cdef bint same = True, direct = dest is None
     cdef unsigned char *row
-    if step == 0 or width % step or unit < 1:
+    if step == 0 or width % step:
         raise ValueError(f"rows of {width} bytes are not whole elements of {step} bytes")
+    if unit < 1:
+        raise ValueError(f"offsets and sizes count units of {unit} bytes")
     if (not direct and dest.shape[0] != n) or sizes.shape[0] != n or (direct and n > rows):
         raise ValueError(f"{n} offsets, {sizes.shape[0]} sizes, "
                          f"{n if direct else dest.shape[0]} rows for {rows}")
     for i in range(n):
-        if offsets[i] < 0 or sizes[i] < 0 or offsets[i] + sizes[i] > limit // unit:
-            raise ValueError(f"span {offsets[i] * unit}:{(offsets[i] + sizes[i]) * unit} is "
-                             f"outside the image of {limit} bytes")
+        if not _inside(offsets[i], sizes[i], limit // unit):
+            raise ValueError(_outside(offsets[i], sizes[i], unit, limit))
         if not direct and not 0 <= dest[i] < rows:
             raise ValueError(f"row {dest[i]} is outside the {rows} rows")
     if width == 0:
@@ -308,9 +320,10 @@ def pack(const unsigned char[::1] image, const int64_t[::1] offsets, const int64
             or (direct and places < n) or at < 0 or unit < 1 or at % unit):
         raise ValueError(f"{n} offsets and {sizes.shape[0]} sizes for {places} places from {at}")
     for i in range(n):
-        if offsets[i] < 0 or sizes[i] < 0 or offsets[i] + sizes[i] > limit or sizes[i] % unit:
-            raise ValueError(f"span {offsets[i]}:{offsets[i] + sizes[i]} is outside the image "
-                             f"of {limit} bytes, or not whole elements of {unit}")
+        if not _inside(offsets[i], sizes[i], limit):
+            raise ValueError(_outside(offsets[i], sizes[i], 1, limit))
+        if sizes[i] % unit:
+            raise ValueError(f"a span of {sizes[i]} bytes is not whole elements of {unit}")
         if not direct and not 0 <= dest[i] < places:
             raise ValueError(f"row {dest[i]} is outside the {places} places")
     with nogil:
