@@ -40,7 +40,7 @@ from ._vlen import (
 from .rawread import file_map
 from .source import per_dataset
 
-__all__ = ["VlenRows", "gather", "gather_rows", "pack"]
+__all__ = ["VlenRows", "gather_rows", "pack"]
 
 _REF = np.dtype([("length", "<u4"), ("address", "<u8"), ("index", "<u4")])
 _SHIFT, _COUNT = 17, (1 << 17) - 1  # a collection's object count is at most 65536
@@ -49,9 +49,11 @@ _SPAN = np.arange(_HEAD)
 _GCOL = np.frombuffer(b"GCOL\x01", np.uint8)  # signature and version
 _SUPERBLOCK = b"\x89HDF\r\n\x1a\n"
 # Rows whose objects a process keeps the places of once located, at 16 bytes a row (pages taken
-# as rows are met), over the files of _HEAPS: locating a scattered row costs three cache misses
-# (reference, heap table, object header), looking it up again one (bench/README.md, "Tokens
-# handed over packed").
+# as rows are met), over the files of _HEAPS (readers still open keep theirs too): locating a
+# scattered row costs three cache misses (reference, heap table, object header), looking it up
+# again one (bench/README.md, "Tokens handed over packed"). Kept by the file's identity, as the
+# heaps are: a file rewritten in place to the same size within one tick of its clock is not
+# told apart.
 KNOWN_ROWS = 4 << 20
 KNOWN_BLOCK = 1024  # rows located together
 _NATIVE = h5py.h5t.ORDER_LE if sys.byteorder == "little" else h5py.h5t.ORDER_BE

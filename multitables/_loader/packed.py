@@ -1,12 +1,14 @@
 """Batches of fixed-size rows and variable-length arrays laid out in a slot as they are read, with
 nothing pickled (internal).
 
-A Loader whose batches no transform makes (none; or only a ``Pad``, which the consumer does as it
-copies the batch) hands them over this way. A worker writes each dataset's rows in its part of
-the slot: fixed-size rows straight from the file; a variable-length array's rows end to end,
-with each row's place and size, one copy from the file's heap whatever the number of rows. The
-consumer makes the columns from the parts (``read_packed``): the rows padded by the ``Pad``,
-written once into arrays the caller owns; or the list of per-row arrays, views of the values.
+A Loader whose batches no transform makes hands them over this way, when its columns are
+fixed-size rows and variable-length arrays of native numbers: with no transform, or with only a
+``Pad`` and ``copy=True`` (the consumer pads as it copies the batch out). A worker writes each
+dataset's rows in its part of the slot: fixed-size rows straight from the file; a
+variable-length array's rows end to end, with each row's place and length, one copy from the
+file's heap whatever the number of rows. The consumer makes the columns from the parts
+(``read_packed``): the rows padded by the ``Pad``, written once into arrays the caller owns; or
+the list of per-row arrays, views of the values.
 
 Why not the padded rows in the slot, or the batch pickled (``payload``): a padded batch of token
 sequences is about twice its tokens, each byte of it written by the worker and copied again by
@@ -18,8 +20,8 @@ Layout of a slot::
 
     int64 rows | per dataset: int64 offset, bytes, longest row | ... | parts (64-byte aligned)
 
-A fixed-size dataset's part is its rows; a variable-length one's is an int64 start and an int64
-length per row (elements; starts from the part's values), then the values.
+A fixed-size dataset's part is its rows; a variable-length one's is each row's start, then each
+row's length (int64, in elements; starts from the part's values), then the values.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 from .._engine.shm import round_up
 from .pad import Pad
+from .payload import items
 
 ALIGN = 64
 
@@ -43,10 +46,12 @@ class PackedSlot:
         self.slot, self.n = slot, n
         self.head = slot[: 8 * (1 + 3 * n_datasets)].view(np.int64)
         self.end = round_up(self.head.nbytes, ALIGN)
+        self.open = -1  # the dataset whose part ``arrays`` opened
 
     def rows(self, d: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Dataset ``d``'s part: an array of fixed-size rows to fill (in private memory when
         the batch does not fit: it will not be handed over, but its size is counted)."""
+        shape, dtype = items(shape, dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         at = self._part(d, nbytes)
         if at + nbytes > len(self.slot):
@@ -85,9 +90,9 @@ class PackedSlot:
 def read_packed(slot: np.ndarray, kinds: Sequence[tuple[np.dtype, tuple[int, ...] | None]],
                 copy: bool, pad: Pad | None) -> list:
     """Each dataset's rows in ``slot``, as ``PackedSlot`` laid them out: fixed-size rows (kinds
-    ``(dtype, row shape)``) as an array; variable-length arrays (``(element dtype, None)``)
-    padded by ``pad``, or as a list of arrays. Arrays the caller owns (``copy``: one copy per
-    part), or views of the slot."""
+    ``(dtype, row shape)``) as a view of the slot; variable-length arrays (``(element dtype,
+    None)``) padded by ``pad`` into new arrays, or as a list of arrays that the caller owns
+    (``copy``: one copy of the part) or views of the slot."""
     head = slot[: 8 * (1 + 3 * len(kinds))].view(np.int64).tolist()
     n = head[0]
     out: list = []
@@ -95,8 +100,7 @@ def read_packed(slot: np.ndarray, kinds: Sequence[tuple[np.dtype, tuple[int, ...
         at, nbytes, longest = head[1 + 3 * d : 4 + 3 * d]
         part = slot[at : at + nbytes]
         if shape is not None:
-            rows = part.view(dtype).reshape(n, *shape)
-            out.append(rows.copy() if copy else rows)
+            out.append(part.view(dtype).reshape(n, *shape))
             continue
         places = part[: 16 * n].view(np.int64)
         starts, lengths = places[:n], places[n:]

@@ -103,7 +103,7 @@ class Pad:
         lengths = np.zeros(n, np.int64)
         for _, _, sizes, dest in pieces:
             lengths[dest] = sizes // element
-        width, lengths = self.width(lengths)
+        width, lengths = self.fit(lengths)
         fill = self.fill_bytes(dtype)
         out = allocate((n, width, *inner), dtype)
         rows = out.reshape(n, -1).view(np.uint8)
@@ -119,7 +119,7 @@ class Pad:
         percent of a batch's time)."""
         n = len(lengths)
         width = longest if self.length is None else self.length
-        lengths = self.width(lengths)[1] if longest > width else lengths.copy()
+        lengths = self.fit(lengths)[1] if longest > width else lengths.copy()
         out = np.empty((n, width), dtype)
         gather_rows(values, starts, lengths, None, out.view(np.uint8), self.fill_bytes(dtype),
                     dtype.itemsize)
@@ -132,8 +132,15 @@ class Pad:
             fill = self._fills[dtype] = _fill_bytes(self.fill, dtype)
         return fill
 
-    def width(self, lengths: np.ndarray) -> tuple[int, np.ndarray]:
-        """The padded rows' length for rows of ``lengths``, and the lengths kept of them;
+    def check(self, lengths: np.ndarray, longest: int, dtype: np.dtype) -> None:
+        """Raise what padding rows of ``lengths`` (the longest ``longest``) of ``dtype`` would
+        raise: a fill that does not fit, a row past ``length`` not to be cut."""
+        self.fill_bytes(dtype)
+        if self.length is not None and longest > self.length and not self.truncate:
+            self.fit(lengths)
+
+    def fit(self, lengths: np.ndarray) -> tuple[int, np.ndarray]:
+        """The length rows of ``lengths`` are padded to, and the lengths kept of them;
         ValueError for a row past ``length`` that is not to be cut."""
         longest = int(lengths.max()) if len(lengths) else 0
         width = longest if self.length is None else self.length

@@ -46,7 +46,7 @@ class SlotWriter:
     def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An array to fill: in the slot while the batch fits, else in private memory (the
         batch will not be written, but its size is counted)."""
-        dtype = np.dtype(dtype)
+        shape, dtype = items(shape, dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         at = self._take(nbytes)
         if self.end > self.capacity:
@@ -80,6 +80,16 @@ class SlotWriter:
         self.slot[at : self.end] = np.frombuffer(manifest, np.uint8)
         self.slot[:16].view(np.int64)[:] = (at, len(manifest))
         return self.end
+
+
+def items(shape: tuple[int, ...], dtype: np.dtype) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of an array of ``shape`` items of ``dtype``, as numpy makes it: a
+    subarray dtype's dimensions (an HDF5 array type) extend the shape."""
+    dtype = np.dtype(dtype)
+    if dtype.subdtype is None:
+        return tuple(shape), dtype
+    base, sub = dtype.subdtype
+    return (*shape, *sub), base
 
 
 def read_batch(slot: np.ndarray, used: int, copy: bool) -> Any:

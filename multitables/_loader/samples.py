@@ -45,7 +45,7 @@ from .job import mapped_before
 from .local import Local
 from .packed import PackedSlot, read_packed
 from .pad import Pad
-from .payload import SlotWriter, read_batch
+from .payload import SlotWriter, items, read_batch
 from .transforms import Collator, Pipeline
 
 # How each dataset's rows come to the batch: fixed-size rows as arrays, variable-length ones as
@@ -148,7 +148,8 @@ def packed_kinds(infos: Sequence[DatasetInfo], kinds: Sequence[str]
     out: list[tuple[np.dtype, tuple[int, ...] | None]] = []
     for info, kind in zip(infos, kinds, strict=True):
         if kind == FIXED:
-            out.append((info.dtype, info.shape[1:]))
+            shape, dtype = items(info.shape[1:], info.dtype)
+            out.append((dtype, shape))
         elif kind == ARRAY and info.vlen_base is not None and info.vlen_base.isnative:
             out.append((np.dtype(info.vlen_base), None))
         else:
@@ -338,9 +339,7 @@ class SampleJob(RingJob):
             out.close_arrays(end, longest)
             if pad is not None:  # the consumer pads them: what Pad raises is raised here
                 try:
-                    pad.fill_bytes(dtype)
-                    if pad.length is not None and longest > pad.length and not pad.truncate:
-                        pad.width(lengths)
+                    pad.check(lengths, longest, dtype)
                 except Exception as exc:
                     raise self._pad_error(exc, rows) from exc
         return out.finish()
@@ -514,7 +513,11 @@ class SampleReads:
             batch = read_batch(view, used, config.copy)
         else:
             values = read_packed(view, self.packed, config.copy, config.pipeline.fused_pad)
-            batch = config.columns.pack(config.columns.cut(values))
+            # Fixed-size columns come as views of the slot: copied (a column of a table's
+            # field, alone), or lent where they are contiguous (a tensor needs them so).
+            batch = config.columns.pack([
+                (c.copy() if config.copy else np.ascontiguousarray(c))
+                if isinstance(c, np.ndarray) else c for c in config.columns.cut(values)])
         if self.config.copy:
             self.ring.free.push(self.slot_of.pop(ticket))
         else:

@@ -248,7 +248,7 @@ def test_pack_and_gather_rows_check_their_arguments():
     assert not values.any() and starts[1] == 0 and lengths[1] == 8  # noted, not copied
     with pytest.raises(ValueError, match="outside the image of 16 bytes"):
         pack(image, np.array([12]), np.array([8]), None, values, 0, starts, lengths, 1)
-    with pytest.raises(ValueError, match="not whole elements of 4"):
+    with pytest.raises(ValueError, match="a span of 6 bytes is not whole elements of 4"):
         pack(image, np.array([0]), np.array([6]), None, values, 0, starts, lengths, 4)
     with pytest.raises(ValueError, match="row 2 is outside the 2 places"):
         pack(image, np.array([0]), np.array([1]), np.array([2]), values, 0, starts, lengths, 1)
@@ -258,3 +258,92 @@ def test_pack_and_gather_rows_check_their_arguments():
     assert out.tolist() == [[2, 3, 4, 5, 0xEE, 0xFF], [10, 11, 0xEE, 0xFF, 0xEE, 0xFF]]
     with pytest.raises(ValueError, match="outside the image"):
         gather_rows(image, np.array([7]), np.array([2]), None, out, fill, 2)
+
+
+# ---- found by review: each fails without its fix -----------------------------------------------
+
+
+def test_files_of_other_variable_length_types_are_refused(tmp_path):
+    """numpy's dtypes of variable-length rows all compare equal: a file of int64 rows beside
+    one of int32 rows read the int64 bytes as int32."""
+    paths = []
+    for name, dtype in (("a", np.int32), ("b", np.int64), ("c", None)):
+        paths.append(str(tmp_path / f"{name}.h5"))
+        with h5py.File(paths[-1], "w") as f:
+            if dtype is None:
+                f.create_dataset("x", (4,), h5py.string_dtype())[:] = ["s"] * 4
+            else:
+                f.create_dataset("x", (4,), h5py.vlen_dtype(dtype))[:] = [
+                    np.arange(i, dtype=dtype) for i in range(4)]
+    with pytest.raises(ValueError, match=r"b\.h5: /x holds rows of variable-length arrays of "
+                       "int64, the first file's hold variable-length arrays of int32"):
+        multitables.Loader(paths[:2], "x", 2)
+    with pytest.raises(ValueError, match=r"c\.h5: /x holds rows of variable-length utf-8 "
+                       "strings, the first file's hold variable-length arrays of int32"):
+        multitables.Loader([paths[0], paths[2]], "x", 2)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_field_of_a_table_comes_contiguous(packed_file, copy):
+    """A column that is one field of a table, beside a variable-length one: an array of its own
+    (a tensor cannot be made of a strided view), as the pickled batches gave it."""
+    with multitables.Loader(packed_file, ["table/b", "i64", "label"], 16, n_procs=1,
+                            copy=copy) as loader:
+        for b, _, labels in loader:
+            assert b.flags.c_contiguous and b.strides == (8,)
+            assert b.tolist() == [-r / 2 for r in labels.tolist()]
+    torch = pytest.importorskip("torch")
+    import multitables.torch as mt_torch
+
+    with mt_torch.Loader(packed_file, ["table/b", "i64"], batch_size=16, n_procs=1) as dataset:
+        b, _ = next(iter(dataset))
+        assert isinstance(b, torch.Tensor) and b.tolist() == [-r / 2 for r in range(16)]
+
+
+@pytest.mark.parametrize("pad", [None, multitables.Pad(0)])
+def test_a_column_of_an_hdf5_array_type(tmp_path, pad):
+    """Rows of an HDF5 array type (numpy's subarray dtype, ``('<i4', (3,))``) beside a
+    variable-length column come as h5py gives them, (n, 3) int32: laid out as read, or pickled
+    (a Pad with copy=False: the workers pad, and stack the fixed-size rows in the slot)."""
+    path = str(tmp_path / "sub.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("arr", (10,), np.dtype(("<i4", (3,))))[:] = np.arange(30).reshape(10, 3)
+        f.create_dataset("v", (10,), h5py.vlen_dtype(np.int32))[:] = [
+            np.arange(i, dtype=np.int32) for i in range(10)]
+    for copy in (True, False):
+        with multitables.Loader(path, ["arr", "v"], 4, n_procs=1, copy=copy,
+                                batch_transform=pad) as loader:
+            arrs = [a.copy() for a, _ in loader]
+        got = np.concatenate(arrs)
+        assert got.dtype == np.int32 and got.tolist() == np.arange(30).reshape(10, 3).tolist()
+
+
+def test_spans_far_past_the_image_are_refused_not_copied():
+    """offset + size overflowed int64 in the checks: a span far past the image passed them
+    and the copy read past the image (a segfault), hence in a process of its own."""
+    code = """if True:
+        import numpy as np
+        from multitables._hdf5 import vlenread
+        image, far = np.zeros(64, np.uint8), np.array([2**63 - 8])
+        calls = {
+            "pack": lambda: vlenread.pack(image, far, np.array([16]), None, np.zeros(64, np.uint8),
+                                          0, np.zeros(1, np.int64), np.zeros(1, np.int64), 1),
+            "gather_rows": lambda: vlenread.gather_rows(image, far, np.array([16]), None,
+                                                        np.zeros((1, 16), np.uint8),
+                                                        np.zeros(1, np.uint8)),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except ValueError as exc:
+                print(name, exc)
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{name} span {2**63 - 8}:{2**63 + 8} is outside the image of 64 bytes"
+        for name in ("pack", "gather_rows")]
