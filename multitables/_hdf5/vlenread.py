@@ -45,7 +45,6 @@ __all__ = ["VlenRows", "gather_rows", "pack"]
 _REF = np.dtype([("length", "<u4"), ("address", "<u8"), ("index", "<u4")])
 _SHIFT, _COUNT = 17, (1 << 17) - 1  # a collection's object count is at most 65536
 _HEAD = 16  # bytes of a collection's header and of an object's, with 8-byte lengths
-_SPAN = np.arange(_HEAD)
 _GCOL = np.frombuffer(b"GCOL\x01", np.uint8)  # signature and version
 _SUPERBLOCK = b"\x89HDF\r\n\x1a\n"
 # Rows whose objects a process keeps the places of once located, at 16 bytes a row (pages taken
@@ -201,7 +200,7 @@ class VlenRows:
         if far.any():
             raise fail(int(np.argmax(far)), f"lies past the end of the file ({len(image)} bytes)")
         at = found.astype(np.int64) + self.base
-        head = image[at[:, None] + _SPAN]
+        head = np.lib.stride_tricks.sliding_window_view(image, _HEAD)[at]
         if (bad := (head[:, :5] != _GCOL).any(axis=1)).any():
             raise fail(int(np.argmax(bad)), "has no GCOL version 1 signature")
         sizes = head[:, 8:].copy().view("<u8")[:, 0]
@@ -235,7 +234,10 @@ class VlenRows:
     def _read(self, at: np.ndarray) -> np.ndarray:
         """The 16 bytes at each file offset ``at``, one row each."""
         image = self._reach(int(at.max()) + _HEAD) if at.size else self._image
-        return image[at[:, None] + _SPAN]
+        if len(image) < _HEAD:
+            return np.empty((0, _HEAD), np.uint8)
+        # Rows of a window 16 bytes wide: one fancy index on its first axis, not 16 per row.
+        return np.lib.stride_tricks.sliding_window_view(image, _HEAD)[at]
 
     def _reach(self, end: int, check: bool = True) -> np.ndarray:
         """The map of the file, remapped if it has grown short of ``end``; an error if the
