@@ -121,6 +121,19 @@ def _outside(offset, size, unit, limit):
             "bytes")
 
 
+cdef void _copy_spans(const unsigned char *image, const int64_t *offsets,
+                      const int64_t *sizes, Py_ssize_t n, unsigned char *out) noexcept nogil:
+    """Copy ``image[offsets[i]:offsets[i] + sizes[i]]`` for each i, one after another, to
+    ``out``, loading a few spans ahead: scattered spans are cache misses."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if i + 4 < n and sizes[i + 4]:
+            prefetch(image + offsets[i + 4])
+        if sizes[i]:
+            memcpy(out, image + offsets[i], sizes[i])
+            out += sizes[i]
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def gather(const unsigned char[::1] image, const int64_t[::1] offsets,
@@ -129,18 +142,16 @@ def gather(const unsigned char[::1] image, const int64_t[::1] offsets,
     ``out``. Raises (copying nothing) ``ValueError`` for a span outside ``image`` or an ``out``
     of another length than their total."""
     cdef Py_ssize_t n = offsets.shape[0], i
-    cdef int64_t total = 0, at = 0
+    cdef int64_t total = 0
     for i in range(n):
         if not _inside(offsets[i], sizes[i], image.shape[0]):
             raise ValueError(_outside(offsets[i], sizes[i], 1, image.shape[0]))
         total += sizes[i]
     if total != out.shape[0]:
         raise ValueError(f"out holds {out.shape[0]} bytes, the spans {total}")
-    with nogil:
-        for i in range(n):
-            if sizes[i]:
-                memcpy(&out[at], &image[offsets[i]], sizes[i])
-                at += sizes[i]
+    if total:
+        with nogil:
+            _copy_spans(&image[0], &offsets[0], &sizes[0], n, &out[0])
 
 
 # What ``locate`` found at the row it stopped at (``OK``: every row located).
@@ -227,7 +238,7 @@ def gather_rows(const unsigned char[::1] image, const int64_t[::1] offsets,
     bytes. Raises (copying nothing) ``ValueError`` for a span outside ``image``, a row outside
     ``out`` or a width that is not whole elements."""
     cdef Py_ssize_t n = offsets.shape[0], i, k, width = out.shape[1], step = fill.shape[0]
-    cdef int64_t size, at, limit = image.shape[0], rows = out.shape[0], j
+    cdef int64_t size, limit = image.shape[0], rows = out.shape[0]
     cdef bint same = True, direct = dest is None
     cdef unsigned char *row
     if step == 0 or width % step:
@@ -286,19 +297,6 @@ def recall(const int64_t[:, ::1] known, const int64_t[::1] rows, int64_t[::1] of
                 offsets[i] = -1
                 missing += 1
     return missing
-
-
-cdef void _copy_spans(const unsigned char *image, const int64_t *offsets,
-                      const int64_t *sizes, Py_ssize_t n, unsigned char *out) noexcept nogil:
-    """Copy ``image[offsets[i]:offsets[i] + sizes[i]]`` for each i, one after another, to
-    ``out``, loading a few spans ahead: scattered spans are cache misses."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        if i + 4 < n and sizes[i + 4]:
-            prefetch(image + offsets[i + 4])
-        if sizes[i]:
-            memcpy(out, image + offsets[i], sizes[i])
-            out += sizes[i]
 
 
 @cython.boundscheck(False)
