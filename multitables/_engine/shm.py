@@ -27,6 +27,16 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def items(shape: tuple[int, ...], dtype: np.typing.DTypeLike) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of an array of ``shape`` items of ``dtype``, as numpy makes it: a
+    subarray dtype's dimensions (an HDF5 array type) extend the shape."""
+    dtype = np.dtype(dtype)
+    if dtype.subdtype is None:
+        return tuple(shape), dtype
+    base, sub = dtype.subdtype
+    return (*shape, *sub), base
+
+
 class SharedArena:
     """``nbytes`` of zero-filled shared memory, mapped read-write in this process.
 
@@ -51,11 +61,8 @@ class SharedArena:
         """A numpy view of the mapping (no copy). It keeps the pages mapped while it lives, also
         past ``close``: ``np.frombuffer`` holds the mmap's buffer (``np.ndarray(buffer=...)``
         would not, and its view of unmapped pages would crash the process)."""
-        dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if dtype.subdtype is not None:  # its dimensions extend the shape, as np.ndarray's do
-            dtype, sub = dtype.subdtype
-            shape += sub
+        shape, dtype = items((int(shape),) if isinstance(shape, (int, np.integer)) else shape,
+                             dtype)
         count = math.prod(shape)
         return np.frombuffer(self.buffer, dtype, count, offset).reshape(shape)
 

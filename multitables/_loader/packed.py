@@ -31,9 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._engine.shm import round_up
+from .._engine.shm import items, round_up
 from .pad import Pad
-from .payload import items
 
 ALIGN = 64
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._engine.shm import round_up
+from .._engine.shm import items, round_up
 
 HEADER = 64
 ALIGN = 64
@@ -80,16 +80,6 @@ class SlotWriter:
         self.slot[at : self.end] = np.frombuffer(manifest, np.uint8)
         self.slot[:16].view(np.int64)[:] = (at, len(manifest))
         return self.end
-
-
-def items(shape: tuple[int, ...], dtype: np.dtype) -> tuple[tuple[int, ...], np.dtype]:
-    """The shape and dtype of an array of ``shape`` items of ``dtype``, as numpy makes it: a
-    subarray dtype's dimensions (an HDF5 array type) extend the shape."""
-    dtype = np.dtype(dtype)
-    if dtype.subdtype is None:
-        return tuple(shape), dtype
-    base, sub = dtype.subdtype
-    return (*shape, *sub), base
 
 
 def read_batch(slot: np.ndarray, used: int, copy: bool) -> Any:

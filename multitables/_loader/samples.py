@@ -30,7 +30,7 @@ import numpy as np
 
 from .._engine import timeouts
 from .._engine.ring import CLOSED, FilledSlots, Ring, RingJob, RingLayout
-from .._engine.shm import PAGE, SharedArena, round_up
+from .._engine.shm import PAGE, SharedArena, items, round_up
 from .._hdf5 import rawread
 from .._hdf5.chunkcache import chunk_cache
 from .._hdf5.filejob import OpenFiles
@@ -45,7 +45,7 @@ from .job import mapped_before
 from .local import Local
 from .packed import PackedSlot, read_packed
 from .pad import Pad
-from .payload import SlotWriter, items, read_batch
+from .payload import SlotWriter, read_batch
 from .transforms import Collator, Pipeline
 
 # How each dataset's rows come to the batch: fixed-size rows as arrays, variable-length ones as
